@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main-job command of the README's quick start: set up, then fine-tune the embedded
+# SmolLM2-135M on the embedded instruction mix with GIFT-SW and report before/after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+exec salientft demo "$@"

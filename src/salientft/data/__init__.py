@@ -1,0 +1,1 @@
+"""Data: the embedded Arrow corpora, chat formatting and tokenization."""

