@@ -1,0 +1,88 @@
+"""Which modules a method targets: by default every linear layer inside the transformer blocks.
+
+Embeddings, norms and ``lm_head`` are never default targets (METHODS.md §1.1). A user list is
+matched like PEFT's ``target_modules``: an entry matches a module whose full name equals it or
+ends with ``.<entry>``; a single string is a regular expression matched against full names.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from torch import nn
+
+_EXCLUDED_NAMES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "output_layer")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2 family, weight stored transposed)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def block_list_name(model: nn.Module) -> str:
+    """Name of the ModuleList that holds the transformer blocks (the longest such list)."""
+    best, best_len = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > best_len:
+            if any(is_linear_like(m) for m in mod.modules()):
+                best, best_len = name, len(mod)
+    if best is None:
+        raise ValueError(
+            "could not find the transformer blocks (an nn.ModuleList of layers) in this model; "
+            "pass target_modules explicitly"
+        )
+    return best
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: str | Iterable[str] | None = None
+) -> dict[str, nn.Module]:
+    """Map full module name -> module for every targeted linear layer, in model order.
+
+    Raises ValueError naming the problem when an entry matches nothing or matches a module that
+    is not linear.
+    """
+    named = dict(model.named_modules())
+    if target_modules is None:
+        prefix = block_list_name(model) + "."
+        out = {
+            n: m for n, m in named.items()
+            if n.startswith(prefix) and is_linear_like(m)
+            and not any(x in n.split(".") for x in _EXCLUDED_NAMES)
+        }
+        if not out:
+            raise ValueError("no linear layer found inside the transformer blocks")
+        return out
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        matched = {n: m for n, m in named.items() if n and pattern.fullmatch(n)}
+        if not matched:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no module name")
+        entries = {target_modules: list(matched)}
+    else:
+        entries, matched = {}, {}
+        for t in target_modules:
+            hits = [n for n in named if n and (n == t or n.endswith("." + t))]
+            if not hits:
+                suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in named.items() if is_linear_like(m)})
+                raise ValueError(
+                    f"target module {t!r} matches no module in the model; "
+                    f"linear layer names here: {', '.join(suffixes)}"
+                )
+            entries[t] = hits
+            matched.update({n: named[n] for n in hits})
+    bad = [n for n, m in matched.items() if not is_linear_like(m)]
+    if bad:
+        raise ValueError(
+            f"target {bad[0]!r} is a {type(matched[bad[0]]).__name__}, not a linear layer; "
+            "only nn.Linear (and transformers' Conv1D) can be targeted"
+        )
+    return {n: named[n] for n in named if n in matched}
+
+
+def linear_weight(module: nn.Module):
+    """The weight as (out, in), a view: Conv1D stores (in, out)."""
+    w = module.weight
+    return w if isinstance(module, nn.Linear) else w.t()
