@@ -1,0 +1,257 @@
+"""SalientLinear: exactness, gradients, what backward materializes, noise statistics."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from salientft import SalientLinear
+
+OUT, IN, K = 48, 64, 6
+
+
+def make_layer(noise="none", bias=True, dtype=torch.float32, std=0.05, seed=0, fp32_salient=False):
+    torch.manual_seed(seed)
+    base = nn.Linear(IN, OUT, bias=bias).to(dtype)
+    idx = torch.tensor([3, 10, 11, 30, 50, 63])
+    layer = SalientLinear(base, idx, torch.full((OUT,), std), noise=noise, fp32_salient=fp32_salient)
+    return base, layer, idx
+
+
+def reference_weight(layer):
+    w = layer.weight.detach().clone().float()
+    w[:, layer.salient_idx] = layer.salient_weight.detach().float()
+    return w
+
+
+def test_shares_base_weight_and_initialises_columns():
+    base, layer, idx = make_layer()
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad
+    assert torch.equal(layer.salient_weight, base.weight[:, idx])
+    assert layer.salient_idx.tolist() == sorted(idx.tolist())
+    assert layer.noise_std.shape == (OUT,)
+
+
+def test_unsorted_indices_are_sorted():
+    base = nn.Linear(IN, OUT)
+    layer = SalientLinear(base, torch.tensor([9, 2, 5]))
+    assert layer.salient_idx.tolist() == [2, 5, 9]
+    assert torch.equal(layer.salient_weight, base.weight[:, [2, 5, 9]])
+
+
+@pytest.mark.parametrize("noise", ["none", "weight", "output"])
+def test_eval_equals_linear_with_replaced_columns(noise):
+    base, layer, idx = make_layer(noise=noise)
+    x = torch.randn(3, 5, IN)
+    layer.eval()
+    y0 = layer(x)
+    assert torch.equal(y0, base(x))  # at init: bit-identical to the base layer
+    with torch.no_grad():
+        layer.salient_weight.add_(torch.randn_like(layer.salient_weight))
+    ref = F.linear(x, reference_weight(layer), base.bias)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["none", "weight"])
+def test_gradients_match_autograd_reference(noise):
+    base, layer, idx = make_layer(noise=noise, std=0.0 if noise == "none" else 0.05)
+    layer.train()
+    with torch.no_grad():
+        layer.salient_weight.add_(0.1 * torch.randn_like(layer.salient_weight))
+    x = torch.randn(4, 7, IN, requires_grad=True)
+    g = torch.randn(4, 7, OUT)
+    torch.manual_seed(123)
+    (layer(x) * g).sum().backward()
+    # Reference: the same noise draw (same global seed), full weight with autograd.
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    w = layer.weight.detach().clone()
+    if noise == "weight":
+        gen = torch.Generator().manual_seed(seed)
+        w = w + layer.noise_std[:, None] * torch.randn(w.shape, generator=gen)
+    w_full = w.clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    w_used = w_full.index_copy(1, idx, layer.salient_weight.detach())
+    w_used = w_full.clone()
+    w_used[:, idx] = layer.salient_weight.detach()
+    w_used.retain_grad()
+    (F.linear(x2, w_used, base.bias) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.salient_weight.grad, w_used.grad[:, idx], rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None
+    assert base.bias.grad is None  # bias is frozen
+
+
+class _RecordShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for o in outs:
+            if isinstance(o, torch.Tensor):
+                self.ops.append((str(func.overloadpacket.__name__), tuple(o.shape)))
+        return out
+
+
+@pytest.mark.parametrize("noise", ["none", "weight", "output"])
+def test_backward_never_builds_a_full_weight_gradient_or_keeps_a_weight_copy(noise):
+    base, layer, idx = make_layer(noise=noise)
+    layer.train()
+    x = torch.randn(2, 9, IN, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    for t in saved:
+        if t.numel() >= OUT * IN:
+            # Only the shared base weight itself may be referenced, never a copy.
+            assert t.untyped_storage().data_ptr() == base.weight.untyped_storage().data_ptr(), (
+                f"a {tuple(t.shape)} tensor is kept alive for backward"
+            )
+    rec = _RecordShapes()
+    with rec:
+        y.sum().backward()
+    matmuls = [s for op, s in rec.ops if op in ("mm", "addmm", "bmm", "matmul")]
+    assert (OUT, IN) not in matmuls and (IN, OUT) not in matmuls, "an out x in weight gradient was computed"
+    if noise == "none":
+        assert all(s != (OUT, IN) for _, s in rec.ops), "no (out, in) tensor is needed without noise"
+    assert layer.weight.grad is None
+    assert layer.salient_weight.grad.shape == (OUT, K)
+
+
+def test_weight_noise_std_matches_delta_over_two():
+    std = torch.linspace(0.01, 0.2, OUT)
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, bias=False)
+    idx = torch.tensor([1, 2, 3])
+    layer = SalientLinear(base, idx, std, noise="weight").train()
+    j = 20  # a non-salient column
+    x = torch.zeros(1, IN)
+    x[0, j] = 1.0
+    clean = base.weight[:, j].detach()
+    with torch.no_grad():
+        draws = torch.stack([layer(x)[0] - clean for _ in range(3000)])
+    torch.testing.assert_close(draws.std(0), std, rtol=0.08, atol=0)
+    assert draws.mean(0).abs().max() < 4 * std.max() / 3000**0.5 * 2
+    # Salient columns get no noise.
+    x = torch.zeros(1, IN)
+    x[0, 2] = 1.0
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], layer.salient_weight[:, 1])
+    # One draw per forward, shared by all tokens: two identical tokens see identical noise.
+    with torch.no_grad():
+        y = layer(torch.stack([torch.ones(IN), torch.ones(IN)]))
+    assert torch.equal(y[0], y[1])
+
+
+def test_output_noise_std_matches_delta_times_norm():
+    std = torch.linspace(0.01, 0.2, OUT)
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, bias=False)
+    idx = torch.tensor([1, 2, 3])
+    layer = SalientLinear(base, idx, std, noise="output").train()
+    x = torch.randn(4000, IN)
+    with torch.no_grad():
+        noise = layer(x) - base(x)
+    norm_n = (x.pow(2).sum(-1) - x[:, idx].pow(2).sum(-1)).sqrt()
+    z = noise / norm_n[:, None]
+    torch.testing.assert_close(z.std(0), std, rtol=0.08, atol=0)
+    # Independent per token: identical tokens see different noise.
+    with torch.no_grad():
+        y = layer(torch.ones(2, IN))
+    assert not torch.equal(y[0], y[1])
+
+
+def test_noise_only_in_training_and_reproducible_under_seed():
+    _, layer, _ = make_layer(noise="weight")
+    x = torch.randn(5, IN)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(7)
+    a = layer(x)
+    torch.manual_seed(7)
+    b = layer(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, layer(x))
+
+
+def test_bf16_base_autocast_and_fp32_salient_copy():
+    base, layer, idx = make_layer(dtype=torch.bfloat16, noise="weight", fp32_salient=True)
+    assert layer.salient_weight.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    layer.train()
+    x = torch.randn(3, IN, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.salient_weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16
+    # fp32 input under bf16 autocast computes in bf16, returns a bf16 output, fp32 input grad.
+    x32 = torch.randn(3, IN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x32)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x32.grad.dtype == torch.float32
+    # eval in bf16 equals the bf16 reference computation
+    layer.eval()
+    with torch.no_grad():
+        ref = F.linear(x.detach().float(), reference_weight(layer), base.bias.float())
+        torch.testing.assert_close(layer(x.detach()).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_checkpointing_recomputes_the_same_noise():
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer, _ = make_layer(noise="weight", std=0.3)
+    layer.train()
+    x = torch.randn(6, IN, requires_grad=True)
+
+    def run(ckpt):
+        layer.salient_weight.grad = None
+        x.grad = None
+        torch.manual_seed(11)
+        f = lambda t: torch.tanh(layer(t))  # noqa: E731
+        y = checkpoint(f, x, use_reentrant=False) if ckpt else f(x)
+        y.pow(2).sum().backward()
+        return y.detach(), layer.salient_weight.grad.clone(), x.grad.clone()
+
+    plain, ck = run(False), run(True)
+    for a, b in zip(plain, ck):
+        assert torch.equal(a, b)
+
+
+def test_conv1d_is_supported():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(OUT, IN)  # weight stored (in, out)
+    layer = SalientLinear(conv, torch.tensor([0, 5]), noise="none")
+    x = torch.randn(2, 3, IN)
+    assert torch.equal(layer(x), conv(x)) or torch.allclose(layer(x), conv(x), atol=1e-6)
+    assert torch.equal(layer.salient_weight, conv.weight.t()[:, [0, 5]])
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.salient_weight.grad.shape == (OUT, 2) and conv.weight.grad is None
+
+
+def test_bad_indices_rejected():
+    base = nn.Linear(IN, OUT)
+    with pytest.raises(ValueError, match="empty"):
+        SalientLinear(base, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="distinct column indices"):
+        SalientLinear(base, torch.tensor([1, IN]))
+    with pytest.raises(ValueError, match="distinct"):
+        SalientLinear(base, torch.tensor([1, 1]))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        SalientLinear(nn.Embedding(3, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match="noise"):
+        SalientLinear(base, torch.tensor([0]), noise="uniform")
