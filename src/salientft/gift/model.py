@@ -119,7 +119,8 @@ def _compute_scores(model, config, calibration, targets):
         from ..calibration import collect_activation_stats
 
         stats = collect_activation_stats(model, calibration, target_modules=list(targets))
-    return saliency_scores(model, stats, metric=config.metric, bits=4, seed=config.seed)
+    return saliency_scores(model, stats, metric=config.metric, bits=4, seed=config.seed,
+                           target_modules=list(targets))
 
 
 def gift_layers(model: nn.Module) -> dict[str, SalientLinear]:

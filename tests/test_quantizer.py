@@ -1,0 +1,141 @@
+"""quantize_rows against METHODS.md §1.4, checked by a slow per-row, per-candidate loop."""
+import pytest
+import torch
+
+from salientft.quant import grid
+from salientft.quant.grid import clip_grid, quantize_rows
+
+
+def _ref_row_errors(row: torch.Tensor, bits: int) -> tuple[list[float], list[float]]:
+    """Every candidate alpha of one row and its squared error, written out one by one."""
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    rmax = row.abs().max()
+    alphas, errs = [], []
+    for i in range(80):
+        p = torch.tensor(1.0 - i / 100, dtype=torch.float64).to(row.dtype)
+        alpha = rmax * p
+        delta = alpha / qmax
+        e = 0.0
+        q = torch.clamp(torch.round(row / delta), qmin, qmax) * delta
+        for w, qw in zip(row.tolist(), q.tolist()):
+            e += (w - qw) ** 2
+        alphas.append(float(alpha))
+        errs.append(e)
+    return alphas, errs
+
+
+def _weights(seed=0, out=24, inp=40):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g)
+    W[2, 5] = 8.0  # an outlier: the clip search must shrink the range
+    W[3] = torch.randn(inp, generator=g).round()  # few distinct values: near-ties
+    W[4] = 0.0
+    W[5] = torch.zeros(inp)
+    W[5, 0] = -0.5  # a single non-zero: exact at p = 1
+    W[6] = torch.rand(inp, generator=g) * 1e-30  # tiny but non-zero
+    return W
+
+
+def test_grid_is_the_80_point_grid():
+    g = clip_grid(dtype=torch.float64)
+    assert g.numel() == 80
+    assert g[0].item() == 1.0 and abs(g[-1].item() - 0.21) < 1e-12
+    assert torch.allclose(g[:-1] - g[1:], torch.full((79,), 0.01, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_alpha_is_the_grid_argmin(bits):
+    W = _weights(seed=bits)
+    alpha, delta, w_q = quantize_rows(W, bits)
+    qmax = 2 ** (bits - 1) - 1
+    exact = 0
+    for i in range(W.shape[0]):
+        if W[i].abs().max() == 0:
+            continue
+        alphas, errs = _ref_row_errors(W[i], bits)
+        best = min(range(80), key=lambda j: (errs[j], j))  # first minimum = largest clip
+        got = min(range(80), key=lambda j: abs(alphas[j] - alpha[i].item()))
+        assert alphas[got] == pytest.approx(alpha[i].item(), rel=1e-6)
+        # the chosen candidate's error is the minimum (float summation order may break exact ties)
+        assert errs[got] <= errs[best] * (1 + 1e-5) + 1e-30
+        exact += got == best
+    assert exact >= W.shape[0] - 3  # all rows but exact float ties pick the same grid point
+    assert torch.allclose(delta, alpha / qmax)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_w_q_is_the_rounded_grid(bits):
+    W = _weights(seed=10 + bits)
+    alpha, delta, w_q = quantize_rows(W, bits)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    levels = w_q / delta[:, None]
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.min() >= qmin - 1e-4 and levels.max() <= qmax + 1e-4
+    expected = torch.clamp(torch.round(W / delta[:, None]), qmin, qmax) * delta[:, None]
+    assert torch.equal(w_q, expected)
+
+
+def test_zero_rows_get_alpha_one():
+    W = torch.zeros(3, 7)
+    W[1, 2] = 0.3
+    alpha, delta, w_q = quantize_rows(W, 4)
+    assert alpha[0].item() == 1.0 and alpha[2].item() == 1.0
+    assert delta[0].item() == pytest.approx(1 / 7)
+    assert torch.equal(w_q[0], torch.zeros(7)) and torch.equal(w_q[2], torch.zeros(7))
+    assert alpha[1].item() == pytest.approx(0.3)  # a single value is exact at p = 1
+    assert w_q[1, 2].item() == pytest.approx(0.3)
+
+
+def test_chunking_changes_nothing():
+    W = _weights(seed=3, out=37, inp=50)
+    ref = quantize_rows(W, 4, chunk_elems=1 << 30)
+    for ce in (1, 80 * 50, 80 * 50 * 3 + 7, 1 << 20):
+        got = quantize_rows(W, 4, chunk_elems=ce)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b), ce
+
+
+def test_search_memory_is_bounded_by_chunk_elems(monkeypatch):
+    """The (rows x 80 x in) search buffer never exceeds chunk_elems (one row at minimum)."""
+    sizes = []
+    real_empty = torch.empty
+
+    class _Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, **kw):
+            t = real_empty(*shape, **kw)
+            if t.dim() == 3:
+                sizes.append(t.numel())
+            return t
+
+    monkeypatch.setattr(grid, "torch", _Torch())
+    W = torch.randn(100, 64)
+    quantize_rows(W, 4, chunk_elems=80 * 64 * 7)
+    assert sizes and max(sizes) <= 80 * 64 * 7
+    sizes.clear()
+    quantize_rows(W, 4, chunk_elems=10)  # smaller than one row: one row at a time
+    assert max(sizes) == 80 * 64
+
+
+def test_dtypes():
+    W = _weights(seed=5)
+    a32, d32, q32 = quantize_rows(W, 4)
+    ab, db, qb = quantize_rows(W.to(torch.bfloat16), 4)
+    assert qb.dtype == torch.bfloat16 and ab.dtype == torch.float32 and db.dtype == torch.float32
+    a64, d64, q64 = quantize_rows(W.double(), 4)
+    assert q64.dtype == torch.float64 and a64.dtype == torch.float32
+    assert q32.shape == W.shape
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="bits"):
+        quantize_rows(torch.randn(2, 3), 1)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_rows(torch.randn(2, 3), 4.0)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_rows(torch.randn(2, 3, 4), 4)
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize_rows(torch.ones(2, 3, dtype=torch.int64), 4)
