@@ -1,0 +1,280 @@
+"""Chat tokenization with loss on assistant tokens only, packing, and a padding collator.
+
+Assistant spans are found without ``{% generation %}`` support (SmolLM2's template has none):
+for each assistant turn ``i`` the template renders ``messages[:i]`` with the generation prompt
+(ends right after the assistant header) and ``messages[:i+1]`` (ends after the turn's
+end-of-turn token), and both token sequences must be prefixes of the full conversation's tokens.
+The tokens between the two prefixes are the assistant's content plus its end-of-turn token;
+trailing whitespace-only tokens (the ``\\n`` after ``<|im_end|>``) are not trained on. Templates
+that inject a default system prompt (SmolLM2) inject it into every prefix, so this still holds;
+a template whose earlier turns change when later ones are added fails with a clear error.
+
+Packing concatenates whole examples (never split) into rows of at most ``max_length`` tokens,
+with ``position_ids`` restarting at 0 for each example. :class:`ChatCollator` then leaves out
+``attention_mask`` for packed batches, so transformers (>= 4.5x masking utils) derives a
+block-diagonal causal mask from the position resets: **attention does not cross example
+boundaries** and each example is computed exactly as if it were alone (the batch also carries
+``use_cache=False``: transformers skips the packed-mask detection when it builds a KV cache).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Used only when a tokenizer has no chat template (base models): ChatML with the tokenizer's eos.
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}EOS\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _template(tokenizer) -> str | None:
+    if getattr(tokenizer, "chat_template", None):
+        return None  # use the tokenizer's own
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("the tokenizer has neither a chat template nor an eos token; "
+                         "set tokenizer.chat_template before building chat data")
+    logger.warning("tokenizer has no chat template; using a ChatML fallback ending turns with %r", eos)
+    return _FALLBACK_TEMPLATE.replace("EOS", eos)
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = False, chat_template=None) -> str:
+    """``messages`` rendered with the tokenizer's chat template (or the ChatML fallback)."""
+    if chat_template is None:
+        chat_template = _template(tokenizer)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _is_blank(tokenizer, token_id: int) -> bool:
+    return tokenizer.decode([token_id]).strip() == ""
+
+
+def _conversation_texts(tokenizer, conv, chat_template):
+    """[full text, then (prefix-with-header, prefix-with-turn) for every assistant turn]."""
+    texts = [render_chat(tokenizer, conv, chat_template=chat_template)]
+    for i, m in enumerate(conv):
+        if m["role"] == "assistant":
+            texts.append(render_chat(tokenizer, conv[:i], add_generation_prompt=True, chat_template=chat_template))
+            texts.append(render_chat(tokenizer, conv[: i + 1], chat_template=chat_template))
+    return texts
+
+
+def _labels_from_ids(tokenizer, ids: list[list[int]], texts: list[str], where: str) -> dict:
+    full, full_text = ids[0], texts[0]
+    labels = [IGNORE_INDEX] * len(full)
+    for k in range(1, len(ids), 2):
+        for text, pref in ((texts[k], ids[k]), (texts[k + 1], ids[k + 1])):
+            if not full_text.startswith(text) or full[: len(pref)] != pref:
+                raise ValueError(
+                    f"{where}: the chat template does not render conversations incrementally "
+                    "(a prefix of the conversation does not tokenize to a prefix of the whole), "
+                    "so assistant tokens cannot be located; use a template whose earlier turns do not "
+                    "depend on later ones")
+        start, end = len(ids[k]), len(ids[k + 1])
+        while end > start and _is_blank(tokenizer, full[end - 1]):
+            end -= 1
+        labels[start:end] = full[start:end]
+    return {"input_ids": list(full), "labels": labels}
+
+
+def tokenize_conversation(conv: list[dict], tokenizer, max_length: int | None = None) -> dict:
+    """One conversation -> ``{"input_ids", "labels"}`` (labels -100 outside assistant turns)."""
+    return tokenize_conversations([conv], tokenizer, max_length=max_length, drop_empty=False)[0]
+
+
+def tokenize_conversations(conversations, tokenizer, max_length: int | None = 1024, packing: bool = False,
+                           drop_empty: bool = True, batch_size: int = 256) -> list[dict]:
+    """Conversations -> examples ``{"input_ids", "labels"}`` (plus ``position_ids`` when packed).
+
+    Examples are truncated to ``max_length`` (keeping the start); those left with no assistant
+    token are dropped and counted in a warning. Raises if none remain."""
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    chat_template = _template(tokenizer)
+    examples, dropped, truncated = [], 0, 0
+    conversations = list(conversations)
+    for b in range(0, len(conversations), batch_size):
+        chunk = conversations[b: b + batch_size]
+        text_groups = [_conversation_texts(tokenizer, c, chat_template) for c in chunk]
+        flat = [t for g in text_groups for t in g]
+        flat_ids = _encode(tokenizer, flat)  # one batched (Rust) call per chunk
+        pos = 0
+        for j, texts in enumerate(text_groups):
+            ids = flat_ids[pos: pos + len(texts)]
+            pos += len(texts)
+            ex = _labels_from_ids(tokenizer, ids, texts, f"conversation {b + j}")
+            if max_length is not None and len(ex["input_ids"]) > max_length:
+                truncated += 1
+                ex = {k: v[:max_length] for k, v in ex.items()}
+            if drop_empty and all(x == IGNORE_INDEX for x in ex["labels"]):
+                dropped += 1
+                continue
+            examples.append(ex)
+    if truncated:
+        logger.info("truncated %d of %d conversations to max_length=%s", truncated, len(conversations), max_length)
+    if dropped:
+        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
+                       "to max_length=%s", dropped, len(conversations), max_length)
+    if not examples:
+        raise ValueError(f"no examples left: all {len(conversations)} conversations lost their assistant "
+                         f"tokens (max_length={max_length} too small, or the data is empty)")
+    if packing:
+        if max_length is None:
+            raise ValueError("packing needs a max_length (the row length)")
+        examples = pack_examples(examples, max_length)
+    return examples
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Greedy, order-preserving packing of whole examples into rows of <= ``max_length`` tokens.
+    ``position_ids`` restart at 0 for each example (see the module docstring)."""
+    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if n > max_length:
+            raise ValueError(f"an example of {n} tokens exceeds max_length={max_length}; truncate first")
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += ex["labels"]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Tokenized examples for the HF Trainer, with counts that training logs and metrics use."""
+
+    def __init__(self, examples: list[dict], pad_token_id: int = 0, n_conversations: int | None = None):
+        self.examples = examples
+        self.pad_token_id = pad_token_id
+        self.n_conversations = n_conversations if n_conversations is not None else len(examples)
+        self.packed = bool(examples) and "position_ids" in examples[0]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in self.examples)
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+@dataclass
+class ChatCollator:
+    """Right-pads a list of examples into tensors (labels -100 at pads).
+
+    Unpacked examples get an ``attention_mask``. Packed examples (with ``position_ids``) get
+    ``position_ids`` and, when ``block_diagonal`` (default), no ``attention_mask`` and
+    ``use_cache=False`` so the model keeps attention inside each example; pads then form their own block (positions 0, 1, ...)
+    after the real tokens and, being -100 in labels, never reach the loss."""
+
+    tokenizer: object = None
+    pad_to_multiple_of: int | None = None
+    block_diagonal: bool = True
+    pad_token_id: int | None = field(default=None)
+
+    def __post_init__(self):
+        if self.pad_token_id is None:
+            self.pad_token_id = pad_id_of(self.tokenizer) if self.tokenizer is not None else 0
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
+
+    def __call__(self, features: list[dict]) -> dict:
+        if not features:
+            raise ValueError("ChatCollator got an empty batch")
+        length = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of
+        if m:
+            length = -(-length // m) * m
+        n = len(features)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        packed = "position_ids" in features[0]
+        positions = torch.zeros((n, length), dtype=torch.long) if packed else None
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            lab = f.get("labels", f["input_ids"])
+            labels[i, :k] = torch.as_tensor(lab, dtype=torch.long)
+            attention[i, :k] = 1
+            if packed:
+                positions[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
+                positions[i, k:] = torch.arange(length - k)
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            batch["position_ids"] = positions
+            if self.block_diagonal:
+                # transformers only derives the packed mask when no KV cache is built (a cache is
+                # built whenever config.use_cache is on, even in training mode)
+                batch["use_cache"] = False
+            else:
+                batch["attention_mask"] = attention
+        else:
+            batch["attention_mask"] = attention
+        return batch
+
+
+def build_dataset(source, tokenizer, max_length: int = 1024, packing: bool = False, split: str = "train",
+                  limit: int | None = None, seed: int = 0, **source_kwargs) -> ChatDataset:
+    """A Trainer-ready dataset: load (:func:`~salientft.data.instruct.load_conversations`),
+    tokenize with assistant-only labels, truncate, optionally pack. Use with :class:`ChatCollator`."""
+    from .instruct import load_conversations
+
+    convs = load_conversations(source, split=split, limit=limit, seed=seed, **source_kwargs)
+    examples = tokenize_conversations(convs, tokenizer, max_length=max_length, packing=packing)
+    return ChatDataset(examples, pad_token_id=pad_id_of(tokenizer), n_conversations=len(convs))
+
+
+def calibration_batches_from_dataset(dataset, n_samples: int = 128, batch_size: int = 8, seed: int = 0,
+                                     pad_token_id: int | None = None) -> list[dict]:
+    """``n_samples`` random examples of ``dataset`` as right-padded ``{input_ids, attention_mask}``
+    batches (GIFT-SW calibrates on the training data). Samples are grouped by length so padding,
+    which the statistics exclude anyway, costs little compute."""
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError("cannot calibrate on an empty dataset")
+    if n_samples > len(dataset):
+        logger.warning("calibration: asked for %d samples, the dataset has %d; using all", n_samples, len(dataset))
+        n_samples = len(dataset)
+    if pad_token_id is None:
+        pad_token_id = getattr(dataset, "pad_token_id", 0)
+    idx = random.Random(seed).sample(range(len(dataset)), n_samples)
+    feats = sorted((dataset[i] for i in idx), key=lambda f: len(f["input_ids"]))
+    collate = ChatCollator(pad_token_id=pad_token_id)
+    batches = []
+    for b in range(0, n_samples, batch_size):
+        chunk = [{"input_ids": f["input_ids"]} for f in feats[b: b + batch_size]]
+        out = collate(chunk)
+        batches.append({"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]})
+    return batches
