@@ -227,8 +227,7 @@ def test_gradient_checkpointing_on_model_gives_same_grads():
     def grads(ckpt):
         model = gift_model(noise="weight")
         if ckpt:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         torch.manual_seed(5)
         model(input_ids=IDS, labels=IDS).loss.backward()
