@@ -9,8 +9,26 @@ from .gift import (
     trainable_parameters,
     unmerge_gift,
 )
+from .data.chat import ChatCollator, build_dataset, calibration_batches_from_dataset, tokenize_conversations
+from .data.instruct import heldout_texts, load_conversations
 from .models import load_model
 from .quant.grid import quantize_rows
+from .quant.layer import QuantizedSalientLinear
+from .quant.model import QuantizeConfig, load_quantized, quantize, save_quantized
+from .quant.ste import STELinear, apply_lora_quantized, apply_ste, ste_to_quantized
+from .calibration import (
+    ActivationStats,
+    calibrate,
+    calibration_batches,
+    collect_activation_stats,
+    load_stats,
+    save_stats,
+)
+from .saliency import METRICS, load_scores, plot_scores, saliency_scores, save_scores, select_salient
+
+from .evaluation import compare_runs, evaluate, load_for_eval, perplexity
+from .config import GMTConfig
+from .gmt import GradientMask, build_gradient_mask
 
 __version__ = "0.1.0"
 
@@ -23,6 +41,40 @@ __all__ = [
     "save_adapter",
     "trainable_parameters",
     "unmerge_gift",
+    "ChatCollator",
+    "build_dataset",
+    "calibration_batches_from_dataset",
+    "heldout_texts",
+    "load_conversations",
+    "tokenize_conversations",
     "load_model",
     "quantize_rows",
+    "QuantizedSalientLinear",
+    "QuantizeConfig",
+    "load_quantized",
+    "quantize",
+    "save_quantized",
+    "STELinear",
+    "apply_lora_quantized",
+    "apply_ste",
+    "ste_to_quantized",
+    "ActivationStats",
+    "calibrate",
+    "calibration_batches",
+    "collect_activation_stats",
+    "load_stats",
+    "save_stats",
+    "METRICS",
+    "load_scores",
+    "plot_scores",
+    "saliency_scores",
+    "save_scores",
+    "select_salient",
+    "evaluate",
+    "perplexity",
+    "compare_runs",
+    "load_for_eval",
+    "GMTConfig",
+    "GradientMask",
+    "build_gradient_mask",
 ]

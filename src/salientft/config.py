@@ -127,3 +127,147 @@ class GiftConfig(ConfigMixin):
                 f"use a smaller n_salient or salient_fraction"
             )
         return k
+
+
+METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
+# Learning rates of METHODS.md §1.7 (LLaMA2): GIFT-SW 1e-4, the baselines 3e-5.
+DEFAULT_LR = {"gift-sw": 1e-4, "salient": 1e-4, "gmt": 3e-5, "full": 3e-5, "lora": 3e-5, "dora": 3e-5}
+
+
+@dataclass
+class TrainConfig(ConfigMixin):
+    """Everything ``salientft train`` needs; every field is also a command-line flag.
+
+    ``lr=None`` takes the method's default (DEFAULT_LR). ``max_steps`` wins over ``epochs``.
+    ``n_salient``/``salient_fraction``/``metric``/``noise``/``noise_bits`` configure GIFT-SW;
+    ``lora_r``/``lora_alpha`` the PEFT baselines; ``mask_*`` GMT (also on top of gift-sw).
+    """
+
+    model: str = "smollm2-135m"
+    data: str = "embedded"
+    output: str = "runs/default"
+    method: str = "gift-sw"
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    packing: bool = False
+    data_limit: int | None = None
+    dtype: str = "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_steps: int = 0
+    logging_steps: int = 1
+    merge: bool = False
+    # GIFT-SW
+    n_salient: int | None = None
+    salient_fraction: float | None = None
+    metric: str = "gift"
+    scores: str | None = None
+    noise: str | None = None
+    noise_bits: int = 4
+    fp32_salient: bool = False
+    calib_samples: int = 128
+    target_modules: list[str] | str | None = None
+    # PEFT baselines
+    lora_r: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    # GMT
+    mask_ratio: float | None = None
+    mask_granularity: str = "tensor"
+    mask_mode: str = "paper"
+    # Evaluation before/after (the eval tasks, or "loss" for held-out loss only; "" for none)
+    eval_tasks: str = ""
+    eval_limit: int | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        n = type(self).__name__
+        _choice(n, "method", self.method, METHODS)
+        _choice(n, "dtype", self.dtype, ("bf16", "fp32", "fp16"))
+        for name in ("batch_size", "grad_accum", "max_length", "lora_r", "calib_samples", "logging_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n}.{name} must be a positive integer, got {v!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"{n}.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{n}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"{n}.max_steps must be positive (or -1 to use epochs), got {self.max_steps}")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ValueError(f"{n}.epochs must be positive, got {self.epochs}")
+        if self.save_steps < 0:
+            raise ValueError(f"{n}.save_steps must be >= 0 (0: no intermediate checkpoints)")
+        if self.noise is not None:
+            _choice(n, "noise", self.noise, GiftConfig.NOISE_MODES)
+        if self.method == "salient" and self.noise not in (None, "none"):
+            raise ValueError(f"{n}: method 'salient' is GIFT-SW without noise; use --method gift-sw --noise {self.noise}")
+        if self.mask_ratio is not None and not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"{n}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        if self.mask_ratio is not None and self.method in ("lora", "dora"):
+            raise ValueError(f"{n}: --mask-ratio applies to gmt, full, gift-sw and salient, not {self.method}")
+        if self.data_limit is not None and self.data_limit < 1:
+            raise ValueError(f"{n}.data_limit must be positive")
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.method]
+
+    def gift_config(self) -> GiftConfig:
+        noise = "none" if self.method == "salient" else (self.noise or "weight")
+        return GiftConfig(
+            n_salient=self.n_salient, salient_fraction=self.salient_fraction,
+            target_modules=self.target_modules, noise=noise, noise_bits=self.noise_bits,
+            metric=self.metric, seed=self.seed, fp32_salient=self.fp32_salient,
+        )
+
+
+# Vocabulary matrices (input embeddings, lm_head) are not masked by default; docs/gmt.md says why.
+GMT_DEFAULT_EXCLUDE = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "output_layer")
+
+
+@dataclass
+class GMTConfig(ConfigMixin):
+    """GMT: before each optimizer step, zero the smallest accumulated gradients (METHODS.md §2).
+
+    ``ratio`` is the fraction of gradient entries zeroed (the paper's mask ratio), in [0, 1).
+    ``granularity``: "tensor" (one threshold per parameter tensor) or "global" (one threshold over
+    every masked parameter). ``mode``: "paper" (zero the gradient, optimizer untouched) or
+    "strict" (masked entries get no update of any kind in that step, see docs/gmt.md).
+    ``exclude``: parameter-name patterns left unmasked (trained densely): a plain entry matches a
+    dotted component path of the name ("lm_head" matches "lm_head.weight"), an entry with
+    ``* ? [`` is a glob over the full name.
+    """
+
+    GRANULARITIES: ClassVar[tuple[str, ...]] = ("tensor", "global")
+    MODES: ClassVar[tuple[str, ...]] = ("paper", "strict")
+
+    ratio: float
+    granularity: str = "tensor"
+    mode: str = "paper"
+    exclude: list[str] = field(default_factory=lambda: list(GMT_DEFAULT_EXCLUDE))
+
+    def __post_init__(self):
+        n = type(self).__name__
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(
+                f"{n}.ratio is the fraction of gradient entries zeroed and must be in [0, 1), got {r!r}"
+            )
+        self.ratio = float(r)
+        _choice(n, "granularity", self.granularity, self.GRANULARITIES)
+        _choice(n, "mode", self.mode, self.MODES)
+        if self.exclude is None:
+            self.exclude = []
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (list, tuple)):
+            raise ValueError(f"{n}.exclude must be a list of parameter-name patterns, got {self.exclude!r}")
+        if not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"{n}.exclude entries must be non-empty strings, got {self.exclude!r}")
+        self.exclude = list(self.exclude)

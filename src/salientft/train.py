@@ -1,0 +1,455 @@
+"""One training loop for every method, built on the Hugging Face Trainer.
+
+Methods: ``gift-sw`` (salient columns + noise), ``salient`` (no noise), ``gmt`` (full
+fine-tuning with gradient masking), ``full``, and the PEFT baselines ``lora`` and ``dora``.
+Precision: ``dtype="bf16"`` keeps frozen weights in bf16, trainable weights in fp32 and computes
+under bf16 autocast (full/gmt keep fp32 master weights); ``fp32`` is plain fp32.
+
+Outputs in ``config.output``: ``adapter/`` (gift-sw, salient, lora, dora) or ``model/`` (full,
+gmt), ``merged/`` with ``merge=True``, ``metrics.json``, ``loss.png``, ``run_config.json``
+(the resolved config) and ``checkpoint-<step>/`` every ``save_steps``. A checkpoint counts only
+once its ``salientft_complete`` marker is written, so an interrupted save is never resumed from.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_dir, atomic_path, write_json
+from .config import TrainConfig
+from .gift import apply_gift, gift_layers, load_adapter, merge_gift, save_adapter, trainable_parameters
+from .gift.adapter import read_adapter
+from .models import load_model, resolve_dtype
+from .targets import find_target_modules
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "salientft_complete"
+GIFT_METHODS = ("gift-sw", "salient")
+PEFT_METHODS = ("lora", "dora")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(output: str | Path) -> list[Path]:
+    """Checkpoint folders of a run that finished saving, oldest first."""
+    out = Path(output)
+    found = []
+    for p in out.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _trainer_classes():
+    from transformers import Trainer, TrainerCallback
+
+    class CompleteMarker(TrainerCallback):
+        """Mark a checkpoint complete once everything in it has been written."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    with atomic_path(ckpt / COMPLETE_MARKER) as tmp:
+                        tmp.write_text(f"{state.global_step}\n")
+            return control
+
+    class SalientTrainer(Trainer):
+        """Trainer that stops on a non-finite loss, counts tokens, and checkpoints GIFT-SW compactly."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.tokens_seen = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if "attention_mask" in inputs:
+                self.tokens_seen += int(inputs["attention_mask"].sum())
+            else:
+                self.tokens_seen += int(inputs["input_ids"].numel())
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                last = complete_checkpoints(self.args.output_dir)
+                keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"the training loss became {loss.item()} at step {self.state.global_step + 1}; "
+                    f"{keep}. Lower the learning rate (--lr) or use --dtype fp32"
+                )
+            return loss
+
+        def _save(self, output_dir=None, state_dict=None):
+            if gift_layers(self.model):
+                save_adapter(self.model, Path(output_dir or self.args.output_dir) / "adapter")
+                return
+            super()._save(output_dir, state_dict)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            adapter = Path(resume_from_checkpoint) / "adapter"
+            if gift_layers(self.model) and adapter.is_dir():
+                _, tensors = read_adapter(adapter)
+                with torch.no_grad():
+                    for name, layer in gift_layers(self.model).items():
+                        if not torch.equal(tensors[f"{name}.salient_idx"].to(layer.salient_idx.device), layer.salient_idx):
+                            raise ValueError(
+                                f"checkpoint {resume_from_checkpoint} chose other salient columns for {name}; "
+                                "resume with the same model, data, metric and seed"
+                            )
+                        layer.salient_weight.copy_(tensors[f"{name}.salient_weight"])
+                return
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    return SalientTrainer, CompleteMarker
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def _prepare_gift(model, config: TrainConfig, train_dataset):
+    gcfg = config.gift_config()
+    if config.dtype == "bf16":
+        gcfg.fp32_salient = True
+    if config.scores:
+        from .saliency import load_scores
+
+        scores = load_scores(config.scores)
+        return apply_gift(model, gcfg, scores)
+    calibration = None
+    if gcfg.metric not in ("random", "magnitude"):
+        from .data.chat import calibration_batches_from_dataset
+
+        calibration = calibration_batches_from_dataset(
+            train_dataset, n_samples=config.calib_samples, batch_size=8, seed=config.seed
+        )
+    return apply_gift(model, gcfg, calibration=calibration)
+
+
+def _prepare_peft(model, config: TrainConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("lora and dora baselines need PEFT: pip install 'salientft[peft]'") from None
+    names = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(model, config.target_modules)})
+    lcfg = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
+        target_modules=names, use_dora=config.method == "dora", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def prepare_model(model, config: TrainConfig, train_dataset=None):
+    """Make the model trainable the way ``config.method`` says (in place where possible)."""
+    if config.method in GIFT_METHODS:
+        return _prepare_gift(model, config, train_dataset)
+    if config.method in PEFT_METHODS:
+        return _prepare_peft(model, config)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _gmt_callbacks(config: TrainConfig, model):
+    ratio = config.mask_ratio
+    if config.method == "gmt" and ratio is None:
+        ratio = 0.5
+    if ratio is None:
+        return [], None
+    from .gmt import GMTConfig, GradientMask, GradientMaskCallback
+
+    gcfg = GMTConfig(ratio=ratio, granularity=config.mask_granularity, mode=config.mask_mode)
+    masker = GradientMask(model, gcfg.ratio, granularity=gcfg.granularity, mode=gcfg.mode, exclude=gcfg.exclude)
+    return [GradientMaskCallback(masker)], masker
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out} is a file; give a directory path")
+
+
+def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200) -> float | None:
+    """Mean token loss of ``model`` on (at most ``limit`` examples of) a tokenized dataset.
+
+    None when there is no held-out data (a small file can hash every record into training).
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    if dataset is None or len(dataset) == 0:
+        return None
+    ds = Subset(dataset, range(min(limit, len(dataset))))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collator):
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            lp = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(lp)
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=None) -> dict:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.method``; returns the metrics."""
+    from transformers import TrainingArguments, set_seed
+
+    from .data.chat import ChatCollator, build_dataset
+
+    out = Path(config.output)
+    _check_output(out)
+    checkpoint = None
+    if resume:
+        ckpts = complete_checkpoints(out)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out}")
+        checkpoint = ckpts[-1]
+        log.info("resuming from %s", checkpoint)
+    set_seed(config.seed)
+    torch_dtype = resolve_dtype(config.dtype)
+    if model is None:
+        # Full fine-tuning keeps fp32 master weights; frozen bases may stay in bf16.
+        load_dtype = torch.float32 if config.method in ("full", "gmt") else torch_dtype
+        model, tokenizer = load_model(config.model, dtype=load_dtype, trust_remote_code=config.trust_remote_code)
+    train_ds = build_dataset(
+        config.data, tokenizer, max_length=config.max_length, packing=config.packing, split="train",
+        limit=config.data_limit, seed=config.seed,
+    )
+    try:
+        held_ds = build_dataset(config.data, tokenizer, max_length=config.max_length, packing=False,
+                                split="heldout", limit=200, seed=config.seed)
+    except (ValueError, KeyError):
+        held_ds = None
+    collator = ChatCollator(tokenizer)
+    result: dict = {"method": config.method, "model": config.model, "data": config.data}
+    result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
+    eval_before = _evaluate(model, tokenizer, config) if config.eval_tasks else None
+
+    set_seed(config.seed)
+    model = prepare_model(model, config, train_ds)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    counts = trainable_parameters(model)
+    callbacks, masker = _gmt_callbacks(config, model)
+    SalientTrainer, CompleteMarker = _trainer_classes()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        seed=config.seed,
+        bf16=config.dtype == "bf16",
+        fp16=config.dtype == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_nan_inf_filter=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SalientTrainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=collator,
+        callbacks=[CompleteMarker(), *callbacks],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    wall = time.perf_counter() - t0
+    model = trainer.model
+    if not trainer.is_world_process_zero():
+        return result
+
+    history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    result.update({
+        "train_loss": history,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_fraction": counts["fraction"],
+        "steps": trainer.state.global_step,
+        "wall_time_s": wall,
+        "tokens_seen": trainer.tokens_seen,
+        "tokens_per_s": trainer.tokens_seen / wall if wall > 0 else None,
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "learning_rate": config.learning_rate,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    })
+    if masker is not None:
+        result["kept_fraction"] = [
+            {"step": h["step"], "kept_fraction": h["kept_fraction"]}
+            for h in trainer.state.log_history if "kept_fraction" in h
+        ]
+    result["heldout_loss_after"] = heldout_loss(model, held_ds, collator)
+    if config.eval_tasks:
+        result["eval_before"] = eval_before
+        result["eval_after"] = _evaluate(model, tokenizer, config)
+    _save_outputs(model, tokenizer, config, out)
+    write_json(out / "run_config.json", config.to_dict())
+    write_json(out / "metrics.json", result)
+    if history:
+        _plot_loss(history, out / "loss.png", f"{config.method} on {config.model}")
+    return result
+
+
+def _evaluate(model, tokenizer, config: TrainConfig) -> dict:
+    from .evaluation import evaluate
+
+    tasks = [t for t in config.eval_tasks.split(",") if t]
+    return evaluate(model, tokenizer, tasks, limit=config.eval_limit)
+
+
+def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
+    if config.method in GIFT_METHODS:
+        save_adapter(model, out / "adapter", base_model=config.model)
+        if config.merge:
+            merged = merge_gift(model)
+            with atomic_dir(out / "merged") as tmp:
+                merged.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    elif config.method in PEFT_METHODS:
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp)
+        if config.merge:
+            merged = model.merge_and_unload()
+            with atomic_dir(out / "merged") as tmp:
+                merged.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    else:
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+
+def load_run(run_dir: str | Path, dtype="bf16"):
+    """(model, tokenizer) of a finished run: merged or full model, or base + adapter."""
+    import json
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "run_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a salientft run directory (no run_config.json)")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    for sub in ("merged", "model"):
+        if (run_dir / sub / "config.json").is_file():
+            return load_model(str(run_dir / sub), dtype=dtype)
+    model, tok = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    adapter = run_dir / "adapter"
+    if cfg.method in PEFT_METHODS:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter)), tok
+    return load_adapter(model, adapter), tok
+
+
+def clean_incomplete_checkpoints(output: str | Path) -> list[Path]:
+    """Remove checkpoint folders without a completion marker (left by an interrupted save)."""
+    removed = []
+    for p in Path(output).glob("checkpoint-*"):
+        if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+__all__ = ["train", "prepare_model", "load_run", "complete_checkpoints", "NonFiniteLossError", "heldout_loss"]
+
+
+def resolve_train_config(config_file: str | None, flags: dict) -> TrainConfig:
+    """The run's config: the YAML/JSON file's fields, overridden by the flags given."""
+    values: dict = {}
+    if config_file:
+        import yaml
+
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {config_file} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {config_file} must hold a mapping of TrainConfig fields")
+    values.update(flags)
+    return TrainConfig.from_dict(values)
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_summary(result: dict, output: str) -> str:
+    """A before/after Markdown table of a finished run."""
+    lines = [
+        f"## {result['method']} on {result['model']} ({result.get('steps', 0)} steps, "
+        f"{result.get('wall_time_s', 0):.0f} s, {result.get('trainable_params', 0):,} trainable parameters)",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| held-out loss | {_fmt(result.get('heldout_loss_before'))} | {_fmt(result.get('heldout_loss_after'))} |",
+    ]
+    before, after = result.get("eval_before") or {}, result.get("eval_after") or {}
+    for task, r in (after.get("results") or {}).items():
+        b = (before.get("results") or {}).get(task, {})
+        key = "acc_norm" if r.get("acc_norm") is not None and task in ("hellaswag", "arc_easy", "arc_challenge", "piqa", "openbookqa") else "acc"
+        lines.append(f"| {task} {key} (n={r.get('n')}) | {_fmt(b.get(key))} | {_fmt(r.get(key))} |")
+    if after.get("paper_avg") is not None:
+        lines.append(f"| paper six-task average | {_fmt(before.get('paper_avg'))} | {_fmt(after.get('paper_avg'))} |")
+    lines += ["", f"Outputs in {output}/ (metrics.json, loss.png, run_config.json)."]
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""salientft train: every method end to end on the tiny preset, resume, config precedence, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from salientft.cli import main
+from salientft.config import TrainConfig
+from salientft.train import NonFiniteLossError, complete_checkpoints, load_run, resolve_train_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jsonl(path, n=24):
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def tiny_config(tmp_path, method, **kw):
+    base = dict(model="tiny-random-llama", data=jsonl(tmp_path / "d.jsonl"), output=str(tmp_path / method),
+                method=method, max_steps=3, batch_size=4, max_length=64, dtype="fp32", lr=1e-3,
+                metric="magnitude", n_salient=4, lora_r=2, calib_samples=8, warmup_ratio=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["gift-sw", "salient", "full", "lora", "dora", "gmt"])
+def test_every_method_trains_and_writes_its_outputs(tmp_path, method):
+    # gift-sw calibrates on the training data with the paper's metric; the others use a data-free one.
+    cfg = tiny_config(tmp_path, method, **({"metric": "gift"} if method == "gift-sw" else {}))
+    result = train(cfg)
+    out = Path(cfg.output)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["train_loss"]] == [1, 2, 3]
+    for key in ("trainable_params", "wall_time_s", "tokens_per_s", "peak_memory_bytes"):
+        assert metrics[key] > 0, key
+    assert (out / "loss.png").stat().st_size > 1000
+    assert TrainConfig.from_json(out / "run_config.json") == cfg
+    if method in ("gift-sw", "salient", "lora", "dora"):
+        assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "model").exists()
+    else:
+        assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()
+    if method == "gmt":
+        assert metrics["kept_fraction"] and all(0 < k["kept_fraction"] <= 0.5 + 1e-6 for k in metrics["kept_fraction"])
+    if method in ("gift-sw", "salient"):
+        total = metrics["total_params"]
+        assert metrics["trainable_params"] < 0.2 * total
+    # the saved run loads back and generates
+    model, tok = load_run(out, dtype="fp32")
+    ids = tok("What is 2 plus 2?", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    for key in ("heldout_loss_before", "heldout_loss_after"):  # None when no record hashed into held-out
+        assert result[key] is None or result[key] > 0
+    json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+
+
+def test_gift_run_changes_only_salient_columns_and_merge_writes_plain_model(tmp_path):
+    from salientft.models import tiny_random_llama
+
+    cfg = tiny_config(tmp_path, "gift-sw", merge=True)
+    train(cfg)
+    merged_dir = Path(cfg.output) / "merged"
+    assert (merged_dir / "config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base = tiny_random_llama(seed=0)
+    adapter = json.loads((Path(cfg.output) / "adapter" / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(cfg.output) / "adapter" / "adapter_model.safetensors"))
+    changed_any = False
+    for name in adapter["modules"]:
+        w, w0 = merged.get_submodule(name).weight, base.get_submodule(name).weight
+        idx = t[f"{name}.salient_idx"]
+        mask = torch.ones(w.shape[1], dtype=torch.bool)
+        mask[idx] = False
+        assert torch.equal(w[:, mask], w0[:, mask])
+        assert torch.equal(w[:, idx], t[f"{name}.salient_weight"].to(w.dtype))
+        changed_any |= not torch.equal(w[:, idx], w0[:, idx])
+    assert changed_any
+
+
+def _final_salient(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    straight = tiny_config(tmp_path, "gift-sw", max_steps=4, save_steps=2, output=str(tmp_path / "a"))
+    train(straight)
+    interrupted = tiny_config(tmp_path, "gift-sw", max_steps=4, save_steps=2, output=str(tmp_path / "b"))
+    train(interrupted)
+    # Simulate a crash after step 2: the later checkpoint and the final outputs are gone,
+    # and a half-written checkpoint (no completion marker) is left behind.
+    import shutil
+
+    for p in ("checkpoint-4", "adapter", "metrics.json"):
+        target = tmp_path / "b" / p
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (tmp_path / "b" / "checkpoint-3").mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
+    result = train(interrupted, resume=True)
+    assert result["resumed_from"].endswith("checkpoint-2")
+    a, b = _final_salient(tmp_path / "a"), _final_salient(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    la = json.loads((tmp_path / "a" / "metrics.json").read_text())["train_loss"]
+    lb = json.loads((tmp_path / "b" / "metrics.json").read_text())["train_loss"]
+    assert [round(x["loss"], 4) for x in la[2:]] == [round(x["loss"], 4) for x in lb if x["step"] > 2]
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(tiny_config(tmp_path, "gift-sw"), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from salientft.models import load_model
+
+    model, tok = load_model("tiny-random-llama", dtype="fp32")
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                return output * float("nan")
+        return output
+
+    model.lm_head.register_forward_hook(poison)
+    cfg = tiny_config(tmp_path, "full", max_steps=5, save_steps=2)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 3.*checkpoint-2"):
+        train(cfg, model=model, tokenizer=tok)
+    assert [p.name for p in complete_checkpoints(cfg.output)] == ["checkpoint-2"]
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("method: salient\nlr: 0.5\nbatch_size: 2\nmetric: random\n")
+    cfg = resolve_train_config(str(cfg_file), {"lr": 0.1})
+    assert (cfg.method, cfg.lr, cfg.batch_size, cfg.metric) == ("salient", 0.1, 2, "random")
+    (tmp_path / "bad.yaml").write_text("bogus_field: 1\n")
+    with pytest.raises(ValueError, match="unknown field.*bogus_field"):
+        resolve_train_config(str(tmp_path / "bad.yaml"), {})
+    assert TrainConfig(method="gift-sw").learning_rate == 1e-4
+    assert TrainConfig(method="lora").learning_rate == 3e-5
+
+
+def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
+    data = jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "tiny-random-llama", "--data", data, "--output", str(out), "--method", "salient",
+               "--metric", "random", "--n-salient", "3", "--max-steps", "2", "--dtype", "fp32", "--max-length", "64"])
+    assert rc == 0
+    assert "held-out loss" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["n_salient"] == 3
+
+    def err(args):
+        rc = main(["train", "--model", "tiny-random-llama", "--max-steps", "1", *args])
+        assert rc == 2
+        return capsys.readouterr().err
+
+    assert "method must be one of" in err(["--method", "qlora", "--output", str(tmp_path / "x")])
+    assert "missing.jsonl" in err(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    assert "bad.jsonl:2" in err(["--data", str(bad), "--output", str(tmp_path / "x")])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in err(["--data", data, "--output", str(afile)])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the same weights."""
+    data = jsonl(tmp_path / "d.jsonl", n=32)
+    common = ["train", "--model", "tiny-random-llama", "--data", data, "--method", "salient", "--metric", "magnitude",
+              "--n-salient", "4", "--max-steps", "3", "--dtype", "fp32", "--max-length", "64", "--lr", "1e-3",
+              "--packing", "--warmup-ratio", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    one = subprocess.run([sys.executable, "-m", "salientft.cli", *common, "--batch-size", "4",
+                          "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          "-m", "salientft.cli", *common, "--batch-size", "2", "--output", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _final_salient(tmp_path / "one"), _final_salient(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
