@@ -59,6 +59,15 @@ def test_every_method_trains_and_writes_its_outputs(tmp_path, method):
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
 
 
+def test_gmt_on_top_of_gift_sw_masks_the_salient_gradients(tmp_path):
+    cfg = tiny_config(tmp_path, "gift-sw", mask_ratio=0.75, mask_granularity="global")
+    metrics = train(cfg)
+    kept = [k["kept_fraction"] for k in metrics["kept_fraction"]]
+    assert len(kept) == 3 and all(abs(k - 0.25) < 0.01 for k in kept)
+    with pytest.raises(ValueError, match="mask_granularity must be one of"):
+        tiny_config(tmp_path, "gmt", mask_granularity="layer")
+
+
 def test_gift_run_changes_only_salient_columns_and_merge_writes_plain_model(tmp_path):
     from salientft.models import tiny_random_llama
 

@@ -213,6 +213,8 @@ class TrainConfig(ConfigMixin):
             raise ValueError(f"{n}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
         if self.mask_ratio is not None and self.method in ("lora", "dora"):
             raise ValueError(f"{n}: --mask-ratio applies to gmt, full, gift-sw and salient, not {self.method}")
+        _choice(n, "mask_granularity", self.mask_granularity, ("tensor", "global"))
+        _choice(n, "mask_mode", self.mask_mode, ("paper", "strict"))
         if self.data_limit is not None and self.data_limit < 1:
             raise ValueError(f"{n}.data_limit must be positive")
 
@@ -243,7 +245,9 @@ class GMTConfig(ConfigMixin):
     "strict" (masked entries get no update of any kind in that step, see docs/gmt.md).
     ``exclude``: parameter-name patterns left unmasked (trained densely): a plain entry matches a
     dotted component path of the name ("lm_head" matches "lm_head.weight"), an entry with
-    ``* ? [`` is a glob over the full name.
+    ``* ? [`` is a glob over the full name. ``global_cache_mb``: memory the global threshold may
+    use to keep the top 16 bits of the gradients between its passes (2 bytes per entry); above
+    it they are recomputed (one more read of the gradients). Nothing is ever concatenated.
     """
 
     GRANULARITIES: ClassVar[tuple[str, ...]] = ("tensor", "global")
@@ -253,9 +257,13 @@ class GMTConfig(ConfigMixin):
     granularity: str = "tensor"
     mode: str = "paper"
     exclude: list[str] = field(default_factory=lambda: list(GMT_DEFAULT_EXCLUDE))
+    global_cache_mb: int = 256
 
     def __post_init__(self):
         n = type(self).__name__
+        c = self.global_cache_mb
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"{n}.global_cache_mb must be a non-negative integer (MiB), got {c!r}")
         r = self.ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(

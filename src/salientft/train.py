@@ -160,17 +160,18 @@ def prepare_model(model, config: TrainConfig, train_dataset=None):
     return model
 
 
-def _gmt_callbacks(config: TrainConfig, model):
+def _gmt_callbacks(config: TrainConfig):
+    """GMT's Trainer callback (the mask is built on the Trainer's model when training starts)."""
     ratio = config.mask_ratio
     if config.method == "gmt" and ratio is None:
         ratio = 0.5
     if ratio is None:
-        return [], None
-    from .gmt import GMTConfig, GradientMask, GradientMaskCallback
+        return []
+    from .config import GMTConfig
+    from .gmt import GradientMaskCallback
 
     gcfg = GMTConfig(ratio=ratio, granularity=config.mask_granularity, mode=config.mask_mode)
-    masker = GradientMask(model, gcfg.ratio, granularity=gcfg.granularity, mode=gcfg.mode, exclude=gcfg.exclude)
-    return [GradientMaskCallback(masker)], masker
+    return [GradientMaskCallback(gcfg)]
 
 
 # ----------------------------------------------------------------------------- run
@@ -276,7 +277,7 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     counts = trainable_parameters(model)
-    callbacks, masker = _gmt_callbacks(config, model)
+    callbacks = _gmt_callbacks(config)
     SalientTrainer, CompleteMarker = _trainer_classes()
     args = TrainingArguments(
         output_dir=str(out),
@@ -331,7 +332,7 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
         "learning_rate": config.learning_rate,
         "resumed_from": str(checkpoint) if checkpoint else None,
     })
-    if masker is not None:
+    if callbacks:
         result["kept_fraction"] = [
             {"step": h["step"], "kept_fraction": h["kept_fraction"]}
             for h in trainer.state.log_history if "kept_fraction" in h
