@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec salientft demo "$@"
+exec salientft train --config configs/quickstart.yaml "$@"

@@ -213,6 +213,10 @@ class TrainConfig(ConfigMixin):
             raise ValueError(f"{n}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
         if self.mask_ratio is not None and self.method in ("lora", "dora"):
             raise ValueError(f"{n}: --mask-ratio applies to gmt, full, gift-sw and salient, not {self.method}")
+        if self.eval_tasks:
+            from .evaluation.tasks import parse_tasks
+
+            parse_tasks(self.eval_tasks)  # unknown names fail now, not after training
         _choice(n, "mask_granularity", self.mask_granularity, ("tensor", "global"))
         _choice(n, "mask_mode", self.mask_mode, ("paper", "strict"))
         if self.data_limit is not None and self.data_limit < 1:

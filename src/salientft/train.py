@@ -352,8 +352,7 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
 def _evaluate(model, tokenizer, config: TrainConfig) -> dict:
     from .evaluation import evaluate
 
-    tasks = [t for t in config.eval_tasks.split(",") if t]
-    return evaluate(model, tokenizer, tasks, limit=config.eval_limit)
+    return evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit)
 
 
 def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
