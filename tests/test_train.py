@@ -203,5 +203,14 @@ def test_two_processes_match_one(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _final_salient(tmp_path / "one"), _final_salient(tmp_path / "two")
+    from salientft.models import tiny_random_llama
+
+    base = tiny_random_llama(seed=0)
+    moved = 0.0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        if k.endswith("salient_weight"):
+            name = k[: -len(".salient_weight")]
+            init = base.get_submodule(name).weight[:, a[f"{name}.salient_idx"]]
+            moved = max(moved, float((a[k] - init).abs().max()))
+    assert moved > 1e-3  # training really moved the columns, so equality is not trivial
