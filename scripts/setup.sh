@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=.venv/.salientft-installed
-want="$(cat requirements/ci.txt requirements/embedded.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
     pip install -q "$(grep '^torch==' requirements/ci.txt)"

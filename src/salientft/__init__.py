@@ -14,7 +14,7 @@ from .data.instruct import heldout_texts, load_conversations
 from .models import load_model
 from .quant.grid import quantize_rows
 from .quant.layer import QuantizedSalientLinear
-from .quant.model import QuantizeConfig, load_quantized, quantize, save_quantized
+from .quant.model import QuantizeConfig, load_quantized, prepare_gift_recovery, quantize, save_quantized
 from .quant.ste import STELinear, apply_lora_quantized, apply_ste, ste_to_quantized
 from .calibration import (
     ActivationStats,
@@ -51,6 +51,7 @@ __all__ = [
     "quantize_rows",
     "QuantizedSalientLinear",
     "QuantizeConfig",
+    "prepare_gift_recovery",
     "load_quantized",
     "quantize",
     "save_quantized",

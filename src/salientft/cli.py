@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"salientft {args.command}: error: {msg}", file=sys.stderr)
         return 2
