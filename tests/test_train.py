@@ -214,3 +214,42 @@ def test_two_processes_match_one(tmp_path):
             init = base.get_submodule(name).weight[:, a[f"{name}.salient_idx"]]
             moved = max(moved, float((a[k] - init).abs().max()))
     assert moved > 1e-3  # training really moved the columns, so equality is not trivial
+
+
+@pytest.mark.parametrize("method", ["gift-sw", "ste", "lora"])
+def test_recovery_of_a_quantized_model(tmp_path, method):
+    from salientft.quant.layer import QuantizedSalientLinear
+
+    qdir = tmp_path / "q4"
+    assert main(["quantize", "--model", "tiny-random-llama", "--bits", "4", "--method", "rtn", "--n-salient", "4",
+                 "--samples", "4", "--seq-len", "32", "--output", str(qdir), "--no-progress"]) == 0
+    cfg = tiny_config(tmp_path, method, quantized=str(qdir), metric="gift")
+    metrics = train(cfg)
+    assert [h["step"] for h in metrics["train_loss"]] == [1, 2, 3]
+    out = Path(cfg.output)
+    assert (out / ("adapter" if method == "lora" else "model")).is_dir()
+    model, _ = load_run(out, dtype="fp32")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedSalientLinear)]
+    assert len(layers) == 14  # still quantized after recovery (STE rounds back onto the grid)
+    if method == "gift-sw":
+        before, _ = load_run_base(qdir)
+        changed = False
+        for (n, a), (_, b) in zip(before.state_dict().items(), model.state_dict().items()):
+            if "salient_weight" in n:
+                changed |= not torch.equal(a, b)
+            elif not n.endswith("noise_std"):  # the noise scale is set when recovery starts
+                assert torch.equal(a, b), n  # only the 16-bit salient columns were trained
+        assert changed
+
+
+def load_run_base(qdir):
+    from salientft.models import load_model
+
+    return load_model(str(qdir))
+
+
+def test_quantized_recovery_needs_a_supported_method(tmp_path):
+    with pytest.raises(ValueError, match="--quantized recovers with one of"):
+        tiny_config(tmp_path, "full", quantized=str(tmp_path))
+    with pytest.raises(ValueError, match="give --quantized DIR"):
+        tiny_config(tmp_path, "ste")

@@ -129,9 +129,11 @@ class GiftConfig(ConfigMixin):
         return k
 
 
-METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
+METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora", "ste")
 # Learning rates of METHODS.md §1.7 (LLaMA2): GIFT-SW 1e-4, the baselines 3e-5.
-DEFAULT_LR = {"gift-sw": 1e-4, "salient": 1e-4, "gmt": 3e-5, "full": 3e-5, "lora": 3e-5, "dora": 3e-5}
+DEFAULT_LR = {"gift-sw": 1e-4, "salient": 1e-4, "gmt": 3e-5, "full": 3e-5, "lora": 3e-5, "dora": 3e-5, "ste": 3e-5}
+# Recovery of a model written by `salientft quantize` (METHODS.md §1.6) and its baselines.
+QUANTIZED_METHODS = ("gift-sw", "salient", "ste", "lora")
 
 
 @dataclass
@@ -141,6 +143,9 @@ class TrainConfig(ConfigMixin):
     ``lr=None`` takes the method's default (DEFAULT_LR). ``max_steps`` wins over ``epochs``.
     ``n_salient``/``salient_fraction``/``metric``/``noise``/``noise_bits`` configure GIFT-SW;
     ``lora_r``/``lora_alpha`` the PEFT baselines; ``mask_*`` GMT (also on top of gift-sw).
+    ``quantized`` names a folder written by ``salientft quantize``: gift-sw/salient then train its
+    16-bit salient columns (noise at the 4-bit step), ``ste`` trains every weight through the
+    same fake quantization, ``lora`` trains LoRA on the frozen quantized model.
     """
 
     model: str = "smollm2-135m"
@@ -186,6 +191,7 @@ class TrainConfig(ConfigMixin):
     eval_tasks: str = ""
     eval_limit: int | None = None
     trust_remote_code: bool = False
+    quantized: str | None = None
 
     def __post_init__(self):
         n = type(self).__name__
@@ -217,6 +223,10 @@ class TrainConfig(ConfigMixin):
             from .evaluation.tasks import parse_tasks
 
             parse_tasks(self.eval_tasks)  # unknown names fail now, not after training
+        if self.quantized is not None and self.method not in QUANTIZED_METHODS:
+            raise ValueError(f"{n}: --quantized recovers with one of {list(QUANTIZED_METHODS)}, not {self.method!r}")
+        if self.method == "ste" and self.quantized is None:
+            raise ValueError(f"{n}: method 'ste' trains a quantized model: give --quantized DIR (from salientft quantize)")
         _choice(n, "mask_granularity", self.mask_granularity, ("tensor", "global"))
         _choice(n, "mask_mode", self.mask_mode, ("paper", "strict"))
         if self.data_limit is not None and self.data_limit < 1:

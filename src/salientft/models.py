@@ -119,6 +119,13 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+def _is_salientft_quantized(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "quantization_config.json").read_text()).get("format") == "salientft.quantized"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     dtype="bf16",
@@ -129,7 +136,8 @@ def load_model(
     """Return ``(model, tokenizer)`` for a preset name, a local folder or a hub id.
 
     Presets: ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct, converted once from its GGUF)
-    and ``tiny-random-llama`` (random, seeded, 2 layers: for smoke tests only).
+    and ``tiny-random-llama`` (random, seeded, 2 layers: for smoke tests only). A folder written
+    by ``salientft quantize`` loads as its quantized model (``dtype`` does not apply).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,6 +151,15 @@ def load_model(
         else:
             path = str(name_or_path)
             p = Path(path)
+            if (p / "quantization_config.json").is_file() and _is_salientft_quantized(p):
+                from .quant.model import load_quantized
+
+                model, tok = load_quantized(p, return_tokenizer=True)
+                if tok is None:
+                    raise FileNotFoundError(f"{p} holds a quantized model without a tokenizer")
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
+                return (model.to(device) if device is not None else model), tok
             if p.exists() and not (p / "config.json").is_file():
                 raise FileNotFoundError(
                     f"{path} exists but holds no config.json: give a Hugging Face model folder, "

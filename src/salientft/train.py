@@ -149,8 +149,23 @@ def _prepare_peft(model, config: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
+def _prepare_quantized(model, config: TrainConfig):
+    from .quant.model import prepare_gift_recovery
+    from .quant.ste import apply_lora_quantized, apply_ste
+
+    if config.method in GIFT_METHODS:
+        noise = "none" if config.method == "salient" else (config.noise or "weight")
+        return prepare_gift_recovery(model, noise=noise, noise_bits=config.noise_bits)
+    if config.method == "ste":
+        return apply_ste(model)
+    return apply_lora_quantized(model, r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
+                                lora_dropout=config.lora_dropout)
+
+
 def prepare_model(model, config: TrainConfig, train_dataset=None):
     """Make the model trainable the way ``config.method`` says (in place where possible)."""
+    if config.quantized:
+        return _prepare_quantized(model, config)
     if config.method in GIFT_METHODS:
         return _prepare_gift(model, config, train_dataset)
     if config.method in PEFT_METHODS:
@@ -255,7 +270,8 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
     if model is None:
         # Full fine-tuning keeps fp32 master weights; frozen bases may stay in bf16.
         load_dtype = torch.float32 if config.method in ("full", "gmt") else torch_dtype
-        model, tokenizer = load_model(config.model, dtype=load_dtype, trust_remote_code=config.trust_remote_code)
+        source = config.quantized or config.model
+        model, tokenizer = load_model(source, dtype=load_dtype, trust_remote_code=config.trust_remote_code)
     train_ds = build_dataset(
         config.data, tokenizer, max_length=config.max_length, packing=config.packing, split="train",
         limit=config.data_limit, seed=config.seed,
@@ -356,7 +372,14 @@ def _evaluate(model, tokenizer, config: TrainConfig) -> dict:
 
 
 def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
-    if config.method in GIFT_METHODS:
+    if config.quantized and config.method != "lora":
+        from .quant.model import save_quantized
+        from .quant.ste import ste_to_quantized
+
+        if config.method == "ste":
+            model = ste_to_quantized(model)
+        save_quantized(model, out / "model", tokenizer=tokenizer, base_model=config.model)
+    elif config.method in GIFT_METHODS:
         save_adapter(model, out / "adapter", base_model=config.model)
         if config.merge:
             merged = merge_gift(model)
@@ -378,24 +401,11 @@ def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
 
 
 def load_run(run_dir: str | Path, dtype="bf16"):
-    """(model, tokenizer) of a finished run: merged or full model, or base + adapter."""
-    import json
+    """(model, tokenizer) of a finished run: its full or merged model, or base + adapter."""
+    from .evaluation.loading import load_for_eval
 
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "run_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a salientft run directory (no run_config.json)")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    for sub in ("merged", "model"):
-        if (run_dir / sub / "config.json").is_file():
-            return load_model(str(run_dir / sub), dtype=dtype)
-    model, tok = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    adapter = run_dir / "adapter"
-    if cfg.method in PEFT_METHODS:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(adapter)), tok
-    return load_adapter(model, adapter), tok
+    model, tok, _ = load_for_eval(str(run_dir), dtype=dtype)
+    return model, tok
 
 
 def clean_incomplete_checkpoints(output: str | Path) -> list[Path]:

@@ -32,7 +32,16 @@ def attach_adapter(model, directory: str | Path):
             from peft import PeftModel
         except ImportError:
             raise ImportError(f"{directory} is a PEFT adapter: pip install 'salientft[peft]'") from None
-        return PeftModel.from_pretrained(model, str(directory), is_trainable=False).eval()
+        kwargs = {}
+        from ..quant.layer import QuantizedSalientLinear
+
+        if any(isinstance(m, QuantizedSalientLinear) for m in model.modules()):
+            from peft import LoraConfig
+
+            from ..quant.ste import register_quantized_lora
+
+            kwargs["config"] = register_quantized_lora(LoraConfig.from_pretrained(str(directory)))
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=False, **kwargs).eval()
     from ..gift.adapter import load_adapter  # lazy: only runs need it
 
     return load_adapter(model, directory).eval()
@@ -55,7 +64,7 @@ def load_for_eval(model: str, adapter: str | Path | None = None, dtype="bf16", d
             m, tok = load_model(str(full), dtype=dtype, device=device)
             desc = f"{path} (full model {full.name}/)"
         elif (path / "adapter").is_dir():
-            base = run_cfg.get("model")
+            base = run_cfg.get("quantized") or run_cfg.get("model")
             if not base:
                 raise ValueError(f"{path / 'run_config.json'} has no \"model\" key naming the base model")
             m, tok = load_model(base, dtype=dtype, device=device)
