@@ -8,6 +8,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 
+def _written(text: str, path: str | Path | None) -> str:
+    """Write ``text`` atomically to ``path`` (if given) and return it."""
+    if path is not None:
+        from ._io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return text
+
+
 class ConfigMixin:
     """to_dict / from_dict / JSON / YAML for a validated dataclass; unknown keys are an error."""
 
@@ -25,13 +35,7 @@ class ConfigMixin:
         return cls(**d)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            from ._io import atomic_path
-
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-        return text
+        return _written(json.dumps(self.to_dict(), indent=2) + "\n", path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path):
@@ -42,13 +46,7 @@ class ConfigMixin:
     def to_yaml(self, path: str | Path | None = None) -> str:
         import yaml
 
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            from ._io import atomic_path
-
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-        return text
+        return _written(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path):

@@ -10,8 +10,9 @@ Noise modes (training only; evaluation, generation and merging are noise-free):
 
 * ``"weight"`` - the paper's noise: one N(0, 1) draw of shape (out, in) per forward, scaled per
   row by ``noise_std`` (Delta_i / 2) and added to the non-salient columns, shared by all tokens.
-  The draw is not kept for backward: the forward saves a 64-bit seed and backward regenerates
-  the identical noise from it. The seed itself comes from torch's global RNG, so seeding torch
+  The draw is never kept, nor even built whole: forward and backward run over row blocks of
+  about 256K weights, each drawn from a generator seeded by (seed, block), so backward
+  regenerates the identical noise from a saved 64-bit seed. The seed itself comes from torch's global RNG, so seeding torch
   makes runs reproducible, and gradient checkpointing (which restores the RNG state before
   recomputing) recomputes the same noise.
 * ``"output"`` - the same Gaussian moved to the output: per token t and output i,
@@ -38,6 +39,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 _GENERATORS: dict[torch.device, torch.Generator] = {}
+# Noise is drawn in row blocks of about this many elements (1 MB in fp32): the block is
+# drawn, scaled, added to W and multiplied while it is still in cache, and no (out, in)
+# temporary is ever allocated. The block size depends only on the layer shape, so the noise of
+# a given seed is the same whatever the thread count.
+NOISE_BLOCK_ELEMS = 1 << 18  # measured: 1<<16..1<<20 within 10%, smaller blocks much slower
+_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -47,16 +54,57 @@ def _generator(device: torch.device) -> torch.Generator:
     return g
 
 
-def _noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype):
-    """W with Gaussian noise (std noise_std per row) and columns idx replaced by salient_weight.
+def noise_blocks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) in which the weight noise of a layer is drawn."""
+    rows = max(1, min(out_features, NOISE_BLOCK_ELEMS // max(1, in_features)))
+    return [(r0, min(out_features, r0 + rows)) for r0 in range(0, out_features, rows)]
 
-    One (out, in) temporary, built in place: randn -> scale -> add W -> write the salient columns.
+
+def _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf):
+    """Rows r0:r1 of W + noise, with the salient columns replaced, written into ``buf``."""
+    g = _generator(weight.device).manual_seed((seed + r0 * _SEED_MIX) % (1 << 63))
+    blk = buf[: (r1 - r0) * weight.shape[1]].view(r1 - r0, weight.shape[1])
+    blk.normal_(generator=g)
+    torch.addcmul(weight[r0:r1].to(dtype), blk, noise_std[r0:r1].to(dtype).view(-1, 1), out=blk)
+    blk.index_copy_(1, idx, salient_weight[r0:r1].to(dtype))
+    return blk
+
+
+def _scratch(weight, dtype):
+    rows = noise_blocks(*weight.shape)[0]
+    return torch.empty((rows[1] - rows[0]) * weight.shape[1], device=weight.device, dtype=dtype)
+
+
+def _noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype):
+    """The full (out, in) noisy weight with columns idx replaced (same noise as the blocked path).
+
+    Used by references and by layers that need the whole matrix; the training path never builds it.
     """
-    g = _generator(weight.device).manual_seed(seed)
-    w = torch.randn(weight.shape, generator=g, device=weight.device, dtype=dtype)
-    w.mul_(noise_std.to(dtype).view(-1, 1)).add_(weight.to(dtype))
-    w.index_copy_(1, idx, salient_weight.to(dtype))
-    return w
+    out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
+    buf = _scratch(weight, dtype)
+    for r0, r1 in noise_blocks(*weight.shape):
+        out[r0:r1] = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+    return out
+
+
+def _noisy_forward(x2, weight, salient_weight, idx, noise_std, seed, dtype):
+    """x2 (tokens, in) @ (W + noise)^T, one row block of the noisy weight at a time."""
+    y = torch.empty(x2.shape[0], weight.shape[0], device=x2.device, dtype=dtype)
+    buf = _scratch(weight, dtype)
+    for r0, r1 in noise_blocks(*weight.shape):
+        blk = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+        y[:, r0:r1] = x2 @ blk.t()
+    return y
+
+
+def _noisy_input_grad(g2, weight, salient_weight, idx, noise_std, seed, dtype):
+    """g2 (tokens, out) @ (W + noise), regenerating the same noise block by block."""
+    gx = torch.zeros(g2.shape[0], weight.shape[1], device=g2.device, dtype=dtype)
+    buf = _scratch(weight, dtype)
+    for r0, r1 in noise_blocks(*weight.shape):
+        blk = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+        gx.addmm_(g2[:, r0:r1], blk)
+    return gx
 
 
 class _SalientMatmul(torch.autograd.Function):
@@ -77,9 +125,8 @@ class _SalientMatmul(torch.autograd.Function):
             delta = salient_weight.to(dtype) - w.index_select(1, idx)
             y = F.linear(xd, w, None) + F.linear(x_s, delta, None)
         else:
-            w_eff = _noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype)
-            y = F.linear(xd, w_eff, None)
-            del w_eff
+            y = _noisy_forward(xd.reshape(-1, xd.shape[-1]), weight, salient_weight, idx, noise_std, seed, dtype)
+            y = y.view(*xd.shape[:-1], weight.shape[0])
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(x_s, weight, salient_weight, idx, noise_std)
@@ -103,9 +150,8 @@ class _SalientMatmul(torch.autograd.Function):
                 delta = salient_weight.to(dtype) - w.index_select(1, idx)
                 grad_x.index_add_(-1, idx, g.matmul(delta))
             else:
-                w_eff = _noisy_weight(weight, salient_weight, idx, noise_std, ctx.seed, dtype)
-                grad_x = g.matmul(w_eff)
-                del w_eff
+                grad_x = _noisy_input_grad(g.reshape(-1, g.shape[-1]), weight, salient_weight, idx, noise_std,
+                                           ctx.seed, dtype).view(*g.shape[:-1], weight.shape[1])
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             g2 = g.reshape(-1, g.shape[-1])
