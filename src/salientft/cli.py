@@ -52,7 +52,7 @@ def _list_or_regex(text: str):
 def _add_train(sub) -> None:
     from .config import TrainConfig
 
-    p = sub.add_parser("train", help="fine-tune a model (gift-sw, salient, gmt, full, lora, dora)",
+    p = sub.add_parser("train", help="fine-tune a model (gift-sw, salient, gmt, full, lora, dora; ste on a quantized model)",
                        description="Fine-tune a model. Every config field is a flag; flags win over --config.")
     p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
