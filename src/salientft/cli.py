@@ -61,25 +61,17 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .config import TrainConfig
-    from .train import NonFiniteLossError, resolve_train_config, train
+    from .train import NonFiniteLossError, format_summary, resolve_train_config, train
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "func", "command", "verbose")}
     config = resolve_train_config(args.config, flags)
-    assert isinstance(config, TrainConfig)
     try:
         result = train(config, resume=args.resume)
     except NonFiniteLossError as e:
         print(f"salientft train: stopped: {e}", file=sys.stderr)
         return 3
-    print(_train_summary(result, config.output))
+    print(format_summary(result, config.output))
     return 0
-
-
-def _train_summary(result: dict, output: str) -> str:
-    from .train import format_summary
-
-    return format_summary(result, output)
 
 
 def _add_calibrate(sub) -> None:

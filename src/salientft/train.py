@@ -16,7 +16,6 @@ import logging
 import math
 import re
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from ._io import atomic_dir, atomic_path, write_json
 from .config import TrainConfig
-from .gift import apply_gift, gift_layers, load_adapter, merge_gift, save_adapter, trainable_parameters
+from .gift import apply_gift, gift_layers, merge_gift, save_adapter, trainable_parameters
 from .gift.adapter import read_adapter
 from .models import load_model, resolve_dtype
 from .targets import find_target_modules
@@ -406,16 +405,6 @@ def load_run(run_dir: str | Path, dtype="bf16"):
 
     model, tok, _ = load_for_eval(str(run_dir), dtype=dtype)
     return model, tok
-
-
-def clean_incomplete_checkpoints(output: str | Path) -> list[Path]:
-    """Remove checkpoint folders without a completion marker (left by an interrupted save)."""
-    removed = []
-    for p in Path(output).glob("checkpoint-*"):
-        if p.is_dir() and not (p / COMPLETE_MARKER).is_file():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
 
 
 __all__ = ["train", "prepare_model", "load_run", "complete_checkpoints", "NonFiniteLossError", "heldout_loss"]

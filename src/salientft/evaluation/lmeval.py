@@ -22,14 +22,12 @@ PINNED = "0.4.13"
 
 def _import_lm_eval():
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError:
         raise ImportError(
             "the lm-eval backend needs lm-evaluation-harness: "
             "pip install -r requirements/lmeval.txt (or pip install 'salientft[lmeval]')"
         ) from None
-    import lm_eval
-
     if getattr(lm_eval, "__version__", PINNED) != PINNED:
         log.warning("lm-eval %s installed; salientft's task mirror was checked against %s",
                     lm_eval.__version__, PINNED)

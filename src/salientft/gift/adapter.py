@@ -19,6 +19,7 @@ from torch import nn
 
 from .._io import atomic_dir
 from ..config import GiftConfig
+from ..targets import linear_weight
 from .layer import SalientLinear
 from .model import apply_gift, gift_layers
 
@@ -125,8 +126,6 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
             f"which this model does not have (base was {meta.get('base_model')!r})"
         )
     for n, s in modules.items():
-        from ..targets import linear_weight
-
         shape = tuple(linear_weight(named[n]).shape)
         if shape != (s["out_features"], s["in_features"]):
             raise ValueError(
@@ -134,8 +133,6 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
                 f"({s['out_features']}, {s['in_features']}) in the adapter (base was {meta.get('base_model')!r})"
             )
     if check_base:
-        from ..targets import linear_weight
-
         fp = fingerprint({n: linear_weight(named[n]) for n in modules})
         if fp != meta.get("base_fingerprint"):
             raise ValueError(

@@ -70,29 +70,35 @@ def _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf
     return blk
 
 
-def _scratch(weight, dtype):
-    rows = noise_blocks(*weight.shape)[0]
-    return torch.empty((rows[1] - rows[0]) * weight.shape[1], device=weight.device, dtype=dtype)
+def _noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype):
+    """Yield (r0, r1, rows r0:r1 of the noisy weight), all blocks sharing one scratch buffer.
+
+    A yielded block is valid until the next one is drawn: consume it before advancing.
+    """
+    blocks = noise_blocks(*weight.shape)
+    r0, r1 = blocks[0]
+    buf = torch.empty((r1 - r0) * weight.shape[1], device=weight.device, dtype=dtype)
+    for r0, r1 in blocks:
+        yield r0, r1, _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
 
 
-def _noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype):
+def _noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype, out=None):
     """The full (out, in) noisy weight with columns idx replaced (same noise as the blocked path).
 
+    ``out`` may be ``weight`` itself (a temporary the caller owns) to add the noise in place.
     Used by references and by layers that need the whole matrix; the training path never builds it.
     """
-    out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
-    buf = _scratch(weight, dtype)
-    for r0, r1 in noise_blocks(*weight.shape):
-        out[r0:r1] = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+    if out is None:
+        out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
+    for r0, r1, blk in _noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype):
+        out[r0:r1] = blk
     return out
 
 
 def _noisy_forward(x2, weight, salient_weight, idx, noise_std, seed, dtype):
     """x2 (tokens, in) @ (W + noise)^T, one row block of the noisy weight at a time."""
     y = torch.empty(x2.shape[0], weight.shape[0], device=x2.device, dtype=dtype)
-    buf = _scratch(weight, dtype)
-    for r0, r1 in noise_blocks(*weight.shape):
-        blk = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+    for r0, r1, blk in _noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype):
         y[:, r0:r1] = x2 @ blk.t()
     return y
 
@@ -100,9 +106,7 @@ def _noisy_forward(x2, weight, salient_weight, idx, noise_std, seed, dtype):
 def _noisy_input_grad(g2, weight, salient_weight, idx, noise_std, seed, dtype):
     """g2 (tokens, out) @ (W + noise), regenerating the same noise block by block."""
     gx = torch.zeros(g2.shape[0], weight.shape[1], device=g2.device, dtype=dtype)
-    buf = _scratch(weight, dtype)
-    for r0, r1 in noise_blocks(*weight.shape):
-        blk = _noisy_rows(weight, salient_weight, idx, noise_std, seed, r0, r1, dtype, buf)
+    for r0, r1, blk in _noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype):
         gx.addmm_(g2[:, r0:r1], blk)
     return gx
 

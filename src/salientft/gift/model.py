@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import GiftConfig
 from ..quant.grid import quantize_rows
+from ..saliency import select_salient
 from ..targets import find_target_modules, linear_weight
 from .layer import SalientLinear
 
@@ -44,12 +45,6 @@ def _check_scores(name: str, score: torch.Tensor, in_features: int) -> torch.Ten
     if not torch.isfinite(score).all():
         raise ValueError(f"scores for {name!r} contain NaN or infinite values")
     return score
-
-
-def top_k_columns(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores, sorted ascending; ties go to the lower index."""
-    order = torch.sort(score.cpu(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
 
 
 def apply_gift(
@@ -88,7 +83,7 @@ def apply_gift(
             if name not in scores:
                 raise ValueError(f"no scores for target {name!r}; scores cover {len(scores)} modules")
             score = _check_scores(name, scores[name], in_f)
-            idx = top_k_columns(score, config.k_for(in_f, name))
+            idx = select_salient(score, config.k_for(in_f, name))
         idx = idx.to(w.device)
         if noise_std is not None and name in noise_std:
             std = torch.as_tensor(noise_std[name], dtype=torch.float32, device=w.device)

@@ -198,7 +198,8 @@ class QuantizedSalientLinear(nn.Module):
         w = self.dequantized_weight(dtype, salient_weight)
         if seed is None:
             return w
-        return _noisy_weight(w, salient_weight.detach(), self.salient_idx, self.noise_std, seed, dtype)
+        # Noise is added block by block into w itself: no second (out, in) temporary.
+        return _noisy_weight(w, salient_weight.detach(), self.salient_idx, self.noise_std, seed, dtype, out=w)
 
     # ---- training ---------------------------------------------------------------------------
     @torch.no_grad()
