@@ -1,5 +1,6 @@
 """apply_gift / adapters / merge on a tiny random Llama."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,7 +180,8 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     import safetensors.torch
 
-    def boom(*a, **k):
+    def boom(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")  # a crash mid-write
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
