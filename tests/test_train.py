@@ -59,6 +59,15 @@ def test_every_method_trains_and_writes_its_outputs(tmp_path, method):
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
 
 
+@pytest.mark.parametrize("before", [True, False])
+def test_eval_before_can_be_skipped(tmp_path, before):
+    cfg = tiny_config(tmp_path, "salient", data="embedded", data_limit=8, max_length=384, max_steps=1,
+                      eval_tasks="boolq", eval_limit=2, eval_before=before)
+    result = train(cfg)
+    assert result["eval_after"]["results"]["boolq"]["n"] == 2 and result["heldout_loss_after"] > 0
+    assert ("eval_before" in result) == before and ("heldout_loss_before" in result) == before
+
+
 def test_gmt_on_top_of_gift_sw_masks_the_salient_gradients(tmp_path):
     cfg = tiny_config(tmp_path, "gift-sw", mask_ratio=0.75, mask_granularity="global")
     metrics = train(cfg)

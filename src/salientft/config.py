@@ -188,6 +188,7 @@ class TrainConfig(ConfigMixin):
     # Evaluation before/after (the eval tasks, or "loss" for held-out loss only; "" for none)
     eval_tasks: str = ""
     eval_limit: int | None = None
+    eval_before: bool = True  # False skips the before-training eval and held-out loss (many runs of one base)
     trust_remote_code: bool = False
     quantized: str | None = None
 

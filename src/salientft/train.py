@@ -277,13 +277,14 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
     )
     try:
         held_ds = build_dataset(config.data, tokenizer, max_length=config.max_length, packing=False,
-                                split="heldout", limit=200, seed=config.seed)
+                                split="heldout", limit=200, seed=0)  # same items for every seed: comparable
     except (ValueError, KeyError):
         held_ds = None
     collator = ChatCollator(tokenizer)
     result: dict = {"method": config.method, "model": config.model, "data": config.data}
-    result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
-    eval_before = _evaluate(model, tokenizer, config) if config.eval_tasks else None
+    if config.eval_before:
+        result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
+    eval_before = _evaluate(model, tokenizer, config) if config.eval_tasks and config.eval_before else None
 
     set_seed(config.seed)
     model = prepare_model(model, config, train_ds)
@@ -354,7 +355,8 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
         ]
     result["heldout_loss_after"] = heldout_loss(model, held_ds, collator)
     if config.eval_tasks:
-        result["eval_before"] = eval_before
+        if eval_before is not None:
+            result["eval_before"] = eval_before
         result["eval_after"] = _evaluate(model, tokenizer, config)
     _save_outputs(model, tokenizer, config, out)
     write_json(out / "run_config.json", config.to_dict())
