@@ -80,7 +80,7 @@ def gptq_quantize(
     *,
     group_size: int | None = None,
     damp: float = 0.01,
-    block_size: int = 128,
+    block_size: int = 64,
 ):
     """GPTQ (Frantar et al. 2023) with the salient columns last and kept in 16 bits.
 

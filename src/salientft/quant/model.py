@@ -51,7 +51,7 @@ class QuantizeConfig(ConfigMixin):
     group_size: int | None = None
     metric: str = "gift"
     damp: float = 0.01
-    block_size: int = 128
+    block_size: int = 64  # GPTQ's lazy-update batch; 64 beats the paper's 128 on CPU (same result)
     target_modules: list[str] | str | None = None
 
     def __post_init__(self):
@@ -233,7 +233,7 @@ def quantize(
     *,
     target_modules=None,
     damp: float = 0.01,
-    block_size: int = 128,
+    block_size: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
