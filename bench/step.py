@@ -1,5 +1,5 @@
-"""Training-step time and peak memory: GIFT-SW (each noise mode) vs LoRA, DoRA, full FT and the
-authors' approach.
+"""Training-step time and peak memory: GIFT-SW (each noise mode) vs LoRA, DoRA, full FT, GMT and
+the authors' approach.
 
     .venv/bin/python bench/step.py                 # both models, writes docs/results/step.{json,md,png}
     .venv/bin/python bench/step.py --quick         # a smoke run: small batches, 2 rounds
@@ -27,6 +27,11 @@ Parameter budget: GIFT-SW uses the paper's ratio k = round(in * 128/4096) column
 LoRA/DoRA get the rank r = round(sum(k*out) / sum(in+out)) over the same targets (all linear
 layers in the blocks), so their trainable counts are about equal (both reported).
 
+GMT (``gmt``) is full fine-tuning whose gradients are masked before every AdamW step
+(salientft.gmt.GradientMask, ratio 0.5, default granularity "tensor", mode "paper", embeddings
+and lm_head unmasked). The mask runs in an optimizer step pre-hook, so ``train_step`` is the same
+for every method and the masking time is part of the "opt" column.
+
 The authors' approach (METHODS.md §1.8) is re-implemented below (``AuthorsSalientLinear``).
 """
 from __future__ import annotations
@@ -50,15 +55,19 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from salientft._io import atomic_path, write_json  # noqa: E402
 from salientft.config import GiftConfig  # noqa: E402
-from salientft.gift.model import apply_gift, noise_std_for, top_k_columns  # noqa: E402
+from salientft.gift.model import apply_gift, noise_std_for  # noqa: E402
+from salientft.saliency import select_salient  # noqa: E402
 from salientft.targets import find_target_modules, linear_weight  # noqa: E402
 
-METHODS = ("gift-weight", "gift-output", "gift-none", "lora", "dora", "full", "authors")
+METHODS = ("gift-weight", "gift-output", "gift-none", "lora", "dora", "full", "gmt", "authors")
+GMT_RATIO = 0.5
 MODELS = ("smollm2-135m", "wide-llama")
 # The wide random Llama: layers wider than SmolLM2's, few of them, tiny vocabulary so that the
 # linear layers (not lm_head) dominate. tokens per micro-batch (512) < in_features (1536).
 WIDE = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=12,
             num_key_value_heads=4, max_position_embeddings=1024)
+# Random Llamas by name -> tiny_random_llama overrides; other scripts (bench/scaling.py) add theirs.
+RANDOM_LLAMAS = {"wide-llama": WIDE}
 # (batch, seq_len) per model, default and --quick. The defaults are small because the 2-core
 # machine is shared (a 4 x 256 SmolLM2 step took minutes under load); --batch/--seq override.
 SHAPES = {"smollm2-135m": ((2, 256), (2, 64)), "wide-llama": ((2, 128), (2, 64))}
@@ -114,7 +123,7 @@ def apply_authors(model: nn.Module, config: GiftConfig, scores, noise_std=None) 
         p.requires_grad_(False)
     for name, mod in targets.items():
         w = linear_weight(mod).detach()
-        idx = top_k_columns(scores[name], config.k_for(w.shape[1], name)).to(w.device)
+        idx = select_salient(scores[name], config.k_for(w.shape[1], name)).to(w.device)
         std = noise_std[name] if noise_std is not None else noise_std_for(w, idx, config.noise_bits)
         _set_module(model, name, AuthorsSalientLinear(mod, idx, std, noise=config.noise))
     return model
@@ -128,9 +137,9 @@ def load_base(model_name: str, dtype: torch.dtype):
 
     if model_name == "smollm2-135m":
         return load_model("smollm2-135m", dtype=dtype)
-    if model_name == "wide-llama":
-        return tiny_random_llama(seed=0, dtype=dtype, **WIDE), tiny_tokenizer()
-    raise ValueError(f"unknown model {model_name!r}; choose from {MODELS}")
+    if model_name in RANDOM_LLAMAS:
+        return tiny_random_llama(seed=0, dtype=dtype, **RANDOM_LLAMAS[model_name]), tiny_tokenizer()
+    raise ValueError(f"unknown model {model_name!r}; choose from {MODELS + tuple(RANDOM_LLAMAS)}")
 
 
 def make_batch(tok, batch: int, seq: int) -> torch.Tensor:
@@ -196,7 +205,7 @@ def build(method: str, model_name: str, dtype: torch.dtype, device: str):
         lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=suffixes,
                           use_dora=method == "dora", bias="none")
         model = get_peft_model(model, lcfg)
-    elif method == "full":
+    elif method in ("full", "gmt"):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
@@ -204,6 +213,18 @@ def build(method: str, model_name: str, dtype: torch.dtype, device: str):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    if method == "gmt":
+        from salientft.config import GMTConfig
+        from salientft.gmt import build_gradient_mask
+
+        mask = build_gradient_mask(model, GMTConfig(ratio=GMT_RATIO))
+
+        def apply_mask(*_):  # paper mode: mask, then a stock optimizer.step()
+            mask.apply_()  # (a pre-hook must return None: its return value replaces the args)
+
+        opt.register_step_pre_hook(apply_mask)
+        opt.gradient_mask = mask  # for inspection (tests, last_stats)
+        info["gmt_ratio"] = GMT_RATIO
     seen = set()
     info["trainable"] = sum(p.numel() for p in params if not (id(p) in seen or seen.add(id(p))))
     info["train_state_mb"] = sum(p.numel() * (2 * p.element_size() + 8) for p in params) / 2**20
@@ -280,8 +301,13 @@ def memory_worker(method: str, model_name: str, dtype: torch.dtype, device: str,
     return {"peak_mb": peak / 2**20, "extra_weights_mb": extra_weights / 2**20, **info}
 
 
+# glibc: large blocks always mmap'ed and freed memory trimmed, so a freed block is not silently
+# reused (which would hide a peak). Set in the worker's environment before it starts.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def measure_memory(method, model_name, args) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(os.environ, **MALLOC_ENV)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", method, "--model", model_name,
            "--dtype", args.dtype, "--device", args.device] + (["--quick"] if args.quick else [])
     cmd += (["--batch", str(args.batch)] if args.batch else []) + (["--seq", str(args.seq)] if args.seq else [])
@@ -294,41 +320,59 @@ def measure_memory(method, model_name, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Interleaved timing
 # ----------------------------------------------------------------------------------------------
-def time_methods(model_name: str, methods, args) -> dict:
+def interleave(runs: dict, rounds: int, warmup: int = 1, device: str = "cpu", desc: str = "rounds") -> dict:
+    """Time ``runs`` (key -> (model, optimizer, batch)) interleaved in this process.
+
+    ``warmup`` untimed steps each (allocates optimizer states, primes kernels), then ``rounds``
+    rounds of one step per key, the starting key rotating each round, so load from other
+    processes hits every key alike. Returns {key: [(forward, backward, optimizer) seconds, ...]}.
+    """
     from tqdm import tqdm
 
+    keys = list(runs)
+    for k in keys:
+        for _ in range(warmup):
+            train_step(*runs[k])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = {k: [] for k in keys}
+    for r in tqdm(range(rounds), desc=desc, file=sys.stderr):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            sync()
+            t = train_step(*runs[k])
+            sync()
+            times[k].append(t)
+    return times
+
+
+def summarize(ts) -> dict:
+    """Median step time (ms), quartiles and the median forward/backward/optimizer parts."""
+    tot = [sum(t) * 1000 for t in ts]
+    q = statistics.quantiles(tot, n=4) if len(tot) >= 2 else [tot[0]] * 3
+    return {
+        "median_ms": statistics.median(tot), "q1_ms": q[0], "q3_ms": q[2],
+        "forward_ms": statistics.median(t[0] * 1000 for t in ts),
+        "backward_ms": statistics.median(t[1] * 1000 for t in ts),
+        "optimizer_ms": statistics.median(t[2] * 1000 for t in ts),
+        "step_ms": tot,
+    }
+
+
+def time_methods(model_name: str, methods, args) -> dict:
     dtype = getattr(torch, args.dtype)
     batch_shape = batch_shape_for(model_name, args.quick, (args.batch, args.seq))
-    runs = {}
+    built = {}
     for m in methods:
         torch.manual_seed(0)
         model, tok, opt, info = build(m, model_name, dtype, args.device)
-        runs[m] = {"model": model, "opt": opt, "info": info, "times": []}
+        built[m] = (model, opt, info)
     batch = make_batch(tok, *batch_shape).to(args.device)
-    for m in methods:  # warm-up (allocates optimizer states, primes kernels)
-        for _ in range(args.warmup):
-            train_step(runs[m]["model"], runs[m]["opt"], batch)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for r in tqdm(range(args.rounds), desc=f"{model_name} rounds", file=sys.stderr):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
-        for m in order:
-            sync()
-            t = train_step(runs[m]["model"], runs[m]["opt"], batch)
-            sync()
-            runs[m]["times"].append(t)
+    times = interleave({m: (model, opt, batch) for m, (model, opt, _) in built.items()}, args.rounds,
+                       args.warmup, args.device, desc=f"{model_name} rounds")
     res = {"batch": list(batch_shape), "tokens_per_step": batch.numel(), "methods": {}}
     for m in methods:
-        ts = runs[m]["times"]
-        tot = [sum(t) * 1000 for t in ts]
-        q = statistics.quantiles(tot, n=4) if len(tot) >= 2 else [tot[0]] * 3
-        res["methods"][m] = {
-            "median_ms": statistics.median(tot), "q1_ms": q[0], "q3_ms": q[2],
-            "forward_ms": statistics.median(t[0] * 1000 for t in ts),
-            "backward_ms": statistics.median(t[1] * 1000 for t in ts),
-            "optimizer_ms": statistics.median(t[2] * 1000 for t in ts),
-            "step_ms": tot, **runs[m]["info"],
-        }
-    del runs
+        res["methods"][m] = {**summarize(times[m]), **built[m][2]}
+    del built
     gc.collect()
     return res
 
@@ -384,7 +428,10 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [f"## {model_name}", "",
                   f"{res['model']['source']}; batch {res['batch'][0]} x {res['batch'][1]} tokens "
                   f"(SciQ support paragraphs); GIFT-SW k = round(in*128/4096) per layer; LoRA/DoRA rank "
-                  f"r = {r}, alpha = 2r, all linear layers in the blocks.", "",
+                  f"r = {r}, alpha = 2r, all linear layers in the blocks."
+                  + (f" GMT: full FT whose gradients are masked (ratio {GMT_RATIO}, per tensor, paper mode, "
+                     "embeddings/lm_head unmasked) before each AdamW step; the mask is in the opt time."
+                     if "gmt" in ms else ""), "",
                   "| method | median ms (q1-q3) | fwd / bwd / opt ms | vs LoRA | vs authors | peak MB | "
                   "peak vs LoRA | state MB | extra weights MB | trainable |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -414,8 +461,8 @@ def write_plot(result: dict, path: Path) -> None:
     for row, model_name in enumerate(models):
         ms = result["models"][model_name]["methods"]
         names = list(ms)
-        colors = ["tab:green" if n.startswith("gift") else "tab:red" if n == "authors" else "tab:blue"
-                  for n in names]
+        colors = ["tab:green" if n.startswith("gift") else "tab:red" if n == "authors"
+                  else "tab:purple" if n == "gmt" else "tab:blue" for n in names]
         ax = axes[row][0]
         ax.bar(names, [ms[n]["median_ms"] for n in names], color=colors,
                yerr=[[ms[n]["median_ms"] - ms[n]["q1_ms"] for n in names],
