@@ -1,178 +1,214 @@
-"""Mixed-precision quantization on the embedded SmolLM2-135M: held-out perplexity and memory.
+"""Mixed-precision quantization of the embedded SmolLM2-135M: quality and memory at 4, 3 and 2 bits.
 
-For each bit width: RTN with the salient columns kept, GPTQ without salient columns, GPTQ with
-salient columns (all 16-bit columns chosen by the GIFT metric at the same bit width).
-Also plain RTN (no salient columns). Calibration: BoolQ passages and HellaSwag contexts
-(embedded); held-out text: SciQ support paragraphs (disjoint sources). Writes docs/results/quantization.{json,md,png}.
+For each bit width: RTN, RTN with the salient columns kept in 16 bits, GPTQ without salient
+columns, GPTQ with salient columns (METHODS.md §1.6; 3.1 % of the columns of every layer, chosen
+by the GIFT metric at the same bit width). Every model is measured three ways: perplexity on
+held-out text (SciQ support paragraphs, a source used neither for calibration nor for training),
+perplexity on the held-out chats of the instruction mix, and the paper's six-task average; plus
+its size. Calibration: BoolQ passages and HellaSwag contexts (embedded). Each finished
+configuration is cached like every other run of the suite (bench/_suite.py); the GPTQ +
+salient models are also saved, for bench/recovery.py.
 
-    .venv/bin/python bench/quantization.py            # 4/3/2 bits, every block, 32 x 512 calibration
-    .venv/bin/python bench/quantization.py --quick    # 3 bits, first 2 blocks only, 16 x 256 (< 5 min idle)
+    .venv/bin/python bench/quantization.py           # 4/3/2 bits x 4 methods (about 35 min), docs/results/quantization.*
+    .venv/bin/python bench/quantization.py --quick   # 3 bits, RTN/GPTQ + salient
+    .venv/bin/python bench/quantization.py --smoke --out /tmp/q   # tiny random model (CI)
 """
 from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import _suite as S
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+METHODS = {  # name -> (method, keep salient columns)
+    "rtn": ("rtn", False),
+    "rtn+salient": ("rtn", True),
+    "gptq": ("gptq", False),
+    "gptq+salient": ("gptq", True),
+}
+SALIENT_FRACTION = 128 / 4096
 
-from salientft._io import atomic_path, write_json  # noqa: E402
-from salientft.calibration import calibration_batches  # noqa: E402
-from salientft.data.embedded import read_records  # noqa: E402
-from salientft.models import load_model  # noqa: E402
-from salientft.quant.model import model_bytes, quantize, target_bytes  # noqa: E402
 
-METHODS = {  # name -> (method, salient fraction)
-    "rtn": ("rtn", 0.0),
-    "rtn+salient": ("rtn", None),
-    "gptq": ("gptq", 0.0),
-    "gptq+salient": ("gptq", None),
+@dataclass(frozen=True)
+class QuantSetting:
+    bits: tuple[int, ...]
+    methods: tuple[str, ...]
+    samples: int
+    seq_len: int
+    text_tokens: int
+
+
+QUANT = {
+    "full": QuantSetting((4, 3, 2), tuple(METHODS), samples=32, seq_len=512, text_tokens=8192),
+    "quick": QuantSetting((3,), ("rtn+salient", "gptq+salient"), samples=16, seq_len=256, text_tokens=2048),
+    "smoke": QuantSetting((3,), tuple(METHODS), samples=4, seq_len=64, text_tokens=512),
 }
 
 
-def heldout_ids(tok, n_tokens: int, seq_len: int) -> torch.Tensor:
-    texts = [r["support"] for r in read_records("sciq") if r.get("support")]
-    ids: list[int] = []
-    for t in reversed(texts):  # from the end of the file: stable and away from any calibration use
-        ids += tok(t.strip()).input_ids + [tok.eos_token_id]
-        if len(ids) >= n_tokens:
-            break
-    n = (min(len(ids), n_tokens) // seq_len) * seq_len
-    return torch.tensor(ids[:n]).view(-1, seq_len)
+def records(name: str) -> list[dict]:
+    from salientft.data.embedded import read_records
 
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
-    nll, count = 0.0, 0
-    for b in range(0, ids.shape[0], batch_size):
-        x = ids[b : b + batch_size]
-        loss = model(input_ids=x, labels=x).loss
-        n = x.shape[0] * (x.shape[1] - 1)
-        nll += float(loss) * n
-        count += n
-    return math.exp(nll / count)
+    return read_records(name)
 
 
 def calibration_texts() -> list[str]:
-    docs = [r.get("passage") or "" for r in read_records("boolq")]
-    docs += [r.get("ctx") or "" for r in read_records("hellaswag")]
+    docs = [r.get("passage") or "" for r in records("boolq")] + [r.get("ctx") or "" for r in records("hellaswag")]
     return [d.strip() for d in docs if d and d.strip()]
+
+
+def text_ids(tok, n_tokens: int, window: int = 256):
+    """Held-out text: SciQ support paragraphs from the end of the file, cut into windows."""
+    import torch
+
+    texts = [r["support"] for r in records("sciq") if r.get("support")]
+    ids: list[int] = []
+    for t in reversed(texts):
+        ids += tok(t.strip()).input_ids + [tok.eos_token_id]
+        if len(ids) >= n_tokens:
+            break
+    n = (min(len(ids), n_tokens) // window) * window
+    return torch.tensor(ids[:n]).view(-1, window)
+
+
+def text_perplexity(model, ids, batch_size: int = 4) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, ids.shape[0], batch_size):
+            x = ids[b : b + batch_size]
+            n = x.shape[0] * (x.shape[1] - 1)
+            nll += float(model(input_ids=x, labels=x).loss) * n
+            count += n
+    return math.exp(nll / count)
+
+
+def spec_for(qs: QuantSetting, name: str, bits: int) -> dict:
+    return {"part": "quantize", "method": name, "bits": bits, "salient_fraction": SALIENT_FRACTION,
+            "samples": qs.samples, "seq_len": qs.seq_len, "text_tokens": qs.text_tokens}
+
+
+def saved_dir(preset: S.Preset, qs: QuantSetting, bits: int) -> Path:
+    """Where the GPTQ + salient model at ``bits`` is kept (salientft's cache; outside the repo)."""
+    from salientft.models import cache_dir
+
+    return cache_dir() / "bench" / f"{preset.name}-gptq+salient-{S.run_key(preset, spec_for(qs, 'gptq+salient', bits))}"
+
+
+def quantize_one(preset: S.Preset, qs: QuantSetting, name: str, bits: int, save: Path | None = None) -> dict:
+    """Quantize the bf16 model with one configuration and measure it (and save it if asked)."""
+    import torch
+
+    from salientft.calibration import calibration_batches
+    from salientft.models import load_model
+    from salientft.quant.model import model_bytes, quantize, save_quantized, target_bytes
+
+    torch.manual_seed(0)
+    model, tok = load_model(preset.model, dtype="bf16")
+    before = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
+    if name == "bf16":
+        seconds = 0.0
+    else:
+        method, salient = METHODS[name]
+        calib = calibration_batches(tok, calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
+        t = time.time()
+        quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, method=method,
+                 calibration=calib, progress=True)
+        seconds = time.time() - t
+        if save is not None:
+            save_quantized(model, save, tokenizer=tok, base_model=preset.model)
+    return {"method": name, "bits": bits, "quantize_seconds": round(seconds, 1),
+            "text_ppl": text_perplexity(model, text_ids(tok, qs.text_tokens)),
+            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), "bf16": before,
+            **S.model_metrics(model, tok, preset)}
+
+
+def ensure_saved(runs: S.Runs, qs: QuantSetting, bits: int) -> Path:
+    """The saved GPTQ + salient model at ``bits``, quantizing it again if it is not on disk."""
+    path = saved_dir(runs.preset, qs, bits)
+    if not (path / "quantization_config.json").is_file():
+        S.log.info("quantizing gptq+salient at %d bits for recovery (not on disk: %s)", bits, path)
+        quantize_one(runs.preset, qs, "gptq+salient", bits, save=path)
+    return path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="3 bits, first 2 blocks, small calibration (< 5 min)")
+    S.add_common_args(p)
     p.add_argument("--bits", type=int, nargs="+", default=None)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--salient-fraction", type=float, default=128 / 4096)
-    p.add_argument("--blocks", type=int, default=None, help="quantize only the first N blocks")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "quantization"))
     args = p.parse_args(argv)
-    quick = args.quick
-    bits_list = args.bits or ([3] if quick else [4, 3, 2])
-    samples = args.samples or (16 if quick else 32)
-    seq_len = args.seq_len or (256 if quick else 512)
-    eval_tokens = args.eval_tokens or (1024 if quick else 8192)
-    blocks = args.blocks if args.blocks is not None else (2 if quick else None)
-    targets = None if blocks is None else rf"model\.layers\.({'|'.join(map(str, range(blocks)))})\..*proj"
-    torch.manual_seed(0)
-
-    model, tok = load_model("smollm2-135m", dtype="bf16")
-    ids = heldout_ids(tok, eval_tokens, 256)
-    calib = calibration_batches(tok, calibration_texts(), samples, seq_len, 8, seed=0)
-    t0 = time.time()
-    base = {"ppl": perplexity(model, ids), "target_bytes": target_bytes(model, targets),
-            "model_bytes": model_bytes(model)}
-    print(f"bf16: ppl {base['ppl']:.3f}", flush=True)
+    preset, out = S.resolve(args)
+    qs = QUANT[preset.name]
+    runs = S.Runs(preset, out, args.max_minutes)
+    base = runs.get(spec_for(qs, "bf16", 16), lambda: quantize_one(preset, qs, "bf16", 16))
     rows = []
-    for bits in bits_list:
-        for name in args.methods:
-            method, frac = METHODS[name]
-            model, _ = load_model("smollm2-135m", dtype="bf16")
-            t = time.time()
-            quantize(model, bits, salient_fraction=args.salient_fraction if frac is None else frac, method=method,
-                     calibration=calib, target_modules=targets, progress=False)
-            dt = time.time() - t
-            row = {"bits": bits, "method": name, "ppl": perplexity(model, ids), "seconds": round(dt, 1),
-                   "target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
-            rows.append(row)
-            print(f"{bits}-bit {name:13s} ppl {row['ppl']:.3f}  target {row['target_bytes'] / 2**20:.2f} MiB  "
-                  f"({dt:.0f} s)", flush=True)
-            del model
-    result = {
-        "model": "smollm2-135m (embedded, bf16)",
-        "command": "bench/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "salient_fraction": args.salient_fraction, "metric": "gift", "calibration": {
-            "data": "boolq passages + hellaswag contexts (embedded)", "samples": samples, "seq_len": seq_len},
-        "heldout": {"data": "sciq support paragraphs (embedded)", "tokens": int(ids.numel()), "window": 256},
-        "blocks_quantized": blocks or "all",
-        "baseline": base, "rows": rows, "total_seconds": round(time.time() - t0, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), result)
-    write_markdown(out.with_suffix(".md"), result)
-    plot(out.with_suffix(".png"), result)
-    print(f"wrote {out}.json/.md/.png")
+    for bits in args.bits or qs.bits:
+        for name in qs.methods:
+            save = saved_dir(preset, qs, bits) if name == "gptq+salient" else None
+            rec = runs.get(spec_for(qs, name, bits), lambda: quantize_one(preset, qs, name, bits, save))
+            if rec is not None:
+                rows.append(rec["result"])
+    command = "bench/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
+              "salient_fraction": SALIENT_FRACTION, "base": None if base is None else base["result"],
+              "rows": rows, "incomplete": runs.skipped, "machine": S.machine()}
+    S.write_report(out, "quantization", result, markdown(result), lambda path: plot(result, path))
     return 0
 
 
-def write_markdown(path: Path, r: dict) -> None:
+def markdown(r: dict) -> list[str]:
     mb = 2 ** 20
-    lines = [
-        f"# Quantization of {r['model']}",
-        "",
-        f"Command: `.venv/bin/python {r['command']}`. Salient columns: fraction {r['salient_fraction']:.4f} "
-        f"of in_features per layer, GIFT metric; calibration {r['calibration']['samples']} x "
-        f"{r['calibration']['seq_len']} tokens ({r['calibration']['data']}); held-out perplexity on "
-        f"{r['heldout']['tokens']} tokens of {r['heldout']['data']}; blocks quantized: {r['blocks_quantized']}.",
-        "",
-        f"bf16 baseline: perplexity {r['baseline']['ppl']:.3f}, target layers {r['baseline']['target_bytes'] / mb:.2f} MiB, "
-        f"whole model {r['baseline']['model_bytes'] / mb:.2f} MiB.",
-        "",
-        "| bits | method | perplexity | target layers (MiB) | whole model (MiB) | time (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in r["rows"]:
-        lines.append(f"| {row['bits']} | {row['method']} | {row['ppl']:.3f} | {row['target_bytes'] / mb:.2f} | "
-                     f"{row['model_bytes'] / mb:.2f} | {row['seconds']} |")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    st = r["settings"]
+    lines = ["# Mixed-precision quantization (bench/quantization.py)", "",
+             f"Command: `.venv/bin/python {r['command']}`. Model {st['model']} in bf16; weight-only, symmetric, per "
+             f"output row, no groups; salient columns: {r['salient_fraction']:.4f} of each layer's inputs (GIFT metric). "
+             f"Calibration {st['samples']} x {st['seq_len']} tokens (BoolQ passages + HellaSwag contexts). Text ppl: "
+             f"{st['text_tokens']} tokens of SciQ support paragraphs; chat ppl: 200 held-out chats of the instruction "
+             f"mix; six-task average on the first {st['eval_limit']} items per task (in %).", ""]
+    if r["incomplete"]:
+        lines += [f"**Incomplete**: {len(r['incomplete'])} configuration(s) not yet run; rerun to continue.", ""]
+    lines += ["| bits | method | text ppl | chat ppl | six-task avg | target layers (MiB) | whole model (MiB) | quantize (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    rows = ([r["base"]] if r["base"] else []) + r["rows"]
+    for row in rows:
+        lines.append(f"| {row['bits']} | {row['method']} | {row['text_ppl']:.2f} | {S.ppl(row['heldout_loss_after']):.3f} | "
+                     f"{S.fmt(row['paper_avg'], scale=100)} | {row['target_bytes'] / mb:.1f} | {row['model_bytes'] / mb:.1f} | "
+                     f"{row['quantize_seconds']} |")
+    lines += ["", "![quantization](quantization.png)"]
+    return lines
 
 
-def plot(path: Path, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot(r: dict, path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bits = sorted({row["bits"] for row in r["rows"]}, reverse=True)
-    for name in METHODS:
-        pts = [(row["bits"], row["ppl"]) for row in r["rows"] if row["method"] == name]
-        if pts:
-            xs, ys = zip(*sorted(pts, reverse=True))
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.axhline(r["baseline"]["ppl"], color="gray", ls="--", label="bf16")
-    ax.set_xticks(bits)
-    ax.invert_xaxis()
-    ax.set_yscale("log")
-    ax.set_xlabel("bits")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M weight-only quantization")
-    ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, label, log in ((axes[0], "text_ppl", "held-out text perplexity (log)", True),
+                                (axes[1], "heldout_loss_after", "held-out chat perplexity (log)", True),
+                                (axes[2], "paper_avg", "six-task average (%)", False)):
+        def value(row):
+            return S.ppl(row[key]) if key == "heldout_loss_after" else (row[key] * 100 if key == "paper_avg" else row[key])
+        for name in METHODS:
+            pts = sorted(((row["bits"], value(row)) for row in r["rows"] if row["method"] == name), reverse=True)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=name)
+        if r["base"]:
+            ax.axhline(value(r["base"]), color="gray", ls="--", label="bf16")
+        bits = sorted({row["bits"] for row in r["rows"]}, reverse=True)
+        ax.set_xticks(bits)
+        ax.invert_xaxis()
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{r['settings']['model']}: weight-only quantization with and without 16-bit salient columns")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 

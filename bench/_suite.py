@@ -1,0 +1,313 @@
+"""Shared machinery of the reproduction benchmarks (quality.py, ablations.py, quantization.py, suite.py).
+
+Why a cache: the suite takes about two hours on a 2-core CPU, longer than anyone sits through.
+Every finished training run is written as one JSON file under ``<out>/runs/<preset>/<key>.json``
+(``key`` hashes the preset and the run's settings), so an interrupted part, or a part stopped by
+its ``--max-minutes`` budget, resumes where it stopped, and a rerun only trains what is missing.
+Delete a file to rerun that run.
+
+Presets (one per scale, each with its own cache):
+
+- ``full``: SmolLM2-135M (embedded), fp32, 30 steps of 8 chats (<= 256 tokens), 50 items per
+  task of the paper's six, 3 seeds. What docs/RESULTS.md reports.
+- ``quick`` (``--quick``): the same model, 8 steps, 16 items per task, 1 seed: a sanity run.
+- ``smoke`` (``--smoke``): the tiny random Llama, 2 steps, 4 items per task, 2 seeds: CI.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from salientft._io import atomic_path, write_json  # noqa: E402
+
+log = logging.getLogger("bench")
+CACHE_VERSION = 1  # bump when a change to salientft invalidates cached results
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str
+    max_steps: int
+    batch_size: int
+    max_length: int
+    eval_limit: int
+    calib_samples: int
+    seeds: tuple[int, ...]
+    dtype: str = "fp32"  # bf16 is slower than fp32 on CPUs without bf16 units
+    data_limit: int | None = None
+    warmup_ratio: float = 0.03
+
+    def train_fields(self) -> dict:
+        """The TrainConfig fields every run of this preset shares."""
+        return {"model": self.model, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                "max_length": self.max_length, "eval_limit": self.eval_limit, "calib_samples": self.calib_samples,
+                "dtype": self.dtype, "data_limit": self.data_limit, "warmup_ratio": self.warmup_ratio,
+                "data": "embedded", "eval_tasks": "paper"}
+
+
+PRESETS = {
+    "full": Preset("full", "smollm2-135m", max_steps=30, batch_size=8, max_length=256, eval_limit=50,
+                   calib_samples=32, seeds=(0, 1, 2)),
+    "quick": Preset("quick", "smollm2-135m", max_steps=8, batch_size=8, max_length=256, eval_limit=16,
+                    calib_samples=16, seeds=(0,)),
+    "smoke": Preset("smoke", "tiny-random-llama", max_steps=2, batch_size=2, max_length=384, eval_limit=4,
+                    calib_samples=4, seeds=(0, 1), data_limit=32),
+}
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a sanity run on the real model (minutes)")
+    g.add_argument("--smoke", action="store_true", help="the tiny random model (seconds; what CI runs)")
+    p.add_argument("--out", default=None, help="results folder (default docs/results, or docs/results/quick)")
+    p.add_argument("--max-minutes", type=float, default=45.0,
+                   help="start no new run after this many minutes; rerun to continue from the cache")
+
+
+def resolve(args) -> tuple[Preset, Path]:
+    preset = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.out:
+        out = Path(args.out)
+    elif args.smoke:
+        raise SystemExit("--smoke needs --out (it must not overwrite docs/results)")
+    else:
+        out = ROOT / "docs" / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return preset, out
+
+
+def machine() -> dict:
+    import os
+
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    info["commit"] = git_commit()
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_key(preset: Preset, spec: dict) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "preset": asdict(preset), "spec": spec}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+class Runs:
+    """The cache of one preset's finished runs, plus the wall-clock budget of this invocation."""
+
+    def __init__(self, preset: Preset, out: Path, max_minutes: float = 45.0):
+        self.preset, self.dir = preset, out / "runs" / preset.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.monotonic() + 60 * max_minutes
+        self.skipped: list[str] = []
+
+    def over_budget(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def path(self, spec: dict) -> Path:
+        return self.dir / f"{run_key(self.preset, spec)}.json"
+
+    def cached(self, spec: dict) -> dict | None:
+        p = self.path(spec)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable cache file %s; the run will be redone", p)
+            return None
+
+    def get(self, spec: dict, compute) -> dict | None:
+        """The cached record of ``spec``, else ``compute()`` (if the budget allows) stored as its record."""
+        rec = self.cached(spec)
+        if rec is not None:
+            return rec
+        if self.over_budget():
+            self.skipped.append(describe(spec))
+            return None
+        t0 = time.time()
+        result = compute()
+        rec = {"spec": spec, "preset": self.preset.name, "key": run_key(self.preset, spec),
+               "result": result, "seconds": round(time.time() - t0, 1),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
+        write_json(self.path(spec), rec)
+        return rec
+
+    def train(self, spec: dict, extra: dict | None = None, post=None) -> dict | None:
+        """Fine-tune with TrainConfig(preset fields + spec + extra); ``extra`` is not part of the key
+        (e.g. a local path), keys of ``spec`` starting with ``_`` are labels kept out of the config.
+        ``post(run_dir)`` may measure the saved run before its folder is deleted (returns a dict)."""
+        return self.get(spec, lambda: train_run(self.preset, spec, extra or {}, post))
+
+    def baseline(self) -> dict | None:
+        """The untrained model: the six-task eval and the held-out loss, once per preset."""
+        return self.get({"method": "base"}, lambda: evaluate_base(self.preset))
+
+
+def describe(spec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.items())
+
+
+def train_run(preset: Preset, spec: dict, extra: dict, post=None) -> dict:
+    from salientft.config import TrainConfig
+    from salientft.train import train
+
+    fields = {**preset.train_fields(), **{k: v for k, v in spec.items() if not k.startswith("_")}, **extra}
+    log.info("run: %s", describe(spec))
+    with tempfile.TemporaryDirectory(prefix="salientft-bench-") as tmp:
+        config = TrainConfig.from_dict({**fields, "output": str(Path(tmp) / "run"), "eval_before": False,
+                                        "logging_steps": 1})
+        result = compact(train(config))
+        if post is not None:
+            result.update(post(Path(tmp) / "run"))
+    return result
+
+
+def compact(result: dict) -> dict:
+    """What the reports need from train()'s metrics (drops nothing that a table or plot uses)."""
+    after = result.get("eval_after") or {}
+    keep = ("method", "steps", "wall_time_s", "tokens_per_s", "trainable_params", "total_params",
+            "trainable_fraction", "peak_memory_bytes", "learning_rate", "heldout_loss_before", "heldout_loss_after")
+    out = {k: result.get(k) for k in keep}
+    out["train_loss"] = [round(h["loss"], 4) for h in result.get("train_loss", [])]
+    out["paper_avg"] = after.get("paper_avg")
+    out["tasks"] = {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in (after.get("results") or {}).items()}
+    if result.get("kept_fraction"):
+        kept = [h["kept_fraction"] for h in result["kept_fraction"]]
+        out["kept_fraction_mean"] = sum(kept) / len(kept)
+    return out
+
+
+def evaluate_base(preset: Preset) -> dict:
+    import torch
+
+    from salientft.models import load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[preset.dtype]
+    model, tok = load_model(preset.model, dtype=dtype)
+    return {"method": "base", **model_metrics(model, tok, preset)}
+
+
+def model_metrics(model, tok, preset: Preset) -> dict:
+    """What train() measures after training, for a model that was not trained (same data, same items)."""
+    from salientft.data.chat import ChatCollator, build_dataset
+    from salientft.evaluation import evaluate
+    from salientft.train import heldout_loss
+
+    held = build_dataset("embedded", tok, max_length=preset.max_length, packing=False, split="heldout",
+                         limit=200, seed=0)
+    ev = evaluate(model, tok, "paper", limit=preset.eval_limit)
+    loss = heldout_loss(model, held, ChatCollator(tok))
+    return {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
+            "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()}}
+
+
+def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:
+    """(LoRA rank whose trainable count is closest to GIFT-SW's default, GIFT-SW's count) on ``model_name``."""
+    from salientft.config import GiftConfig
+    from salientft.models import load_model
+    from salientft.targets import find_target_modules, linear_weight
+
+    model, _ = load_model(model_name, dtype="bf16")
+    cfg = GiftConfig()
+    kout = io = 0
+    for name, m in find_target_modules(model).items():
+        out_f, in_f = linear_weight(m).shape
+        kout += cfg.k_for(in_f, name) * out_f
+        io += in_f + out_f
+    return max(1, round(kout / io)), kout
+
+
+# --------------------------------------------------------------------------- statistics
+
+def ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(loss)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation (n-1), None where undefined."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None, 0
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None, len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)), len(vals)
+
+
+def differs(a: list[float], b: list[float], z: float = 2.0) -> tuple[float | None, float | None, bool | None]:
+    """(mean(a) - mean(b), its standard error over seeds, |diff| > z * SE). SE needs >= 2 seeds each."""
+    ma, sa, na = mean_std(a)
+    mb, sb, nb = mean_std(b)
+    if ma is None or mb is None:
+        return None, None, None
+    if sa is None or sb is None:
+        return ma - mb, None, None
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    return ma - mb, se, abs(ma - mb) > z * se if se > 0 else ma != mb
+
+
+def fmt(m, s=None, scale=1.0, spec=".1f") -> str:
+    if m is None:
+        return "-"
+    text = format(m * scale, spec)
+    return text if s is None else f"{text} ± {format(s * scale, spec.lstrip('+'))}"
+
+
+def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=None) -> None:
+    """``<out>/<name>.json``, ``.md`` and (if ``plot(path)`` is given) ``.png``, each written atomically."""
+    write_json(out / f"{name}.json", result)
+    with atomic_path(out / f"{name}.md") as tmp:
+        tmp.write_text("\n".join(markdown) + "\n")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        with atomic_path(out / f"{name}.png") as tmp:
+            plot(tmp)
+    print(f"wrote {out / name}.json/.md" + ("/.png" if plot else ""))
+
+
+def setting_lines(preset: Preset, command: str, skipped: list[str]) -> list[str]:
+    lines = [f"Command: `{command}` (preset `{preset.name}`: {preset.model}, {preset.dtype}, "
+             f"{preset.max_steps} steps x {preset.batch_size} chats of <= {preset.max_length} tokens from the "
+             f"embedded instruction mix, AdamW + cosine, each method's default learning rate; six-task average "
+             f"on the first {preset.eval_limit} items of each task; held-out perplexity on 200 held-out chats "
+             f"(assistant tokens).)", ""]
+    if skipped:
+        lines += [f"**Incomplete**: {len(skipped)} run(s) not yet done (budget reached); rerun the same command "
+                  "to continue from the cache: " + "; ".join(skipped), ""]
+    return lines
+

@@ -1,0 +1,130 @@
+"""Recovering a quantized model: GIFT-SW on the 16-bit salient columns vs STE vs LoRA.
+
+METHODS.md §1.6: start from the GPTQ + salient-columns model of bench/quantization.py (4, 3 and
+2 bits) and fine-tune it on the instruction mix for the preset's step budget with
+
+- ``gift-sw``: only the 16-bit salient columns, noise at the 4-bit step on the dequantized rest;
+- ``ste``: every weight, through the same fake quantization (straight-through estimator);
+- ``lora``: LoRA (rank matched to GIFT-SW's trainable count) on the frozen quantized model,
+
+each at its default learning rate (GIFT-SW 1e-4, the others 3e-5), same seed and batches. Reported
+beside the quantized model before recovery: held-out text and chat perplexity, the six-task
+average, trainable parameters. The quantized models come from salientft's cache (written by
+bench/quantization.py); a missing one is quantized again here, so the part runs on its own.
+
+    .venv/bin/python bench/recovery.py            # 3 bit widths x 3 methods (about 35 min), docs/results/recovery.*
+    .venv/bin/python bench/recovery.py --quick    # 3 bits only
+    .venv/bin/python bench/recovery.py --smoke --out /tmp/r   # tiny random model (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _suite as S
+import quantization as Q
+
+METHODS = ("gift-sw", "ste", "lora")
+
+
+def text_ppl_of(preset: S.Preset, qs: Q.QuantSetting):
+    def post(run_dir) -> dict:
+        from salientft.quant.model import model_bytes
+        from salientft.train import load_run
+
+        model, tok = load_run(run_dir)
+        return {"text_ppl": Q.text_perplexity(model, Q.text_ids(tok, qs.text_tokens)), "model_bytes": model_bytes(model)}
+
+    return post
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    S.add_common_args(p)
+    p.add_argument("--bits", type=int, nargs="+", default=None)
+    args = p.parse_args(argv)
+    preset, out = S.resolve(args)
+    qs = Q.QUANT[preset.name]
+    runs = S.Runs(preset, out, args.max_minutes)
+    rank, gift_count = S.lora_rank_matching_gift(preset.model)
+    table = []
+    for bits in args.bits or qs.bits:
+        q_spec = Q.spec_for(qs, "gptq+salient", bits)
+        start = runs.get(q_spec, lambda: Q.quantize_one(preset, qs, "gptq+salient", bits, Q.saved_dir(preset, qs, bits)))
+        entry = {"bits": bits, "quantized": None if start is None else start["result"], "recovered": {}}
+        for method in METHODS:
+            spec = {"method": method, "seed": 0, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(preset, q_spec)}
+            if method == "lora":
+                spec["lora_r"] = rank
+            if runs.cached(spec) is None and not runs.over_budget():
+                extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
+            else:
+                extra = {}
+            rec = runs.train(spec, extra, post=text_ppl_of(preset, qs))
+            entry["recovered"][method] = None if rec is None else rec["result"]
+        table.append(entry)
+    command = "bench/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
+              "lora_rank": rank, "gift_trainable": gift_count, "rows": table, "incomplete": runs.skipped,
+              "machine": S.machine()}
+    S.write_report(out, "recovery", result, markdown(result, preset), lambda path: plot(result, path))
+    return 0
+
+
+def markdown(r: dict, preset) -> list[str]:
+    lines = ["# Recovery of quantized models (bench/recovery.py)", ""]
+    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    lines += [f"Start: GPTQ with 16-bit salient columns (bench/quantization.py). LoRA rank {r['lora_rank']} "
+              f"(GIFT-SW trains {r['gift_trainable']:,} weights). Text ppl: SciQ support paragraphs; chat ppl: "
+              "held-out chats; six-task average in %.", "",
+              "| bits | model | trainable | text ppl | chat ppl | six-task avg | size (MiB) |", "|---|---|---|---|---|---|---|"]
+    mb = 2 ** 20
+    for e in r["rows"]:
+        q = e["quantized"]
+        if q:
+            lines.append(f"| {e['bits']} | quantized, no training | 0 | {q['text_ppl']:.2f} | "
+                         f"{S.ppl(q['heldout_loss_after']):.3f} | {S.fmt(q['paper_avg'], scale=100)} | {q['model_bytes'] / mb:.1f} |")
+        for m, res in e["recovered"].items():
+            if res is None:
+                lines.append(f"| {e['bits']} | + {m} | not run | - | - | - | - |")
+                continue
+            lines.append(f"| {e['bits']} | + {m} | {res['trainable_params']:,} | {res['text_ppl']:.2f} | "
+                         f"{S.ppl(res['heldout_loss_after']):.3f} | {S.fmt(res['paper_avg'], scale=100)} | "
+                         f"{res['model_bytes'] / mb:.1f} |")
+    lines += ["", "Sizes count every tensor of the model as stored (LoRA: plus its adapter; STE: after rounding "
+              "back onto the quantized grid).", "", "![recovery](recovery.png)"]
+    return lines
+
+
+def plot(r: dict, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    bits = [e["bits"] for e in r["rows"]]
+    for ax, key, label in ((axes[0], "heldout_loss_after", "held-out chat perplexity (log)"),
+                           (axes[1], "paper_avg", "six-task average (%)")):
+        def value(res):
+            return None if res is None else (S.ppl(res[key]) if key == "heldout_loss_after" else res[key] * 100)
+        series = {"quantized": [value(e["quantized"]) for e in r["rows"]]}
+        for m in METHODS:
+            series[f"+ {m}"] = [value(e["recovered"].get(m)) for e in r["rows"]]
+        for i, (name, ys) in enumerate(series.items()):
+            pts = [(b, y) for b, y in zip(bits, ys) if y is not None]
+            if pts:
+                xs, vals = zip(*pts)
+                ax.plot(xs, vals, marker="o", label=name, ls="--" if name == "quantized" else "-", color=f"C{i}")
+        ax.set_xticks(bits)
+        ax.invert_xaxis()
+        if key == "heldout_loss_after":
+            ax.set_yscale("log")
+        ax.set_xlabel("bits")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{r['settings']['model']}: recovery after GPTQ with 16-bit salient columns")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
