@@ -10,7 +10,8 @@ Presets (one per scale, each with its own cache):
 
 - ``full``: SmolLM2-135M (embedded), fp32, 30 steps of 8 chats (<= 256 tokens), 50 items per
   task of the paper's six, 3 seeds. What docs/RESULTS.md reports.
-- ``quick`` (``--quick``): the same model, 8 steps, 16 items per task, 1 seed: a sanity run.
+- ``quick`` (``--quick``): the same model, 5 steps, 10 items per task, 1 seed: a sanity run
+  (the parts also run fewer variants).
 - ``smoke`` (``--smoke``): the tiny random Llama, 2 steps, 4 items per task, 2 seeds: CI.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Preset:
 PRESETS = {
     "full": Preset("full", "smollm2-135m", max_steps=30, batch_size=8, max_length=256, eval_limit=50,
                    calib_samples=32, seeds=(0, 1, 2)),
-    "quick": Preset("quick", "smollm2-135m", max_steps=8, batch_size=8, max_length=256, eval_limit=16,
+    "quick": Preset("quick", "smollm2-135m", max_steps=5, batch_size=8, max_length=256, eval_limit=10,
                     calib_samples=16, seeds=(0,)),
     "smoke": Preset("smoke", "tiny-random-llama", max_steps=2, batch_size=2, max_length=384, eval_limit=4,
                     calib_samples=4, seeds=(0, 1), data_limit=32),
@@ -200,7 +201,10 @@ def compact(result: dict) -> dict:
     after = result.get("eval_after") or {}
     keep = ("method", "steps", "wall_time_s", "tokens_per_s", "trainable_params", "total_params",
             "trainable_fraction", "peak_memory_bytes", "learning_rate", "heldout_loss_before", "heldout_loss_after")
+    import torch
+
     out = {k: result.get(k) for k in keep}
+    out["threads"] = torch.get_num_threads()  # s/step depends on it (and on the machine's load)
     out["train_loss"] = [round(h["loss"], 4) for h in result.get("train_loss", [])]
     out["paper_avg"] = after.get("paper_avg")
     out["tasks"] = {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in (after.get("results") or {}).items()}

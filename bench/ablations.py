@@ -6,8 +6,8 @@ no noise, GMT at ratio 0.5, full fine-tuning = ratio 0) are not trained twice. O
 variant (seed 0); the seed-to-seed spread of bench/quality.py's GIFT-SW and GMT runs, shown
 beside each table, is the yardstick for what counts as a difference.
 
-    .venv/bin/python bench/ablations.py            # 9 new runs (about 25 min), docs/results/ablations.*
-    .venv/bin/python bench/ablations.py --quick    # 4 of them, short
+    .venv/bin/python bench/ablations.py            # 11 new runs (about 30 min), docs/results/ablations.*
+    .venv/bin/python bench/ablations.py --quick    # 2 of them, short
     .venv/bin/python bench/ablations.py --smoke --out /tmp/a   # tiny random model (CI)
 """
 from __future__ import annotations
@@ -32,16 +32,23 @@ GROUPS = {
         ("0", {"method": "full"}),
         *[(str(r), {"method": "gmt", "mask_ratio": r}) for r in (0.2, 0.5, 0.7, 0.9)],
     ]),
+    "lora_lr": ("LoRA's learning rate (the paper's 3e-5 is for 500 steps of batch 128 on 7B models)", "lr", [
+        ("3e-5", {"method": "lora", "lora_r": None}),
+        *[(lr, {"method": "lora", "lora_r": None, "lr": float(lr)}) for lr in ("1e-4", "3e-4")],
+    ]),
     "gmt_on_gift": ("GMT on top of GIFT-SW (mask ratio 0.5 of the salient columns' gradients)", "variant", [
         ("gift-sw", {"method": "gift-sw"}),
         ("gift-sw + gmt 0.5", {"method": "gift-sw", "mask_ratio": 0.5}),
     ]),
 }
-QUICK = {("noise", "output"), ("metric", "random"), ("gmt_ratio", "0.9"), ("gmt_on_gift", "gift-sw + gmt 0.5")}
+QUICK = {("noise", "output"), ("gmt_ratio", "0.9")}  # --quick trains only these (and reuses quality's)
+SMOKE = QUICK | {("metric", "random"), ("gmt_on_gift", "gift-sw + gmt 0.5")}  # --smoke: every code path, tiny
 
 
-def with_seed(spec: dict, seed: int) -> dict:
+def with_seed(spec: dict, seed: int, rank: int | None = None) -> dict:
     spec = {**spec, "seed": seed}
+    if "lora_r" in spec:  # the rank matched to GIFT-SW's count, as in bench/quality.py
+        spec["lora_r"] = rank
     if spec["method"] == "gmt" and "mask_ratio" not in spec:
         spec["mask_ratio"] = 0.5
     return spec
@@ -55,15 +62,17 @@ def main(argv=None) -> int:
     preset, out = S.resolve(args)
     runs = S.Runs(preset, out, args.max_minutes)
     base = runs.baseline()
+    rank = S.lora_rank_matching_gift(preset.model)[0] if "lora_lr" in args.groups else None
     groups = {}
     for g in args.groups:
         title, axis, variants = GROUPS[g]
         rows = []
         for label, spec in variants:
-            if (args.quick or args.smoke) and (g, label) not in QUICK:
-                rec = runs.cached(with_seed(spec, SEED))  # quick: only what is cheap or already there
+            subset = QUICK if args.quick else SMOKE if args.smoke else None
+            if subset is not None and (g, label) not in subset:
+                rec = runs.cached(with_seed(spec, SEED, rank))  # quick: only what is cheap or already there
             else:
-                rec = runs.train(with_seed(spec, SEED))
+                rec = runs.train(with_seed(spec, SEED, rank))
             rows.append({"variant": label, "spec": spec, "result": None if rec is None else rec["result"]})
         groups[g] = {"title": title, "axis": axis, "rows": rows}
     noise = seed_spread(runs, preset)

@@ -8,7 +8,7 @@ Several seeds per method; reported: the paper's six-task average and held-out pe
 mean ± std over seeds, and which differences exceed the seed noise.
 
     .venv/bin/python bench/quality.py            # 6 methods x 3 seeds (about 45 min), docs/results/quality.*
-    .venv/bin/python bench/quality.py --quick    # 1 seed, 8 steps, 16 items per task
+    .venv/bin/python bench/quality.py --quick    # 4 methods, 1 seed, 5 steps, 10 items per task
     .venv/bin/python bench/quality.py --smoke --out /tmp/q   # tiny random model (CI)
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 import _suite as S
 
 METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
+QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
 TASK_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                "boolq": "acc", "winogrande": "acc"}
 
@@ -35,8 +36,10 @@ def specs(method: str, seed: int, rank: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     S.add_common_args(p)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help=f"default: all ({', '.join(METHODS)}); --quick: {', '.join(QUICK_METHODS)}")
     args = p.parse_args(argv)
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     preset, out = S.resolve(args)
     runs = S.Runs(preset, out, args.max_minutes)
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
@@ -90,6 +93,8 @@ def markdown(r: dict, preset) -> list[str]:
     lines += [f"LoRA and DoRA rank {r['lora_rank']} (alpha 2r), closest to GIFT-SW's {r['gift_trainable']:,} "
               "trainable weights; GMT masks 50 % of each tensor's gradient entries (full fine-tuning otherwise). "
               "Six-task average: acc_norm for HellaSwag, ARC-e/c, PIQA; acc for BoolQ, WinoGrande (in %).", "",
+              "s/step is the training loop's wall time per step on a shared machine, a rough guide only "
+              "(bench/step.py measures speed properly).", "",
               "| method | seeds | trainable | lr | six-task avg (%) | held-out ppl | s/step |", "|---|---|---|---|---|---|---|"]
     if r["base"]:
         lines.append(f"| base (no training) | - | - | - | {S.fmt(r['base']['paper_avg'], scale=100)} | "

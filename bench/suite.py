@@ -38,8 +38,7 @@ def commands(part: str, mode: str, out: Path, max_minutes: float) -> list[list[s
     if mode == "smoke":
         return [["scaling.py", "--preset", "tiny", "--out", str(out / "scaling")]]
     if mode == "quick":
-        return [["step.py", "--quick", "--model", "smollm2-135m", "--out", str(out / "step")],
-                ["scaling.py", "--quick", "--out", str(out / "scaling")]]
+        return [["scaling.py", "--quick", "--out", str(out / "scaling")]]
     return [["step.py", "--model", "smollm2-135m", "--out", str(out / "step")],
             ["scaling.py", "--out", str(out / "scaling")]]
 
@@ -62,8 +61,7 @@ def main(argv=None) -> int:
     from _suite import write_json
 
     report_path = out / f"suite{'-' + mode if mode != 'full' else ''}.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {"mode": mode, "parts": {}}
-    failed = []
+    report, failed = {"mode": mode, "parts": {}}, []
     t_all = time.time()
     for part in args.parts:
         t = time.time()
@@ -77,8 +75,11 @@ def main(argv=None) -> int:
         if any(codes):
             failed.append(part)
         print(f"== {part}: {'FAILED' if any(codes) else 'done'} in {minutes:.1f} min", flush=True)
-    report["last_invocation_minutes"] = round((time.time() - t_all) / 60, 2)
-    write_json(report_path, report)
+    # re-read: another invocation (another part) may have finished meanwhile
+    latest = json.loads(report_path.read_text()) if report_path.is_file() else {"mode": mode, "parts": {}}
+    latest["parts"].update(report["parts"])
+    latest["last_invocation_minutes"] = round((time.time() - t_all) / 60, 2)
+    write_json(report_path, latest)
     if failed:
         print(f"failed parts: {', '.join(failed)}", file=sys.stderr)
         return 1
