@@ -240,6 +240,7 @@ def test_recovery_of_a_quantized_model(tmp_path, method):
     model, _ = load_run(out, dtype="fp32")
     layers = [m for m in model.modules() if isinstance(m, QuantizedSalientLinear)]
     assert len(layers) == 14  # still quantized after recovery (STE rounds back onto the grid)
+    assert all(m.salient_weight.dtype == torch.bfloat16 for m in layers)  # saved as quantized: 16-bit columns
     if method == "gift-sw":
         before, _ = load_run_base(qdir)
         changed = False
@@ -249,6 +250,22 @@ def test_recovery_of_a_quantized_model(tmp_path, method):
             elif not n.endswith("noise_std"):  # the noise scale is set when recovery starts
                 assert torch.equal(a, b), n  # only the 16-bit salient columns were trained
         assert changed
+
+
+@pytest.mark.parametrize("method", ["gift-sw", "ste"])
+def test_quantized_recovery_trains_the_16bit_tensors_in_fp32(tmp_path, method):
+    # bf16 would round an AdamW step of 1e-4 on a weight of 0.05 away (half its spacing is 1.2e-4)
+    from salientft.models import load_model
+    from salientft.train import prepare_model
+
+    qdir = tmp_path / "q4"
+    assert main(["quantize", "--model", "tiny-random-llama", "--bits", "4", "--method", "rtn", "--n-salient", "4",
+                 "--samples", "4", "--seq-len", "32", "--output", str(qdir), "--no-progress"]) == 0
+    model, _ = load_model(str(qdir))
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    model = prepare_model(model, tiny_config(tmp_path, method, quantized=str(qdir)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
 
 def load_run_base(qdir):

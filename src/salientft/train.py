@@ -154,11 +154,26 @@ def _prepare_quantized(model, config: TrainConfig):
 
     if config.method in GIFT_METHODS:
         noise = "none" if config.method == "salient" else (config.noise or "weight")
-        return prepare_gift_recovery(model, noise=noise, noise_bits=config.noise_bits)
+        return _fp32_trainable(prepare_gift_recovery(model, noise=noise, noise_bits=config.noise_bits))
     if config.method == "ste":
-        return apply_ste(model)
+        return _fp32_trainable(apply_ste(model))
     return apply_lora_quantized(model, r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
                                 lora_dropout=config.lora_dropout)
+
+
+def _fp32_trainable(model):
+    """Train the 16-bit tensors of a quantized model in fp32: an AdamW step of 1e-4 on a bf16 weight
+    of magnitude 0.05 is below half its spacing and would be rounded away. Cast back on saving."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return model
+
+
+def _cast_trainable_back(model, dtype):
+    for p in model.parameters():
+        if p.dtype == torch.float32 and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def prepare_model(model, config: TrainConfig, train_dataset=None):
@@ -379,6 +394,7 @@ def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
 
         if config.method == "ste":
             model = ste_to_quantized(model)
+        _cast_trainable_back(model, model.get_input_embeddings().weight.dtype)  # as stored before training
         save_quantized(model, out / "model", tokenizer=tokenizer, base_model=config.model)
     elif config.method in GIFT_METHODS:
         save_adapter(model, out / "adapter", base_model=config.model)
