@@ -268,6 +268,15 @@ def test_quantized_recovery_trains_the_16bit_tensors_in_fp32(tmp_path, method):
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
 
+def test_bf16_gift_training_keeps_fp32_columns(tmp_path):
+    from salientft.models import tiny_random_llama
+    from salientft.train import prepare_model
+
+    model = prepare_model(tiny_random_llama(seed=0, dtype=torch.bfloat16), tiny_config(tmp_path, "salient", dtype="bf16"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
 def load_run_base(qdir):
     from salientft.models import load_model
 
