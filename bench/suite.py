@@ -31,14 +31,17 @@ ROOT = HERE.parent
 PARTS = ("quality", "ablations", "quantization", "recovery", "speed")
 
 
-def commands(part: str, mode: str, out: Path, max_minutes: float) -> list[list[str]]:
+def commands(part: str, mode: str, out: Path, max_minutes: float, explicit_out: bool) -> list[list[str]]:
     flags = {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}[mode]
-    if part != "speed":
-        return [[f"{part}.py", *flags, "--out", str(out), "--max-minutes", str(max_minutes)]]
+    if part != "speed":  # the parts' own default folders are the suite's: pass --out only if given
+        return [[f"{part}.py", *flags, *(["--out", str(out)] if explicit_out else []),
+                 *(["--max-minutes", f"{max_minutes:g}"] if max_minutes != 45 else [])]]
     if mode == "smoke":
         return [["scaling.py", "--preset", "tiny", "--out", str(out / "scaling")]]
     if mode == "quick":
-        return [["scaling.py", "--quick", "--out", str(out / "scaling")]]
+        return [["scaling.py", "--quick", "--out", str(out / "scaling")]]  # never over the full results
+    if not explicit_out:
+        return [["step.py", "--model", "smollm2-135m"], ["scaling.py"]]
     return [["step.py", "--model", "smollm2-135m", "--out", str(out / "step")],
             ["scaling.py", "--out", str(out / "scaling")]]
 
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
     for part in args.parts:
         t = time.time()
         codes = []
-        for cmd in commands(part, mode, out, args.max_minutes):
+        for cmd in commands(part, mode, out, args.max_minutes, bool(args.out)):
             print(f"== {part}: {' '.join(cmd)}", flush=True)
             codes.append(subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=ROOT).returncode)
         minutes = (time.time() - t) / 60
