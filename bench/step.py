@@ -522,23 +522,17 @@ def main(argv=None) -> None:
               "threads": torch.get_num_threads(), "rounds": args.rounds, "warmup": args.warmup,
               "quick": args.quick, "models": {}}
     t_start = time.time()
-    # Memory workers run one at a time in a background thread while the timing loop runs (the
-    # machine is shared anyway; interleaving keeps their load fair to all timed methods).
+    # Memory workers run one at a time BEFORE the timing loop: run concurrently, they would compete
+    # for the 2 cores with the timed steps and multiply their spread (measured: q1-q3 of 4-22 s).
     memory = {}
     if not args.no_memory:
-        import threading
-
-        def run_memory():
-            for model_name in models:
-                for m in methods:
-                    print(f"[memory] {model_name} {m}", file=sys.stderr, flush=True)
-                    try:
-                        memory[model_name, m] = measure_memory(m, model_name, args)
-                    except Exception as e:  # reported, not fatal for the timings
-                        memory[model_name, m] = {"error": str(e)[-500:]}
-
-        mem_thread = threading.Thread(target=run_memory, daemon=True)
-        mem_thread.start()
+        for model_name in models:
+            for m in methods:
+                print(f"[memory] {model_name} {m}", file=sys.stderr, flush=True)
+                try:
+                    memory[model_name, m] = measure_memory(m, model_name, args)
+                except Exception as e:  # reported, not fatal for the timings
+                    memory[model_name, m] = {"error": str(e)[-500:]}
     out = Path(args.out)
 
     def report():  # also after each model, so a cut-short run leaves its finished part
@@ -560,8 +554,6 @@ def main(argv=None) -> None:
         res["model"] = describe_model(model_name)
         result["models"][model_name] = res
         report()
-    if not args.no_memory:
-        mem_thread.join()
     report()
     print(out.with_suffix(".md").read_text())
 
