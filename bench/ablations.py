@@ -6,7 +6,7 @@ no noise, GMT at ratio 0.5, full fine-tuning = ratio 0) are not trained twice. O
 variant (seed 0); the seed-to-seed spread of bench/quality.py's GIFT-SW and GMT runs, shown
 beside each table, is the yardstick for what counts as a difference.
 
-    .venv/bin/python bench/ablations.py            # 11 new runs (about 30 min), docs/results/ablations.*
+    .venv/bin/python bench/ablations.py            # 12 new runs (about 40 min), docs/results/ablations.*
     .venv/bin/python bench/ablations.py --quick    # 2 of them, short
     .venv/bin/python bench/ablations.py --smoke --out /tmp/a   # tiny random model (CI)
 """
@@ -32,9 +32,12 @@ GROUPS = {
         ("0", {"method": "full"}),
         *[(str(r), {"method": "gmt", "mask_ratio": r}) for r in (0.2, 0.5, 0.7, 0.9)],
     ]),
-    "lora_lr": ("LoRA's learning rate (the paper's 3e-5 is for 500 steps of batch 128 on 7B models)", "lr", [
-        ("3e-5", {"method": "lora", "lora_r": None}),
-        *[(lr, {"method": "lora", "lora_r": None, "lr": float(lr)}) for lr in ("1e-4", "3e-4")],
+    "lora_lr": ("learning rate of LoRA and of the salient columns (the paper's rates are for 500 steps of "
+                "batch 128 on 7B models)", "method, lr", [
+        ("lora 3e-5", {"method": "lora", "lora_r": None}),
+        *[(f"lora {lr}", {"method": "lora", "lora_r": None, "lr": float(lr)}) for lr in ("1e-4", "3e-4")],
+        ("salient 1e-4", {"method": "salient"}),
+        ("salient 3e-4", {"method": "salient", "lr": 3e-4}),
     ]),
     "gmt_on_gift": ("GMT on top of GIFT-SW (mask ratio 0.5 of the salient columns' gradients)", "variant", [
         ("gift-sw", {"method": "gift-sw"}),
