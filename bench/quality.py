@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             rec = runs.train(specs(m, seed, rank))
             if rec is not None:
                 records[m].append(rec["result"])
-    command = "bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     result = summarize(records, base, preset, rank, gift_count, command, runs.skipped)
     S.write_report(out, "quality", result, markdown(result, preset), lambda path: plot(result, path))
     return 0

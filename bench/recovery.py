@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             rec = runs.train(spec, extra, post=text_ppl_of(preset, qs))
             entry["recovered"][method] = None if rec is None else rec["result"]
         table.append(entry)
-    command = "bench/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("bench/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "lora_rank": rank, "gift_trainable": gift_count, "rows": table, "incomplete": runs.skipped,
               "machine": S.machine()}
