@@ -240,18 +240,14 @@ def model_metrics(model, tok, preset: Preset) -> dict:
 
 def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:
     """(LoRA rank whose trainable count is closest to GIFT-SW's default, GIFT-SW's count) on ``model_name``."""
+    from step import gift_budget  # bench/step.py: the same matching for the speed benchmark
+
     from salientft.config import GiftConfig
     from salientft.models import load_model
-    from salientft.targets import find_target_modules, linear_weight
 
     model, _ = load_model(model_name, dtype="bf16")
-    cfg = GiftConfig()
-    kout = io = 0
-    for name, m in find_target_modules(model).items():
-        out_f, in_f = linear_weight(m).shape
-        kout += cfg.k_for(in_f, name) * out_f
-        io += in_f + out_f
-    return max(1, round(kout / io)), kout
+    kout, _, rank = gift_budget(model, GiftConfig())
+    return rank, kout
 
 
 # --------------------------------------------------------------------------- statistics
@@ -291,7 +287,7 @@ def fmt(m, s=None, scale=1.0, spec=".1f") -> str:
 
 
 def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=None) -> None:
-    """``<out>/<name>.json``, ``.md`` and (if ``plot(path)`` is given) ``.png``, each written atomically."""
+    """``<out>/<name>.json``, ``.md`` and (if ``plot()`` returning a figure is given) ``.png``, each atomically."""
     write_json(out / f"{name}.json", result)
     with atomic_path(out / f"{name}.md") as tmp:
         tmp.write_text("\n".join(markdown) + "\n")
@@ -299,8 +295,13 @@ def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=N
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plot()
+        fig.tight_layout()
         with atomic_path(out / f"{name}.png") as tmp:
-            plot(tmp)
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
     print(f"wrote {out / name}.json/.md" + ("/.png" if plot else ""))
 
 

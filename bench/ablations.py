@@ -84,7 +84,7 @@ def main(argv=None) -> int:
               "base": None if base is None else {"paper_avg": base["result"]["paper_avg"],
                                                  "heldout_ppl": S.ppl(base["result"]["heldout_loss_after"])},
               "groups": groups, "seed_spread": noise, "incomplete": runs.skipped, "machine": S.machine()}
-    S.write_report(out, "ablations", result, markdown(result, preset), lambda path: plot(result, path))
+    S.write_report(out, "ablations", result, markdown(result, preset), lambda: plot(result))
     return 0
 
 
@@ -125,7 +125,7 @@ def markdown(r: dict, preset) -> list[str]:
     return lines
 
 
-def plot(r: dict, path) -> None:
+def plot(r: dict):
     import matplotlib.pyplot as plt
 
     groups = list(r["groups"].values())
@@ -153,9 +153,7 @@ def plot(r: dict, path) -> None:
             if i == 0:
                 ax.set_title(g["axis"] if g["axis"] != "variant" else "GMT on GIFT-SW", fontsize=10)
     fig.suptitle(f"Ablations on {r['settings']['model']} (seed {r['seed']}; dashed: base model)")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

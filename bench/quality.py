@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                 records[m].append(rec["result"])
     command = ("bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     result = summarize(records, base, preset, rank, gift_count, command, runs.skipped)
-    S.write_report(out, "quality", result, markdown(result, preset), lambda path: plot(result, path))
+    S.write_report(out, "quality", result, markdown(result, preset), lambda: plot(result))
     return 0
 
 
@@ -125,7 +125,7 @@ def _yn(v) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
-def plot(r: dict, path) -> None:
+def plot(r: dict):
     import matplotlib.pyplot as plt
 
     names = list(r["methods"])
@@ -151,9 +151,7 @@ def plot(r: dict, path) -> None:
         pad = 0.15 * (hi - lo or 1)
         ax.set_ylim(lo - pad, hi + pad)
     fig.suptitle(f"{r['settings']['model']}: {r['settings']['max_steps']} steps, mean ± std over seeds (dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

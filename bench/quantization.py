@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "salient_fraction": SALIENT_FRACTION, "base": None if base is None else base["result"],
               "rows": rows, "incomplete": runs.skipped, "machine": S.machine()}
-    S.write_report(out, "quantization", result, markdown(result), lambda path: plot(result, path))
+    S.write_report(out, "quantization", result, markdown(result), lambda: plot(result))
     return 0
 
 
@@ -182,7 +182,7 @@ def markdown(r: dict) -> list[str]:
     return lines
 
 
-def plot(r: dict, path) -> None:
+def plot(r: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -207,9 +207,7 @@ def plot(r: dict, path) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{r['settings']['model']}: weight-only quantization with and without 16-bit salient columns")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

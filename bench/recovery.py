@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "lora_rank": rank, "gift_trainable": gift_count, "rows": table, "incomplete": runs.skipped,
               "machine": S.machine()}
-    S.write_report(out, "recovery", result, markdown(result, preset), lambda path: plot(result, path))
+    S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result))
     return 0
 
 
@@ -96,7 +96,7 @@ def markdown(r: dict, preset) -> list[str]:
     return lines
 
 
-def plot(r: dict, path) -> None:
+def plot(r: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -121,9 +121,7 @@ def plot(r: dict, path) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{r['settings']['model']}: recovery after GPTQ with 16-bit salient columns")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":
