@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from salientft._io import atomic_path, write_json  # noqa: E402
+
+from _machine import git_commit, machine_info  # noqa: E402,F401  (bench/_machine.py)
 
 log = logging.getLogger("bench")
 CACHE_VERSION = 1  # bump when a change to salientft invalidates cached results
@@ -93,31 +93,9 @@ def resolve(args) -> tuple[Preset, Path]:
 
 
 def machine() -> dict:
-    import os
-
-    import torch
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        pass
-    info["commit"] = git_commit()
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """The machine facts the suite's reports record (bench/_machine.py), under their recorded keys."""
+    return machine_info("python", "torch", "transformers", "threads", "cpus=cpu_count", "processor",
+                        "load_avg_1m", "peft", "commit")
 
 
 def run_key(preset: Preset, spec: dict) -> str:

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from _machine import machine_info  # bench/_machine.py
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +54,7 @@ def main() -> None:
         runs[be]["items_per_cpu_s"] = n / runs[be]["cpu_s"]
         print(be, json.dumps(runs[be]), flush=True)
     out = {"model": "smollm2-135m", "dtype": args.dtype, "limit": args.limit, "batch_size": args.batch_size,
-           "threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__, "runs": runs}
+           "threads": args.threads, **machine_info("cpu_count", "torch"), "runs": runs}
     write_json(args.out, out)
     print(f"wrote {args.out}")
 

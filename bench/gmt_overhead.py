@@ -22,7 +22,6 @@ quantity measured directly, less noisy).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -30,10 +29,13 @@ from pathlib import Path
 
 import torch
 
+from _machine import machine_info  # bench/_machine.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from salientft._io import atomic_path, write_json  # noqa: E402
+from salientft.config_base import GMT_DEFAULT_RATIO  # noqa: E402
 from salientft.gmt import GradientMask  # noqa: E402
 from salientft.models import load_model  # noqa: E402
 
@@ -54,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--accum", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--ratio", type=float, default=GMT_DEFAULT_RATIO)
     ap.add_argument("--strict", action="store_true", help="also time tensor granularity in strict mode")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is measured)")
     ap.add_argument("--quick", action="store_true", help="2 rounds at accumulation 8, 4 at 1")
@@ -140,9 +142,8 @@ def main(argv=None):
 
     env = {"model": "smollm2-135m", "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
            "ratio": args.ratio, "masked_entries": n_masked,
-           "trainable_entries": sum(p.numel() for p in params), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "clock": "process_time", "cpu": platform.processor() or platform.machine(),
-           "quick": args.quick}
+           "trainable_entries": sum(p.numel() for p in params), **machine_info("torch", "threads"),
+           "clock": "process_time", **machine_info("cpu=processor"), "quick": args.quick}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"config": env, "results": results})
     lines = [

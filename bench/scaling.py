@@ -33,17 +33,15 @@ process's peak resident set over the loaded base model while it runs a few steps
 extra weights, saved activations, gradients, optimizer states). The processes are forked from
 this one before it has built any model or run any op (so they are fresh and do not re-import
 torch: a few seconds saved per process), with glibc's mmap/trim thresholds pinned as step.py
-does. They run one at a time, before the timing, so they do not disturb it.
+does (both: bench/_memory.py). They run one at a time, before the timing, so they do not disturb it.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -55,6 +53,8 @@ sys.path.insert(0, str(HERE))
 
 import step  # noqa: E402  (bench/step.py; it puts src/ on sys.path)
 import torch  # noqa: E402
+from _machine import machine_info  # noqa: E402
+from _memory import meminfo_bytes, peak_rss_bytes, pin_malloc  # noqa: E402
 
 from salientft._io import atomic_path, write_json  # noqa: E402
 
@@ -128,24 +128,9 @@ def estimate_bytes(widths, methods, batch: int, seq: int, elem: int) -> int:
     return int(1.1 * resident + act + 2**29)
 
 
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Peak memory: step.memory_worker in a forked, fresh process per (width, method)
 # ----------------------------------------------------------------------------------------------
-def _pin_malloc() -> None:
-    """What step.MALLOC_ENV does at process start, done with mallopt after a fork."""
-    libc = ctypes.CDLL(None)
-    opts = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM_/M_MMAP_THRESHOLD
-    for env, opt in opts.items():
-        libc.mallopt(opt, int(step.MALLOC_ENV[env]))
-
-
 def measure_memory(method: str, hidden: int, args) -> dict:
     name = model_name(hidden)
     r, w = os.pipe()
@@ -154,7 +139,7 @@ def measure_memory(method: str, hidden: int, args) -> dict:
         code = 1
         try:
             os.close(r)
-            _pin_malloc()
+            pin_malloc()  # what step.py's MALLOC_ENV does at process start
             if args.threads:
                 torch.set_num_threads(args.threads)
             res = step.memory_worker(method, name, getattr(torch, args.dtype), args.device, False,
@@ -202,7 +187,7 @@ def time_keys(keys, args, desc: str) -> dict:
 
 def choose_interleave(args) -> tuple[str, str]:
     est = estimate_bytes(args.widths, args.methods, args.batch, args.seq, 2 if args.dtype == "bfloat16" else 4)
-    avail = mem_available()
+    avail = meminfo_bytes("MemAvailable")
     detail = (f"estimated {est / 2**30:.1f} GiB for all models at once, "
               f"{avail / 2**30:.1f} GiB available (budget {MEMORY_BUDGET:.0%})")
     if args.interleave != "auto":
@@ -335,25 +320,6 @@ def write_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def machine_info() -> dict:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "threads": torch.get_num_threads(), "mem_total_gib": round(_meminfo_total() / 2**30, 1),
-            "mem_available_gib": round(mem_available() / 2**30, 1)}
-
-
-def _meminfo_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +395,8 @@ def main(argv=None) -> dict:
 
     for h in args.widths:
         register(h, args.batch, args.seq)
-    machine = machine_info()
+    machine = machine_info("python", "torch", "transformers", "peft", "platform", "cpu_count", "cpu_affinity",
+                           "threads", "mem_total_gib", "mem_available_gib")
     mode, reason = choose_interleave(args)
     memory = {}
     if not args.no_memory:  # first: forked from this process before it runs any torch op
@@ -461,7 +428,7 @@ def main(argv=None) -> dict:
     add_ratios(widths)
     machine["loadavg_before"] = list(load_before)
     machine["loadavg_after"] = list(os.getloadavg())
-    machine["peak_rss_gib"] = round(step._status_kb("VmHWM") / 2**20, 2)  # this (timing) process
+    machine["peak_rss_gib"] = round(peak_rss_bytes() / 2**30, 2)  # this (timing) process
     result = {
         "benchmark": "bench/scaling.py",
         "command": shlex.join([".venv/bin/python", "bench/scaling.py", *argv]),

@@ -15,13 +15,14 @@ report the median over rounds (and the quartiles).
 Peak memory: each method runs alone in a fresh subprocess. On CPU, torch's allocator memory is
 invisible to tracemalloc, so we measure the process's resident set: after loading the base
 model we record VmRSS, apply the method, reset the kernel's high-water mark
-(``echo 5 > /proc/self/clear_refs``), run the steps and read VmHWM. The delta is what the method
-adds over the loaded model: its extra weights, saved activations, gradients and optimizer
-states. glibc's adaptive mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that large freed
-blocks go back to the kernel and are not silently reused (which would hide a peak). On CUDA
-``torch.cuda.max_memory_allocated`` is used instead. As an analytic cross-check we also count
-the bytes of trainable parameters + their gradients + the two AdamW moments, and the extra
-bytes of weights/buffers the method keeps beyond the base model (shared storage counted once).
+(``echo 5 > /proc/self/clear_refs``), run the steps and read VmHWM (bench/_memory.py). The
+delta is what the method adds over the loaded model: its extra weights, saved activations,
+gradients and optimizer states. glibc's adaptive mmap threshold is pinned
+(MALLOC_MMAP_THRESHOLD_) so that large freed blocks go back to the kernel and are not silently
+reused (which would hide a peak). On CUDA ``torch.cuda.max_memory_allocated`` is used instead.
+As an analytic cross-check we also count the bytes of trainable parameters + their gradients +
+the two AdamW moments, and the extra bytes of weights/buffers the method keeps beyond the base
+model (shared storage counted once).
 
 Parameter budget: GIFT-SW uses the paper's ratio k = round(in * 128/4096) columns per layer;
 LoRA/DoRA get the rank r = round(sum(k*out) / sum(in+out)) over the same targets (all linear
@@ -50,17 +51,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _machine import machine_info  # bench/_machine.py
+from _memory import MALLOC_ENV, peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/_memory.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from salientft._io import atomic_path, write_json  # noqa: E402
-from salientft.config import GiftConfig  # noqa: E402
+from salientft.config_base import GMT_DEFAULT_RATIO  # noqa: E402
+from salientft.gift.config import GiftConfig  # noqa: E402
 from salientft.gift.model import apply_gift, noise_std_for  # noqa: E402
 from salientft.saliency import select_salient  # noqa: E402
 from salientft.targets import find_target_modules, linear_weight  # noqa: E402
 
-METHODS = ("gift-weight", "gift-output", "gift-none", "lora", "dora", "full", "gmt", "authors")
-GMT_RATIO = 0.5
+# Benchmark variants -> (registered salientft method, TrainConfig overrides); "authors" is the
+# re-implementation below, not a salientft method.
+VARIANTS = {
+    "gift-weight": ("gift-sw", {"noise": "weight"}),
+    "gift-output": ("gift-sw", {"noise": "output"}),
+    "gift-none": ("salient", {}),
+    "lora": ("lora", {}),
+    "dora": ("dora", {}),
+    "full": ("full", {}),
+    "gmt": ("gmt", {}),
+}
+METHODS = (*VARIANTS, "authors")
+GMT_RATIO = GMT_DEFAULT_RATIO
 MODELS = ("smollm2-135m", "wide-llama")
 # The wide random Llama: layers wider than SmolLM2's, few of them, tiny vocabulary so that the
 # linear layers (not lm_head) dominate. tokens per micro-batch (512) < in_features (1536).
@@ -112,9 +128,7 @@ class AuthorsSalientLinear(nn.Module):
         return F.linear(x, w, self.original.bias)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+from salientft.targets import set_module as _set_module  # noqa: E402
 
 
 def apply_authors(model: nn.Module, config: GiftConfig, scores, noise_std=None) -> nn.Module:
@@ -186,45 +200,45 @@ def gift_budget(model: nn.Module, config: GiftConfig) -> tuple[int, int, int]:
 
 
 def build(method: str, model_name: str, dtype: torch.dtype, device: str):
-    """(model in train mode, optimizer, info) for one method on a freshly loaded base model."""
+    """(model in train mode, optimizer, info) for one method on a freshly loaded base model.
+
+    Every method but the authors' re-implementation is prepared by ``salientft.methods``, as
+    ``salientft train`` prepares it, with the benchmark's stand-ins for the costly parts
+    (magnitude scores, ``cheap_noise_std``) and LoRA/DoRA at GIFT-SW's trainable count.
+    """
+    from salientft import methods
+    from salientft.config import TrainConfig
+
     model, tok = load_base(model_name, dtype)
     model.to(device)
     info = {}
-    config = GiftConfig()  # paper ratio k = 128/4096 of in_features
-    kout, io, r = gift_budget(model, config)
+    _, _, r = gift_budget(model, GiftConfig())  # paper ratio k = 128/4096 of in_features
     info["lora_rank"] = r
-    if method.startswith("gift-"):
-        config = GiftConfig(noise=method.split("-", 1)[1])
-        apply_gift(model, config, magnitude_scores(model), noise_std=cheap_noise_std(model))
-    elif method == "authors":
+    mask_config = None
+    if method == "authors":
         apply_authors(model, GiftConfig(noise="weight"), magnitude_scores(model), cheap_noise_std(model))
-    elif method in ("lora", "dora"):
-        from peft import LoraConfig, get_peft_model
-
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(model)})
-        lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=suffixes,
-                          use_dora=method == "dora", bias="none")
-        model = get_peft_model(model, lcfg)
-    elif method in ("full", "gmt"):
-        for p in model.parameters():
-            p.requires_grad_(True)
+    elif method in VARIANTS:
+        name, overrides = VARIANTS[method]
+        spec = methods.get(name)
+        cfg = TrainConfig(method=name, dtype="fp32", lora_r=r, lora_alpha=2 * r, lora_dropout=0.0, **overrides)
+        model = spec.prepare(model, cfg, scores=magnitude_scores(model), noise_std=cheap_noise_std(model))
+        mask_config = spec.mask_config(cfg)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    if method == "gmt":
-        from salientft.config import GMTConfig
+    if mask_config is not None:
         from salientft.gmt import build_gradient_mask
 
-        mask = build_gradient_mask(model, GMTConfig(ratio=GMT_RATIO))
+        mask = build_gradient_mask(model, mask_config)
 
         def apply_mask(*_):  # paper mode: mask, then a stock optimizer.step()
             mask.apply_()  # (a pre-hook must return None: its return value replaces the args)
 
         opt.register_step_pre_hook(apply_mask)
         opt.gradient_mask = mask  # for inspection (tests, last_stats)
-        info["gmt_ratio"] = GMT_RATIO
+        info["gmt_ratio"] = mask_config.ratio
     seen = set()
     info["trainable"] = sum(p.numel() for p in params if not (id(p) in seen or seen.add(id(p))))
     info["train_state_mb"] = sum(p.numel() * (2 * p.element_size() + 8) for p in params) / 2**20
@@ -263,13 +277,6 @@ def batch_shape_for(model_name: str, quick: bool, override=(None, None)) -> tupl
     return (override[0] or b, override[1] or s)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(method: str, model_name: str, dtype: torch.dtype, device: str, quick: bool, steps: int,
                   batch_override=(None, None)) -> dict:
     torch.manual_seed(0)
@@ -289,21 +296,16 @@ def memory_worker(method: str, model_name: str, dtype: torch.dtype, device: str,
         base_alloc = torch.cuda.memory_allocated() - extra_weights
         torch.cuda.reset_peak_memory_stats()
     else:
-        base_rss = _status_kb("VmRSS") * 1024 - extra_weights
-        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM
+        base_rss = rss_bytes() - extra_weights
+        reset_peak_rss()  # the high-water mark VmHWM
     for _ in range(steps):
         train_step(model, opt, batch)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base_alloc
     else:
-        peak = _status_kb("VmHWM") * 1024 - base_rss
+        peak = peak_rss_bytes() - base_rss
     return {"peak_mb": peak / 2**20, "extra_weights_mb": extra_weights / 2**20, **info}
-
-
-# glibc: large blocks always mmap'ed and freed memory trimmed, so a freed block is not silently
-# reused (which would hide a peak). Set in the worker's environment before it starts.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def measure_memory(method, model_name, args) -> dict:
@@ -515,12 +517,9 @@ def main(argv=None) -> None:
         ap.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     if args.rounds is None:
         args.rounds = 2 if args.quick else 4
-    import peft
-
     models = MODELS if args.model == "all" else (args.model,)
-    result = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "peft": peft.__version__,
-              "threads": torch.get_num_threads(), "rounds": args.rounds, "warmup": args.warmup,
-              "quick": args.quick, "models": {}}
+    result = {"device": args.device, "dtype": args.dtype, **machine_info("torch", "peft", "threads"),
+              "rounds": args.rounds, "warmup": args.warmup, "quick": args.quick, "models": {}}
     t_start = time.time()
     # Memory workers run one at a time BEFORE the timing loop: run concurrently, they would compete
     # for the 2 cores with the timed steps and multiply their spread (measured: q1-q3 of 4-22 s).

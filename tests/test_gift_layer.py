@@ -68,10 +68,10 @@ def test_gradients_match_autograd_reference(noise):
     seed = int(torch.randint(0, 2**62, (1,)).item())
     w = layer.weight.detach().clone()
     if noise == "weight":
-        from salientft.gift.layer import _noisy_weight
+        from salientft.ops.noise import noisy_weight
 
         # the whole noisy matrix for this seed (the layer itself only ever builds row blocks)
-        w = _noisy_weight(w, w[:, idx], idx, layer.noise_std, seed, torch.float32)
+        w = noisy_weight(w, w[:, idx], idx, layer.noise_std, seed, torch.float32)
     w_full = w.clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     w_used = w_full.index_copy(1, idx, layer.salient_weight.detach())
@@ -246,7 +246,7 @@ def test_conv1d_is_supported():
 
 
 def test_blocked_noise_on_a_wide_layer_matches_the_whole_matrix(monkeypatch):
-    import salientft.gift.layer as L
+    import salientft.ops.noise as L
 
     monkeypatch.setattr(L, "NOISE_BLOCK_ELEMS", 5 * IN)  # force 10 row blocks (the last one short)
     assert L.noise_blocks(OUT, IN)[:2] == [(0, 5), (5, 10)] and L.noise_blocks(OUT, IN)[-1] == (45, 48)
@@ -258,7 +258,7 @@ def test_blocked_noise_on_a_wide_layer_matches_the_whole_matrix(monkeypatch):
     (y * torch.arange(OUT)).sum().backward()
     torch.manual_seed(3)
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    w = L._noisy_weight(layer.weight.detach(), layer.salient_weight.detach(), layer.salient_idx, layer.noise_std,
+    w = L.noisy_weight(layer.weight.detach(), layer.salient_weight.detach(), layer.salient_idx, layer.noise_std,
                         seed, torch.float32)
     torch.testing.assert_close(y, F.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, (torch.arange(OUT, dtype=torch.float32) @ w).expand(7, IN), rtol=1e-5, atol=1e-4)

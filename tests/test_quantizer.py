@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from salientft.quant import grid
-from salientft.quant.grid import clip_grid, quantize_rows
+from salientft.ops import grid
+from salientft.ops.grid import clip_grid, quantize_rows
 
 
 def _ref_row_errors(row: torch.Tensor, bits: int) -> tuple[list[float], list[float]]:

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from salientft.calibration import ActivationStats, calibrate
-from salientft.quant.grid import quantize_rows
+from salientft.calibration import ActivationStats
+from salientft.ops.grid import quantize_rows
+from salientft.pipelines import calibrate
 from salientft.saliency import (
     METRICS,
     load_scores,

@@ -186,7 +186,7 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
         assert rc == 2
         return capsys.readouterr().err
 
-    assert "method must be one of" in err(["--method", "qlora", "--output", str(tmp_path / "x")])
+    assert "unknown method 'qlora'; choose from" in err(["--method", "qlora", "--output", str(tmp_path / "x")])
     assert "missing.jsonl" in err(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')

@@ -1,6 +1,6 @@
 """salientft: fine-tune large language models by training only their salient weights."""
-from .config import GiftConfig
 from .gift import (
+    GiftConfig,
     SalientLinear,
     apply_gift,
     load_adapter,
@@ -12,27 +12,31 @@ from .gift import (
 from .data.chat import ChatCollator, build_dataset, calibration_batches_from_dataset, tokenize_conversations
 from .data.instruct import heldout_texts, load_conversations
 from .models import load_model
-from .quant.grid import quantize_rows
+from .ops.grid import quantize_rows
 from .quant.layer import QuantizedSalientLinear
 from .quant.model import QuantizeConfig, load_quantized, prepare_gift_recovery, quantize, save_quantized
 from .quant.ste import STELinear, apply_lora_quantized, apply_ste, ste_to_quantized
 from .calibration import (
     ActivationStats,
-    calibrate,
     calibration_batches,
     collect_activation_stats,
     load_stats,
     save_stats,
 )
 from .saliency import METRICS, load_scores, plot_scores, saliency_scores, save_scores, select_salient
+from .pipelines import calibrate, quantize_pretrained
+from . import methods
+from .config import TrainConfig
 
 from .evaluation import compare_runs, evaluate, load_for_eval, perplexity
-from .config import GMTConfig
-from .gmt import GradientMask, build_gradient_mask
+from .gmt import GMTConfig, GradientMask, build_gradient_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "methods",
+    "TrainConfig",
+    "quantize_pretrained",
     "GiftConfig",
     "SalientLinear",
     "apply_gift",

@@ -1,4 +1,5 @@
-"""Atomic file writing: a crash never leaves a half-written output behind."""
+"""File helpers: atomic writing (a crash never leaves a half-written output behind) and reading a
+safetensors file with clear errors."""
 from __future__ import annotations
 
 import json
@@ -60,3 +61,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict, dict]:
+    """Every tensor and the metadata of a safetensors file, with clear errors naming ``what``."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file {p} does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt/truncated files
+        raise ValueError(f"{p} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    return tensors, meta

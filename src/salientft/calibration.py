@@ -1,4 +1,7 @@
-"""Calibration: text -> token batches -> per-layer input statistics -> salience scores.
+"""Calibration: text -> token batches -> per-layer input statistics.
+
+(The whole ``salientft calibrate`` step, statistics -> salience scores -> file and plot, is
+``salientft.pipelines.calibrate``.)
 
 The statistics are what the sensitivity metric (METHODS.md §1.2) needs from the activations X_j
 of every input channel j of every target layer, accumulated in one forward pass with memory
@@ -26,7 +29,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._io import atomic_path
+from ._io import atomic_path, read_safetensors
+from .targets import in_features_of, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class ActivationStats:
 
     def norm(self, rho) -> torch.Tensor:
         """||X_j||_rho for every channel j, rho in {1, 2, "inf"}, as float64."""
-        rho = _norm_order(rho, "rho")
+        rho = norm_order(rho, "rho")
         if rho == "inf":
             return self.max_abs.to(torch.float64)
         if rho == 2:
@@ -66,7 +70,7 @@ class ActivationStats:
         return self.sum_abs.clone()
 
 
-def _norm_order(p, what: str):
+def norm_order(p, what: str):
     """Normalise a norm order to 1, 2 or "inf" (accepts 1, 2, "1", "2", "inf", math.inf)."""
     if isinstance(p, str):
         p = p.strip().lower()
@@ -157,35 +161,6 @@ def _make_hook(name: str, acc: _Accumulator, state: _HookState):
     return hook
 
 
-def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Module]:
-    """Target layers by name. Exact full module names are taken as they are (they need only an
-    ``in_features`` attribute, so layers already replaced by another module type still work);
-    anything else goes through ``salientft.targets.find_target_modules``."""
-    from .targets import find_target_modules
-
-    if target_modules is not None and not isinstance(target_modules, str):
-        names = list(target_modules)
-        named = dict(model.named_modules())
-        if names and all(n in named for n in names):
-            out = {}
-            for n in names:
-                if not isinstance(getattr(named[n], "in_features", None), int):
-                    raise ValueError(f"target {n!r} ({type(named[n]).__name__}) has no integer in_features")
-                out[n] = named[n]
-            return out
-        target_modules = names
-    return find_target_modules(model, target_modules)
-
-
-def _in_features(module: nn.Module) -> int:
-    n = getattr(module, "in_features", None)
-    if isinstance(n, int):
-        return n
-    if type(module).__name__ == "Conv1D":  # transformers' Conv1D: weight (in, out)
-        return int(module.weight.shape[0])
-    raise ValueError(f"cannot tell the input width of {type(module).__name__}")
-
-
 def _backbone(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """The transformer without its LM head when every target lives inside it: the logits
     (tokens x vocab) are not needed for input statistics and are often the largest matmul."""
@@ -220,7 +195,7 @@ def collect_activation_stats(
     except StopIteration:
         device = torch.device("cpu")
     state = _HookState()
-    accs = {n: _Accumulator(_in_features(m), device, hessian) for n, m in targets.items()}
+    accs = {n: _Accumulator(in_features_of(m), device, hessian) for n, m in targets.items()}
     handles = [m.register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True) for n, m in targets.items()]
     runner = _backbone(model, targets)
     was_training = model.training
@@ -278,9 +253,7 @@ def save_stats(stats: dict[str, ActivationStats], path, metadata: dict | None = 
 
 def load_stats(path) -> dict[str, ActivationStats]:
     """Read a file written by :func:`save_stats`."""
-    from .saliency import _open_safetensors
-
-    tensors, meta = _open_safetensors(path, "activation statistics")
+    tensors, meta = read_safetensors(path, "activation statistics")
     if meta.get("format") != "salientft.activation_stats":
         raise ValueError(f"{path} is not a salientft activation-statistics file (format={meta.get('format')!r})")
     fields: dict[str, dict] = {}
@@ -459,7 +432,7 @@ def calibration_batches(
     docs = load_documents(source, needed)
     stream = _token_stream(tokenizer, docs, needed, seed)
     if not stream:
-        raise ValueError(f"calibration data {_describe(source)} is empty: no token to calibrate on")
+        raise ValueError(f"calibration data {describe_source(source)} is empty: no token to calibrate on")
     gen = torch.Generator().manual_seed(seed + 1)
     T = len(stream)
     if T >= needed:
@@ -471,7 +444,7 @@ def calibration_batches(
         samples = [stream[i : i + seq_len] for i in range(0, T, seq_len)]
         log.warning(
             "calibration data %s has %d tokens, fewer than n_samples x seq_len = %d: using %d samples "
-            "(every token once)", _describe(source), T, needed, len(samples),
+            "(every token once)", describe_source(source), T, needed, len(samples),
         )
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad is None:
@@ -490,76 +463,5 @@ def calibration_batches(
     return batches
 
 
-def _describe(source) -> str:
+def describe_source(source) -> str:
     return repr(source) if isinstance(source, (str, os.PathLike)) else f"({type(source).__name__} of {len(source)})"
-
-
-# --------------------------------------------------------------------------------------------
-# The whole step: model + data -> scores file (+ plot)
-# --------------------------------------------------------------------------------------------
-def calibrate(
-    model: nn.Module,
-    tokenizer,
-    data="embedded",
-    *,
-    metric: str = "gift",
-    bits: int = 4,
-    tau=None,
-    rho=None,
-    gamma=None,
-    n_samples: int = 128,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    seed: int = 0,
-    target_modules=None,
-    n_salient: int | None = None,
-    salient_fraction: float | None = None,
-    output=None,
-    plot=None,
-    stats_output=None,
-    progress: bool = True,
-    metadata: dict | None = None,
-) -> dict[str, torch.Tensor]:
-    """Calibrate ``model`` on ``data`` and score every target layer's columns.
-
-    Writes the scores to ``output`` (safetensors, see :func:`salientft.saliency.save_scores`),
-    optionally the statistics to ``stats_output`` and a PNG to ``plot`` (top-k with k from
-    ``n_salient`` / ``salient_fraction``, default the paper's 128/4096 ratio). Metrics that need
-    no activations ("magnitude", "random") skip the forward pass. Returns the scores.
-    """
-    from .saliency import STATLESS_METRICS, resolve_metric, save_scores, saliency_scores
-
-    spec = resolve_metric(metric, tau=tau, rho=rho, gamma=gamma)  # fail before any work
-    targets = resolve_targets(model, target_modules)
-    ks = _k_per_layer(targets, n_salient, salient_fraction)
-    stats = None
-    n_tokens = 0
-    if spec["name"] not in STATLESS_METRICS:
-        batches = calibration_batches(tokenizer, data, n_samples, seq_len, batch_size, seed)
-        stats = collect_activation_stats(model, batches, list(targets), progress=progress)
-        n_tokens = next(iter(stats.values())).count
-        if stats_output is not None:
-            save_stats(stats, stats_output)
-    scores = saliency_scores(model, stats, metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed,
-                             target_modules=list(targets), progress=progress)
-    meta = {
-        "metric": spec["name"], "tau": spec["tau"], "rho": spec["rho"], "gamma": spec["gamma"], "bits": bits,
-        "data": _describe(data) if not isinstance(data, str) else data, "n_samples": n_samples,
-        "seq_len": seq_len, "tokens": n_tokens, "seed": seed,
-        "n_salient": n_salient, "salient_fraction": salient_fraction,
-    }
-    meta.update(metadata or {})
-    if output is not None:
-        save_scores(scores, output, meta)
-    if plot is not None:
-        from .saliency import plot_scores
-
-        plot_scores(scores, ks, plot, title=f"{spec['name']} salience ({n_tokens} tokens)")
-    return scores
-
-
-def _k_per_layer(targets: dict, n_salient, salient_fraction) -> dict[str, int]:
-    from .config import GiftConfig
-
-    cfg = GiftConfig(n_salient=n_salient, salient_fraction=salient_fraction)
-    return {n: cfg.k_for(_in_features(m), n) for n, m in targets.items()}

@@ -1,11 +1,13 @@
 """The ``salientft`` command: argument parsing only; every command calls the public API.
 
 Each subcommand has one ``_add_<name>(sub)`` function that declares its flags and a handler
-``_run_<name>(args)`` that calls the library.
+``_run_<name>(args)`` that calls the library. The flags of train, calibrate and quantize are the
+fields of dataclasses (TrainConfig; salientft.cli_args), each field's help text its --help.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -20,26 +22,69 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------- flags from dataclasses
 
 _FLAG_TYPES = {"str": str, "int": int, "float": float}
 
 
-def _config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field (--kebab-case); unset flags stay absent so YAML values survive."""
-    import dataclasses
+def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = False) -> None:
+    """One flag per dataclass field (--kebab-case); its --help is the field's ``help`` metadata and default.
 
+    ``defaults=False`` (train): unset flags stay absent from the namespace so that YAML values
+    survive, and bools are --x/--no-x. ``defaults=True`` (calibrate, quantize): unset flags get
+    the field's default, and a bool defaulting to False is a plain switch (--no-progress).
+    A field without a default is a required flag; ``choices`` metadata (a sequence, or a callable
+    returning one) limits the values; the fields of each group in ``cls.EXCLUSIVE`` are mutually
+    exclusive flags.
+    """
+    groups = {}
+    for names in getattr(cls, "EXCLUSIVE", ()):
+        group = parser.add_mutually_exclusive_group()
+        groups.update(dict.fromkeys(names, group))
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         ann = str(f.type)
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"(default: {f.default!r})"}
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        kw = {"dest": f.name, "help": _flag_help(f.metadata.get("help", ""), default)}
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = default if defaults else argparse.SUPPRESS
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            kw["choices"] = choices() if callable(choices) else choices
+        add = groups.get(f.name, parser).add_argument
         if ann == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            switch = defaults and default is False
+            add(flag, action="store_true" if switch else argparse.BooleanOptionalAction, **kw)
         elif ann.startswith("list[str]"):
-            parser.add_argument(flag, type=_list_or_regex, metavar="NAMES", **kw)
+            add(flag, type=_list_or_regex, metavar="NAMES", **kw)
         else:
             base = ann.split("|")[0].strip()
-            parser.add_argument(flag, type=_FLAG_TYPES.get(base, str), **kw)
+            add(flag, type=_FLAG_TYPES.get(base, str), **kw)
+
+
+def _flag_help(text: str, default) -> str:
+    """``text (default: <default>)``, ``text (required)`` for ``default=MISSING``; a text that says
+    itself what an unset (None) flag means, e.g. "(default: the method's)", is kept as it is."""
+    if default is dataclasses.MISSING:
+        suffix = "(required)"
+    elif default is None and "default" in text:
+        suffix = ""
+    else:
+        suffix = f"(default: {default!r})"
+    return " ".join(s for s in (text, suffix) if s).replace("%", "%%")  # argparse %-formats help
+
+
+def _args_command(sub, name: str, run) -> None:
+    """The subcommand ``name`` of ``salientft.cli_args.COMMANDS``: one flag per field of its
+    dataclass, each defaulting to the field's default; ``run(args)`` handles it."""
+    from .cli_args import COMMANDS
+
+    cls, help, description = COMMANDS[name]
+    p = sub.add_parser(name, help=help, description=description)
+    _config_flags(p, cls, defaults=True)
+    p.set_defaults(func=run)
 
 
 def _list_or_regex(text: str):
@@ -49,11 +94,18 @@ def _list_or_regex(text: str):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# --------------------------------------------------------------------------- train
+
 def _add_train(sub) -> None:
     from .config import TrainConfig
 
-    p = sub.add_parser("train", help="fine-tune a model (gift-sw, salient, gmt, full, lora, dora; ste on a quantized model)",
-                       description="Fine-tune a model. Every config field is a flag; flags win over --config.")
+    from . import methods
+
+    listing = "; ".join(f"{m.name}{' (--quantized)' if m.quantized else ''}: {m.summary}" for m in methods.registered())
+    p = sub.add_parser("train", help=f"fine-tune a model ({', '.join(methods.names())}; "
+                                     f"{', '.join(methods.names(quantized=True))} on a quantized model)",
+                       description="Fine-tune a model. Every config field is a flag; flags win over --config. "
+                                   f"Methods: {listing}.")
     p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     _config_flags(p, TrainConfig)
@@ -75,35 +127,11 @@ def _run_train(args) -> int:
 
 
 def _add_calibrate(sub) -> None:
-    from .saliency import METRICS
-
-    p = sub.add_parser("calibrate", help="score every target layer's input columns (salience)",
-                       description="Run calibration data through a model and write per-column salience "
-                                   "scores (safetensors) and optionally a PNG summary.")
-    p.add_argument("--model", default="smollm2-135m", help="preset (smollm2-135m, tiny-random-llama), folder or hub id")
-    p.add_argument("--data", default="embedded", help="'embedded', a .txt/.jsonl file, or a Hugging Face dataset name")
-    p.add_argument("--metric", default="gift", choices=METRICS)
-    p.add_argument("--samples", type=int, default=128, help="number of calibration samples")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bits", type=int, default=4, help="quantizer bits for D = W - Q(W)")
-    p.add_argument("--tau", default=None, help="weight-error norm: 1, 2 or inf (gift/gift-g2 only)")
-    p.add_argument("--rho", default=None, help="activation norm: 1, 2 or inf (gift/gift-g2 only)")
-    p.add_argument("--gamma", type=float, default=None, help="activation exponent: 0.5, 1 or 2 (gift/gift-g2 only)")
-    k = p.add_mutually_exclusive_group()
-    k.add_argument("--n-salient", type=int, default=None, help="k columns per layer (for the plot and metadata)")
-    k.add_argument("--salient-fraction", type=float, default=None, help="k as a fraction of in_features")
-    p.add_argument("--target-modules", type=_list_or_regex, default=None, help="'q_proj,v_proj' or 're:<regex>'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="scores file (.safetensors)")
-    p.add_argument("--stats-output", default=None, help="also save the activation statistics (.safetensors)")
-    p.add_argument("--plot", default=None, help="PNG summary of the scores")
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    p.set_defaults(func=_run_calibrate)
+    _args_command(sub, "calibrate", _run_calibrate)
 
 
 def _run_calibrate(args) -> int:
-    from .calibration import calibrate
+    from .pipelines import calibrate
     from .models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -120,36 +148,13 @@ def _run_calibrate(args) -> int:
 
 
 def _add_quantize(sub) -> None:
-    from .saliency import METRICS
-
-    p = sub.add_parser("quantize", help="quantize to 2-8 bits keeping the salient columns in 16 bits (GPTQ or RTN)",
-                       description="Weight-only symmetric quantization of every target layer; the k salient "
-                                   "columns stay 16-bit (METHODS.md 1.6). Writes a folder load_quantized() reads.")
-    p.add_argument("--model", default="smollm2-135m", help="preset (smollm2-135m, tiny-random-llama), folder or hub id")
-    p.add_argument("--bits", type=int, required=True, help="2, 3, 4 or 8")
-    k = p.add_mutually_exclusive_group()
-    k.add_argument("--n-salient", type=int, default=None, help="16-bit columns per layer (0: none)")
-    k.add_argument("--salient-fraction", type=float, default=None, help="k as a fraction of in_features (0: none)")
-    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
-    p.add_argument("--group-size", type=int, default=None, help="scale per group of columns (default: per row)")
-    p.add_argument("--metric", default="gift", choices=METRICS, help="salience metric (see salientft calibrate)")
-    p.add_argument("--scores", default=None, help="precomputed scores file from salientft calibrate")
-    p.add_argument("--data", default="embedded", help="calibration data: 'embedded', a .txt/.jsonl file or a dataset name")
-    p.add_argument("--samples", type=int, default=128, help="number of calibration samples")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--target-modules", type=_list_or_regex, default=None, help="'q_proj,v_proj' or 're:<regex>'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--output", required=True, help="output folder")
-    p.set_defaults(func=_run_quantize)
+    _args_command(sub, "quantize", _run_quantize)
 
 
 def _run_quantize(args) -> int:
     import json
 
-    from .quant.model import quantize_pretrained
+    from .pipelines import quantize_pretrained
 
     s = quantize_pretrained(
         args.model, args.output, args.bits, n_salient=args.n_salient, salient_fraction=args.salient_fraction,

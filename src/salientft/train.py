@@ -1,13 +1,14 @@
 """One training loop for every method, built on the Hugging Face Trainer.
 
-Methods: ``gift-sw`` (salient columns + noise), ``salient`` (no noise), ``gmt`` (full
-fine-tuning with gradient masking), ``full``, and the PEFT baselines ``lora`` and ``dora``.
-Precision: ``dtype="bf16"`` keeps frozen weights in bf16, trainable weights in fp32 and computes
-under bf16 autocast (full/gmt keep fp32 master weights); ``fp32`` is plain fp32.
+What differs between methods (the dtype of master weights, how the model is made trainable,
+callbacks, checkpoint contents, outputs) is asked of ``salientft.methods``; nothing here
+branches on a method's name. Precision: ``dtype="bf16"`` keeps frozen weights in bf16,
+trainable weights in fp32 and computes under bf16 autocast (dense methods keep fp32 master
+weights); ``fp32`` is plain fp32.
 
-Outputs in ``config.output``: ``adapter/`` (gift-sw, salient, lora, dora) or ``model/`` (full,
-gmt), ``merged/`` with ``merge=True``, ``metrics.json``, ``loss.png``, ``run_config.json``
-(the resolved config) and ``checkpoint-<step>/`` every ``save_steps``. A checkpoint counts only
+Outputs in ``config.output``: the method's ``adapter/`` or ``model/``, ``merged/`` with
+``merge=True``, ``metrics.json``, ``loss.png``, ``run_config.json`` (the resolved config) and
+``checkpoint-<step>/`` every ``save_steps``. A checkpoint counts only
 once its ``salientft_complete`` marker is written, so an interrupted save is never resumed from.
 """
 from __future__ import annotations
@@ -21,18 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_dir, atomic_path, write_json
+from ._io import atomic_path, write_json
 from .config import TrainConfig
-from .gift import apply_gift, gift_layers, merge_gift, save_adapter, trainable_parameters
-from .gift.adapter import read_adapter
-from .models import load_model, resolve_dtype
-from .targets import find_target_modules
+from .gift import trainable_parameters
+from .models import load_model
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "salientft_complete"
-GIFT_METHODS = ("gift-sw", "salient")
-PEFT_METHODS = ("lora", "dora")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,10 +65,12 @@ def _trainer_classes():
             return control
 
     class SalientTrainer(Trainer):
-        """Trainer that stops on a non-finite loss, counts tokens, and checkpoints GIFT-SW compactly."""
+        """Trainer that stops on a non-finite loss, counts tokens, and lets the method write and
+        restore the model's part of a checkpoint (GIFT-SW: its compact adapter)."""
 
-        def __init__(self, *a, **kw):
+        def __init__(self, *a, method, **kw):
             super().__init__(*a, **kw)
+            self.salientft_method = method
             self.tokens_seen = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -90,25 +89,13 @@ def _trainer_classes():
             return loss
 
         def _save(self, output_dir=None, state_dict=None):
-            if gift_layers(self.model):
-                save_adapter(self.model, Path(output_dir or self.args.output_dir) / "adapter")
-                return
-            super()._save(output_dir, state_dict)
+            directory = Path(output_dir or self.args.output_dir)
+            if not self.salientft_method.save_checkpoint(self.model, directory):
+                super()._save(output_dir, state_dict)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            adapter = Path(resume_from_checkpoint) / "adapter"
-            if gift_layers(self.model) and adapter.is_dir():
-                _, tensors = read_adapter(adapter)
-                with torch.no_grad():
-                    for name, layer in gift_layers(self.model).items():
-                        if not torch.equal(tensors[f"{name}.salient_idx"].to(layer.salient_idx.device), layer.salient_idx):
-                            raise ValueError(
-                                f"checkpoint {resume_from_checkpoint} chose other salient columns for {name}; "
-                                "resume with the same model, data, metric and seed"
-                            )
-                        layer.salient_weight.copy_(tensors[f"{name}.salient_weight"])
-                return
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if not self.salientft_method.load_checkpoint(self.model, Path(resume_from_checkpoint)):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     return SalientTrainer, CompleteMarker
 
@@ -116,91 +103,9 @@ def _trainer_classes():
 # ----------------------------------------------------------------------------- preparation
 
 
-def _prepare_gift(model, config: TrainConfig, train_dataset):
-    gcfg = config.gift_config()
-    if config.dtype == "bf16":
-        gcfg.fp32_salient = True
-    if config.scores:
-        from .saliency import load_scores
-
-        scores = load_scores(config.scores)
-        return apply_gift(model, gcfg, scores)
-    calibration = None
-    if gcfg.metric not in ("random", "magnitude"):
-        from .data.chat import calibration_batches_from_dataset
-
-        calibration = calibration_batches_from_dataset(
-            train_dataset, n_samples=config.calib_samples, batch_size=8, seed=config.seed
-        )
-    return apply_gift(model, gcfg, calibration=calibration)
-
-
-def _prepare_peft(model, config: TrainConfig):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("lora and dora baselines need PEFT: pip install 'salientft[peft]'") from None
-    names = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(model, config.target_modules)})
-    lcfg = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=config.lora_dropout,
-        target_modules=names, use_dora=config.method == "dora", task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lcfg)
-
-
-def _prepare_quantized(model, config: TrainConfig):
-    from .quant.model import prepare_gift_recovery
-    from .quant.ste import apply_lora_quantized, apply_ste
-
-    if config.method in GIFT_METHODS:
-        noise = "none" if config.method == "salient" else (config.noise or "weight")
-        return _fp32_trainable(prepare_gift_recovery(model, noise=noise, noise_bits=config.noise_bits))
-    if config.method == "ste":
-        return _fp32_trainable(apply_ste(model))
-    return apply_lora_quantized(model, r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r,
-                                lora_dropout=config.lora_dropout)
-
-
-def _fp32_trainable(model):
-    """Train the 16-bit tensors of a quantized model in fp32: an AdamW step of 1e-4 on a bf16 weight
-    of magnitude 0.05 is below half its spacing and would be rounded away. Cast back on saving."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-    return model
-
-
-def _cast_trainable_back(model, dtype):
-    for p in model.parameters():
-        if p.dtype == torch.float32 and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-
-
 def prepare_model(model, config: TrainConfig, train_dataset=None):
     """Make the model trainable the way ``config.method`` says (in place where possible)."""
-    if config.quantized:
-        return _prepare_quantized(model, config)
-    if config.method in GIFT_METHODS:
-        return _prepare_gift(model, config, train_dataset)
-    if config.method in PEFT_METHODS:
-        return _prepare_peft(model, config)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _gmt_callbacks(config: TrainConfig):
-    """GMT's Trainer callback (the mask is built on the Trainer's model when training starts)."""
-    ratio = config.mask_ratio
-    if config.method == "gmt" and ratio is None:
-        ratio = 0.5
-    if ratio is None:
-        return []
-    from .config import GMTConfig
-    from .gmt import GradientMaskCallback
-
-    gcfg = GMTConfig(ratio=ratio, granularity=config.mask_granularity, mode=config.mask_mode)
-    return [GradientMaskCallback(gcfg)]
+    return config.training_method.prepare(model, config, train_dataset)
 
 
 # ----------------------------------------------------------------------------- run
@@ -264,8 +169,13 @@ def _plot_loss(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=None) -> dict:
-    """Fine-tune ``config.model`` on ``config.data`` with ``config.method``; returns the metrics."""
+def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=None, callbacks=()) -> dict:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.method``; returns the metrics.
+
+    ``model``/``tokenizer``: an already loaded base (else loaded from the config); ``callbacks``:
+    extra Hugging Face ``TrainerCallback`` objects, run after the method's own.
+    """
+    extra_callbacks = list(callbacks)
     from transformers import TrainingArguments, set_seed
 
     from .data.chat import ChatCollator, build_dataset
@@ -280,12 +190,10 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
         checkpoint = ckpts[-1]
         log.info("resuming from %s", checkpoint)
     set_seed(config.seed)
-    torch_dtype = resolve_dtype(config.dtype)
+    method = config.training_method
     if model is None:
-        # Full fine-tuning keeps fp32 master weights; frozen bases may stay in bf16.
-        load_dtype = torch.float32 if config.method in ("full", "gmt") else torch_dtype
-        source = config.quantized or config.model
-        model, tokenizer = load_model(source, dtype=load_dtype, trust_remote_code=config.trust_remote_code)
+        model, tokenizer = load_model(method.base_source(config), dtype=method.master_dtype(config),
+                                      trust_remote_code=config.trust_remote_code)
     train_ds = build_dataset(
         config.data, tokenizer, max_length=config.max_length, packing=config.packing, split="train",
         limit=config.data_limit, seed=config.seed,
@@ -302,13 +210,13 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
     eval_before = _evaluate(model, tokenizer, config) if config.eval_tasks and config.eval_before else None
 
     set_seed(config.seed)
-    model = prepare_model(model, config, train_ds)
+    model = method.prepare(model, config, train_ds)
     if config.gradient_checkpointing:
         model.config.use_cache = False
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     counts = trainable_parameters(model)
-    callbacks = _gmt_callbacks(config)
+    callbacks = method.callbacks(config)
     SalientTrainer, CompleteMarker = _trainer_classes()
     args = TrainingArguments(
         output_dir=str(out),
@@ -338,7 +246,7 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
     )
     trainer = SalientTrainer(
         model=model, args=args, train_dataset=train_ds, data_collator=collator,
-        callbacks=[CompleteMarker(), *callbacks],
+        callbacks=[CompleteMarker(), *callbacks, *extra_callbacks], method=method,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -373,7 +281,7 @@ def train(config: TrainConfig, *, resume: bool = False, model=None, tokenizer=No
         if eval_before is not None:
             result["eval_before"] = eval_before
         result["eval_after"] = _evaluate(model, tokenizer, config)
-    _save_outputs(model, tokenizer, config, out)
+    method.save_final(model, tokenizer, config, out)
     write_json(out / "run_config.json", config.to_dict())
     write_json(out / "metrics.json", result)
     if history:
@@ -385,36 +293,6 @@ def _evaluate(model, tokenizer, config: TrainConfig) -> dict:
     from .evaluation import evaluate
 
     return evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit)
-
-
-def _save_outputs(model, tokenizer, config: TrainConfig, out: Path) -> None:
-    if config.quantized and config.method != "lora":
-        from .quant.model import save_quantized
-        from .quant.ste import ste_to_quantized
-
-        if config.method == "ste":
-            model = ste_to_quantized(model)
-        _cast_trainable_back(model, model.get_input_embeddings().weight.dtype)  # as stored before training
-        save_quantized(model, out / "model", tokenizer=tokenizer, base_model=config.model)
-    elif config.method in GIFT_METHODS:
-        save_adapter(model, out / "adapter", base_model=config.model)
-        if config.merge:
-            merged = merge_gift(model)
-            with atomic_dir(out / "merged") as tmp:
-                merged.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-    elif config.method in PEFT_METHODS:
-        with atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(tmp)
-        if config.merge:
-            merged = model.merge_and_unload()
-            with atomic_dir(out / "merged") as tmp:
-                merged.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-    else:
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
 
 
 def load_run(run_dir: str | Path, dtype="bf16"):

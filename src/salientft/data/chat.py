@@ -24,35 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .templates import chat_template_for, render_chat
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-# Used only when a tokenizer has no chat template (base models): ChatML with the tokenizer's eos.
-_FALLBACK_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}EOS\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _template(tokenizer) -> str | None:
-    if getattr(tokenizer, "chat_template", None):
-        return None  # use the tokenizer's own
-    eos = tokenizer.eos_token
-    if eos is None:
-        raise ValueError("the tokenizer has neither a chat template nor an eos token; "
-                         "set tokenizer.chat_template before building chat data")
-    logger.warning("tokenizer has no chat template; using a ChatML fallback ending turns with %r", eos)
-    return _FALLBACK_TEMPLATE.replace("EOS", eos)
-
-
-def render_chat(tokenizer, messages, add_generation_prompt: bool = False, chat_template=None) -> str:
-    """``messages`` rendered with the tokenizer's chat template (or the ChatML fallback)."""
-    if chat_template is None:
-        chat_template = _template(tokenizer)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
-
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -103,7 +79,7 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
     token are dropped and counted in a warning. Raises if none remain."""
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    chat_template = _template(tokenizer)
+    chat_template = chat_template_for(tokenizer)
     examples, dropped, truncated = [], 0, 0
     conversations = list(conversations)
     for b in range(0, len(conversations), batch_size):

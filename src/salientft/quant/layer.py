@@ -22,42 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gift.layer import _compute_dtype, _noisy_weight
-from .grid import quantize_rows
+from ..config_base import QUANTIZED_NOISE_MODES
+from ..ops.dtype import compute_dtype
+from ..ops.grid import quantize_rows
+from ..ops.noise import noisy_weight
+from ..ops.salient import SalientLayer, bias_grad, complement, noise_scale, salient_indices, weight_grad
+from .gptq import expand_groups, n_groups
 from .packing import check_bits, pack, packed_row_bytes, unpack
-
-NOISE_MODES = ("weight", "none")
-
-
-def _check_idx(idx, in_features: int) -> torch.Tensor:
-    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
-    idx, _ = torch.sort(idx)
-    if idx.numel():
-        if idx[0] < 0 or idx[-1] >= in_features or torch.unique(idx).numel() != idx.numel():
-            raise ValueError(f"salient_idx must hold distinct column indices in [0, {in_features})")
-    if idx.numel() >= in_features:
-        raise ValueError(
-            f"{idx.numel()} salient columns leave nothing to quantize in a layer with {in_features} "
-            "input features; use fewer salient columns"
-        )
-    return idx
-
-
-def _complement(idx: torch.Tensor, in_features: int) -> torch.Tensor:
-    keep = torch.ones(in_features, dtype=torch.bool, device=idx.device)
-    keep[idx] = False
-    return keep.nonzero().flatten()
-
-
-def n_groups(n_int: int, group_size: int | None) -> int:
-    return 1 if group_size is None else -(-n_int // group_size)
-
-
-def expand_groups(scale: torch.Tensor, n_int: int, group_size: int | None) -> torch.Tensor:
-    """(out, groups) scale -> (out, n_int) per-column scale (a view when there are no groups)."""
-    if group_size is None:
-        return scale.expand(-1, n_int)
-    return scale.repeat_interleave(group_size, dim=1)[:, :n_int]
 
 
 class _QuantSalientMatmul(torch.autograd.Function):
@@ -70,7 +41,7 @@ class _QuantSalientMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, salient_weight, bias, layer, seed):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         xd = x.to(dtype)
         w = layer._effective_weight(dtype, salient_weight, seed)
         y = F.linear(xd, w, None)
@@ -91,15 +62,14 @@ class _QuantSalientMatmul(torch.autograd.Function):
             w = ctx.layer._effective_weight(ctx.dtype, salient_weight, ctx.seed)
             grad_x = g.matmul(w).to(ctx.x_dtype)
             del w
-        g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t().matmul(x_s.reshape(-1, x_s.shape[-1])).to(salient_weight.dtype)
+            grad_w = weight_grad(g, x_s, salient_weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(ctx.bias_dtype)
+            grad_b = bias_grad(g, ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
-class QuantizedSalientLinear(nn.Module):
+class QuantizedSalientLinear(SalientLayer):
     """A b-bit weight-only quantized linear layer whose k salient input columns stay 16-bit.
 
     Build it with ``from_integers`` (after GPTQ/RTN) or with the constructor (empty, to load a
@@ -123,9 +93,10 @@ class QuantizedSalientLinear(nn.Module):
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
         self.in_features, self.out_features, self.group_size = int(in_features), int(out_features), group_size
-        idx = _check_idx(torch.as_tensor(salient_idx).cpu(), self.in_features)
+        # checked on the CPU: the layer may be built on the meta device (load_quantized)
+        idx = salient_indices(torch.as_tensor(salient_idx).cpu(), self.in_features, allow_empty=True, keep_one=True)
         self.register_buffer("salient_idx", idx.to(device))
-        self.register_buffer("int_idx", _complement(idx, self.in_features).to(device), persistent=False)
+        self.register_buffer("int_idx", complement(idx, self.in_features).to(device), persistent=False)
         n_int = self.in_features - idx.numel()
         self.register_buffer(
             "qweight", torch.zeros(self.out_features, packed_row_bytes(n_int, bits), dtype=torch.uint8, device=device)
@@ -133,7 +104,7 @@ class QuantizedSalientLinear(nn.Module):
         self.register_buffer(
             "scale", torch.ones(self.out_features, n_groups(n_int, group_size), dtype=torch.float32, device=device)
         )
-        self.register_buffer("noise_std", torch.zeros(self.out_features, dtype=torch.float32, device=device))
+        self.register_buffer("noise_std", noise_scale(None, self.out_features, device))
         self.salient_weight = nn.Parameter(
             torch.zeros(self.out_features, idx.numel(), dtype=dtype, device=device), requires_grad=False
         )
@@ -161,15 +132,8 @@ class QuantizedSalientLinear(nn.Module):
                 layer.bias.copy_(bias.to(dtype))
         return layer
 
-    @property
-    def k(self) -> int:
-        return self.salient_idx.numel()
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, k={self.k}, noise={self.noise!r}, bias={self.bias is not None}"
-        )
+    def _repr_extra(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
 
     # ---- dequantization -------------------------------------------------------------------
     def integers(self) -> torch.Tensor:
@@ -199,31 +163,30 @@ class QuantizedSalientLinear(nn.Module):
         if seed is None:
             return w
         # Noise is added block by block into w itself: no second (out, in) temporary.
-        return _noisy_weight(w, salient_weight.detach(), self.salient_idx, self.noise_std, seed, dtype, out=w)
+        return noisy_weight(w, salient_weight.detach(), self.salient_idx, self.noise_std, seed, dtype, out=w)
 
     # ---- training ---------------------------------------------------------------------------
     @torch.no_grad()
     def set_noise(self, mode: str = "weight", bits: int = 4) -> None:
         """Noise for GIFT-SW recovery: std Delta_i/2 of the ``bits``-bit quantizer of the
         dequantized non-salient weights (the paper used 4-bit noise after quantization)."""
-        if mode not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES} for a quantized layer, got {mode!r}")
+        if mode not in QUANTIZED_NOISE_MODES:
+            raise ValueError(f"noise must be one of {QUANTIZED_NOISE_MODES} for a quantized layer, got {mode!r}")
         if mode == "weight":
             _, delta, _ = quantize_rows(self.dequantized_int_weight(torch.float32), bits)
             self.noise_std.copy_(delta / 2)
         self.noise = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        noisy = self.training and self.noise == "weight" and self.k > 0
+        seed = self.weight_noise_seed()
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.salient_weight.requires_grad
             or (self.bias is not None and self.bias.requires_grad)
         )
-        if not needs_grad and not noisy:
-            dtype = _compute_dtype(x)
+        if not needs_grad and seed is None:
+            dtype = compute_dtype(x)
             b = self.bias.to(dtype) if self.bias is not None else None
             return F.linear(x.to(dtype), self.dequantized_weight(dtype), b)
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if noisy else None
         return _QuantSalientMatmul.apply(x, self.salient_weight, self.bias, self, seed)
 
     # ---- accounting -------------------------------------------------------------------------

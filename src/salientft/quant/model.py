@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
-from ..config import PAPER_SALIENT_FRACTION, ConfigMixin
-from ..targets import block_list_name, find_target_modules, linear_weight
+from ..config_base import ConfigMixin, salient_count
+from ..ops.salient import complement
+from ..targets import block_list_name, find_target_modules, linear_weight, set_module
 from .gptq import gptq_quantize, rtn_quantize
-from .layer import QuantizedSalientLinear, _complement
+from .layer import QuantizedSalientLinear
 from .packing import SUPPORTED_BITS
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,7 @@ class QuantizeConfig(ConfigMixin):
             raise ValueError(f"{n}.block_size must be a positive integer, got {self.block_size!r}")
 
     def k_for(self, in_features: int, name: str = "layer") -> int:
-        if self.n_salient is not None:
-            k = self.n_salient
-        else:
-            f = self.salient_fraction if self.salient_fraction is not None else PAPER_SALIENT_FRACTION
-            k = 0 if f == 0 else max(1, round(f * in_features))
-        if k >= in_features:
-            raise ValueError(
-                f"{k} salient columns for {name!r}, which has only {in_features} input features: "
-                "at least one column must be quantized; use a smaller n_salient or salient_fraction"
-            )
-        return k
+        return salient_count(in_features, self.n_salient, self.salient_fraction, name=name, quantized=True)
 
 
 class _Stop(Exception):
@@ -120,11 +111,6 @@ def _normalise_batches(calibration) -> list[dict[str, torch.Tensor]]:
             "token ids, e.g. salientft.calibration.calibration_batches(tokenizer, 'embedded')"
         )
     return out
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 class _Stats:
@@ -296,7 +282,7 @@ def quantize(
             score = None
             if ks[n] > 0:
                 score = scores[n] if scores is not None else _layer_scores(model, n, None, cfg, seed)
-            _set_module(model, n, _quantize_layer(model, n, m, cfg, ks[n], score, None))
+            set_module(model, n, _quantize_layer(model, n, m, cfg, ks[n], score, None))
     model.train(was_training)
     model.salientft_quantization = cfg
     return model
@@ -335,7 +321,7 @@ def _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores,
         H = stats[n].hessian
         new = _quantize_layer(model, n, targets[n], cfg, ks[n], score, H)
         stats[n] = None
-        _set_module(model, n, new)
+        set_module(model, n, new)
 
 
 def prepare_gift_recovery(model: nn.Module, noise: str = "weight", noise_bits: int = 4) -> nn.Module:
@@ -461,7 +447,7 @@ def load_quantized(path, device="cpu", return_tokenizer: bool = False):
             spec["in_features"], spec["out_features"], spec["bits"], torch.arange(spec["k"]),
             group_size=spec["group_size"], bias=spec["bias"], dtype=dtype, device="meta",
         )
-        _set_module(model, n, layer)
+        set_module(model, n, layer)
     model = model.to_empty(device=device)
     with safe_open(str(path / WEIGHTS_NAME), framework="pt", device=str(device)) as f:
         keys = set(f.keys())
@@ -479,7 +465,7 @@ def load_quantized(path, device="cpu", return_tokenizer: bool = False):
         owner._buffers[b] = t
     for n in meta["layers"]:  # non-persistent index buffer follows the loaded salient_idx
         layer = model.get_submodule(n)
-        layer.int_idx = _complement(layer.salient_idx, layer.in_features)
+        layer.int_idx = complement(layer.salient_idx, layer.in_features)
     if meta.get("tied") and hasattr(model, "tie_weights"):
         model.tie_weights()
     for p in model.parameters():
@@ -492,55 +478,3 @@ def load_quantized(path, device="cpu", return_tokenizer: bool = False):
         tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
         return model, tok
     return model
-
-
-# ---- the CLI's job --------------------------------------------------------------------------
-def quantize_pretrained(
-    model_name: str,
-    output,
-    bits: int,
-    *,
-    n_salient: int | None = None,
-    salient_fraction: float | None = None,
-    method: str = "gptq",
-    group_size: int | None = None,
-    metric: str = "gift",
-    data="embedded",
-    n_samples: int = 128,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    seed: int = 0,
-    dtype="bf16",
-    scores_path=None,
-    target_modules=None,
-    progress: bool = True,
-) -> dict:
-    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary."""
-    from ..calibration import calibration_batches
-    from ..models import load_model
-
-    cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
-                         group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
-    model, tok = load_model(model_name, dtype=dtype)
-    before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
-    scores = None
-    if scores_path is not None:
-        from ..saliency import load_scores
-
-        scores = load_scores(scores_path)
-    batches = calibration_batches(tok, data, n_samples, seq_len, batch_size, seed)
-    quantize(model, bits, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction, method=method,
-             calibration=batches, group_size=group_size, metric=metric, scores=scores, seed=seed,
-             target_modules=target_modules, progress=progress)
-    after = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
-    summary = {
-        "model": model_name, "output": str(output), "bits": bits, "method": method, "group_size": group_size,
-        "n_salient": n_salient, "salient_fraction": salient_fraction, "metric": metric,
-        "calibration": {"data": data if isinstance(data, str) else "custom", "n_samples": n_samples,
-                        "seq_len": seq_len, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))},
-        "before": before, "after": after,
-        "target_ratio": after["target_bytes"] / max(before["target_bytes"], 1),
-        "model_ratio": after["model_bytes"] / max(before["model_bytes"], 1),
-    }
-    save_quantized(model, output, tokenizer=tok, base_model=model_name, extra={"summary": summary})
-    return summary

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gift.layer import _compute_dtype
-from ..targets import find_target_modules, linear_weight
-from .gptq import group_scales
-from .layer import QuantizedSalientLinear, _complement, expand_groups
+from ..ops.dtype import compute_dtype
+from ..ops.salient import bias_grad, complement, salient_indices, weight_grad
+from ..targets import find_target_modules, linear_weight, set_module
+from .gptq import expand_groups, group_scales
+from .layer import QuantizedSalientLinear
 from .packing import check_bits
 
 
@@ -32,7 +33,7 @@ class _STEMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         xd = x.to(dtype)
         w = layer.fake_quant_weight(dtype)
         y = F.linear(xd, w, bias.to(dtype) if bias is not None else None)
@@ -49,11 +50,10 @@ class _STEMatmul(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g.matmul(layer.fake_quant_weight(ctx.dtype)).to(ctx.x_dtype)
-        g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t().matmul(xd.reshape(-1, xd.shape[-1])).to(layer.weight.dtype)
+            grad_w = weight_grad(g, xd, layer.weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(layer.bias.dtype)
+            grad_b = bias_grad(g, layer.bias.dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -68,9 +68,9 @@ class STELinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.bias = bias
-        idx = torch.sort(torch.as_tensor(salient_idx, dtype=torch.long).flatten().cpu()).values
+        idx = salient_indices(torch.as_tensor(salient_idx).cpu(), self.in_features, allow_empty=True)
         self.register_buffer("salient_idx", idx.to(weight.device))
-        self.register_buffer("int_idx", _complement(idx, self.in_features).to(weight.device), persistent=False)
+        self.register_buffer("int_idx", complement(idx, self.in_features).to(weight.device), persistent=False)
         self.register_buffer("scale", scale.detach().float().clone())
 
     @classmethod
@@ -106,11 +106,6 @@ class STELinear(nn.Module):
         )
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def apply_ste(model: nn.Module, bits: int | None = None, group_size: int | None = None,
               target_modules=None) -> nn.Module:
     """Make every target weight trainable under fake quantization (STE); freeze the rest.
@@ -126,7 +121,7 @@ def apply_ste(model: nn.Module, bits: int | None = None, group_size: int | None 
         for n, m in quantized.items():
             if bits is not None and bits != m.bits:
                 raise ValueError(f"{n} is quantized at {m.bits} bits, not {bits}; omit bits for a quantized model")
-            _set_module(model, n, STELinear.from_quantized(m))
+            set_module(model, n, STELinear.from_quantized(m))
     else:
         if bits is None:
             raise ValueError("apply_ste on an unquantized model needs bits=2, 3, 4 or 8")
@@ -135,7 +130,7 @@ def apply_ste(model: nn.Module, bits: int | None = None, group_size: int | None 
             if not isinstance(m, nn.Linear):
                 raise ValueError(f"{n}: STE supports nn.Linear only, got {type(m).__name__}")
             scale = group_scales(linear_weight(m).detach().float(), bits, group_size)
-            _set_module(model, n, STELinear(m.weight, m.bias, scale, torch.zeros(0, dtype=torch.long), bits,
+            set_module(model, n, STELinear(m.weight, m.bias, scale, torch.zeros(0, dtype=torch.long), bits,
                                             group_size))
     for m in model.modules():
         if isinstance(m, STELinear):
@@ -149,7 +144,7 @@ def ste_to_quantized(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("model has no STE layers: call apply_ste first")
     for n, m in layers.items():
-        _set_module(model, n, m.to_quantized())
+        set_module(model, n, m.to_quantized())
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -1,0 +1,85 @@
+"""The flags of ``salientft calibrate`` and ``salientft quantize``, as dataclasses: one field per flag.
+
+``salientft.cli`` turns every field into a ``--kebab-case`` flag whose ``--help`` is the field's
+help text and its default (``cli._config_flags``). The flags both commands share (the model, the
+calibration data, the number of salient columns, the metric) are declared once, in
+``CalibrationArgs``; each command adds its own in a subclass, and ``COMMANDS`` names the
+subcommands. A field without a default (``REQUIRED``) is a required flag; the fields of each
+group in ``EXCLUSIVE`` are mutually exclusive flags; ``choices`` metadata limits a flag's values.
+
+Cheap to import (no torch): the metric names are read from ``salientft.saliency`` only when the
+parser is built.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass
+from typing import ClassVar
+
+from .config_base import flag
+
+REQUIRED = MISSING  # flag(REQUIRED, help): a field, and a flag, without a default
+
+
+def _metrics() -> tuple[str, ...]:
+    from .saliency import METRICS
+
+    return METRICS
+
+
+@dataclass(kw_only=True)
+class CalibrationArgs:
+    """What calibrate and quantize share: the model, the calibration data, k and the metric."""
+
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("n_salient", "salient_fraction"),)
+
+    model: str = flag("smollm2-135m", "base model: preset (smollm2-135m, tiny-random-llama), folder or hub id")
+    data: str = flag("embedded", "calibration data: 'embedded', a .txt/.jsonl file, or a Hugging Face dataset name")
+    samples: int = flag(128, "number of calibration samples")
+    seq_len: int = flag(512, "tokens per calibration sample")
+    batch_size: int = flag(8, "calibration samples per forward pass")
+    n_salient: int | None = flag(None, "salient columns k per layer (calibrate: for the plot and metadata; "
+                                       "quantize: kept in 16 bits, 0 for none)")
+    salient_fraction: float | None = flag(None, "k as a fraction of a layer's in_features, 0 for none "
+                                                "(default without either flag: the paper's 128/4096)")
+    metric: str = flag("gift", "salience metric", choices=_metrics)
+    target_modules: list[str] | str | None = flag(None, "target layers: 'q_proj,v_proj' or 're:<regex>' "
+                                                        "(default: all linear layers of the blocks)")
+    seed: int = flag(0, "random seed (calibration samples, metric 'random')")
+    dtype: str = flag("bf16", "model dtype: bf16, fp16 or fp32")
+
+
+@dataclass(kw_only=True)
+class CalibrateArgs(CalibrationArgs):
+    """``salientft calibrate``: the shared flags, the metric's parameters and the outputs."""
+
+    bits: int = flag(4, "quantizer bits for D = W - Q(W)")
+    tau: str | None = flag(None, "weight-error norm: 1, 2 or inf (gift/gift-g2 only)")
+    rho: str | None = flag(None, "activation norm: 1, 2 or inf (gift/gift-g2 only)")
+    gamma: float | None = flag(None, "activation exponent: 0.5, 1 or 2 (gift/gift-g2 only)")
+    output: str = flag(REQUIRED, "scores file (.safetensors)")
+    stats_output: str | None = flag(None, "also save the activation statistics (.safetensors)")
+    plot: str | None = flag(None, "PNG summary of the scores")
+
+
+@dataclass(kw_only=True)
+class QuantizeArgs(CalibrationArgs):
+    """``salientft quantize``: the shared flags, the quantizer and the output folder."""
+
+    bits: int = flag(REQUIRED, "bits per weight: 2, 3, 4 or 8")
+    method: str = flag("gptq", "quantizer: gptq (error-compensating) or rtn (round to nearest)",
+                       choices=("gptq", "rtn"))
+    group_size: int | None = flag(None, "scale per group of columns (default: per row)")
+    scores: str | None = flag(None, "precomputed scores file from salientft calibrate")
+    no_progress: bool = flag(False, "no progress bars")
+    output: str = flag(REQUIRED, "output folder")
+
+
+# subcommand -> (its flags, its line in `salientft --help`, its description in `salientft <name> --help`)
+COMMANDS = {
+    "calibrate": (CalibrateArgs, "score every target layer's input columns (salience)",
+                  "Run calibration data through a model and write per-column salience scores (safetensors) "
+                  "and optionally a PNG summary."),
+    "quantize": (QuantizeArgs, "quantize to 2-8 bits keeping the salient columns in 16 bits (GPTQ or RTN)",
+                 "Weight-only symmetric quantization of every target layer; the k salient columns stay 16-bit "
+                 "(METHODS.md 1.6). Writes a folder load_quantized() reads."),
+}

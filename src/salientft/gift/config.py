@@ -1,0 +1,58 @@
+"""GiftConfig: which columns GIFT-SW trains and how it perturbs the frozen rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config_base import NOISE_MODES, ConfigMixin, check_choice, salient_count
+
+
+@dataclass
+class GiftConfig(ConfigMixin):
+    """GIFT-SW: which columns to train and how to perturb the frozen rest (METHODS.md §1).
+
+    Give ``n_salient`` (k columns in every layer) or ``salient_fraction`` (k = round(f * in),
+    at least 1), not both; with neither, the paper's ratio 128/4096 is used.
+    ``fp32_salient`` keeps the trainable columns in fp32 when the base is bf16/fp16.
+    """
+
+    NOISE_MODES: ClassVar[tuple[str, ...]] = NOISE_MODES
+
+    n_salient: int | None = None
+    salient_fraction: float | None = None
+    target_modules: list[str] | str | None = None
+    noise: str = "weight"
+    noise_bits: int = 4
+    metric: str = "gift"
+    seed: int = 0
+    fp32_salient: bool = False
+
+    def __post_init__(self):
+        n = type(self).__name__
+        if self.n_salient is not None and self.salient_fraction is not None:
+            raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
+        if self.n_salient is not None:
+            if isinstance(self.n_salient, bool) or not isinstance(self.n_salient, int) or self.n_salient < 1:
+                raise ValueError(f"{n}.n_salient must be a positive integer, got {self.n_salient!r}")
+        if self.salient_fraction is not None:
+            f = self.salient_fraction
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                raise ValueError(f"{n}.salient_fraction must be in (0, 1], got {f!r}")
+            self.salient_fraction = float(f)
+        check_choice(n, "noise", self.noise, self.NOISE_MODES)
+        if isinstance(self.noise_bits, bool) or not isinstance(self.noise_bits, int) or not 2 <= self.noise_bits <= 16:
+            raise ValueError(f"{n}.noise_bits must be an integer in [2, 16], got {self.noise_bits!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"{n}.target_modules must be a non-empty list of names, a regex string, or None")
+            self.target_modules = list(self.target_modules)
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError(f"{n}.target_modules must be a list of names, a regex string, or None")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"{n}.metric must be a metric name such as 'gift'")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"{n}.seed must be an integer")
+
+    def k_for(self, in_features: int, name: str = "layer") -> int:
+        """Number of salient columns for a layer with ``in_features`` inputs (validated)."""
+        return salient_count(in_features, self.n_salient, self.salient_fraction, name=name)

@@ -1,0 +1,100 @@
+"""GIFT-SW (METHODS.md 1): train the k salient input columns of every target layer.
+
+``gift-sw`` perturbs the frozen rest with the paper's noise (weight noise by default);
+``salient`` is the same without noise. A checkpoint holds only the adapter (indices and trained
+columns, about k/in of the targeted weights) instead of the full model; the finished run writes
+``adapter/`` and, with ``merge``, a plain ``merged/`` model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
+from ..saliency import STATLESS_METRICS
+from .base import Method, register
+
+def refuse_noise(config) -> None:
+    """The noise-free GIFT-SW methods refuse a noise mode other than none."""
+    if config.noise not in (None, "none"):
+        raise ValueError(
+            f"TrainConfig: method 'salient' is GIFT-SW without noise; use --method gift-sw --noise {config.noise}"
+        )
+
+
+@register
+class GiftSW(Method):
+    name = "gift-sw"
+    summary = "salient columns + noise in the frozen rest (the paper's method)"
+    default_lr = 1e-4  # METHODS.md 1.7
+    default_noise = "weight"
+
+    def noise(self, config) -> str:
+        return config.noise or self.default_noise
+
+    def gift_config(self, config) -> GiftConfig:
+        """The GiftConfig of this run; bf16 keeps the trainable columns in fp32."""
+        return GiftConfig(
+            n_salient=config.n_salient, salient_fraction=config.salient_fraction,
+            target_modules=config.target_modules, noise=self.noise(config), noise_bits=config.noise_bits,
+            metric=config.metric, seed=config.seed, fp32_salient=config.fp32_salient or config.dtype == "bf16",
+        )
+
+    def prepare(self, model, config, data=None, scores=None, noise_std=None, **_):
+        gcfg = self.gift_config(config)
+        if scores is None and config.scores:
+            from ..saliency import load_scores
+
+            scores = load_scores(config.scores)
+        calibration = None
+        if scores is None and gcfg.metric not in STATLESS_METRICS:
+            from ..data.chat import calibration_batches_from_dataset
+
+            calibration = calibration_batches_from_dataset(data, n_samples=config.calib_samples, batch_size=8,
+                                                           seed=config.seed)
+        return apply_gift(model, gcfg, scores, calibration=calibration, noise_std=noise_std)
+
+    def save_checkpoint(self, model, directory: Path) -> bool:
+        save_adapter(model, Path(directory) / "adapter")
+        return True
+
+    def load_checkpoint(self, model, directory: Path) -> bool:
+        adapter = Path(directory) / "adapter"
+        if not adapter.is_dir():
+            return False
+        _, tensors = read_adapter(adapter)
+        with torch.no_grad():
+            for name, layer in gift_layers(model).items():
+                if not torch.equal(tensors[f"{name}.salient_idx"].to(layer.salient_idx.device), layer.salient_idx):
+                    raise ValueError(
+                        f"checkpoint {directory} chose other salient columns for {name}; "
+                        "resume with the same model, data, metric and seed"
+                    )
+                layer.salient_weight.copy_(tensors[f"{name}.salient_weight"])
+        return True
+
+    mergeable = True
+
+    def save_output(self, model, tokenizer, config, out: Path) -> None:
+        """The salientft adapter: indices, trained columns, noise scale, the base's fingerprint."""
+        save_adapter(model, out / "adapter", base_model=config.model)
+
+    def merge(self, model):
+        """The trained columns written into the base weights: a plain transformers model."""
+        return merge_gift(model)
+
+    def attach(self, base, out: Path):
+        """Refuses a base other than the one trained on (fingerprint of the targeted weights)."""
+        return load_adapter(base, Path(out) / "adapter")
+
+
+@register
+class Salient(GiftSW):
+    name = "salient"
+    summary = "salient columns only, no noise"
+    default_noise = "none"
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        refuse_noise(config)

@@ -1,0 +1,130 @@
+"""The end-to-end steps behind ``salientft calibrate`` and ``salientft quantize``.
+
+Each pipeline chains public functions of the lower layers (load a model, calibration batches,
+statistics, scores, quantization, files) and is what the command line calls; the steps
+themselves live in ``calibration``, ``saliency``, ``quant`` and ``models``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .calibration import (
+    calibration_batches,
+    collect_activation_stats,
+    describe_source,
+    save_stats,
+)
+from .config_base import salient_count
+from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
+from .targets import in_features_of, resolve_targets
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate: model + data -> scores file (+ plot)
+# --------------------------------------------------------------------------------------------
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    data="embedded",
+    *,
+    metric: str = "gift",
+    bits: int = 4,
+    tau=None,
+    rho=None,
+    gamma=None,
+    n_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    target_modules=None,
+    n_salient: int | None = None,
+    salient_fraction: float | None = None,
+    output=None,
+    plot=None,
+    stats_output=None,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Calibrate ``model`` on ``data`` and score every target layer's columns.
+
+    Writes the scores to ``output`` (safetensors, see :func:`salientft.saliency.save_scores`),
+    optionally the statistics to ``stats_output`` and a PNG to ``plot`` (top-k with k from
+    ``n_salient`` / ``salient_fraction``, default the paper's 128/4096 ratio). Metrics that need
+    no activations ("magnitude", "random") skip the forward pass. Returns the scores.
+    """
+    spec = resolve_metric(metric, tau=tau, rho=rho, gamma=gamma)  # fail before any work
+    targets = resolve_targets(model, target_modules)
+    ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
+    stats = None
+    n_tokens = 0
+    if spec["name"] not in STATLESS_METRICS:
+        batches = calibration_batches(tokenizer, data, n_samples, seq_len, batch_size, seed)
+        stats = collect_activation_stats(model, batches, list(targets), progress=progress)
+        n_tokens = next(iter(stats.values())).count
+        if stats_output is not None:
+            save_stats(stats, stats_output)
+    scores = saliency_scores(model, stats, metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed,
+                             target_modules=list(targets), progress=progress)
+    meta = {
+        "metric": spec["name"], "tau": spec["tau"], "rho": spec["rho"], "gamma": spec["gamma"], "bits": bits,
+        "data": describe_source(data) if not isinstance(data, str) else data, "n_samples": n_samples,
+        "seq_len": seq_len, "tokens": n_tokens, "seed": seed,
+        "n_salient": n_salient, "salient_fraction": salient_fraction,
+    }
+    meta.update(metadata or {})
+    if output is not None:
+        save_scores(scores, output, meta)
+    if plot is not None:
+        plot_scores(scores, ks, plot, title=f"{spec['name']} salience ({n_tokens} tokens)")
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# quantize: model name -> calibrate -> quantize -> folder
+# --------------------------------------------------------------------------------------------
+def quantize_pretrained(
+    model_name: str,
+    output,
+    bits: int,
+    *,
+    n_salient: int | None = None,
+    salient_fraction: float | None = None,
+    method: str = "gptq",
+    group_size: int | None = None,
+    metric: str = "gift",
+    data="embedded",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    dtype="bf16",
+    scores_path=None,
+    target_modules=None,
+    progress: bool = True,
+) -> dict:
+    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary."""
+    from .models import load_model
+    from .quant.model import QuantizeConfig, model_bytes, quantize, save_quantized, target_bytes
+
+    cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
+                         group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
+    model, tok = load_model(model_name, dtype=dtype)
+    before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
+    scores = load_scores(scores_path) if scores_path is not None else None
+    batches = calibration_batches(tok, data, n_samples, seq_len, batch_size, seed)
+    quantize(model, bits, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction, method=method,
+             calibration=batches, group_size=group_size, metric=metric, scores=scores, seed=seed,
+             target_modules=target_modules, progress=progress)
+    after = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
+    summary = {
+        "model": model_name, "output": str(output), "bits": bits, "method": method, "group_size": group_size,
+        "n_salient": n_salient, "salient_fraction": salient_fraction, "metric": metric,
+        "calibration": {"data": data if isinstance(data, str) else "custom", "n_samples": n_samples,
+                        "seq_len": seq_len, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))},
+        "before": before, "after": after,
+        "target_ratio": after["target_bytes"] / max(before["target_bytes"], 1),
+        "model_ratio": after["model_bytes"] / max(before["model_bytes"], 1),
+    }
+    save_quantized(model, output, tokenizer=tok, base_model=model_name, extra={"summary": summary})
+    return summary
