@@ -160,10 +160,14 @@ def describe(spec: dict) -> str:
 
 
 def train_run(preset: Preset, spec: dict, extra: dict, post=None) -> dict:
+    from salientft import methods
     from salientft.config import TrainConfig
     from salientft.train import train
 
-    fields = {**preset.train_fields(), **{k: v for k, v in spec.items() if not k.startswith("_")}, **extra}
+    settings = {**{k: v for k, v in spec.items() if not k.startswith("_")}, **extra}
+    method = methods.get(settings["method"], quantized=settings.get("quantized") is not None)
+    # the preset's shared settings this method does not read (calib_samples for LoRA, ...) are left out
+    fields = {**method.only_used(preset.train_fields()), **settings}
     log.info("run: %s", describe(spec))
     with tempfile.TemporaryDirectory(prefix="salientft-bench-") as tmp:
         config = TrainConfig.from_dict({**fields, "output": str(Path(tmp) / "run"), "eval_before": False,

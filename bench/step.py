@@ -68,6 +68,7 @@ from salientft.targets import find_target_modules, linear_weight  # noqa: E402
 # re-implementation below, not a salientft method.
 VARIANTS = {
     "gift-weight": ("gift-sw", {"noise": "weight"}),
+    "gift-weight-kept": ("gift-sw", {"noise": "weight", "keep_noise": True}),
     "gift-output": ("gift-sw", {"noise": "output"}),
     "gift-none": ("salient", {}),
     "lora": ("lora", {}),
@@ -220,7 +221,7 @@ def build(method: str, model_name: str, dtype: torch.dtype, device: str):
     elif method in VARIANTS:
         name, overrides = VARIANTS[method]
         spec = methods.get(name)
-        cfg = TrainConfig(method=name, dtype="fp32", lora_r=r, lora_alpha=2 * r, lora_dropout=0.0, **overrides)
+        cfg = TrainConfig(**spec.only_used(dict(method=name, dtype="fp32", lora_r=r, lora_alpha=2 * r)), **overrides)
         model = spec.prepare(model, cfg, scores=magnitude_scores(model), noise_std=cheap_noise_std(model))
         mask_config = spec.mask_config(cfg)
     else:
@@ -313,6 +314,7 @@ def measure_memory(method, model_name, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", method, "--model", model_name,
            "--dtype", args.dtype, "--device", args.device] + (["--quick"] if args.quick else [])
     cmd += (["--batch", str(args.batch)] if args.batch else []) + (["--seq", str(args.seq)] if args.seq else [])
+    cmd += ["--noise-threads", str(args.noise_threads)] if args.noise_threads else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory worker {method} on {model_name} failed:\n{out.stderr[-3000:]}")
@@ -374,6 +376,10 @@ def time_methods(model_name: str, methods, args) -> dict:
     res = {"batch": list(batch_shape), "tokens_per_step": batch.numel(), "methods": {}}
     for m in methods:
         res["methods"][m] = {**summarize(times[m]), **built[m][2]}
+        for ref in ("lora", "authors"):  # the median of the per-round ratios (same round, same load)
+            if ref in times and m != ref:
+                res["methods"][m][f"round_ratio_vs_{ref}"] = statistics.median(
+                    sum(a) / sum(b) for a, b in zip(times[m], times[ref]))
     del built
     gc.collect()
     return res
@@ -415,8 +421,13 @@ def add_ratios(res: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Training-step benchmark (bench/step.py)", "",
-             f"Device {result['device']}, dtype {result['dtype']}, torch {result['torch']}, peft "
-             f"{result['peft']}, {result['threads']} threads, {result['rounds']} interleaved rounds "
+             f"Device {result['device']}"
+             + (f" ({result['cpu_model']}, 1-min load average {result['load_avg_1m']} at the start)"
+                if result.get("cpu_model") else "")
+             + f", dtype {result['dtype']}, torch {result['torch']}, peft "
+             f"{result['peft']}, {result['threads']} threads"
+             + (f" ({result['noise_threads']} drawing the weight noise)" if result.get("noise_threads") else "")
+             + f", {result['rounds']} interleaved rounds "
              f"after {result['warmup']} warm-up step(s) per method. Machine shared with other jobs: "
              "times are noisy; the methods were interleaved so the noise hits them alike.", "",
              "Step = zero_grad + forward + loss + backward + AdamW step. Time: median over rounds "
@@ -434,14 +445,15 @@ def write_markdown(result: dict, path: Path) -> None:
                   + (f" GMT: full FT whose gradients are masked (ratio {GMT_RATIO}, per tensor, paper mode, "
                      "embeddings/lm_head unmasked) before each AdamW step; the mask is in the opt time."
                      if "gmt" in ms else ""), "",
-                  "| method | median ms (q1-q3) | fwd / bwd / opt ms | vs LoRA | vs authors | peak MB | "
-                  "peak vs LoRA | state MB | extra weights MB | trainable |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | median ms (q1-q3) | fwd / bwd / opt ms | vs LoRA | vs authors | per-round vs LoRA | "
+                  "per-round vs authors | peak MB | peak vs LoRA | state MB | extra weights MB | trainable |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, v in ms.items():
             lines.append(
                 f"| {m} | {v['median_ms']:.0f} ({v['q1_ms']:.0f}-{v['q3_ms']:.0f}) | "
                 f"{v['forward_ms']:.0f} / {v['backward_ms']:.0f} / {v['optimizer_ms']:.0f} | "
                 f"{v.get('time_vs_lora', float('nan')):.2f}x | {v.get('time_vs_authors', float('nan')):.2f}x | "
+                f"{v.get('round_ratio_vs_lora', float('nan')):.2f}x | {v.get('round_ratio_vs_authors', float('nan')):.2f}x | "
                 f"{v.get('peak_mb', float('nan')):.0f} | {v.get('peak_vs_lora', float('nan')):.2f}x | "
                 f"{v['train_state_mb']:.1f} | {v.get('extra_weights_mb', float('nan')):.1f} | {v['trainable']:,} |")
         lines += ["", "Targets (issue 2):", ""]
@@ -502,10 +514,15 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=2)
+    ap.add_argument("--noise-threads", type=int, default=None,
+                    help="threads drawing GIFT-SW's weight noise on CPU (default: torch's thread count)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "step"),
                     help="output path without suffix: writes .json, .md and .png")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from salientft.ops.noise import noise_threads, set_noise_threads
+
+    set_noise_threads(args.noise_threads)
     if args.memory_worker:
         res = memory_worker(args.memory_worker, args.model, getattr(torch, args.dtype), args.device,
                             args.quick, args.memory_steps, (args.batch, args.seq))
@@ -518,8 +535,11 @@ def main(argv=None) -> None:
     if args.rounds is None:
         args.rounds = 2 if args.quick else 4
     models = MODELS if args.model == "all" else (args.model,)
-    result = {"device": args.device, "dtype": args.dtype, **machine_info("torch", "peft", "threads"),
+    result = {"device": args.device, "dtype": args.dtype,
+              **machine_info("torch", "peft", "threads", "cpu_model", "load_avg_1m", "commit"),
               "rounds": args.rounds, "warmup": args.warmup, "quick": args.quick, "models": {}}
+    if args.device == "cpu":
+        result["noise_threads"] = noise_threads()
     t_start = time.time()
     # Memory workers run one at a time BEFORE the timing loop: run concurrently, they would compete
     # for the 2 cores with the timed steps and multiply their spread (measured: q1-q3 of 4-22 s).

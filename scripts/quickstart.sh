@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec salientft train --config configs/quickstart.yaml "$@"
+# A rerun replaces the previous quick-start run (salientft train refuses to mix two runs in one
+# folder); with --resume (or an explicit --overwrite) the caller decides.
+fresh=(--overwrite)
+for a in "$@"; do case "$a" in --resume|--overwrite) fresh=() ;; esac; done
+exec salientft train --config configs/quickstart.yaml "${fresh[@]}" "$@"

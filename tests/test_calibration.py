@@ -49,6 +49,7 @@ def _reference(model, batches, names):
     return {n: torch.cat(v) for n, v in xs.items()}
 
 
+@pytest.mark.numerics
 def test_stats_match_reference(tiny_model):
     batches = [_batch(_rows(0)), _batch(_rows(1, (3, 7)))]
     stats = collect_activation_stats(tiny_model, batches, hessian=True, progress=False)
@@ -67,6 +68,7 @@ def test_stats_match_reference(tiny_model):
         assert torch.allclose(s.norm(1), X.abs().sum(0), rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_padding_ids_change_nothing(tiny_model):
     b1 = _batch(_rows(2), pad=0)
     b2 = {k: v.clone() for k, v in b1.items()}
@@ -81,6 +83,7 @@ def test_padding_ids_change_nothing(tiny_model):
         assert s1[n].count == s2[n].count
 
 
+@pytest.mark.numerics
 def test_batching_changes_nothing(tiny_model):
     rows = _rows(3, (10, 4, 13, 7, 1, 9))
     one = collect_activation_stats(tiny_model, [_batch(rows)], progress=False)
@@ -116,6 +119,7 @@ class _Replaced(nn.Module):
         return x @ self.inner_weight.T
 
 
+@pytest.mark.numerics
 def test_hooks_by_name_on_replaced_layers(tiny_model):
     batches = [_batch(_rows(5))]
     before = collect_activation_stats(tiny_model, batches, progress=False)
@@ -221,13 +225,24 @@ def test_bad_data_is_rejected(tiny_tok, tmp_path, monkeypatch):
         calibration_batches(tiny_tok, "some-org/some-dataset")
 
 
-@pytest.mark.integration
-def test_embedded_model_bf16_matches_fp32_top_columns(embedded):
-    """bf16 vs fp32 calibration of the real model selects (almost) the same top columns.
+# bf16 keeps 8 mantissa bits; after up to 30 bf16 layers the saliency scores of the top columns differ
+# from fp32 by a median below 1% and at most ~6% (gift) / ~14% (owq squares the activations), measured
+# with oneDNN's avx512_bf16 and AVX2 kernels (docs/testing.md). Which columns right at the boundary
+# swap depends on those kernels, so no count of swaps is asserted; instead (1) every column either
+# precision selects keeps its score within BF16_SCORE_RTOL of fp32 (the quality claim, ~2x headroom),
+# and (2) every column only one precision selects is a near-tie: within 2e / (1 - e) of the k-th fp32
+# score, e being (1)'s worst error in that layer (beyond that the two precisions could not disagree).
+BF16_SCORE_RTOL = 0.3
 
-    bf16 rounds activations and weights to 8 mantissa bits (relative error ~0.4%), so columns
-    whose scores lie within that of the k-th score may swap; the top 3% (k = 17 of 576) are
-    separated by far more in a real model (outlier channels), hence >= 90% overlap on average.
+
+@pytest.mark.integration
+@pytest.mark.numerics
+def test_embedded_model_bf16_matches_fp32_top_columns(embedded):
+    """bf16 vs fp32 calibration of the real model selects the same top columns up to near-ties.
+
+    bf16 rounds activations and weights to 8 mantissa bits (relative error ~0.4% per rounding), so
+    columns whose scores lie within that of the k-th score may swap; the top 3% (k = 17 of 576)
+    are otherwise separated by far more in a real model (outlier channels).
     """
     import copy
 
@@ -240,11 +255,15 @@ def test_embedded_model_bf16_matches_fp32_top_columns(embedded):
     st16 = collect_activation_stats(model16, batches, targets, progress=False)
     st32 = collect_activation_stats(model32, batches, targets, progress=False)
     assert st16[targets[0]].count == st32[targets[0]].count == 128
-    overlaps = []
     for metric in ("gift", "owq"):
         s16, s32 = saliency_scores(model16, st16, metric), saliency_scores(model32, st32, metric)
         for n in targets:
             k = max(1, round(s16[n].numel() * 0.03))
-            a, b = set(select_salient(s16[n], k).tolist()), set(select_salient(s32[n], k).tolist())
-            overlaps.append(len(a & b) / k)
-    assert sum(overlaps) / len(overlaps) >= 0.9, overlaps
+            a, b = select_salient(s16[n], k), select_salient(s32[n], k)
+            chosen = torch.cat([a, b]).unique()
+            err = float(((s16[n][chosen].double() - s32[n][chosen].double()).abs() / s32[n][chosen].double()).max())
+            assert err <= BF16_SCORE_RTOL, (metric, n, err)
+            kth = float(s32[n].double().sort(descending=True).values[k - 1])
+            for j in set(a.tolist()) ^ set(b.tolist()):
+                gap = abs(float(s32[n][j]) / kth - 1)
+                assert gap <= 2 * err / (1 - err), (metric, n, j, gap, err)

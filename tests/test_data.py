@@ -138,6 +138,7 @@ def test_packing_preserves_labels_and_resets_positions(tiny_tok):
         pack_examples([{"input_ids": [1] * 5, "labels": [1] * 5}], 4)
 
 
+@pytest.mark.numerics
 def test_packed_attention_stays_inside_examples(tiny_tok, tiny_model):
     """The collator's packed batch (position resets, no attention_mask) gives each example the
     same logits as running it alone: attention does not cross example boundaries."""
@@ -162,6 +163,7 @@ def test_packed_attention_stays_inside_examples(tiny_tok, tiny_model):
 
 
 # ----------------------------------------------------------------------------- collator
+@pytest.mark.numerics
 def test_collator_pads_right(tiny_tok, tiny_model):
     exs = tokenize_conversations([[U, A], MULTI], tiny_tok, max_length=512)
     batch = ChatCollator(tiny_tok, pad_to_multiple_of=8)(exs)
@@ -208,6 +210,7 @@ GOOD = json.dumps({"messages": [U, A]})
     (json.dumps({"messages": [{"role": "bot", "content": "x"}, A]}), "unknown role 'bot'"),
     (json.dumps({"messages": [{"role": "user", "content": ["x"]}, A]}), "content must be a string"),
     (json.dumps({"messages": [U]}), "no assistant turn"),
+    (json.dumps({"messages": [U, {"role": "assistant", "content": " "}]}), "message 1 (assistant) is empty"),
     (json.dumps({"messages": [U, A, {"role": "system", "content": "s"}]}), "only the first turn"),
     (json.dumps({"messages": [U, A], "prompt": "p", "response": "r"}), "both"),
 ])
@@ -224,6 +227,30 @@ def test_jsonl_empty_and_missing(tmp_path):
         load_conversations(str(p), split="all")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_conversations(str(tmp_path / "nope.jsonl"))
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n" + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_jsonl(p)
+    p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")  # a UTF-8 byte-order mark is fine
+    assert read_jsonl(p) == [[U, A]]
+
+
+def test_path_like_sources_are_files_not_dataset_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("train.txt", "data/train", "./train", "/abs/train", "~/train", "a/b/c", "data", "x.json"):
+        assert instruct.is_path_like(name), name
+    for name in ("squad", "owner/name", "HuggingFaceH4/ultrachat_200k"):
+        assert not instruct.is_path_like(name), name
+    with pytest.raises(FileNotFoundError, match="data file train.txt does not exist; give an existing .jsonl file"):
+        load_conversations("train.txt")
+    with pytest.raises(FileNotFoundError, match="data file data/train does not exist"):
+        load_conversations("data/train")
+    with pytest.raises(IsADirectoryError, match="data file data is a directory"):
+        load_conversations("data")
 
 
 def test_prompt_response_form(tmp_path, tiny_tok):
@@ -346,6 +373,8 @@ def test_hf_dataset_columns(monkeypatch):
     with pytest.raises(ValueError, match=r"a/bad\[train\]:row 0: no 'messages' column"):
         load_conversations("a/bad")
     with pytest.raises(RuntimeError, match="Offline"):
+        load_conversations("a/missing")
+    with pytest.raises(ValueError, match="a local file"):  # one line at the command line too
         load_conversations("a/missing")
 
 

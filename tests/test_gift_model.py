@@ -37,6 +37,7 @@ def train_steps(model, n=3, lr=1e-2):
     return model
 
 
+@pytest.mark.numerics
 def test_equal_to_base_at_init_and_only_salient_trainable():
     base = tiny_random_llama(seed=0).eval()
     model = gift_model().eval()
@@ -51,6 +52,7 @@ def test_equal_to_base_at_init_and_only_salient_trainable():
     assert counts["total"] == sum(p.numel() for p in base.parameters())
 
 
+@pytest.mark.numerics
 def test_top_k_follow_scores_and_noise_std_is_half_delta_of_non_salient_columns():
     model = tiny_random_llama(seed=0)
     scores = magnitude_scores(model)
@@ -113,6 +115,7 @@ def test_adapter_is_small(tmp_path):
     assert size < 0.15 * target_bytes
 
 
+@pytest.mark.numerics
 def test_merge_gives_plain_model_and_unmerge_restores(tmp_path):
     model = train_steps(gift_model())
     with torch.no_grad():
@@ -225,6 +228,7 @@ def test_config_round_trips_json_and_yaml(tmp_path):
         GiftConfig.from_dict({"n_salient": 3, "bogus": 1})
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_on_model_gives_same_grads():
     def grads(ckpt):
         model = gift_model(noise="weight")

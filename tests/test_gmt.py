@@ -181,6 +181,7 @@ def test_strict_step_does_not_remask_after_clipping_and_handles_bf16():
     assert torch.equal(opt.state[w]["momentum_buffer"][~kept], buf[~kept])
 
 
+@pytest.mark.numerics
 def test_paper_mode_equals_hand_computed_masked_sgd_step():
     torch.manual_seed(6)
     w = nn.Parameter(torch.randn(20, 10))
@@ -293,6 +294,7 @@ class _Rows(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("granularity, mode", [("tensor", "paper"), ("global", "strict")])
+@pytest.mark.numerics
 def test_trainer_callback_masks_after_accumulation_then_clips(tiny_model, tmp_path, granularity, mode):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 

@@ -19,8 +19,10 @@ ROOT = "salientft"
 
 # Bottom up: a module may import from its own layer or below, never from above.
 LAYERS = [
-    # 1. foundations: file helpers, config base, targets, the tiny tokenizer, shared numeric ops, data
-    ["salientft._io", "salientft._packages", "salientft.config_base", "salientft.targets",
+    # 1. foundations: file helpers, embedded files and dependency checks, config base, targets,
+    #    the tiny tokenizer, shared numeric ops, data
+    ["salientft._io", "salientft._packages", "salientft.embedded_files", "salientft.deps",
+     "salientft.config_base", "salientft.targets",
      "salientft.tiny_tokenizer", "salientft.ops", "salientft.ops.*", "salientft.data", "salientft.data.*"],
     # 2. statistics and salience
     ["salientft.calibration", "salientft.saliency"],
@@ -28,10 +30,10 @@ LAYERS = [
     ["salientft.gift", "salientft.gift.*", "salientft.quant", "salientft.quant.*", "salientft.gmt",
      "salientft.models"],
     # 4. the method registry
-    ["salientft.methods", "salientft.methods.*"],
-    # 5. training, evaluation and the end-to-end pipelines
+    ["salientft.methods", "salientft.methods.*", "salientft.peft", "salientft.peft.*"],
+    # 5. training, evaluation, the end-to-end pipelines and the export to Hugging Face formats
     ["salientft.config", "salientft.train", "salientft.evaluation", "salientft.evaluation.*",
-     "salientft.pipelines", "salientft.pipelines.*"],
+     "salientft.pipelines", "salientft.pipelines.*", "salientft.export"],
     # 6. the command line (its parser and flag declarations) and the public API
     ["salientft.cli", "salientft.cli_*", "salientft"],
 ]

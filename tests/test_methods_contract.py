@@ -57,12 +57,13 @@ def workdir(tmp_path_factory):
 
 
 def config_for(workdir: Path, name: str, quantized: bool, out: Path) -> TrainConfig:
-    return TrainConfig(
+    settings = dict(
         model="tiny-random-llama", data=str(workdir / "d.jsonl"), output=str(out), method=name,
         quantized=str(workdir / "q4") if quantized else None, max_steps=2, save_steps=1, batch_size=4,
         max_length=64, dtype="fp32", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, metric="magnitude",
         n_salient=4, lora_r=2, eval_before=False,
     )
+    return TrainConfig(**methods.get(name, quantized=quantized).only_used(settings))  # a method refuses the others
 
 
 def base_for(workdir: Path, quantized: bool):
@@ -121,6 +122,7 @@ def decayed(model, tmp_path) -> set[str]:
 
 
 @pytest.mark.parametrize("name,quantized", CASES)
+@pytest.mark.numerics
 def test_method_contract(workdir, tmp_path, name, quantized):
     method = methods.get(name, quantized=quantized)
     assert method.name == name and method.quantized == quantized
@@ -132,6 +134,7 @@ def test_method_contract(workdir, tmp_path, name, quantized):
 
     # 2. resume from the first checkpoint equals the uninterrupted run
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    shutil.copy(tmp_path / "straight" / "run_config.json", tmp_path / "resumed")  # the run's settings, compared
     _, resumed, rmetrics = run(workdir, name, quantized, tmp_path / "resumed", resume=True)
     assert rmetrics["resumed_from"].endswith("checkpoint-1")
     assert straight.end.keys() == resumed.end.keys()

@@ -93,6 +93,7 @@ def test_gptq_grid_salient_and_scales():
     assert torch.equal(sal_rtn, W[:, idx])  # RTN keeps the original columns
 
 
+@pytest.mark.numerics
 def test_gptq_beats_rtn_on_correlated_inputs():
     X = _correlated()
     W = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
@@ -162,6 +163,7 @@ def test_noise_std_and_training_noise():
 
 
 # ---- whole models -------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_quantize_tiny_model_replaces_every_target(tiny_model):
     ref = {n: p.clone() for n, p in tiny_model.state_dict().items()}
     x = torch.randint(3, 300, (2, 12))
@@ -179,6 +181,7 @@ def test_quantize_tiny_model_replaces_every_target(tiny_model):
     assert target_bytes(tiny_model) < 0.3 * sum(ref[n + ".weight"].numel() * 4 for n in layers)
 
 
+@pytest.mark.numerics
 def test_padding_is_excluded_from_calibration():
     from salientft.models import tiny_random_llama
 
@@ -264,6 +267,7 @@ def test_save_load_roundtrip_exact(tmp_path):
 
 
 # ---- baselines ------------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_ste_starts_at_the_quantized_model_and_rounds_back(tiny_model):
     from salientft.quant.ste import STELinear, apply_ste, ste_to_quantized
 
@@ -286,6 +290,7 @@ def test_ste_starts_at_the_quantized_model_and_rounds_back(tiny_model):
         assert l.integers().abs().max() <= 4
 
 
+@pytest.mark.numerics
 def test_lora_through_peft_on_frozen_quantized_model(tiny_model):
     from salientft.quant.ste import apply_lora_quantized
 
@@ -318,6 +323,7 @@ def test_cli_quantize_tiny(tmp_path, capsys):
     assert main(["quantize", "--model", "tiny-random-llama", "--bits", "9", "--output", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.numerics
 def test_embedded_two_blocks(embedded):
     import copy
 

@@ -44,6 +44,7 @@ def test_grid_is_the_80_point_grid():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.numerics
 def test_alpha_is_the_grid_argmin(bits):
     W = _weights(seed=bits)
     alpha, delta, w_q = quantize_rows(W, bits)
@@ -64,6 +65,7 @@ def test_alpha_is_the_grid_argmin(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.numerics
 def test_w_q_is_the_rounded_grid(bits):
     W = _weights(seed=10 + bits)
     alpha, delta, w_q = quantize_rows(W, bits)
@@ -86,6 +88,7 @@ def test_zero_rows_get_alpha_one():
     assert w_q[1, 2].item() == pytest.approx(0.3)
 
 
+@pytest.mark.numerics
 def test_chunking_changes_nothing():
     W = _weights(seed=3, out=37, inp=50)
     ref = quantize_rows(W, 4, chunk_elems=1 << 30)

@@ -70,6 +70,7 @@ def _reference(model, X, metric, bits=4, tau=None, rho=None, gamma=None):
 @pytest.mark.parametrize("tau", [1, 2, "inf"])
 @pytest.mark.parametrize("rho", [1, 2, "inf"])
 @pytest.mark.parametrize("gamma", [0.5, 1, 2])
+@pytest.mark.numerics
 def test_generalized_metric_matches_reference(tau, rho, gamma):
     model, stats, X = _setup()
     got = saliency_scores(model, stats, "gift", tau=tau, rho=rho, gamma=gamma)
@@ -80,6 +81,7 @@ def test_generalized_metric_matches_reference(tau, rho, gamma):
 
 
 @pytest.mark.parametrize("metric", ["owq", "wanda", "activation", "magnitude"])
+@pytest.mark.numerics
 def test_presets_match_reference(metric):
     model, stats, X = _setup(1)
     got = saliency_scores(model, stats, metric, bits=3)
@@ -88,6 +90,7 @@ def test_presets_match_reference(metric):
         assert torch.allclose(got[n], ref[n], rtol=1e-5), (metric, n)
 
 
+@pytest.mark.numerics
 def test_gift_presets_are_their_definitions():
     model, stats, X = _setup(2)
     assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(
@@ -99,6 +102,7 @@ def test_gift_presets_are_their_definitions():
     assert set(METRICS) == {"gift", "gift-g2", "owq", "wanda", "activation", "magnitude", "random"}
 
 
+@pytest.mark.numerics
 def test_bits_matter_and_bf16_weights_quantize_in_fp32():
     model, stats, X = _setup(3)
     s4 = saliency_scores(model, stats, "gift", bits=4)
@@ -114,6 +118,7 @@ def test_bits_matter_and_bf16_weights_quantize_in_fp32():
     assert torch.allclose(s16["a"], (D.abs().amax(0).double() * stats["a"].max_abs.double()).float(), rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_random_and_magnitude_need_no_stats(tiny_model):
     r0 = saliency_scores(tiny_model, None, "random", seed=0)
     assert len(r0) == 14

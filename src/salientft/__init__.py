@@ -26,10 +26,14 @@ from .calibration import (
 from .saliency import METRICS, load_scores, plot_scores, saliency_scores, save_scores, select_salient
 from .pipelines import calibrate, quantize_pretrained
 from . import methods
+from . import peft
 from .config import TrainConfig
+from .export import export_compressed_tensors, export_lora, export_merged  # (salientft.export stays the module)
 
 from .evaluation import compare_runs, evaluate, load_for_eval, perplexity
 from .gmt import GMTConfig, GradientMask, build_gradient_mask
+
+peft.install_import_hook()  # GIFT-SW joins PEFT's mappings whenever PEFT is imported
 
 __version__ = "0.1.0"
 
@@ -37,6 +41,9 @@ __all__ = [
     "methods",
     "TrainConfig",
     "quantize_pretrained",
+    "export_lora",
+    "export_merged",
+    "export_compressed_tensors",
     "GiftConfig",
     "SalientLinear",
     "apply_gift",

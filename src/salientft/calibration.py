@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._io import atomic_path, read_safetensors
+from ._io import atomic_path, iter_jsonl, read_safetensors
 from .targets import in_features_of, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -308,17 +308,7 @@ def _record_text(rec, where: str) -> str:
 
 
 def _jsonl_documents(path: Path) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            docs.append(_record_text(rec, f"{path}:{i}"))
-    return docs
+    return [_record_text(rec, where) for where, rec in iter_jsonl(path)]
 
 
 def _hub_documents(name: str, needed_tokens_hint: int) -> Iterable[str]:

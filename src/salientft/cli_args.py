@@ -6,6 +6,8 @@ calibration data, the number of salient columns, the metric) are declared once, 
 ``CalibrationArgs``; each command adds its own in a subclass, and ``COMMANDS`` names the
 subcommands. A field without a default (``REQUIRED``) is a required flag; the fields of each
 group in ``EXCLUSIVE`` are mutually exclusive flags; ``choices`` metadata limits a flag's values.
+``OUTPUTS`` names the flags that are output paths (``"file"`` or ``"dir"``): the command line
+checks them writable before it loads a model.
 
 Cheap to import (no torch): the metric names are read from ``salientft.saliency`` only when the
 parser is built.
@@ -52,6 +54,8 @@ class CalibrationArgs:
 class CalibrateArgs(CalibrationArgs):
     """``salientft calibrate``: the shared flags, the metric's parameters and the outputs."""
 
+    OUTPUTS: ClassVar[dict[str, str]] = {"output": "file", "stats_output": "file", "plot": "file"}
+
     bits: int = flag(4, "quantizer bits for D = W - Q(W)")
     tau: str | None = flag(None, "weight-error norm: 1, 2 or inf (gift/gift-g2 only)")
     rho: str | None = flag(None, "activation norm: 1, 2 or inf (gift/gift-g2 only)")
@@ -64,6 +68,8 @@ class CalibrateArgs(CalibrationArgs):
 @dataclass(kw_only=True)
 class QuantizeArgs(CalibrationArgs):
     """``salientft quantize``: the shared flags, the quantizer and the output folder."""
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"output": "dir"}
 
     bits: int = flag(REQUIRED, "bits per weight: 2, 3, 4 or 8")
     method: str = flag("gptq", "quantizer: gptq (error-compensating) or rtn (round to nearest)",

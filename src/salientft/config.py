@@ -23,6 +23,10 @@ from .gift.config import GiftConfig  # noqa: F401  (re-exported)
 from .gmt import GMT_DEFAULT_EXCLUDE, GMTConfig  # noqa: F401  (re-exported)
 
 
+# TrainConfig.fsdp: "" (no sharding) or FSDP2's two sharding strategies (docs/distributed.md)
+FSDP_MODES = ("", "full_shard", "shard_grad_op")
+
+
 @dataclass
 class TrainConfig(ConfigMixin):
     """Everything ``salientft train`` needs; every field is also a command-line flag.
@@ -30,7 +34,10 @@ class TrainConfig(ConfigMixin):
     ``lr=None`` takes the method's default (``salientft.methods.get(name).default_lr``).
     ``max_steps`` wins over ``epochs``. ``quantized`` names a folder written by
     ``salientft quantize``: the method then recovers that quantized model
-    (``salientft.methods.names(quantized=True)``).
+    (``salientft.methods.names(quantized=True)``). Every setting is validated on creation, before
+    any model loads: a method-specific field (GIFT-SW's, LoRA's, GMT's, ``merge``) set to a value
+    other than its default for a method that does not read it is refused
+    (``salientft.methods.Method.validate``), as are GIFT-SW's k, metric and scores file.
     """
 
     model: str = flag("smollm2-135m", "base model: preset (smollm2-135m, tiny-random-llama), folder or hub id")
@@ -50,6 +57,7 @@ class TrainConfig(ConfigMixin):
     data_limit: int | None = flag(None, "use only the first N training records")
     dtype: str = flag("bf16", "bf16 (frozen weights bf16, trainable fp32, bf16 autocast), fp16 or fp32")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
+    fsdp: str = flag("", "under torchrun/accelerate launch: shard weights, gradients and optimizer state with FSDP2 per decoder layer: full_shard (re-gather in backward) or shard_grad_op (keep gathered until backward); '' for none (DDP). See docs/distributed.md")
     seed: int = flag(0, "random seed (data order, salient columns of metric 'random', noise)")
     save_steps: int = flag(0, "write a resumable checkpoint every N steps (0: none)")
     logging_steps: int = flag(1, "log the loss every N steps")
@@ -62,6 +70,7 @@ class TrainConfig(ConfigMixin):
     noise: str | None = flag(None, "GIFT-SW: noise mode weight, output or none (default: the method's)")
     noise_bits: int = flag(4, "GIFT-SW: quantizer bits whose step sets the noise scale")
     fp32_salient: bool = flag(False, "GIFT-SW: keep the trainable columns in fp32 (always on with bf16)")
+    keep_noise: bool = flag(False, "GIFT-SW: keep each layer's weight noise for backward, not drawn again (faster; one out x in tensor per layer)")
     calib_samples: int = flag(128, "GIFT-SW: calibration samples for data-dependent metrics")
     target_modules: list[str] | str | None = flag(None, "layers to train: 'q_proj,v_proj' or 're:<regex>' (default: all linear layers of the blocks)")
     # PEFT baselines
@@ -76,6 +85,7 @@ class TrainConfig(ConfigMixin):
     eval_tasks: str = flag("", "evaluate before/after on these tasks ('paper', 'all', names; '' for none)")
     eval_limit: int | None = flag(None, "first N items of each eval task")
     eval_before: bool = flag(True, "also evaluate the model before training (off: many runs of one base)")
+    report_to: str = flag("none", "experiment trackers for the Trainer's logs: none, tensorboard, wandb, mlflow, ... (comma-separated)")
     trust_remote_code: bool = flag(False, "allow the model's own code from the hub (off by default)")
     quantized: str | None = flag(None, "recover this quantized model (a folder from salientft quantize)")
 
@@ -100,12 +110,15 @@ class TrainConfig(ConfigMixin):
             check_choice(n, "noise", self.noise, NOISE_MODES)
         if self.mask_ratio is not None and not 0 <= self.mask_ratio < 1:
             raise ValueError(f"{n}.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        check_choice(n, "fsdp", self.fsdp, FSDP_MODES)
         check_choice(n, "mask_granularity", self.mask_granularity, GMTConfig.GRANULARITIES)
         check_choice(n, "mask_mode", self.mask_mode, GMTConfig.MODES)
         if self.eval_tasks:
             from .evaluation.tasks import parse_tasks
 
             parse_tasks(self.eval_tasks)  # unknown names fail now, not after training
+        if not isinstance(self.report_to, str) or not self.report_to.strip():
+            raise ValueError(f"{n}.report_to must name trackers (e.g. 'tensorboard') or be 'none', got {self.report_to!r}")
         if self.data_limit is not None and self.data_limit < 1:
             raise ValueError(f"{n}.data_limit must be positive")
         self.training_method.validate(self)

@@ -72,6 +72,10 @@ def check_choice(cls_name: str, name: str, value, choices) -> None:
 # The paper trains k = 128 columns of 4096 on LLaMA2-7B; as a fraction that carries to any width.
 PAPER_SALIENT_FRACTION = 128 / 4096
 
+# Salience metrics computed from the weights alone (no calibration data): saliency.py, the
+# GIFT-SW method, the PEFT tuner and the up-front dependency check all ask this one tuple.
+STATLESS_METRICS = ("magnitude", "random")
+
 # GIFT-SW's noise modes (docs/ARCHITECTURE.md, METHODS.md 1.3): the paper's weight noise, the same
 # Gaussian moved to the layer output, and none. A quantized layer supports "weight" and "none".
 NOISE_MODES = ("weight", "output", "none")

@@ -10,6 +10,9 @@ the gradient, and works the same for one tensor or for a global threshold over t
 (histograms add up; nothing is ever concatenated). Ties at the threshold are broken by position
 (parameter order, then flat index), so exactly K entries are kept and every rank of a DDP job,
 which holds the same all-reduced gradient, keeps the same entries. Zero gradients are never kept.
+Under FSDP2 (DTensor gradients sharded on dim 0) the histograms are all-reduced across the shards
+and the ties split in rank order, so the kept set is the one of a single process holding the
+full gradients (``GradientMask._apply_sharded``, docs/gmt.md).
 
 Usage in a plain loop (mask after accumulation, before clipping and the step)::
 
@@ -165,6 +168,11 @@ def _positions(eq: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage); a plain tensor itself."""
+    return t if type(t) is torch.Tensor or not hasattr(t, "to_local") else t.to_local()
+
+
 def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
@@ -205,6 +213,42 @@ def _shrink_(g: torch.Tensor, w: torch.Tensor, t_bits: int, tie_idx: torch.Tenso
     else:
         keep[tie_idx] = True
     g.mul_(keep.view(g.shape))
+
+
+def _shards(live) -> list | None:
+    """For gradients sharded across ranks (FSDP2 DTensors): per gradient (local shard, process
+    group, shard rank, number of shards); None when no gradient is a DTensor.
+
+    Supported: a DTensor sharded on dim 0 along one mesh dimension (FSDP2's ``fully_shard``;
+    other mesh dimensions replicated, as in HSDP), every masked gradient on the same group.
+    """
+    if all(type(g) is torch.Tensor for _, _, g in live):
+        return None
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    out = []
+    for name, _, g in live:
+        if not isinstance(g, DTensor):
+            raise NotImplementedError(
+                f"GMT: {name} has an unsharded gradient while others are DTensors; shard every "
+                "masked parameter (fully_shard the whole model) or exclude it"
+            )
+        dims = [d for d, pl in enumerate(g.placements) if isinstance(pl, Shard)]
+        if (len(dims) != 1 or g.placements[dims[0]].dim != 0
+                or not all(isinstance(pl, (Shard, Replicate)) for pl in g.placements)):
+            raise NotImplementedError(
+                f"GMT: {name}'s gradient is placed as {g.placements}; the distributed threshold "
+                "supports dim-0 sharding along one mesh dimension (FSDP2's fully_shard)"
+            )
+        mesh, d = g.device_mesh, dims[0]
+        out.append((g.to_local(), mesh.get_group(d), mesh.get_local_rank(d), mesh.size(d)))
+    if any(o[1] is not out[0][1] for o in out):
+        raise NotImplementedError("GMT: the masked gradients are sharded over different process groups")
+    import torch.distributed as dist
+
+    if dist.get_rank(out[0][1]) != out[0][2]:
+        raise NotImplementedError("GMT: shard rank differs from the process-group rank")
+    return out
 
 
 class GradientMask:
@@ -298,8 +342,11 @@ class GradientMask:
                 raise TypeError(f"{name} has a sparse gradient; GMT needs dense gradients")
             live.append((name, p, g))
         self._masked = []
+        shards = _shards(live)
         if not live:
             stats = {"step": self.step_count, "kept": 0, "total": 0, "kept_fraction": 0.0, "threshold": None}
+        elif shards is not None:
+            stats = self._apply_sharded(live, shards)
         elif self.config.granularity == "tensor":
             stats = self._apply_tensor(live)
         else:
@@ -427,6 +474,85 @@ class GradientMask:
             "kept_per_tensor": kept_per,
         }
 
+    def _apply_sharded(self, live, shards) -> dict:
+        """Exact thresholds over gradients sharded on dim 0 across ranks (FSDP2), see docs/gmt.md.
+
+        Every rank histograms its own shards; the histograms are summed across the process group
+        (two all-reduces), so every rank finds the same threshold as one process holding the full
+        gradients. Ties are broken in the unsharded order (parameter order, then shard rank, then
+        index within the shard: the full flat order for contiguous dim-0 shards) from the tie
+        counts of every rank (one all-gather). Nothing the size of a gradient is communicated.
+        """
+        import torch.distributed as dist
+
+        group, rank, world = shards[0][1:]
+        per_tensor = self.config.granularity == "tensor"
+        works = [(name, p, loc, _work_view(loc)) for (name, p, _), (loc, *_) in zip(live, shards)]
+        hi_buf, eq_buf = self._buffers([(None, None, w) for *_, w in works])
+        dev = hi_buf.device
+        m = len(works)
+        ns = [g.numel() for _, _, g in live]  # global sizes
+        hists = torch.empty(m, _HI_BINS, dtype=torch.int64, device=dev)
+        for i, (*_, w) in enumerate(works):
+            n = w.numel()
+            hists[i] = torch.bincount(_hi_bits(w, hi_buf[:n]), minlength=_HI_BINS)
+        dist.all_reduce(hists, group=group)
+        if per_tensor:
+            ks = [self._keep_count(n) for n in ns]
+            bins = [_top_k_bin(hists[i], ks[i]) for i in range(m)]
+        else:
+            k = self._keep_count(sum(ns))
+            b, above = _top_k_bin(hists.sum(0), k)
+            bins = [(b, above)] * m
+        # the boundary entries of this rank (few), and their low-bit histograms summed across ranks
+        bounds = []
+        lo_hists = torch.zeros(m if per_tensor else 1, _LO_BINS, dtype=torch.int64, device=dev)
+        for i, (*_, w) in enumerate(works):
+            n = w.numel()
+            idx, lo = self._boundary(w, _hi_bits(w, hi_buf[:n]), bins[i][0], eq_buf[:n])
+            bounds.append((idx, lo))
+            if lo.numel():
+                lo_hists[i if per_tensor else 0] += torch.bincount(lo, minlength=_LO_BINS)
+        dist.all_reduce(lo_hists, group=group)
+        if per_tensor:
+            sel = []
+            for i in range(m):
+                l, above2 = _top_k_bin(lo_hists[i], ks[i] - bins[i][1])
+                sel.append(((bins[i][0] << 16) | l, l, ks[i], bins[i][1] + above2))
+        else:
+            l, above2 = _top_k_bin(lo_hists[0], k - above)
+            sel = [((b << 16) | l, l, k, above + above2)] * m
+        # per tensor and rank: entries equal to the threshold, and above it within the boundary bin
+        counts = torch.tensor(
+            [[int((lo == s[1]).sum()), int((lo > s[1]).sum())] for (_, lo), s in zip(bounds, sel)],
+            dtype=torch.int64, device=dev,
+        ).view(m, 2)
+        gathered = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(gathered, counts, group=group)
+        every = torch.stack(gathered)  # (world, m, 2), indexed by shard rank
+        ties_before, ties_all = every[:rank, :, 0].sum(0).tolist(), every[:, :, 0].sum(0).tolist()
+        remaining = 0 if sel[0][0] == 0 else sel[0][2] - sel[0][3]  # global: shared budget of ties
+        thresholds, kept_per = {}, {}
+        for i, (name, p, loc, w) in enumerate(works):
+            t_bits, l, k_i, gt = sel[i]
+            if per_tensor:
+                take = 0 if t_bits == 0 else k_i - gt
+            else:
+                take = min(remaining, ties_all[i])
+                remaining -= take
+            local_ties = int(counts[i, 0])
+            local_take = min(max(take - ties_before[i], 0), local_ties)
+            idx, lo = bounds[i]
+            self._mask_one(p, loc, w, t_bits, idx, lo, l, local_take, local_ties)
+            thresholds[name] = _bits_to_float(t_bits)
+            kept_per[name] = int(hists[i][(t_bits >> 16) + 1:].sum()) + int(every[:, i, 1].sum()) + take
+        kept, total = sum(kept_per.values()), sum(ns)
+        return {
+            "step": self.step_count, "kept": kept, "total": total, "kept_fraction": kept / total,
+            "threshold": thresholds if per_tensor else _bits_to_float(sel[0][0]),
+            "kept_per_tensor": kept_per, "ranks": world,
+        }
+
     # -- stepping ----------------------------------------------------------------------------
     def step(self, optimizer: torch.optim.Optimizer, closure=None):
         """Mask (unless ``apply_()`` already ran since the last step) and step the optimizer.
@@ -454,11 +580,11 @@ class GradientMask:
         snap = []
         state = optimizer.state
         for p, masked in self._masked:
-            entries = [p.detach()]
+            entries = [_local(p.detach())]
             st = state.get(p, {}) if hasattr(state, "get") else {}
             for v in st.values():
                 if torch.is_tensor(v) and v.shape == p.shape:
-                    entries.append(v)
+                    entries.append(_local(v))  # sharded: this rank's part, like masked
             snap.append((masked, [(t, t.detach().clone()) for t in entries]))
         self._masked = []
         return snap
@@ -486,6 +612,26 @@ class GradientMask:
 def build_gradient_mask(model: nn.Module, config: GMTConfig) -> GradientMask:
     """The GradientMask a GMTConfig describes, over ``model``'s trainable parameters."""
     return GradientMask.from_config(model, config)
+
+
+def _refuse_unsupported_sharding(args, model) -> None:
+    """GMT's thresholds are exact across the shards of FSDP2 (DTensor gradients); DeepSpeed and
+    FSDP1 hand the optimizer flat per-rank shards without the layout the selection needs."""
+    if getattr(args, "deepspeed", None):
+        raise NotImplementedError(
+            "GMT does not support DeepSpeed (its gradients are flat per-rank partitions, so the "
+            "threshold would be per shard); use FSDP2 (fsdp_version: 2), DDP or a single process"
+        )
+    fsdp1 = bool(getattr(args, "fsdp", None)) and int((getattr(args, "fsdp_config", None) or {}).get("version", 2)) != 2
+    if not fsdp1 and model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    if fsdp1:
+        raise NotImplementedError(
+            "GMT does not support FSDP1 (flat parameters: the threshold would be per shard); "
+            "use FSDP2 (fsdp_version: 2 in the accelerate config, or --fsdp), DDP or a single process"
+        )
 
 
 def _make_callback_class():
@@ -517,11 +663,7 @@ def _make_callback_class():
             self._snapshot = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-                raise NotImplementedError(
-                    "GradientMaskCallback does not support DeepSpeed or FSDP (sharded gradients "
-                    "would get per-shard thresholds); use DDP or a single process"
-                )
+            _refuse_unsupported_sharding(args, model)
             if self.mask is None:
                 self.mask = GradientMask.from_config(model, self.config)
             self._max_grad_norm = float(args.max_grad_norm or 0.0)
@@ -543,6 +685,8 @@ def _make_callback_class():
             if self._max_grad_norm > 0:
                 params = [p for p in model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.clip_grad_norm_(params, self._max_grad_norm)
+                if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a (replicated) DTensor
+                    norm = norm.full_tensor()
                 record["masked_grad_norm"] = float(norm)
             self._snapshot = self.mask.snapshot_(optimizer)
             self.history.append(record)

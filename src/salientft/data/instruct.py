@@ -19,6 +19,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
+from .._io import is_path_like, iter_jsonl  # is_path_like re-exported: salientft.data.instruct.is_path_like
 from .templates import render_chat
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ def _check_messages(messages, where: str) -> list[dict]:
             raise ValueError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
         if role == "system" and i != 0:
             raise ValueError(f"{where}: message {i} is a system turn; only the first turn may be 'system'")
+        if role == "assistant" and not content.strip():
+            raise ValueError(f"{where}: message {i} (assistant) is empty (nothing to train on); "
+                             "give it a reply or drop the turn")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant turn (nothing to train on)")
@@ -109,24 +113,22 @@ def record_to_conversation(record, where: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- sources
+class DatasetUnavailableError(ValueError, RuntimeError):
+    """A Hugging Face dataset could not be loaded (unknown name, offline, bad split).
+
+    A ValueError (a bad input, reported in one line by the command line) and, as before, a
+    RuntimeError."""
+
+
 def read_jsonl(path) -> list[list[dict]]:
     """All conversations of a JSONL file (blank lines skipped); errors say ``path:line: problem``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist; give an existing .jsonl file, 'embedded', "
+                                "or hf:NAME for a Hugging Face dataset")
     if path.is_dir():
         raise IsADirectoryError(f"data file {path} is a directory; pass a .jsonl file")
-    convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            convs.append(record_to_conversation(record, where))
+    convs = [record_to_conversation(record, where) for where, record in iter_jsonl(path)]
     return convs
 
 
@@ -162,10 +164,10 @@ def read_hf_dataset(name: str, hf_split: str = "train", config: str | None = Non
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, bad split: all surface as one clear message
-        raise RuntimeError(
+        raise DatasetUnavailableError(
             f"could not load Hugging Face dataset {name!r} (config={config!r}, split={split!r}): "
-            f"{type(e).__name__}: {e}. Offline? Set HF_HUB_OFFLINE=0 with network access, "
-            "or use a local .jsonl file.") from e
+            f"{type(e).__name__}: {e}. Offline? Set HF_HUB_OFFLINE=0 with network access; "
+            f"a local file? give its path (./{name}.jsonl)") from e
     return [_hf_row_to_conversation(dict(row), f"{name}[{hf_split}]:row {i}") for i, row in enumerate(ds)]
 
 
@@ -273,19 +275,15 @@ def is_heldout(conv: list[dict]) -> bool:
     return int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE
 
 
-def _is_file_source(source: str) -> bool:
-    p = Path(source)
-    return p.exists() or p.suffix.lower() in (".jsonl", ".json", ".jsonlines")
-
-
 def load_conversations(source="embedded", split: str = "train", limit: int | None = None,
                        seed: int = DEFAULT_SEED, hf_split: str = "train", hf_config: str | None = None,
                        sciq_support: bool = False) -> list[list[dict]]:
     """Conversations of ``source``: ``"embedded"``, a ``.jsonl`` path, or a Hugging Face dataset
-    name (``"hf:owner/name"`` forces the hub). ``split`` picks the fixed 5 % held-out part
-    (``"heldout"``), the rest (``"train"``) or everything (``"all"``) for every kind of source;
-    ``hf_split`` is the hub dataset's own split. ``seed`` shuffles the order; ``limit`` keeps the
-    first rows after the shuffle, so a small limit still mixes all sources."""
+    name (``"hf:owner/name"`` forces the hub; :func:`is_path_like` tells a path from a name).
+    ``split`` picks the fixed 5 % held-out part (``"heldout"``), the rest (``"train"``) or
+    everything (``"all"``) for every kind of source; ``hf_split`` is the hub dataset's own split.
+    ``seed`` shuffles the order; ``limit`` keeps the first rows after the shuffle, so a small
+    limit still mixes all sources."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -297,7 +295,7 @@ def load_conversations(source="embedded", split: str = "train", limit: int | Non
     elif source_str.startswith("hf:"):
         convs = read_hf_dataset(source_str[3:], hf_split=hf_split, config=hf_config)
         what = f"Hugging Face dataset {source_str[3:]!r}"
-    elif isinstance(source, Path) or _is_file_source(source_str):
+    elif isinstance(source, Path) or is_path_like(source_str):
         convs = read_jsonl(source_str)
         what = f"data file {source_str}"
     else:

@@ -7,10 +7,13 @@ from pathlib import Path
 def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: int | None = None,
              batch_size: int = 16, output: str | Path | None = None, backend: str = "native",
              perplexity_source: str | None = None, ppl_max_length: int = 1024, ppl_stride: int | None = None,
-             dtype: str = "bf16", logprob_dtype: str = "model", progress: bool = True) -> dict:
+             dtype: str = "bf16", logprob_dtype: str = "model", progress: bool = True,
+             check_base: bool = True) -> dict:
     """Load ``model`` (preset, path, hub id or run dir), evaluate, optionally add perplexity, and
-    write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only."""
-    from .._io import write_json
+    write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only.
+    ``output`` is checked writable before the model loads; ``check_base=False`` lets an adapter
+    onto a base other than the one it was trained on."""
+    from .._io import check_writable, write_json
     from .loading import load_for_eval
     from .runner import evaluate
     from .tasks import parse_tasks
@@ -18,7 +21,9 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
     names = parse_tasks(tasks) if tasks else []
     if not names and not perplexity_source:
         raise ValueError("nothing to do: give --tasks and/or --perplexity FILE|heldout")
-    m, tok, desc = load_for_eval(model, adapter=adapter, dtype=dtype)
+    if output is not None:
+        check_writable(output, kind="file", flag="--output")
+    m, tok, desc = load_for_eval(model, adapter=adapter, dtype=dtype, check_base=check_base)
     if names:
         report = evaluate(m, tok, names, limit=limit, batch_size=batch_size, progress=progress,
                           backend=backend, model_name=desc, logprob_dtype=logprob_dtype)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from .. import deps
 from .tasks import PAPER_METRICS
 
 RESULT_FILES = ("eval_after.json", "results.json", "eval_before.json")
@@ -76,6 +77,8 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None) ->
     """Load every run, build a Markdown table (runs as columns) and optionally a bar chart PNG."""
     if not paths:
         raise ValueError("compare needs at least one run directory or results file")
+    if plot is not None:
+        deps.require("compare", plot=plot)  # an asked-for plot needs matplotlib: refuse before any work
     runs = [load_run(p) for p in paths]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # disambiguate same-named runs by their full path

@@ -60,11 +60,15 @@ def task_config(name: str, limit: int | None = None) -> dict:
 
 
 def evaluate_lmeval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
-                    max_length: int | None = None, progress: bool = True, logprob_dtype: str = "model") -> dict:
+                    max_length: int | None = None, progress: bool = True, logprob_dtype: str = "model",
+                    return_items: bool = False) -> dict:
     """Per-task {"acc", "acc_norm", "n", "seconds", "items_per_s"} as lm-eval computes them.
 
     ``logprob_dtype="model"`` is HFLM's default (``softmax_dtype=None``); "float32" passes
     ``softmax_dtype="float32"``. acc_norm is None where the stock task does not report it.
+    ``return_items=True`` runs with ``log_samples=True`` and adds ``"items"``: per document, in
+    document order, ``{"lls": [log-likelihood per choice], "gold", "acc", "acc_norm"}`` from
+    lm-eval's logged samples (``filtered_resps`` are ``(loglikelihood, is_greedy)`` per choice).
     """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +89,7 @@ def evaluate_lmeval(model, tokenizer, tasks: list[str], limit: int | None = None
         task = ConfigurableTask(config=task_config(name, limit))
         t0 = time.perf_counter()
         # seeds None: zero-shot needs no sampling, and the caller's global RNG state stays untouched
-        res = simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=False,
+        res = simple_evaluate(model=lm, tasks=[task], limit=limit, bootstrap_iters=0, log_samples=return_items,
                               num_fewshot=0, task_manager=manager, random_seed=None, numpy_random_seed=None, torch_random_seed=None)
         seconds = time.perf_counter() - t0
         r = res["results"][name]
@@ -95,4 +99,24 @@ def evaluate_lmeval(model, tokenizer, tasks: list[str], limit: int | None = None
             "acc_norm": float(r["acc_norm,none"]) if "acc_norm,none" in r else None,
             "n": n, "seconds": seconds, "items_per_s": n / seconds if seconds > 0 else None,
         }
+        if return_items:
+            out[name]["items"] = _logged_items(res["samples"][name])
     return out
+
+
+def _logged_items(samples: list[dict]) -> list[dict]:
+    """lm-eval's logged samples as ``{"lls", "gold", "acc", "acc_norm"}`` per document, by doc_id.
+
+    ``gold`` is the answer index, or None where lm-eval's target is not one (winogrande's target is
+    the shared continuation; its answer picks the context).
+    """
+    items = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        target = s["target"]
+        items.append({
+            "lls": [float(r[0]) for r in s["filtered_resps"]],
+            "gold": int(target) if isinstance(target, (int, str)) and str(target).isdigit() else None,
+            "acc": float(s["acc"]),
+            "acc_norm": float(s["acc_norm"]) if "acc_norm" in s else None,
+        })
+    return items

@@ -4,7 +4,8 @@ Accepted: everything :func:`salientft.models.load_model` takes (presets, HF fold
 a trained run's output directory: ``run_config.json`` (key ``"model"`` names the base) plus either
 ``model/`` or ``merged/`` (a full HF model folder) or ``adapter/`` (a salientft GIFT-SW adapter, or
 a PEFT adapter recognised by ``adapter_config.json`` with ``"peft_type"``). ``adapter`` may also be
-given explicitly, on top of any base.
+given explicitly, on top of any base. ``check_base=False`` (``salientft eval --no-check-base``)
+lets a salientft adapter onto a base whose weights differ from those it was trained on.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def _is_peft_adapter(directory: Path) -> bool:
         return False
 
 
-def attach_adapter(model, directory: str | Path):
-    """Apply a salientft adapter in place, or wrap the model with a PEFT adapter; returns the model."""
+def attach_adapter(model, directory: str | Path, check_base: bool = True):
+    """Apply a salientft adapter in place, or wrap the model with a PEFT adapter; returns the model.
+
+    ``check_base=False`` skips the salientft adapter's check of the base's fingerprint."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
@@ -40,7 +43,7 @@ def attach_adapter(model, directory: str | Path):
         return attach_peft_adapter(model, directory, config)
     from ..gift.adapter import load_adapter  # lazy: only runs need it
 
-    return load_adapter(model, directory).eval()
+    return load_adapter(model, directory, check_base=check_base).eval()
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -48,35 +51,30 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "run_config.json").is_file() and any((p / d).is_dir() for d in ("model", "merged", "adapter"))
 
 
-def _load_run(path: Path, dtype, device):
+def _load_run(path: Path, dtype, device, check_base: bool = True):
     """A finished run: its plain ``merged/`` model if written, else what its method re-attaches."""
     from .. import methods
+    from .._io import read_json_object
     from ..models import load_model
 
-    cfg_path = path / "run_config.json"
-    try:
-        run_cfg = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is corrupt (not valid JSON: {e})") from None
-    if not isinstance(run_cfg, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object (the run's TrainConfig)")
+    run_cfg = read_json_object(path / "run_config.json", "the run's TrainConfig")
     if (path / "merged" / "config.json").is_file():
         m, tok = load_model(str(path / "merged"), dtype=dtype, device=device)
         return m, tok, f"{path} (full model merged/)"
     if not run_cfg.get("method"):
-        return _load_unnamed_run(path, run_cfg, dtype, device)
+        return _load_unnamed_run(path, run_cfg, dtype, device, check_base)
     method = methods.get(run_cfg["method"], quantized=run_cfg.get("quantized") is not None)
     if not (path / method.output).is_dir():
         raise FileNotFoundError(
             f"{path} has run_config.json but no {method.output}/: the run did not finish saving"
         )
-    m, tok = method.load_run(path, run_cfg, dtype=dtype, device=device)
+    m, tok = method.load_run(path, run_cfg, dtype=dtype, device=device, check_base=check_base)
     base = run_cfg.get("quantized") or run_cfg.get("model")
     what = f"full model {method.output}/" if method.output == "model" else f"adapter on {base}"
     return m, tok, f"{path} ({what})"
 
 
-def _load_unnamed_run(path: Path, run_cfg: dict, dtype, device):
+def _load_unnamed_run(path: Path, run_cfg: dict, dtype, device, check_base: bool = True):
     """A run folder whose run_config.json names no method (assembled by hand): ``model/`` is a
     whole model, ``adapter/`` a salientft or PEFT adapter on the base it names."""
     from ..models import load_model
@@ -91,21 +89,22 @@ def _load_unnamed_run(path: Path, run_cfg: dict, dtype, device):
     if not base:
         raise ValueError(f"{path / 'run_config.json'} has no \"model\" key naming the base model")
     m, tok = load_model(base, dtype=dtype, device=device)
-    return attach_adapter(m, path / "adapter"), tok, f"{path} (adapter on {base})"
+    return attach_adapter(m, path / "adapter", check_base), tok, f"{path} (adapter on {base})"
 
 
-def load_for_eval(model: str, adapter: str | Path | None = None, dtype="bf16", device=None):
+def load_for_eval(model: str, adapter: str | Path | None = None, dtype="bf16", device=None,
+                  check_base: bool = True):
     """Return ``(model, tokenizer, description)`` for a preset, path, hub id or run directory."""
     from ..models import load_model
 
     path = Path(str(model))
     if path.is_dir() and (path / "run_config.json").is_file():
-        m, tok, desc = _load_run(path, dtype, device)
+        m, tok, desc = _load_run(path, dtype, device, check_base)
     else:
         m, tok = load_model(str(model), dtype=dtype, device=device)
         desc = str(model)
     if adapter is not None:
-        m = attach_adapter(m, adapter)
+        m = attach_adapter(m, adapter, check_base)
         desc += f" + adapter {adapter}"
     m.eval()
     return m, tok, desc

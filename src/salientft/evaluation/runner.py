@@ -32,6 +32,7 @@ def evaluate(
     max_length: int | None = None,
     model_name: str | None = None,
     logprob_dtype: str = "model",
+    return_items: bool = False,
 ) -> dict:
     """Zero-shot log-likelihood multiple choice on the embedded validation splits.
 
@@ -41,6 +42,9 @@ def evaluate(
     object through lm-evaluation-harness instead (the optional ``lmeval`` extra).
     ``logprob_dtype="model"`` normalises log-probabilities in the model's dtype as lm-eval's HFLM
     does by default (bf16 sums are rounded to bf16); ``"float32"`` is exact.
+    ``return_items=True`` adds ``"items"`` to each task's result: per item, in item order,
+    ``{"lls": [log-likelihood per choice], "gold", "acc", "acc_norm"}`` (for tie-aware comparisons
+    of two runs; not written by the CLI).
     """
     names = parse_tasks(tasks)
     if backend not in BACKENDS:
@@ -51,13 +55,14 @@ def evaluate(
         from .lmeval import evaluate_lmeval
 
         per_task = evaluate_lmeval(model, tokenizer, names, limit=limit, batch_size=batch_size,
-                                   max_length=max_length, progress=progress, logprob_dtype=logprob_dtype)
+                                   max_length=max_length, progress=progress, logprob_dtype=logprob_dtype,
+                                   return_items=return_items)
     else:
         from .scorer import LoglikScorer
 
         scorer = LoglikScorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
                               share_context=share_context, progress=progress, logprob_dtype=logprob_dtype)
-        per_task = {name: score_task(scorer, name, limit) for name in names}
+        per_task = {name: score_task(scorer, name, limit, return_items=return_items) for name in names}
     total_items = sum(r["n"] for r in per_task.values())
     total_s = sum(r["seconds"] for r in per_task.values())
     return {
@@ -74,8 +79,11 @@ def evaluate(
     }
 
 
-def score_task(scorer, name: str, limit: int | None = None) -> dict:
-    """acc / acc_norm of one task with a :class:`~salientft.evaluation.scorer.LoglikScorer`."""
+def score_task(scorer, name: str, limit: int | None = None, return_items: bool = False) -> dict:
+    """acc / acc_norm of one task with a :class:`~salientft.evaluation.scorer.LoglikScorer`.
+
+    ``return_items=True`` adds ``"items"``: per item ``{"lls", "gold", "acc", "acc_norm"}``.
+    """
     from .scorer import choose
 
     items = load_items(name, limit)
@@ -83,15 +91,22 @@ def score_task(scorer, name: str, limit: int | None = None) -> dict:
     lls = scorer.score([it.requests for it in items], desc=name)
     seconds = time.perf_counter() - t0
     acc = acc_norm = 0
+    per_item = []
     for it, ll in zip(items, lls):
         pred, pred_norm = choose(ll, it.norm_chars)
         acc += pred == it.gold
         acc_norm += pred_norm == it.gold
+        if return_items:
+            per_item.append({"lls": [float(x) for x in ll], "gold": it.gold,
+                             "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold)})
     n = len(items)
-    return {
+    out = {
         "acc": acc / n, "acc_norm": acc_norm / n, "n": n,
         "seconds": seconds, "items_per_s": n / seconds if seconds > 0 else None,
     }
+    if return_items:
+        out["items"] = per_item
+    return out
 
 
 def _model_name(model) -> str | None:

@@ -138,7 +138,8 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
             raise ValueError(
                 f"adapter {directory} was trained on different base weights (fingerprint mismatch; "
                 f"its base was {meta.get('base_model')!r}). Load the same base model it was trained "
-                "from (not a merged or other fine-tuned copy), or pass check_base=False to force it"
+                "from (not a merged or other fine-tuned copy); to force it anyway: salientft eval --no-check-base, "
+                "or check_base=False in Python"
             )
     cfg = GiftConfig.from_dict({**config.to_dict(), "target_modules": list(modules)})
     idx = {n: tensors[f"{n}.salient_idx"] for n in modules}

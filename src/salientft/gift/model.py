@@ -80,7 +80,8 @@ def apply_gift(
             std = torch.as_tensor(noise_std[name], dtype=torch.float32, device=w.device)
         else:
             std = noise_std_for(w.detach(), idx, config.noise_bits)
-        layer = SalientLinear(module, idx, std, noise=config.noise, fp32_salient=config.fp32_salient)
+        layer = SalientLinear(module, idx, std, noise=config.noise, fp32_salient=config.fp32_salient,
+                              keep_noise=config.keep_noise)
         set_module(model, name, layer)
     model.salientft_gift_config = config
     counts = trainable_parameters(model)

@@ -10,12 +10,20 @@ subclasses ``Method`` and calls ``register``; the shared contract test
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 _REGISTRY: dict[tuple[str, bool], "Method"] = {}
+
+# GMT's settings that matter only when a gradient mask runs (``Method.mask_config``).
+MASK_FIELDS = ("mask_granularity", "mask_mode")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class Method:
@@ -27,6 +35,10 @@ class Method:
     0.05 is below half its spacing and would be rounded away). ``accepts_mask`` says whether
     GMT's gradient mask may run on top (``--mask-ratio``); ``default_mask_ratio`` turns it on
     by default. ``output`` is the folder the finished run writes: ``adapter`` or ``model``.
+    ``uses`` names the method-specific TrainConfig fields the method reads (``declared`` adds
+    GMT's when it accepts the mask, and ``merge`` when it is ``mergeable``); a field no method
+    declares is generic and always applies, and a method refuses a declared-by-others field
+    given a value other than its default (``validate``).
     """
 
     name: ClassVar[str]
@@ -37,16 +49,53 @@ class Method:
     accepts_mask: ClassVar[bool] = True
     default_mask_ratio: ClassVar[float | None] = None
     output: ClassVar[str] = "adapter"
+    requires: ClassVar[tuple[str, ...]] = ()  # optional modules it imports (checked before any work)
+    uses: ClassVar[frozenset[str]] = frozenset()
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}{' (quantized)' if self.quantized else ''}>"
 
     # ------------------------------------------------------------------ configuration
+    def declared(self) -> frozenset[str]:
+        """Every method-specific TrainConfig field this method may read."""
+        extra = {"mask_ratio", *MASK_FIELDS} if self.accepts_mask else set()
+        if self.mergeable:
+            extra.add("merge")
+        return frozenset(self.uses | extra)
+
+    def fields_used(self, config) -> frozenset[str]:
+        """The declared fields that matter for ``config`` (GMT's granularity and mode only with a mask)."""
+        used = self.declared()
+        return used if self.mask_config(config) is not None else used - set(MASK_FIELDS)
+
+    def only_used(self, values: dict) -> dict:
+        """``values`` (TrainConfig fields) without the method-specific ones this method never reads:
+        for callers that share one set of settings across methods (benchmarks, tests)."""
+        specific = method_specific_fields()
+        return {k: v for k, v in values.items() if k not in specific or k in self.declared()}
+
     def validate(self, config) -> None:
-        """Refuse settings this method cannot honour (raise ValueError naming the fix)."""
-        if config.mask_ratio is not None and not self.accepts_mask:
-            ok = ", ".join(m.name for m in registered() if m.accepts_mask and m.quantized == self.quantized)
-            raise ValueError(f"TrainConfig: --mask-ratio applies to {ok}, not {self.name}")
+        """Refuse settings this method cannot honour (raise ValueError naming the fix).
+
+        The base refuses method-specific fields given (not at their default) that this method
+        does not use, in one message, and a missing ``--quantized`` folder."""
+        used = self.fields_used(config)
+        specific = method_specific_fields()
+        given = [f.name for f in dataclasses.fields(config)
+                 if f.name in specific and f.name not in used and getattr(config, f.name) != f.default]
+        if given:
+            hints = []
+            for name in given:
+                users = [m.name for m in registered() if m.quantized == self.quantized and name in m.declared()]
+                hint = f"{_flag(name)} applies to {', '.join(users) or 'no method of this kind'}"
+                hints.append(hint + (" when a gradient mask runs (--mask-ratio)" if name in MASK_FIELDS else ""))
+            flags = ", ".join(_flag(n) for n in given)
+            kind = " (--quantized)" if self.quantized else ""
+            raise ValueError(f"TrainConfig: method {self.name!r}{kind} does not use {flags}; "
+                             f"remove {'it' if len(given) == 1 else 'them'} ({'; '.join(hints)})")
+        if self.quantized and not Path(config.quantized).is_dir():
+            raise FileNotFoundError(f"--quantized {config.quantized}: no such folder; "
+                                    "give a folder written by salientft quantize")
 
     def master_dtype(self, config) -> torch.dtype:
         """The dtype the base model is loaded in (frozen weights may stay 16-bit; dense ones not)."""
@@ -112,11 +161,13 @@ class Method:
         """The trained model as a plain transformers model (only when ``mergeable``)."""
         raise NotImplementedError(f"method {self.name!r} cannot be merged into a plain model")
 
-    def attach(self, base, out: Path):
-        """The finished run in ``out`` re-attached to a freshly loaded ``base``; returns the model."""
+    def attach(self, base, out: Path, check_base: bool = True):
+        """The finished run in ``out`` re-attached to a freshly loaded ``base``; returns the model.
+
+        ``check_base=False`` skips an adapter's check that ``base`` is the model it was trained on."""
         raise NotImplementedError
 
-    def load_run(self, out: Path, run_config: dict, dtype="bf16", device=None):
+    def load_run(self, out: Path, run_config: dict, dtype="bf16", device=None, check_base: bool = True):
         """(model, tokenizer) of a finished run, for evaluation: load the base, attach the output."""
         from ..models import load_model
 
@@ -124,7 +175,7 @@ class Method:
         if not base:
             raise ValueError(f"{Path(out) / 'run_config.json'} has no \"model\" key naming the base model")
         model, tok = load_model(base, dtype=dtype, device=device)
-        return self.attach(model, Path(out)), tok
+        return self.attach(model, Path(out), check_base=check_base), tok
 
 
 class WholeModelMethod(Method):
@@ -132,7 +183,7 @@ class WholeModelMethod(Method):
 
     output = "model"
 
-    def attach(self, base, out: Path):
+    def attach(self, base, out: Path, check_base: bool = True):
         """The output replaces the base, which only fixes the dtype and the device."""
         from ..models import load_model
 
@@ -140,7 +191,7 @@ class WholeModelMethod(Method):
         model, _ = load_model(str(Path(out) / "model"), dtype=p.dtype, device=p.device)
         return model
 
-    def load_run(self, out: Path, run_config: dict, dtype="bf16", device=None):
+    def load_run(self, out: Path, run_config: dict, dtype="bf16", device=None, check_base: bool = True):
         from ..models import load_model
 
         return load_model(str(Path(out) / "model"), dtype=dtype, device=device)
@@ -162,6 +213,11 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r} (quantized={cls.quantized}) is registered twice")
     _REGISTRY[key] = cls()
     return cls
+
+
+def method_specific_fields() -> frozenset[str]:
+    """The TrainConfig fields some registered method declares; every other field is generic."""
+    return frozenset().union(*(m.declared() for m in registered()))
 
 
 def registered() -> list[Method]:

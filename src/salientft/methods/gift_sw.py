@@ -12,8 +12,18 @@ from pathlib import Path
 import torch
 
 from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
-from ..saliency import STATLESS_METRICS
+from ..saliency import METRICS, STATLESS_METRICS
 from .base import Method, register
+from .sharding import gathered, is_writer, load_full_
+
+
+def gift_settings(**kwargs) -> GiftConfig:
+    """A GiftConfig from a run's TrainConfig settings; its errors name the TrainConfig fields."""
+    try:
+        return GiftConfig(**kwargs)
+    except ValueError as e:
+        raise ValueError(str(e).replace("GiftConfig", "TrainConfig")) from None
+
 
 def refuse_noise(config) -> None:
     """The noise-free GIFT-SW methods refuse a noise mode other than none."""
@@ -29,16 +39,31 @@ class GiftSW(Method):
     summary = "salient columns + noise in the frozen rest (the paper's method)"
     default_lr = 1e-4  # METHODS.md 1.7
     default_noise = "weight"
+    uses = frozenset({"n_salient", "salient_fraction", "metric", "scores", "noise", "noise_bits", "fp32_salient",
+                      "calib_samples", "target_modules", "keep_noise"})
 
     def noise(self, config) -> str:
         return config.noise or self.default_noise
 
+    def validate(self, config) -> None:
+        """Everything GIFT-SW can check before a model loads: the GiftConfig (k, noise bits,
+        targets), the metric's name and the scores file."""
+        super().validate(config)
+        self.gift_config(config)
+        if config.metric not in METRICS:
+            raise ValueError(f"TrainConfig: unknown salience metric {config.metric!r} (--metric); "
+                             f"choose one of {', '.join(METRICS)}")
+        if config.scores is not None and not Path(config.scores).is_file():
+            raise FileNotFoundError(f"--scores {config.scores}: no such file; give a scores file written by "
+                                    "salientft calibrate")
+
     def gift_config(self, config) -> GiftConfig:
         """The GiftConfig of this run; bf16 keeps the trainable columns in fp32."""
-        return GiftConfig(
+        return gift_settings(
             n_salient=config.n_salient, salient_fraction=config.salient_fraction,
             target_modules=config.target_modules, noise=self.noise(config), noise_bits=config.noise_bits,
             metric=config.metric, seed=config.seed, fp32_salient=config.fp32_salient or config.dtype == "bf16",
+            keep_noise=config.keep_noise,
         )
 
     def prepare(self, model, config, data=None, scores=None, noise_std=None, **_):
@@ -56,7 +81,10 @@ class GiftSW(Method):
         return apply_gift(model, gcfg, scores, calibration=calibration, noise_std=noise_std)
 
     def save_checkpoint(self, model, directory: Path) -> bool:
-        save_adapter(model, Path(directory) / "adapter")
+        # FSDP2 calls this on every rank: gather the shards together, rank 0 writes
+        with gathered(model):
+            if is_writer():
+                save_adapter(model, Path(directory) / "adapter")
         return True
 
     def load_checkpoint(self, model, directory: Path) -> bool:
@@ -71,7 +99,7 @@ class GiftSW(Method):
                         f"checkpoint {directory} chose other salient columns for {name}; "
                         "resume with the same model, data, metric and seed"
                     )
-                layer.salient_weight.copy_(tensors[f"{name}.salient_weight"])
+                load_full_(layer.salient_weight, tensors[f"{name}.salient_weight"])  # sharded too
         return True
 
     mergeable = True
@@ -84,9 +112,10 @@ class GiftSW(Method):
         """The trained columns written into the base weights: a plain transformers model."""
         return merge_gift(model)
 
-    def attach(self, base, out: Path):
-        """Refuses a base other than the one trained on (fingerprint of the targeted weights)."""
-        return load_adapter(base, Path(out) / "adapter")
+    def attach(self, base, out: Path, check_base: bool = True):
+        """Refuses a base other than the one trained on (fingerprint of the targeted weights)
+        unless ``check_base=False``."""
+        return load_adapter(base, Path(out) / "adapter", check_base=check_base)
 
 
 @register

@@ -43,8 +43,10 @@ def attach_peft_adapter(base, directory: Path, config=None):
 class LoRA(Method):
     name = "lora"
     summary = "LoRA baseline through PEFT"
+    requires = ("peft",)
     accepts_mask = False
     use_dora = False
+    uses = frozenset({"lora_r", "lora_alpha", "lora_dropout", "target_modules"})
 
     def prepare(self, model, config, data=None, **_):
         peft = require_peft(f"the {self.name} baseline")
@@ -57,8 +59,8 @@ class LoRA(Method):
 
     mergeable = True
 
-    def attach(self, base, out: Path):
-        """Stock ``PeftModel.from_pretrained`` on the base, for inference."""
+    def attach(self, base, out: Path, check_base: bool = True):
+        """Stock ``PeftModel.from_pretrained`` on the base, for inference (PEFT keeps no fingerprint)."""
         return attach_peft_adapter(base, Path(out) / "adapter")
 
     def save_output(self, model, tokenizer, config, out: Path) -> None:

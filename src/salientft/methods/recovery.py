@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..config_base import QUANTIZED_NOISE_MODES
 from ..quant.model import prepare_gift_recovery, save_quantized
 from ..quant.ste import apply_lora_quantized, apply_ste, register_quantized_lora, ste_to_quantized
 from .base import Method, WholeModelMethod, register
-from .gift_sw import refuse_noise
+from .gift_sw import gift_settings, refuse_noise
 from .peft_baselines import attach_peft_adapter, lora_alpha, require_peft, save_peft_adapter
 
 
@@ -55,6 +56,14 @@ class RecoverGiftSW(QuantizedOutput):
     summary = "train the 16-bit salient columns with noise on the integer columns"
     default_lr = 1e-4
     default_noise = "weight"
+    uses = frozenset({"noise", "noise_bits"})  # the salient columns are the ones quantization kept
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.noise is not None and config.noise not in QUANTIZED_NOISE_MODES:
+            raise ValueError(f"TrainConfig: a quantized model supports --noise {' or '.join(QUANTIZED_NOISE_MODES)}, "
+                             f"not {config.noise!r}")
+        gift_settings(noise=config.noise or self.default_noise, noise_bits=config.noise_bits)  # validates them
 
     def prepare(self, model, config, data=None, **_):
         noise = config.noise or self.default_noise
@@ -89,7 +98,9 @@ class RecoverLoRA(Method):
     name = "lora"
     quantized = True
     summary = "LoRA on the frozen quantized model"
+    requires = ("peft",)
     accepts_mask = False
+    uses = frozenset({"lora_r", "lora_alpha", "lora_dropout"})  # every quantized layer
 
     def prepare(self, model, config, data=None, **_):
         require_peft("LoRA recovery")
@@ -99,7 +110,7 @@ class RecoverLoRA(Method):
     def save_output(self, model, tokenizer, config, out: Path) -> None:
         save_peft_adapter(model, out)
 
-    def attach(self, base, out: Path):
+    def attach(self, base, out: Path, check_base: bool = True):
         peft = require_peft("LoRA recovery")
         directory = Path(out) / "adapter"
         return attach_peft_adapter(base, directory, register_quantized_lora(peft.LoraConfig.from_pretrained(str(directory))))

@@ -1,0 +1,445 @@
+"""``salientft export``: a trained GIFT-SW adapter or a quantized model in the formats the Hugging Face
+stack and serving engines load without salientft (docs/export.md).
+
+* ``lora``: a trained GIFT-SW layer is exactly a rank-k update of its base,
+  ``W' = W + (W'_S - W_S) A`` with ``A`` (k x in) the one-hot rows selecting the k salient columns
+  (``A[j, idx_j] = 1``). That is a standard PEFT LoRA adapter: ``lora_A = A``,
+  ``lora_B = W'_S - W_S`` (out x k, computed in fp32 against the base weights), ``lora_alpha = r``
+  (scaling 1), per-layer ranks in ``rank_pattern``/``alpha_pattern``.
+* ``merged``: the trained columns written into the base weights; a plain transformers model.
+* ``compressed-tensors``: a model from ``salientft quantize`` (or a recovery run's ``model/``) as a
+  pack-quantized int4/int8 checkpoint (symmetric, one scale per output channel, kept in fp32 so
+  salientft's float32 steps are carried exactly), with the salient columns' codes set to zero and
+  the 16-bit salient columns carried exactly by a rank-k LoRA adapter in ``salient_lora/``
+  (``lora_B`` = the columns themselves, ``lora_A`` = the one-hot rows).
+
+Accepted sources: a ``salientft train`` run directory, a salientft adapter folder or a PEFT GIFT-SW
+adapter folder (``lora``, ``merged``); a quantized folder or a recovery run (``compressed-tensors``).
+Every output is written atomically; an existing non-empty output is refused unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("lora", "merged", "compressed-tensors")
+SALIENT_LORA_DIR = "salient_lora"
+INSTALL_HINT = "pip install 'salientft[export]'"
+# vLLM's --max-lora-rank accepts a fixed set of values; these are among them (check your version's docs).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Bit widths of compressed-tensors' integer weights that vLLM serves (its W4A16/W8A16 kernels).
+CT_BITS = (4, 8)
+RUN_CONFIG = "run_config.json"  # what makes a folder a salientft train run (salientft.train.RUN_CONFIG)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export wrote: ``format``, the ``output`` folder, the base model the result goes on
+    (None for a whole model) and the LoRA rank of every layer (``ranks``; empty for ``merged``)."""
+
+    format: str
+    output: Path
+    base_model: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values(), default=0)
+
+    def instructions(self) -> str:
+        """How to load the result with transformers (+ PEFT) and serve it with vLLM."""
+        out = str(self.output)
+        if self.format == "merged":
+            return "\n".join([
+                f"wrote a plain transformers model (fp32) to {out}",
+                "load it:  AutoModelForCausalLM.from_pretrained(" + repr(out) + ", dtype=torch.bfloat16)",
+                f"serve it: vllm serve {out}",
+            ])
+        if self.format == "lora":
+            head = [f"wrote a PEFT LoRA adapter (rank {self._rank_text()}) for {self.base_model} to {out}"]
+            load = [
+                "import torch",
+                "from transformers import AutoModelForCausalLM",
+                "from peft import PeftModel",
+                f"base = AutoModelForCausalLM.from_pretrained({self.base_model!r}, dtype=torch.float32)",
+                f"model = PeftModel.from_pretrained(base, {out!r})",
+            ]
+            serve = f"vllm serve {self.base_model} --enable-lora --lora-modules gift={out}"
+            from .models import PRESETS
+
+            if self.base_model in PRESETS:
+                head.append(f"{self.base_model!r} is a salientft preset: give transformers and vLLM the folder "
+                            "of that model instead (or pass --base FOLDER when exporting)")
+        else:
+            lora = str(self.output / SALIENT_LORA_DIR)
+            head = [f"wrote a compressed-tensors model (pack-quantized) to {out}"]
+            if not self.ranks:
+                return "\n".join(head + ["it has no salient columns, hence no LoRA adapter: load and serve it as is"])
+            head.append(f"and its salient columns as a LoRA adapter (rank {self._rank_text()}) to {lora}")
+            load = [
+                "import torch",
+                "from transformers import AutoModelForCausalLM, CompressedTensorsConfig",
+                "from peft import PeftModel",
+                f"base = AutoModelForCausalLM.from_pretrained({out!r}, dtype=torch.bfloat16,",
+                "    quantization_config=CompressedTensorsConfig(dequantize=True))  # PEFT needs dense weights",
+                f"model = PeftModel.from_pretrained(base, {lora!r})",
+            ]
+            serve = f"vllm serve {out} --enable-lora --lora-modules salient={lora}"
+        rank = next((r for r in VLLM_LORA_RANKS if r >= self.max_rank), None)
+        if rank is None:
+            serve = (f"# rank {self.max_rank} exceeds the largest --max-lora-rank vLLM accepts "
+                     f"({VLLM_LORA_RANKS[-1]}): check your engine's docs\n{serve}")
+        else:
+            serve += f" --max-lora-rank {rank}"
+        return "\n".join(head + ["load it with transformers + PEFT:"] + [f"    {line}" for line in load]
+                         + ["serve it with vLLM (the adapter must be requested by its name; check the rank "
+                            "values your engine accepts):", f"    {serve}"])
+
+    def _rank_text(self) -> str:
+        ks = sorted(set(self.ranks.values()))
+        return str(ks[0]) if len(ks) == 1 else f"{ks[0]} to {ks[-1]} by layer"
+
+
+def _require(module: str, what: str):
+    """Import an optional package or say how to install it."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs the {module} package: {INSTALL_HINT}")
+    return importlib.import_module(module)
+
+
+def _check_output(output, overwrite: bool, source) -> Path:
+    """Refuse, before any work, an output that holds files (unless ``overwrite``) or would replace the source."""
+    from ._io import check_writable
+
+    out = Path(output)
+    check_writable(out, kind="dir")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--output {out} exists and is not empty; choose another folder or pass --overwrite "
+                              "(overwrite=True) to replace it")
+    src, dst = Path(source).resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise ValueError(f"--output {out} would replace the source {source}; choose another folder")
+    return out
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True)
+class _Adapter:
+    kind: str  # "gift" (salientft's format) or "peft" (a PEFT GIFT-SW adapter)
+    path: Path
+    base: str
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """One trained layer: its (out, in) base weight, salient indices and trained (out, k) columns."""
+
+    weight: object
+    idx: object
+    columns: object
+    conv1d: bool
+
+
+def _quantized_folder(path: Path) -> Path | None:
+    """The salientft quantized model in ``path`` (the folder itself, or a recovery run's model/)."""
+    from .quant.model import QUANT_CONFIG_NAME
+
+    if (path / QUANT_CONFIG_NAME).is_file():
+        return path
+    if (path / RUN_CONFIG).is_file() and (path / "model" / QUANT_CONFIG_NAME).is_file():
+        return path / "model"
+    return None
+
+
+def _adapter_source(source, base: str | None) -> _Adapter:
+    """Which adapter ``source`` names and the base it goes on; reads JSON only (no model)."""
+    from ._io import read_json_object
+    from .gift.adapter import ADAPTER_FORMAT, CONFIG_NAME
+
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a salientft train run, a salientft GIFT-SW adapter "
+                                "or a PEFT GIFT-SW adapter folder")
+    if _quantized_folder(path) is not None:
+        raise ValueError(f"{path} is a quantized model: export it with --format compressed-tensors")
+    run_base = None
+    if (path / RUN_CONFIG).is_file():
+        run = read_json_object(path / RUN_CONFIG, "the run's TrainConfig")
+        if not (path / "adapter").is_dir():
+            raise ValueError(f"{path} has no adapter/: method {run.get('method')!r} writes a whole model (model/), "
+                             "which is already a transformers model")
+        run_base, path = run.get("model"), path / "adapter"
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: give a salientft train run, a salientft GIFT-SW "
+                                "adapter or a PEFT GIFT-SW adapter folder")
+    cfg = read_json_object(cfg_path, "an adapter config")
+    if "peft_type" in cfg:
+        _require("peft", f"{path} is a PEFT adapter; reading it")
+        from .peft.config import PEFT_TYPE
+
+        if cfg["peft_type"] != PEFT_TYPE:
+            raise ValueError(f"{path} is a PEFT {cfg['peft_type']} adapter, already in PEFT's format: load it with "
+                             "peft.PeftModel (salientft export converts GIFT-SW adapters)")
+        kind, named = "peft", cfg.get("base_model_name_or_path")
+    elif cfg.get("format") == ADAPTER_FORMAT:
+        kind, named = "gift", cfg.get("base_model")
+    else:
+        raise ValueError(f"{cfg_path} is neither a salientft GIFT-SW adapter nor a PEFT adapter")
+    base = base or run_base or named
+    if not base:
+        raise ValueError(f"{path} does not name its base model: pass --base MODEL (the model it was trained on)")
+    if Path(base).is_dir():
+        base = str(Path(base).resolve())
+    return _Adapter(kind, path, str(base))
+
+
+def _trained_model(adapter: _Adapter):
+    """(model, tokenizer, {layer: _Columns}) of the adapter on its base, loaded in fp32."""
+    from .models import load_model
+
+    model, tok = load_model(adapter.base, dtype="fp32")
+    if adapter.kind == "gift":
+        from .gift import gift_layers, load_adapter
+
+        load_adapter(model, adapter.path)
+        layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, m.is_conv1d)
+                  for n, m in gift_layers(model).items()}
+    else:
+        peft = _require("peft", "a PEFT GIFT-SW adapter")
+        from .peft.layer import GiftSWLayer
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter.path))
+        name = model.active_adapter
+        layers = {n.removeprefix("base_model.model."): _Columns(m.base_weight(), m.giftsw_idx[name],
+                                                                m.giftsw_weight[name], m.fan_in_fan_out)
+                  for n, m in model.named_modules() if isinstance(m, GiftSWLayer)}
+    return model.eval(), tok, layers
+
+
+# --------------------------------------------------------------------------- LoRA files
+
+def _one_hot(idx, in_features: int, dtype):
+    """(k, in) rows selecting the columns ``idx``: ``A[j, idx[j]] = 1``."""
+    import torch
+
+    a = torch.zeros(idx.numel(), in_features, dtype=dtype)
+    a[torch.arange(idx.numel()), idx.cpu()] = 1
+    return a
+
+
+def _write_lora(directory: Path, factors: dict, base_model: str, fan_in_fan_out: bool = False) -> dict[str, int]:
+    """A PEFT LoRA adapter folder from ``{module name: (lora_A (k, in), lora_B (out, k))}``.
+
+    ``r`` is the largest k, ``lora_alpha = r``, and the layers of another k are listed in
+    ``rank_pattern`` with an equal ``alpha_pattern``: the scaling alpha/r is 1 in every layer, so an
+    engine that reads only ``r`` and ``lora_alpha`` still applies the update exactly.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    ranks = {n: int(a.shape[0]) for n, (a, _) in factors.items()}
+    r = max(ranks.values())
+    pattern = {n: k for n, k in ranks.items() if k != r}
+    config = LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=list(factors),
+        lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model, inference_mode=True,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return ranks
+
+
+def _fan_in_fan_out(layers: dict[str, _Columns]) -> bool:
+    """PEFT's ``fan_in_fan_out`` is one flag per adapter: True for transformers' Conv1D (GPT-2), which
+    stores its weight as (in, out). A model mixing Conv1D and Linear targets cannot be described."""
+    kinds = {c.conv1d for c in layers.values()}
+    if len(kinds) > 1:
+        conv = sorted(n for n, c in layers.items() if c.conv1d)
+        raise ValueError(f"the adapter targets both Conv1D ({conv[0]}, ...) and nn.Linear layers; a PEFT LoRA "
+                         "adapter has one fan_in_fan_out flag for all of them, so it cannot hold this update: "
+                         "export --format merged instead")
+    return kinds == {True}
+
+
+# --------------------------------------------------------------------------- the formats
+
+def export_lora(source, output, base: str | None = None, *, overwrite: bool = False) -> Exported:
+    """Write a trained GIFT-SW adapter (run dir, salientft or PEFT GIFT-SW adapter) as a PEFT LoRA adapter."""
+    import torch
+
+    out = _check_output(output, overwrite, source)
+    _require("peft", "--format lora")
+    adapter = _adapter_source(source, base)
+    _, _, layers = _trained_model(adapter)
+    fan_in_fan_out = _fan_in_fan_out(layers)
+    factors = {}
+    with torch.no_grad():
+        for name, c in layers.items():
+            w = c.weight.float()
+            delta = c.columns.float() - w.index_select(1, c.idx)
+            factors[name] = (_one_hot(c.idx, w.shape[1], torch.float32), delta)
+    from ._io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        ranks = _write_lora(tmp, factors, adapter.base, fan_in_fan_out)
+    return Exported("lora", out, adapter.base, ranks)
+
+
+def export_merged(source, output, base: str | None = None, *, overwrite: bool = False) -> Exported:
+    """Write the trained columns merged into the base (fp32) as a plain transformers model + tokenizer."""
+    from .methods.base import save_plain_model
+
+    out = _check_output(output, overwrite, source)
+    adapter = _adapter_source(source, base)
+    model, tok, _ = _trained_model(adapter)
+    if adapter.kind == "gift":
+        from .gift import merge_gift
+
+        model = merge_gift(model)
+    else:
+        model = model.merge_and_unload()
+    save_plain_model(model, tok, out)
+    return Exported("merged", out)
+
+
+def _check_representable(source, layers: dict) -> None:
+    """Refuse what compressed-tensors' pack-quantized channel format cannot carry exactly."""
+    for name, spec in layers.items():
+        if spec.get("group_size") is not None:
+            g = spec["group_size"]
+            raise ValueError(
+                f"{source} is quantized with group_size={g} ({name}): salientft's groups are runs of {g} "
+                f"consecutive NON-salient columns (the salient columns are skipped), so they do not line up with "
+                f"compressed-tensors' groups of {g} consecutive columns of the whole row and the scales have no "
+                "exact counterpart; quantize without --group-size (one scale per row) to export it"
+            )
+        if spec.get("bits") not in CT_BITS:
+            raise ValueError(
+                f"{source} is quantized to {spec.get('bits')} bits ({name}): vLLM's kernels for compressed-tensors "
+                f"integer weights take {' or '.join(map(str, CT_BITS))} bits only, so a {spec.get('bits')}-bit "
+                "checkpoint would have no servable counterpart; quantize with --bits 4 to export it"
+            )
+
+
+def _check_linear(model, names) -> None:
+    """compressed-tensors quantizes nn.Linear layers; refuse a model whose targets were Conv1D (GPT-2)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    bad = [n for n in names if not isinstance(skeleton.get_submodule(n), torch.nn.Linear)]
+    if bad:
+        raise ValueError(f"{bad[0]} is a {type(skeleton.get_submodule(bad[0])).__name__}, not nn.Linear: "
+                         "compressed-tensors' integer formats (and vLLM's kernels for them) quantize nn.Linear only")
+
+
+def _dense_int_linear(layer):
+    """An fp32 nn.Linear holding scale * q in the integer columns and zeros in the salient ones."""
+    import torch
+
+    lin = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.float32,
+                          device=layer.qweight.device)
+    with torch.no_grad():
+        w = torch.zeros_like(lin.weight)
+        w.index_copy_(1, layer.int_idx, layer.dequantized_int_weight(torch.float32))
+        lin.weight.copy_(w)
+    if layer.bias is not None:
+        lin.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return lin
+
+
+def _verify_packed(model, layers: dict, bits: int) -> None:
+    """The packed codes and scales must be salientft's integers (zeros in the salient columns) and steps."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    for name, layer in layers.items():
+        module = model.get_submodule(name)
+        shape = (layer.out_features, layer.in_features)
+        codes = unpack_from_int32(module.weight_packed.data, bits, torch.Size(shape))
+        want = torch.zeros(shape, dtype=torch.int8)
+        want.index_copy_(1, layer.int_idx.cpu(), layer.integers().cpu())
+        if not torch.equal(codes.cpu().to(torch.int8), want) or not torch.equal(module.weight_scale.data.cpu(),
+                                                                                layer.scale.cpu()):
+            raise RuntimeError(f"compressed-tensors did not store {name}'s integers and steps exactly; "
+                               "this compressed-tensors version is not supported by salientft export")
+
+
+def export_compressed_tensors(source, output, *, overwrite: bool = False) -> Exported:
+    """Write a salientft quantized model as compressed-tensors pack-quantized + a salient-column LoRA adapter."""
+    import torch
+
+    from ._io import atomic_dir, read_json_object
+    from .quant.model import QUANT_CONFIG_NAME, load_quantized, quantized_layers
+    from .targets import set_module
+
+    out = _check_output(output, overwrite, source)
+    path = Path(source)
+    folder = _quantized_folder(path) if path.is_dir() else None
+    if folder is None:
+        raise ValueError(f"{source} is not a model written by salientft quantize (no {QUANT_CONFIG_NAME}) nor a "
+                         "recovery run with one in model/; --format compressed-tensors exports quantized models "
+                         "(use --format lora or merged for an adapter)")
+    meta = read_json_object(folder / QUANT_CONFIG_NAME, "salientft's quantization config")
+    _check_representable(source, meta.get("layers", {}))
+    what = "--format compressed-tensors"
+    _require("compressed_tensors", what)
+    _require("peft", what)
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    model, tok = load_quantized(folder, return_tokenizer=True)
+    layers = quantized_layers(model)
+    _check_representable(source, {n: {"bits": m.bits, "group_size": m.group_size} for n, m in layers.items()})
+    _check_linear(model, list(layers))
+    bits = next(iter(layers.values())).bits
+    if any(m.bits != bits for m in layers.values()):
+        raise ValueError(f"{source} mixes bit widths; the compressed-tensors export writes one scheme")
+    factors = {}
+    for name, layer in layers.items():
+        set_module(model, name, _dense_int_linear(layer))
+        if layer.k:
+            sw = layer.salient_weight.detach()
+            factors[name] = (_one_hot(layer.salient_idx, layer.in_features, sw.dtype), sw)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in layers]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="channel"))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format="pack-quantized")
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for name, layer in layers.items():  # the weights are fp32, so their scales are: salientft's steps exactly
+            model.get_submodule(name).weight_scale.copy_(layer.scale)
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    _verify_packed(model, layers, bits)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        compressor.update_config(str(tmp))
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        ranks = _write_lora(tmp / SALIENT_LORA_DIR, factors, str(out.resolve())) if factors else {}
+    return Exported("compressed-tensors", out, str(out.resolve()), ranks)
+
+
+def export(source, output, format: str, base: str | None = None, *, overwrite: bool = False) -> Exported:
+    """Export ``source`` to ``output`` in ``format`` (one of :data:`FORMATS`); see the module docstring."""
+    if format == "compressed-tensors":
+        if base is not None:
+            raise ValueError("--base does not apply to --format compressed-tensors: the quantized model is the base")
+        return export_compressed_tensors(source, output, overwrite=overwrite)
+    exporters = {"lora": export_lora, "merged": export_merged}
+    if format not in exporters:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    return exporters[format](source, output, base, overwrite=overwrite)

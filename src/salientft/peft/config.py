@@ -1,0 +1,108 @@
+"""GiftSWConfig: GIFT-SW as a PEFT config (a ``PeftConfig`` under the string peft type ``GIFT_SW``)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+from ..config_base import NOISE_MODES, salient_count
+from ..gift.config import GiftConfig
+
+PEFT_TYPE = "GIFT_SW"
+
+
+@dataclass
+class GiftSWConfig(PeftConfig):
+    """Train the k salient input columns of every targeted linear layer (GIFT-SW, METHODS.md 1).
+
+    k per layer: ``n_salient``, or ``round(salient_fraction * in_features)``, or the paper's
+    128/4096 of ``in_features``; ``k_pattern`` overrides it per layer (keys match a module name
+    or its suffix, like LoRA's ``rank_pattern``). Columns: the top-k of ``metric`` — the
+    statistics-free ``magnitude`` and ``random`` work inside ``get_peft_model``; the calibration
+    metrics (``gift``, ``wanda``, ...) need a ``scores_file`` from ``salientft calibrate`` or a
+    :func:`salientft.peft.preprocess_gift_sw` call on calibration batches first. ``noise`` and
+    ``noise_bits`` set the noise in the frozen rest during training (``weight`` is the paper's);
+    ``keep_noise`` keeps each layer's weight noise from forward to backward instead of drawing it
+    again (faster; one (out, in) tensor per layer in the compute dtype until backward).
+    ``salient_indices_in_adapter`` is set once the columns are chosen: a saved adapter carries
+    its indices and noise scale, and loading it never re-selects them.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={"help": "module names or suffixes, a regex, or 'all-linear' (every linear layer but the output)"},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to leave out"})
+    n_salient: Optional[int] = field(default=None, metadata={"help": "salient columns k per layer"})
+    salient_fraction: Optional[float] = field(default=None, metadata={"help": "k as a fraction of in_features"})
+    k_pattern: dict = field(default_factory=dict, metadata={"help": "per-layer k: {name or suffix regex: k}"})
+    metric: str = field(default="gift", metadata={"help": "salience metric (salientft.METRICS)"})
+    noise: str = field(default="weight", metadata={"help": "training noise: weight, output or none"})
+    noise_bits: int = field(default=4, metadata={"help": "quantizer bits whose step sets the noise scale"})
+    keep_noise: bool = field(
+        default=False, metadata={"help": "keep the weight noise for backward instead of drawing it again (more memory)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the 'random' metric"})
+    scores_file: Optional[str] = field(default=None, metadata={"help": "scores file from salientft calibrate"})
+    fp32_salient: bool = field(default=True, metadata={"help": "keep trainable columns in fp32 on a 16-bit base"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained in full"})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "embedding rows to train (PEFT's trainable tokens)"},
+    )
+    salient_indices_in_adapter: bool = field(
+        default=False, metadata={"help": "set by salientft: the adapter holds its indices (do not re-select)"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        # GiftConfig validates k, the noise and the metric's form; the metric name is checked here.
+        GiftConfig(n_salient=self.n_salient, salient_fraction=self.salient_fraction, noise=self.noise,
+                   noise_bits=self.noise_bits, metric=self.metric, seed=self.seed, keep_noise=self.keep_noise)
+        from ..saliency import METRICS
+
+        if self.metric not in METRICS:
+            raise ValueError(f"GiftSWConfig.metric must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"GiftSWConfig.noise must be one of {list(NOISE_MODES)}, got {self.noise!r}")
+        for key, k in (self.k_pattern or {}).items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"GiftSWConfig.k_pattern[{key!r}] must be a positive integer, got {k!r}")
+
+    def k_for(self, module_name: str, in_features: int) -> int:
+        """k of the layer ``module_name`` (``k_pattern`` first, then the config-wide rule)."""
+        for key, k in (self.k_pattern or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module_name):
+                return salient_count(in_features, k, name=module_name)
+        return salient_count(in_features, self.n_salient, self.salient_fraction, name=module_name)
+
+    def scores_for(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """(in,) salience of the layer's columns: preprocessed or file scores, else a statistics-free metric."""
+        from ..saliency import STATLESS_METRICS, layer_scores, load_scores
+
+        scores = getattr(self, "_salient_scores", None)
+        if scores is None and self.scores_file:
+            scores = load_scores(self.scores_file)
+            object.__setattr__(self, "_salient_scores", scores)
+        if scores is not None:
+            if module_name not in scores:
+                raise ValueError(
+                    f"the salience scores have no entry for {module_name!r}; compute them for this model "
+                    "(salientft calibrate, or salientft.peft.preprocess_gift_sw) with the same target modules"
+                )
+            score = scores[module_name].float().flatten()
+            if score.numel() != weight.shape[1]:
+                raise ValueError(f"scores for {module_name!r} have {score.numel()} entries, the layer {weight.shape[1]}")
+            return score
+        if self.metric not in STATLESS_METRICS:
+            raise ValueError(
+                f"metric {self.metric!r} needs calibration statistics: give scores_file=<salientft calibrate output>, "
+                "call salientft.peft.preprocess_gift_sw(model, config, batches) before get_peft_model, "
+                "or use metric='magnitude' or 'random'"
+            )
+        return layer_scores(module_name, weight, self.metric, seed=self.seed)

@@ -1,0 +1,51 @@
+"""GiftSWModel: the PEFT tuner that swaps targeted linear layers for GIFT-SW tuner layers,
+registered in PEFT's mappings under the string peft type ``GIFT_SW`` (no PEFT fork)."""
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+from ..targets import is_linear_like
+from .config import PEFT_TYPE, GiftSWConfig
+from .layer import GiftSWLayer, Linear
+
+PREFIX = "giftsw_"
+
+
+class GiftSWModel(BaseTuner):
+    """GIFT-SW on a transformers model: ``get_peft_model(model, GiftSWConfig(...))``."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GiftSWLayer
+    target_module_mapping: dict = {}  # GiftSWConfig defaults to "all-linear"
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, GiftSWLayer):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not is_linear_like(base):
+            raise TypeError(f"GIFT-SW targets linear layers; {current_key} is a {type(base).__name__}")
+        new = Linear(target, adapter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new, target)
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # The columns are chosen: a saved adapter carries them, and loading it must not re-select.
+        self.peft_config[adapter_name].salient_indices_in_adapter = True
+
+
+def register() -> None:
+    """Put GIFT-SW into PEFT's config, tuner and prefix mappings (idempotent).
+
+    ``peft.register_peft_method`` accepts only names of PEFT's own ``PeftType`` enum, but the
+    mappings themselves accept a string key (huggingface/peft#2634), which is all that
+    ``get_peft_model``, ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the
+    adapter state-dict functions look up.
+    """
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = GiftSWConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = GiftSWModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX

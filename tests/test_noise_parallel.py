@@ -1,0 +1,242 @@
+"""The weight noise drawn in parallel, kept for backward, and blocked per device (ops/noise.py).
+
+No timing here: these tests check that the noise of a seed does not depend on how it is drawn
+(thread count, kept or regenerated, compute dtype) and that kept noise is freed by backward.
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import salientft.ops.noise as N
+from salientft import SalientLinear
+from salientft.gift.config import GiftConfig
+
+OUT, IN = 96, 80
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    yield
+    N.set_noise_threads(None)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(N, "NOISE_BLOCK_ELEMS", 7 * IN)  # 14 row blocks of 7 rows, the last one 5
+    assert len(N.noise_blocks(OUT, IN)) == 14 and N.noise_blocks(OUT, IN)[-1] == (91, 96)
+
+
+def make_layer(keep_noise=False, dtype=torch.float32, bias=True):
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, bias=bias).to(dtype)
+    idx = torch.tensor([0, 7, 8, 41, 79])
+    layer = SalientLinear(base, idx, torch.linspace(0.01, 0.3, OUT), noise="weight", keep_noise=keep_noise,
+                          fp32_salient=True)
+    with torch.no_grad():
+        layer.salient_weight.add_(0.1)
+    return layer.train()
+
+
+def step(layer, x, seed=5, autocast=False):
+    """(output, input gradient, salient gradient) of one noisy forward/backward."""
+    layer.salient_weight.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    (y.float() * torch.linspace(-1, 1, OUT)).sum().backward()
+    return y.detach(), x.grad, layer.salient_weight.grad.clone()
+
+
+def test_block_rows_follow_the_device_type():
+    assert N.noise_block_rows(4096, 1536, "cpu") == (1 << 18) // 1536 == 170
+    assert N.noise_block_rows(4096, 1536, "cuda") == 4096  # one draw for the whole layer
+    assert N.noise_block_rows(14336, 1024, "cuda") == 14336  # 14.7M weights: still one draw
+    assert N.noise_block_rows(4096, 14336, "cuda") == (1 << 24) // 14336 == 1170  # 58.7M: 4 large blocks
+    assert len(N.noise_blocks(4096, 14336, "cuda")) == 4
+    assert N.noise_block_rows(10, 1 << 20, "cpu") == 1 and N.noise_block_rows(10, 1 << 26, "cuda") == 1
+    assert N.noise_block_rows(5, 100, "cpu") == 5
+    assert N.noise_block_rows(4096, 1536, "mps") == 4096  # every non-CPU device draws in large blocks
+    assert N.noise_blocks(4096, 1536, "cuda") == [(0, 4096)]
+    blocks = N.noise_blocks(4096, 1536, "cpu")
+    assert blocks[0] == (0, 170) and blocks[-1] == (4080, 4096) and len(blocks) == 25
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("autocast", [False, True])
+def test_thread_count_does_not_change_outputs_or_gradients(small_blocks, autocast):
+    layer = make_layer()
+    x = torch.randn(3, 11, IN)
+    results = []
+    for threads in (1, 2, 4):
+        N.set_noise_threads(threads)
+        results.append(step(layer, x, autocast=autocast))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    N.set_noise_threads(3)  # another seed: other noise
+    assert not torch.equal(step(layer, x, seed=6, autocast=autocast)[0], results[0][0])
+
+
+@pytest.mark.numerics
+def test_noisy_weight_is_the_same_for_any_thread_count_and_dtype(small_blocks):
+    torch.manual_seed(1)
+    w, sw = torch.randn(OUT, IN), torch.randn(OUT, 3)
+    idx, std = torch.tensor([2, 9, 70]), torch.rand(OUT)
+    ref = None
+    for threads in (1, 2, 4):
+        N.set_noise_threads(threads)
+        full = N.noisy_weight(w, sw, idx, std, 123, torch.float32)
+        ref = full if ref is None else ref
+        assert torch.equal(full, ref)
+        blocks = list(N.noisy_row_blocks(w, sw, idx, std, 123, torch.float32, out=torch.empty(OUT, IN)))
+        assert [(r0, r1) for r0, r1, _ in blocks] == N.noise_blocks(OUT, IN)
+    # the draw is fp32 whatever the compute dtype: bf16 is the fp32 noisy weight rounded once
+    assert torch.equal(N.noisy_weight(w, sw, idx, std, 123, torch.bfloat16), ref.to(torch.bfloat16))
+    assert torch.equal(ref[:, idx], sw)
+    z = (ref - w) / std[:, None]
+    keep = torch.ones(IN, dtype=torch.bool)
+    keep[idx] = False
+    assert abs(z[:, keep].std().item() - 1) < 0.05 and abs(z[:, keep].mean().item()) < 0.05
+
+
+def test_a_block_stream_stopped_early_leaves_no_draw_running(small_blocks):
+    N.set_noise_threads(2)
+    blocks = N.noise_blocks(OUT, IN)
+    gen = N.drawn_blocks(9, blocks, IN, "cpu", threads=2)
+    r0, r1, z = next(gen)
+    first = z.clone()
+    gen.close()  # waits for the blocks in flight
+    again = next(N.drawn_blocks(9, blocks, IN, "cpu", threads=1))[2]
+    assert (r0, r1) == (0, 7) and torch.equal(first, again)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("autocast", [False, True])
+def test_kept_noise_gives_the_same_outputs_and_gradients(small_blocks, autocast):
+    x = torch.randn(2, 9, IN)
+    N.set_noise_threads(2)
+    regenerated = step(make_layer(keep_noise=False), x, autocast=autocast)
+    kept = step(make_layer(keep_noise=True), x, autocast=autocast)
+    for a, b in zip(regenerated, kept):
+        assert torch.equal(a, b)
+
+
+def test_kept_noise_is_one_weight_and_freed_after_backward():
+    layer = make_layer(keep_noise=True)
+    x = torch.randn(4, IN, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() >= OUT * IN and t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr():
+            big.append(weakref.ref(t))
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert len(big) == 1 and big[0]() is not None and big[0]().shape == (OUT, IN)
+    y.sum().backward()
+    gc.collect()
+    assert big[0]() is None, "the kept noise outlived backward"
+    assert y.grad_fn is not None  # the output is still alive: backward itself freed it
+    # Nothing is kept when no input gradient needs it, nor in eval mode.
+    for inp, mode in ((x.detach(), "train"), (x, "eval")):
+        big.clear()
+        layer.train(mode == "train")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(inp)
+        assert big == []
+
+
+def test_kept_noise_under_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(6, IN)
+
+    def run(layer, ckpt):
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(11)
+        f = lambda t: torch.tanh(layer(t))  # noqa: E731
+        y = checkpoint(f, xg, use_reentrant=False) if ckpt else f(xg)
+        y.pow(2).sum().backward()
+        return y.detach(), xg.grad, layer.salient_weight.grad
+
+    plain = run(make_layer(keep_noise=False), False)
+    for keep, ckpt in ((True, False), (True, True)):
+        for a, b in zip(plain, run(make_layer(keep_noise=keep), ckpt)):
+            assert torch.equal(a, b)
+
+
+def test_thread_setting_is_checked(monkeypatch):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="positive integer"):
+            N.set_noise_threads(bad)
+    N.set_noise_threads(None)
+    monkeypatch.setenv("SALIENTFT_NOISE_THREADS", "3")
+    assert N.noise_threads() == 3
+    N.set_noise_threads(1)
+    assert N.noise_threads() == 1  # the explicit setting wins
+    N.set_noise_threads(None)
+    monkeypatch.setenv("SALIENTFT_NOISE_THREADS", "zero")
+    with pytest.raises(ValueError, match="SALIENTFT_NOISE_THREADS"):
+        N.noise_threads()
+    monkeypatch.delenv("SALIENTFT_NOISE_THREADS")
+    assert N.noise_threads() == torch.get_num_threads()
+
+
+def test_keep_noise_in_the_configs(tmp_path):
+    cfg = GiftConfig(keep_noise=True)
+    assert GiftConfig.from_json(cfg.to_json()).keep_noise is True
+    assert GiftConfig.from_yaml(cfg.to_yaml()).keep_noise is True
+    assert GiftConfig().keep_noise is False
+    with pytest.raises(ValueError, match="keep_noise must be true or false"):
+        GiftConfig(keep_noise=1)
+    with pytest.raises(ValueError, match="needs noise='weight'"):
+        GiftConfig(noise="output", keep_noise=True)
+    from salientft.config import TrainConfig
+
+    assert TrainConfig(method="gift-sw", keep_noise=True).gift_config().keep_noise is True
+    assert TrainConfig(method="gift-sw").gift_config().keep_noise is False
+    with pytest.raises(ValueError, match="needs noise='weight'"):
+        TrainConfig(method="salient", keep_noise=True)
+    with pytest.raises(ValueError, match="keep-noise"):
+        TrainConfig(method="lora", keep_noise=True)
+
+
+def test_apply_gift_passes_keep_noise_to_the_layers():
+    from salientft.gift.model import apply_gift, gift_layers
+    from salientft.models import tiny_random_llama
+
+    model = tiny_random_llama(seed=0)
+    scores = {n: torch.rand(m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+              and "layers." in n}
+    apply_gift(model, GiftConfig(n_salient=2, keep_noise=True, target_modules=["q_proj"]), scores)
+    layers = gift_layers(model)
+    assert layers and all(layer.keep_noise for layer in layers.values())
+
+
+def test_peft_tuner_keeps_noise_on_request():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from salientft.peft import GiftSWConfig
+
+    out = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN, OUT), nn.Tanh(), nn.Linear(OUT, 8))
+        cfg = GiftSWConfig(target_modules=["0", "2"], n_salient=3, metric="magnitude", keep_noise=keep)
+        peft_model = get_peft_model(model, cfg).train()
+        layer = peft_model.base_model.model[0]
+        assert layer.giftsw_keep_noise["default"] is keep
+        x = torch.randn(5, IN)
+        torch.manual_seed(3)
+        y = peft_model(x)
+        y.pow(2).sum().backward()
+        out.append((y.detach(), layer.giftsw_weight["default"].grad.clone()))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -1,0 +1,246 @@
+"""Every refused input: a one-line message naming the input and the fix, exit code 2, nothing written.
+
+``ROWS`` is the table of ``docs/troubleshooting.md``: (what the user did, the command line, a
+fragment of the message). Each row runs ``salientft`` in-process in a folder holding the files
+of ``FILES``, with the model loader replaced by a failure, so every refusal is shown to come
+before a model loads; the folder must be unchanged afterwards. The page is generated from the
+same rows (``test_troubleshooting_page_is_current`` keeps them equal); after changing a row run
+
+    python tests/test_refusals.py --write
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "troubleshooting.md"
+
+MODEL = ["--model", "tiny-random-llama"]
+
+
+def train(*flags: str, data: str = "d.jsonl", output: str = "out") -> list[str]:
+    """``salientft train`` on the tiny model and the small data file, with ``flags``."""
+    return ["train", *MODEL, "--data", data, "--output", output, "--max-steps", "2", *flags]
+
+
+def _rows(text: str) -> str:
+    return "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."}) + "\n"
+                   for i in range(8)) + text
+
+
+def _run_config(output: str, **settings) -> str:
+    from salientft.train import resolve_train_config
+
+    flags = {"model": "tiny-random-llama", "data": "d.jsonl", "output": output, "max_steps": 2, **settings}
+    return json.dumps(resolve_train_config(None, flags).to_dict())
+
+
+_CHECKPOINT = {"checkpoint-1/salientft_complete": "1\n", "checkpoint-1/trainer_state.json": "{}"}
+_CHAT = {"role": "user", "content": "Hi"}
+
+# The folder the commands run in: name -> (what it is, its files: relative path -> text or bytes).
+FILES = {
+    "d.jsonl": ("8 valid prompt/response records", {"d.jsonl": _rows("")}),
+    "latin1.jsonl": ("line 9 is Latin-1, not UTF-8",
+                     {"latin1.jsonl": _rows("").encode() + '{"prompt": "café"}\n'.encode("latin-1")}),
+    "broken.jsonl": ("line 9 is cut short", {"broken.jsonl": _rows('{"prompt": "a"\n')}),
+    "empty-reply.jsonl": ("a chat whose assistant message is empty", {"empty-reply.jsonl": json.dumps(
+        {"messages": [_CHAT, {"role": "assistant", "content": " "}]}) + "\n"}),
+    "empty-response.jsonl": ("a record whose response is empty", {"empty-response.jsonl": json.dumps(
+        {"prompt": "Hi", "response": ""}) + "\n"}),
+    "folder/": ("a folder with one file", {"folder/readme.txt": "not a run\n"}),
+    "a-file": ("a plain file", {"a-file": "x\n"}),
+    "bad.yaml": ("a config with an unknown field", {"bad.yaml": "method: gift-sw\nbogus_field: 1\n"}),
+    "run-full/": ("a finished full fine-tuning run", {
+        "run-full/run_config.json": _run_config("run-full", method="full"),
+        "run-full/model/config.json": "{}", "run-full/metrics.json": "{}"}),
+    "notes/": ("a run's checkpoint beside a file of the user's", {
+        "notes/run_config.json": _run_config("notes"), "notes/notes.txt": "mine\n",
+        **{f"notes/{k}": v for k, v in _CHECKPOINT.items()}}),
+    "run-lr/": ("a gift-sw run at --lr 0.001 with one checkpoint", {
+        "run-lr/run_config.json": _run_config("run-lr", lr=0.001),
+        **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}}),
+    "run-corrupt/": ("a run whose run_config.json is not JSON", {
+        "run-corrupt/run_config.json": "{\"model\": \"tiny-",
+        "run-corrupt/adapter/adapter_config.json": "{}",
+        **{f"run-corrupt/{k}": v for k, v in _CHECKPOINT.items()}}),
+}
+
+# (what the user did, argv after `salientft`, a fragment of the message)
+ROWS = [
+    # one folder, one run
+    ("trained a second run into the folder of a finished one", train("--method", "gift-sw", output="run-full"),
+     "--output run-full already holds a run (metrics.json, model, run_config.json); continue it with --resume, "
+     "replace it with --overwrite, or choose another --output"),
+    ("--overwrite on a folder that also holds other files", train("--overwrite", output="notes"),
+     "--overwrite: notes also holds files salientft did not write (notes.txt), so it is not cleared"),
+    ("--resume with another learning rate", train("--resume", "--lr", "0.01", output="run-lr"),
+     "--resume: the settings differ from the run in run-lr (run_config.json): lr: 0.001 -> 0.01. Resume with the "
+     "run's settings (only --max-steps may grow)"),
+    ("--resume with a smaller --max-steps and another seed",
+     ["train", *MODEL, "--data", "d.jsonl", "--output", "run-lr", "--max-steps", "1", "--seed", "3", "--lr", "0.001",
+      "--resume"],
+     "max_steps: 2 -> 1; seed: 0 -> 3"),
+    ("--resume and --overwrite together", train("--resume", "--overwrite"),
+     "argument --overwrite: not allowed with argument --resume"),
+    ("--resume where no run was saved", train("--resume", output="new-run"),
+     "--resume: no complete checkpoint-<step> folder in new-run"),
+    ("--resume a run whose run_config.json is corrupt", train("--resume", output="run-corrupt"),
+     "--resume: run-corrupt/run_config.json is corrupt (not valid JSON"),
+    # output paths
+    ("train --output is a file", train(output="a-file"), "--output a-file is a file; give a directory path"),
+    ("train --output cannot be written", train(output="/proc/salientft-run"),
+     "--output /proc/salientft-run cannot be written"),
+    ("eval --output is a folder", ["eval", *MODEL, "--tasks", "boolq", "--output", "folder"],
+     "--output folder is a directory; give a file path"),
+    ("eval --output cannot be written", ["eval", *MODEL, "--tasks", "boolq", "--output", "/proc/results.json"],
+     "--output /proc/results.json cannot be written"),
+    ("calibrate --output is a folder", ["calibrate", *MODEL, "--output", "folder"],
+     "--output folder is a directory; give a file path"),
+    ("calibrate --plot cannot be written", ["calibrate", *MODEL, "--output", "s.safetensors", "--plot", "/proc/s.png"],
+     "--plot /proc/s.png cannot be written"),
+    ("calibrate --stats-output inside a file", ["calibrate", *MODEL, "--output", "s.safetensors",
+                                                "--stats-output", "a-file/stats.safetensors"],
+     "--stats-output a-file/stats.safetensors: a-file is a file, so no folder can be made inside it"),
+    ("quantize --output is a file", ["quantize", *MODEL, "--bits", "4", "--output", "a-file"],
+     "--output a-file is a file; give a directory path"),
+    ("compare --plot is a folder", ["compare", "run-full", "--plot", "folder"],
+     "--plot folder is a directory; give a file path"),
+    # data
+    ("--data names a folder", train(data="folder"), "data file folder is a directory; pass a .jsonl file"),
+    ("--data names a missing file that does not end in .jsonl", train(data="train.txt"),
+     "data file train.txt does not exist; give an existing .jsonl file, 'embedded', or hf:NAME"),
+    ("--data names a missing file in a folder", train(data="folder/train"), "data file folder/train does not exist"),
+    ("--data is not UTF-8", train(data="latin1.jsonl"),
+     "latin1.jsonl:9: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
+    ("--data has a line that is not JSON", train(data="broken.jsonl"), "broken.jsonl:9: invalid JSON"),
+    ("a chat's assistant message is empty", train(data="empty-reply.jsonl"),
+     "empty-reply.jsonl:1: message 1 (assistant) is empty (nothing to train on)"),
+    ("a record's response is empty", train(data="empty-response.jsonl"),
+     "empty-response.jsonl:1: 'response' is empty (nothing to train on)"),
+    # settings
+    ("an unknown method", train("--method", "qlora"), "unknown method 'qlora'; choose from"),
+    ("--salient-fraction above 1", train("--salient-fraction", "1.5"),
+     "TrainConfig.salient_fraction must be in (0, 1]"),
+    ("--n-salient 0", train("--n-salient", "0"), "TrainConfig.n_salient must be a positive integer, got 0"),
+    ("--n-salient and --salient-fraction together", train("--n-salient", "4", "--salient-fraction", "0.1"),
+     "give n_salient or salient_fraction, not both"),
+    ("an unknown salience metric", train("--metric", "bogus"), "unknown salience metric 'bogus' (--metric)"),
+    ("--scores names a missing file", train("--scores", "s.safetensors"),
+     "--scores s.safetensors: no such file; give a scores file written by salientft calibrate"),
+    ("a LoRA flag with gift-sw", train("--lora-r", "4"),
+     "method 'gift-sw' does not use --lora-r; remove it (--lora-r applies to lora, dora)"),
+    ("GIFT-SW flags with full fine-tuning", train("--method", "full", "--n-salient", "4", "--metric", "wanda"),
+     "method 'full' does not use --n-salient, --metric; remove them"),
+    ("--mask-ratio with lora", train("--method", "lora", "--mask-ratio", "0.5"),
+     "method 'lora' does not use --mask-ratio; remove it (--mask-ratio applies to gift-sw, salient, full, gmt)"),
+    ("--mask-granularity without a mask", train("--mask-granularity", "global"),
+     "method 'gift-sw' does not use --mask-granularity"),
+    ("--noise with the noise-free method", train("--method", "salient", "--noise", "weight"),
+     "method 'salient' is GIFT-SW without noise; use --method gift-sw --noise weight"),
+    ("--quantized names a missing folder", train("--quantized", "q4"),
+     "--quantized q4: no such folder; give a folder written by salientft quantize"),
+    ("--max-steps 0", train("--max-steps", "0"), "TrainConfig.max_steps must be positive (or -1 to use epochs)"),
+    ("--config names a missing file", train("--config", "missing.yaml"), "--config missing.yaml: no such file"),
+    ("--config has an unknown field", train("--config", "bad.yaml"),
+     "--config bad.yaml: TrainConfig: unknown field(s) bogus_field"),
+    ("eval of a run whose run_config.json is corrupt", ["eval", "--model", "run-corrupt", "--tasks", "boolq"],
+     "run-corrupt/run_config.json is corrupt (not valid JSON"),
+]
+
+
+def make_files(folder: Path) -> None:
+    for _, files in FILES.values():
+        for rel, content in files.items():
+            p = folder / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file and folder below ``folder``; a file with its size and modification time."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    make_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before the input was refused")
+
+    import salientft.models
+    import salientft.train
+
+    monkeypatch.setattr(salientft.models, "load_model", no_model)
+    monkeypatch.setattr(salientft.train, "load_model", no_model)
+    return tmp_path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from salientft.cli import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what, argv, fragment", ROWS, ids=[r[0] for r in ROWS])
+def test_refused(workdir, capsys, what, argv, fragment):
+    before = snapshot(workdir)
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2, err
+    assert fragment in err, err
+    # one line, not a traceback (argparse's refusals come after its usage lines)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    assert len(lines) == 1, err
+    assert snapshot(workdir) == before  # nothing written
+
+
+def page() -> str:
+    """docs/troubleshooting.md, from FILES and ROWS."""
+
+    def code(text: str) -> str:
+        return "`" + text.replace("|", "\\|") + "`"
+
+    lines = [
+        "# Troubleshooting: refused inputs",
+        "",
+        "Every input below is refused with one line on stderr that names the input and the fix, exit code 2, "
+        "and nothing written; all of them are found before a model loads. A training run that stops later "
+        "(a non-finite loss, a checkpoint that cannot be written because the disk is full) exits with code 3 and "
+        "names its last good checkpoint, from which `--resume` continues.",
+        "",
+        "This page is generated from `tests/test_refusals.py`, whose tests run each command and check its "
+        "message; after changing a row there, regenerate it with `python tests/test_refusals.py --write`.",
+        "",
+        "The commands run in a folder holding:",
+        "",
+        *[f"- `{name}`: {what}" for name, (what, _) in FILES.items()],
+        "",
+        "| what you did | command | the message says (excerpt) |",
+        "|---|---|---|",
+    ]
+    for what, argv, fragment in ROWS:
+        command = " ".join(a if a and " " not in a else json.dumps(a) for a in argv)
+        lines.append(f"| {what.replace('|', '/')} | {code('salientft ' + command)} | {code(fragment)} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_troubleshooting_page_is_current():
+    assert PAGE.read_text() == page(), "docs/troubleshooting.md is stale: run python tests/test_refusals.py --write"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_refusals.py --write   (regenerates docs/troubleshooting.md)")
+    PAGE.write_text(page())
+    print(f"wrote {PAGE}")
