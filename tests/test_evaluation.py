@@ -443,3 +443,69 @@ def test_lm_eval_backend_matches_native_on_every_task(tiny_model, tiny_tok):
         assert r["n"] == a["n"] == 3, task
         assert_items_agree(task, a, r)
     assert ref["results"]["boolq"]["acc_norm"] is None and ref["results"]["winogrande"]["acc_norm"] is None
+
+
+# --------------------------------------------------------------------------- fixed subsets, per-item samples
+
+def test_subsets_are_fixed_seeded_and_sized_from_the_data():
+    from salientft.evaluation.tasks import SUBSETS, get_subset, task_size
+
+    paper = SUBSETS["paper500"]
+    assert paper.describe(list(PAPER_TASKS))["n"] == {
+        "hellaswag": 500, "arc_easy": 570, "arc_challenge": 299, "piqa": 500, "boolq": 500, "winogrande": 500}
+    assert paper.ids("arc_challenge") == list(range(task_size("arc_challenge")))  # fewer than 1000: whole
+    for spec in SUBSETS.values():
+        for task in TASKS:
+            ids = spec.ids(task)
+            assert ids == sorted(set(ids)) and 0 <= ids[0] and ids[-1] < task_size(task)
+            assert len(ids) == spec.size(task_size(task))
+    # the permutation is sha256 of (name, seed, task, id): these ids are the same on every machine forever
+    assert SUBSETS["smoke20"].ids("piqa")[:6] == [131, 581, 608, 756, 792, 941]
+    assert paper.ids("boolq")[:6] == [0, 9, 10, 12, 15, 19]
+    with pytest.raises(ValueError, match="unknown subset 'nope'; valid subsets: paper500"):
+        get_subset("nope")
+
+
+PAPER_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "winogrande")
+
+
+def test_evaluate_on_a_subset(tiny_model, tiny_tok):
+    from salientft.evaluation.tasks import SUBSETS
+
+    spec = SUBSETS["smoke20"]
+    rep = evaluate(tiny_model, tiny_tok, "arc_challenge,boolq", subset="smoke20", batch_size=8, progress=False,
+                   return_items=True)
+    assert rep["subset"] == {"name": "smoke20", "seed": spec.seed, "per_task": 20,
+                             "n": {"arc_challenge": 20, "boolq": 20}}
+    for task, res in rep["results"].items():
+        ids = spec.ids(task)
+        assert res["n"] == 20 and [it["id"] for it in res["items"]] == ids
+        assert [it["gold"] for it in res["items"]] == [it.gold for it in load_items(task, ids=ids)]
+        assert sum(it["acc"] for it in res["items"]) / 20 == res["acc"]
+    assert "subset smoke20" in results_markdown(rep)
+    with pytest.raises(ValueError, match="--limit and --subset are exclusive"):
+        evaluate(tiny_model, tiny_tok, "boolq", limit=3, subset="smoke20", progress=False)
+    with pytest.raises(ValueError, match="--subset runs on the native backend only"):
+        evaluate(tiny_model, tiny_tok, "boolq", subset="smoke20", backend="lm-eval", progress=False)
+
+
+@pytest.mark.integration
+def test_log_samples_with_the_lm_eval_backend(tmp_path):
+    """lm-eval's logged samples carry no ids, no predictions, and no gold for winogrande: filled from our
+    items; the records still reproduce lm-eval's accuracies exactly."""
+    from salientft.evaluation import run_eval
+
+    out = tmp_path / "r.json"
+    rep = run_eval("tiny-random-llama", "winogrande,boolq,piqa", limit=3, backend="lm-eval", dtype="fp32",
+                   output=out, log_samples=True, progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "r.samples.jsonl").read_text().splitlines()]
+    assert json.loads(out.read_text())["results"] == rep["results"]
+    for task, res in rep["results"].items():
+        mine = [r for r in recs if r["task"] == task]
+        items = load_items(task, 3)
+        assert [r["id"] for r in mine] == [0, 1, 2] and [r["gold"] for r in mine] == [it.gold for it in items]
+        assert sum(r["acc"] for r in mine) / 3 == res["acc"]
+        if res["acc_norm"] is None:
+            assert all(r["acc_norm"] is None and r["pred_norm"] is None for r in mine)
+        else:
+            assert sum(r["acc_norm"] for r in mine) / 3 == res["acc_norm"]

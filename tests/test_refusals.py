@@ -64,6 +64,8 @@ FILES = {
     "run-lr/": ("a gift-sw run at --lr 0.001 with one checkpoint", {
         "run-lr/run_config.json": _run_config("run-lr", lr=0.001),
         **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}}),
+    "results.json": ("`salientft eval` results written without --log-samples", {
+        "results.json": json.dumps({"results": {"piqa": {"acc": 0.5, "acc_norm": 0.5, "n": 2}}, "paper_avg": None})}),
     "run-corrupt/": ("a run whose run_config.json is not JSON", {
         "run-corrupt/run_config.json": "{\"model\": \"tiny-",
         "run-corrupt/adapter/adapter_config.json": "{}",
@@ -110,6 +112,16 @@ ROWS = [
      "--output a-file is a file; give a directory path"),
     ("compare --plot is a folder", ["compare", "run-full", "--plot", "folder"],
      "--plot folder is a directory; give a file path"),
+    # evaluation items and samples
+    ("eval --log-samples without --output", ["eval", *MODEL, "--tasks", "boolq", "--log-samples"],
+     "--log-samples writes <output stem>.samples.jsonl beside the results: give --output"),
+    ("eval --limit and --subset together", ["eval", *MODEL, "--limit", "5", "--subset", "paper500"],
+     "argument --subset: not allowed with argument --limit"),
+    ("eval an unknown --subset", ["eval", *MODEL, "--subset", "paper1000"],
+     "unknown subset 'paper1000'; valid subsets: paper500"),
+    ("compare --plot-diffs of a run without its samples file", ["compare", "results.json", "--plot-diffs", "d.png"],
+     "--plot-diffs needs two runs or more, each with its samples file; results has none (evaluate with salientft "
+     "eval --log-samples"),
     # data
     ("--data names a folder", train(data="folder"), "data file folder is a directory; pass a .jsonl file"),
     ("--data names a missing file that does not end in .jsonl", train(data="train.txt"),

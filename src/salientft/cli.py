@@ -203,9 +203,18 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default="paper",
                    help="comma-separated: boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa; "
                         "'paper' (the six of the GIFT-SW average, default), 'all', or '' for perplexity only")
-    p.add_argument("--limit", type=int, help="first N items of each task (as lm-eval's --limit)")
+    from .evaluation.tasks import SUBSETS
+
+    items = p.add_mutually_exclusive_group()
+    items.add_argument("--limit", type=int, help="first N items of each task (as lm-eval's --limit)")
+    items.add_argument("--subset", metavar="NAME",
+                       help="a fixed seeded item subset, the same for every run so that runs pair up in "
+                            "`salientft compare`: " + "; ".join(f"{s.name} ({s.summary})" for s in SUBSETS.values()))
     p.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default 16)")
     p.add_argument("--output", help="write results JSON here (atomically)")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every item's record (task, id, per-choice log-likelihoods, predictions, gold) "
+                        "to <output stem>.samples.jsonl beside --output (needed by compare's paired statistics)")
     p.add_argument("--backend", choices=("native", "lm-eval"), default="native",
                    help="native (fast) or lm-eval (cross-check; needs requirements/lmeval.txt)")
     p.add_argument("--perplexity", metavar="FILE|heldout",
@@ -231,6 +240,7 @@ def _run_eval(args) -> int:
         output=args.output, backend=args.backend, perplexity_source=args.perplexity,
         ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride, dtype=args.dtype,
         logprob_dtype=args.logprob_dtype, progress=not args.no_progress, check_base=not args.no_check_base,
+        log_samples=args.log_samples, subset=args.subset,
     )
     if report["results"]:
         print(results_markdown(report))
@@ -238,7 +248,9 @@ def _run_eval(args) -> int:
         pp = report["perplexity"]
         print(f"perplexity ({pp['source']}): {pp['perplexity']:.3f} over {pp['tokens']} tokens")
     if args.output:
-        print(f"wrote {args.output}")
+        from .evaluation.cli_api import samples_path
+
+        print(f"wrote {args.output}" + (f" and {samples_path(args.output)}" if report.get("samples") else ""))
     return 0
 
 
@@ -279,16 +291,30 @@ def _add_compare(sub) -> None:
                                    "eval_before.json, metrics.json) or a results JSON file.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories or results JSON files")
     p.add_argument("--plot", help="write a grouped bar chart PNG here")
+    p.add_argument("--output", help="write the comparison (per-run values and, with samples, the paired "
+                                    "statistics of every pair of runs) as JSON here (atomically)")
+    p.add_argument("--plot-diffs", metavar="PNG",
+                   help="write a forest plot of the paired differences and their 95%% intervals here "
+                        "(needs every run's samples file)")
+    p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
     p.set_defaults(func=_run_compare)
 
 
 def _run_compare(args) -> int:
     from .evaluation import compare_runs
 
-    out = compare_runs(args.runs, plot=args.plot)
+    out = compare_runs(args.runs, plot=args.plot, output=args.output, plot_diffs=args.plot_diffs,
+                       resamples=args.resamples, seed=args.seed)
     print(out["table"])
-    if args.plot:
-        print(f"wrote {out['plot']}")
+    if out.get("pairs_table"):
+        print()
+        print(out["pairs_table"])
+    for note in out.get("notes", []):
+        print(note)
+    for key in ("plot", "plot_diffs", "output"):
+        if out.get(key):
+            print(f"wrote {out[key]}")
     return 0
 
 

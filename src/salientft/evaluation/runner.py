@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Sequence
 
-from .tasks import PAPER_METRICS, TASKS, load_items, load_records, parse_tasks
+from .tasks import PAPER_METRICS, TASKS, get_subset, load_items, load_records, parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def evaluate(
     model_name: str | None = None,
     logprob_dtype: str = "model",
     return_items: bool = False,
+    subset: str | None = None,
 ) -> dict:
     """Zero-shot log-likelihood multiple choice on the embedded validation splits.
 
@@ -44,13 +45,26 @@ def evaluate(
     does by default (bf16 sums are rounded to bf16); ``"float32"`` is exact.
     ``return_items=True`` adds ``"items"`` to each task's result: per item, in item order,
     ``{"lls": [log-likelihood per choice], "gold", "acc", "acc_norm"}`` (for tie-aware comparisons
-    of two runs; not written by the CLI).
+    of two runs; ``salientft eval --log-samples`` writes them), plus, on the native backend,
+    ``"id"`` (position in the validation split), ``"pred"`` and ``"pred_norm"`` (chosen indices).
+    ``subset`` (a name in ``tasks.SUBSETS``, exclusive with ``limit``) evaluates that fixed seeded
+    choice of items instead (native backend only); the report then has ``"subset": {"name",
+    "seed", "per_task", "n": {task: n}}``.
     """
     names = parse_tasks(tasks)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    chosen = None
+    if subset is not None:
+        if limit is not None:
+            raise ValueError("--limit and --subset are exclusive: a subset fixes the items itself")
+        if backend != "native":
+            raise ValueError(f"--subset runs on the native backend only (the {backend} backend takes the first "
+                             "--limit items); drop --backend or --subset")
+        spec = get_subset(subset)
+        chosen = {name: spec.ids(name) for name in names}
     if backend == "lm-eval":
         from .lmeval import evaluate_lmeval
 
@@ -62,10 +76,11 @@ def evaluate(
 
         scorer = LoglikScorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
                               share_context=share_context, progress=progress, logprob_dtype=logprob_dtype)
-        per_task = {name: score_task(scorer, name, limit, return_items=return_items) for name in names}
+        per_task = {name: score_task(scorer, name, limit, return_items=return_items,
+                                     ids=None if chosen is None else chosen[name]) for name in names}
     total_items = sum(r["n"] for r in per_task.values())
     total_s = sum(r["seconds"] for r in per_task.values())
-    return {
+    report = {
         "results": per_task,
         "paper_avg": paper_average(per_task),
         "items_per_s": total_items / total_s if total_s > 0 else None,
@@ -77,27 +92,34 @@ def evaluate(
         "num_fewshot": 0,
         "logprob_dtype": logprob_dtype,
     }
+    if subset is not None:
+        report["subset"] = get_subset(subset).describe(names)
+    return report
 
 
-def score_task(scorer, name: str, limit: int | None = None, return_items: bool = False) -> dict:
+def score_task(scorer, name: str, limit: int | None = None, return_items: bool = False,
+               ids: Sequence[int] | None = None) -> dict:
     """acc / acc_norm of one task with a :class:`~salientft.evaluation.scorer.LoglikScorer`.
 
-    ``return_items=True`` adds ``"items"``: per item ``{"lls", "gold", "acc", "acc_norm"}``.
+    ``return_items=True`` adds ``"items"``: per item ``{"id", "lls", "gold", "pred", "pred_norm",
+    "acc", "acc_norm"}``. ``ids``: evaluate the items at these positions instead of the first ``limit``.
     """
     from .scorer import choose
 
-    items = load_items(name, limit)
+    items = load_items(name, limit, ids=ids)
+    item_ids = list(ids) if ids is not None else list(range(len(items)))
     t0 = time.perf_counter()
     lls = scorer.score([it.requests for it in items], desc=name)
     seconds = time.perf_counter() - t0
     acc = acc_norm = 0
     per_item = []
-    for it, ll in zip(items, lls):
+    for item_id, it, ll in zip(item_ids, items, lls):
         pred, pred_norm = choose(ll, it.norm_chars)
         acc += pred == it.gold
         acc_norm += pred_norm == it.gold
         if return_items:
-            per_item.append({"lls": [float(x) for x in ll], "gold": it.gold,
+            per_item.append({"id": int(item_id), "lls": [float(x) for x in ll], "gold": it.gold,
+                             "pred": int(pred), "pred_norm": int(pred_norm),
                              "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold)})
     n = len(items)
     out = {
@@ -133,6 +155,7 @@ def results_markdown(report: dict) -> str:
         f"backend {report.get('backend', 'native')}, {report.get('dtype', '?')}"
         + (f", {ips:.1f} items/s" if ips else "")
         + (f", first {report['limit']} items per task" if report.get("limit") else "")
+        + (f", subset {report['subset']['name']}" if report.get("subset") else "")
         + " (* = metric in the paper's average)"
     )
     return "\n".join(lines)

@@ -12,10 +12,12 @@ relative to ``lm_eval/tasks``); tests pin item 0 of every task. Two shapes exist
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable
+from functools import lru_cache
+from typing import Callable, Sequence
 
 TARGET_DELIMITER = " "
 
@@ -193,6 +195,70 @@ def load_records(task: str, limit: int | None = None) -> list[dict]:
     return read_records(TASKS[task].dataset, split="validation", limit=limit)
 
 
-def load_items(task: str, limit: int | None = None) -> list[Item]:
+def load_items(task: str, limit: int | None = None, ids: Sequence[int] | None = None) -> list[Item]:
+    """The task's items: the first ``limit``, or those at the validation-split positions ``ids``."""
     spec = TASKS[parse_tasks([task])[0]]
-    return [spec.to_item(r) for r in load_records(task, limit)]
+    if ids is None:
+        return [spec.to_item(r) for r in load_records(task, limit)]
+    if limit is not None:
+        raise ValueError("give limit or ids, not both")
+    records = load_records(task)
+    bad = [i for i in ids if not 0 <= i < len(records)]
+    if bad:
+        raise ValueError(f"{task} has {len(records)} items; no item id {bad[0]}")
+    return [spec.to_item(records[i]) for i in ids]
+
+
+@lru_cache(maxsize=None)
+def task_size(task: str) -> int:
+    """The number of validation items of a task in the embedded data."""
+    return len(load_records(task))
+
+
+# --- fixed evaluation subsets -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Subset:
+    """A fixed, seeded choice of items per task, the same for every run (so that runs pair up).
+
+    A task with fewer than ``2 * per_task`` items is taken whole (subsampling it would save little
+    and leave the smallest tasks smaller still: ARC-Challenge 299, ARC-Easy 570, OpenBookQA 500);
+    otherwise ``per_task`` items, the first of a permutation of the item ids (positions in the
+    validation split) ordered by ``sha256(f"{name}:{seed}:{task}:{id}")``: a seeded permutation
+    that no library version or CPU can change. Items are evaluated in ascending id order.
+    """
+
+    name: str
+    per_task: int
+    seed: int
+    summary: str
+
+    def size(self, total: int) -> int:
+        return total if total < 2 * self.per_task else self.per_task
+
+    def ids(self, task: str, total: int | None = None) -> list[int]:
+        total = task_size(task) if total is None else total
+        order = sorted(range(total), key=lambda i: hashlib.sha256(
+            f"{self.name}:{self.seed}:{task}:{i}".encode()).digest())
+        return sorted(order[:self.size(total)])
+
+    def describe(self, tasks: Sequence[str]) -> dict:
+        """What results.json records: ``{"name", "seed", "per_task", "n": {task: n}}``."""
+        return {"name": self.name, "seed": self.seed, "per_task": self.per_task,
+                "n": {t: self.size(task_size(t)) for t in tasks}}
+
+
+SUBSETS: dict[str, Subset] = {
+    s.name: s
+    for s in (
+        Subset("paper500", 500, 20240501,
+               "500 items per task; tasks with fewer than 1000 (arc_challenge, arc_easy, openbookqa) whole"),
+        Subset("smoke20", 20, 20240501, "20 items per task (smoke tests, quick comparisons)"),
+    )
+}
+
+
+def get_subset(name: str) -> Subset:
+    if name not in SUBSETS:
+        raise ValueError(f"unknown subset {name!r}; valid subsets: "
+                         + "; ".join(f"{s.name} ({s.summary})" for s in SUBSETS.values()))
+    return SUBSETS[name]
