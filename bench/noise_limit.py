@@ -9,9 +9,9 @@ with bench/step.py's functions (same models, batch, step, LoRA rank). Each round
 
 * the training steps ``gift-none``, ``gift-weight`` (noise drawn in forward and again in
   backward), ``gift-weight-kept`` (drawn once, kept for backward) and ``lora``;
-* ``noise``: the noisy weight of every targeted layer, block by block as the layers build it
+* ``noise``: the noisy weight of every targeted layer, chunk by chunk as the layers build it
   (draw + scale-and-add + salient columns, no matmul), with ``noise_threads()`` drawing threads;
-* ``draw``: the N(0, 1) draws alone (same blocks and threads), and ``draw-1t``: in one thread.
+* ``draw``: the N(0, 1) draws alone (same chunks and threads), and ``draw-1t``: in one thread.
 
 The floor of a weight-noise step is ``gift-none + 2 x noise`` (``+ 1 x noise`` when kept):
 the step does that work and nothing else extra, so a step at its floor hides nothing behind the
@@ -33,7 +33,7 @@ from _machine import machine_info
 
 from salientft._io import atomic_path, write_json  # noqa: E402  (step.py put src/ on the path)
 from salientft.gift.model import gift_layers  # noqa: E402
-from salientft.ops.noise import drawn_blocks, noise_blocks, noise_threads, noisy_row_blocks, set_noise_threads  # noqa: E402
+from salientft.ops.noise import drawn_chunks, noise_chunks, noise_threads, noisy_row_blocks, set_noise_threads  # noqa: E402
 
 STEPS = ("gift-none", "gift-weight", "gift-weight-kept", "lora")
 
@@ -44,7 +44,7 @@ def noise_work(layers, threads: int, draw_only: bool):
         for layer in layers:
             w = layer.base_weight()
             if draw_only:
-                for _ in drawn_blocks(7, noise_blocks(*w.shape, w.device.type), w.shape[1], w.device, threads):
+                for _ in drawn_chunks(7, noise_chunks(*w.shape, w.device.type), w.shape[1], w.device, threads):
                     pass
             else:
                 for _ in noisy_row_blocks(w, layer.salient_weight.detach(), layer.salient_idx, layer.noise_std, 7,

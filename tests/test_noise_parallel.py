@@ -26,6 +26,7 @@ def _restore_threads():
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(N, "NOISE_BLOCK_ELEMS", 7 * IN)  # 14 row blocks of 7 rows, the last one 5
+    monkeypatch.setattr(N, "WAVE_ELEMS", 3 * 7 * IN)  # chunks of 3 blocks: 5 chunks
     assert len(N.noise_blocks(OUT, IN)) == 14 and N.noise_blocks(OUT, IN)[-1] == (91, 96)
 
 
@@ -63,6 +64,10 @@ def test_block_rows_follow_the_device_type():
     assert N.noise_blocks(4096, 1536, "cuda") == [(0, 4096)]
     blocks = N.noise_blocks(4096, 1536, "cpu")
     assert blocks[0] == (0, 170) and blocks[-1] == (4080, 4096) and len(blocks) == 25
+    # chunks (drawn, added and multiplied at once): whole blocks, up to WAVE_ELEMS = 8M weights
+    assert N.noise_chunks(4096, 1536) == [blocks]  # 6.3M weights: one chunk
+    assert [len(c) for c in N.noise_chunks(11008, 4096)] == [32] * 5 + [12]  # blocks of 64 rows
+    assert N.noise_chunks(4096, 14336, "cuda") == [[b] for b in N.noise_blocks(4096, 14336, "cuda")]
 
 
 @pytest.mark.numerics
@@ -92,8 +97,8 @@ def test_noisy_weight_is_the_same_for_any_thread_count_and_dtype(small_blocks):
         full = N.noisy_weight(w, sw, idx, std, 123, torch.float32)
         ref = full if ref is None else ref
         assert torch.equal(full, ref)
-        blocks = list(N.noisy_row_blocks(w, sw, idx, std, 123, torch.float32, out=torch.empty(OUT, IN)))
-        assert [(r0, r1) for r0, r1, _ in blocks] == N.noise_blocks(OUT, IN)
+        chunks = list(N.noisy_row_blocks(w, sw, idx, std, 123, torch.float32, out=torch.empty(OUT, IN)))
+        assert [(r0, r1) for r0, r1, _ in chunks] == [(c[0][0], c[-1][1]) for c in N.noise_chunks(OUT, IN)]
     # the draw is fp32 whatever the compute dtype: bf16 is the fp32 noisy weight rounded once
     assert torch.equal(N.noisy_weight(w, sw, idx, std, 123, torch.bfloat16), ref.to(torch.bfloat16))
     assert torch.equal(ref[:, idx], sw)
@@ -103,15 +108,15 @@ def test_noisy_weight_is_the_same_for_any_thread_count_and_dtype(small_blocks):
     assert abs(z[:, keep].std().item() - 1) < 0.05 and abs(z[:, keep].mean().item()) < 0.05
 
 
-def test_a_block_stream_stopped_early_leaves_no_draw_running(small_blocks):
-    N.set_noise_threads(2)
-    blocks = N.noise_blocks(OUT, IN)
-    gen = N.drawn_blocks(9, blocks, IN, "cpu", threads=2)
-    r0, r1, z = next(gen)
-    first = z.clone()
-    gen.close()  # waits for the blocks in flight
-    again = next(N.drawn_blocks(9, blocks, IN, "cpu", threads=1))[2]
-    assert (r0, r1) == (0, 7) and torch.equal(first, again)
+def test_chunks_group_whole_blocks_by_shape_only(small_blocks):
+    chunks = N.noise_chunks(OUT, IN)
+    assert [len(c) for c in chunks] == [3, 3, 3, 3, 2]  # WAVE_ELEMS = 3 blocks, whatever the threads
+    assert [b for c in chunks for b in c] == N.noise_blocks(OUT, IN)
+    # a chunk drawn by two threads equals the chunk drawn in the calling thread
+    parallel = [z.clone() for _, _, z in N.drawn_chunks(9, chunks, IN, "cpu", threads=2)]
+    serial = [z.clone() for _, _, z in N.drawn_chunks(9, chunks, IN, "cpu", threads=1)]
+    assert all(torch.equal(a, b) for a, b in zip(parallel, serial))
+    assert not torch.equal(parallel[0][:7], parallel[0][7:14])  # each block its own stream
 
 
 @pytest.mark.numerics

@@ -1,36 +1,72 @@
-"""GIFT-SW's weight noise, drawn block by block from a seed (METHODS.md §1.3).
+"""GIFT-SW's weight noise, drawn in seeded row blocks (METHODS.md §1.3).
 
 One N(0, 1) draw of shape (out, in) per forward, scaled per row by ``noise_std`` (Delta_i / 2)
-and added to the non-salient columns, shared by all tokens. By default the draw is never kept,
-nor even built whole: forward and backward run over row blocks, each drawn from a generator
-seeded by (seed, block start row), so backward regenerates the identical noise from a saved
-64-bit seed. The seed itself comes from torch's global RNG (:func:`draw_seed`), so seeding torch
+and added to the non-salient columns, shared by all tokens. The draw is made of row blocks,
+each from a generator seeded by (seed, block start row), so it can be regenerated exactly:
+by default backward draws the identical noise again from the saved 64-bit seed instead of
+keeping it. The seed itself comes from torch's global RNG (:func:`draw_seed`), so seeding torch
 makes runs reproducible, and gradient checkpointing (which restores the RNG state before
 recomputing) recomputes the same noise. ``keep=True`` (``keep_noise`` in the configs) trades
-memory for time: forward writes the noisy weight of the layer whole, in the compute dtype, and
+memory for time: forward writes the layer's whole noisy weight, in the compute dtype, and
 backward multiplies by it instead of drawing again (one (out, in) tensor per layer held from
-forward to backward; freed by backward).
+forward to backward, freed by backward; outputs and gradients bit-identical to regenerating).
+
+Blocks and chunks. CPU blocks are ~256K weights (``NOISE_BLOCK_ELEMS``, 1 MB in fp32): the
+unit of seeding, each drawn by one thread. Consecutive blocks form chunks of up to
+``WAVE_ELEMS`` = 8M weights (:func:`noise_chunks`; a whole layer up to 4096 x 2048): a chunk is
+drawn, scaled and added to W, multiplied with one matmul, and dropped, so no more than 32 MB of
+fp32 scratch exists at a time, whatever the layer. Blocks and chunks depend only on the layer
+shape and the device type, never on the thread count, so neither do the outputs and gradients.
 
 Numbers. N(0, 1) is always drawn in fp32 (torch's vectorised Box-Muller; a bf16 draw is slower)
 and the noisy weight ``W + noise_std * z`` is computed in fp32 and rounded once to the compute
 dtype, so a seed means the same ``z`` whatever the compute dtype.
 
-Parallel drawing (CPU). torch's CPU generator is sequential: one ``normal_`` call uses one core.
-Because every block has its own seed, blocks can be drawn in any order by any thread, each with
-its own generator (``normal_`` releases the GIL), and the noise stays bit-identical whatever the
-thread count. :func:`noisy_row_blocks` keeps ``noise_threads()`` blocks in flight in a small
-thread pool, ahead of the block the caller is using (a ring of ``threads + 1`` fp32 buffers of
-about 1 MB each): while the main thread adds block i to W and multiplies it (torch's intra-op
-threads), the pool draws blocks i+1, i+2, ... The split: the pool threads only call ``normal_``
-(serial, no OpenMP team of their own); the scale-and-add, the salient columns and the matmul
-stay in the main thread.
+Parallel drawing (CPU). torch's CPU generator is sequential: one ``normal_`` call uses one core
+(about 3.4 ns per number on the 2-core AMD EPYC measured here). Every block has its own seed, so
+blocks can be drawn in any order by any thread, each with its own generator (``normal_``
+releases the GIL and starts no OpenMP team), with bit-identical results. With
+``noise_threads()`` > 1 (default ``torch.get_num_threads()``; :func:`set_noise_threads`,
+``$SALIENTFT_NOISE_THREADS``) a pool draws the blocks of a chunk, one block per task, while the
+main thread waits; then the main thread scales, adds and multiplies the chunk with torch's
+intra-op threads while the pool waits. Drawing and multiplying take turns instead of
+overlapping because that measured fastest. One 4096 x 1536 layer, 256 tokens, forward +
+backward, fp32, 2 cores, torch 2.13, medians of 10-12 interleaved rounds (no noise 44.5-51 ms;
+one draw of the layer alone 21.6 ms in one thread, 12.2 ms in two):
 
-Devices. On CPU the blocks are ~256K weights (1 MB fp32: drawn, added and multiplied while in
-cache). On CUDA (any non-CPU device) a block is up to 16M weights, so most layers take one draw
-with the device's generator (small blocks would be dominated by kernel launches) and no threads
-are used. The noise of a seed therefore differs between CPU and CUDA (different generators and
-blocks), as it does between torch's CPU and CUDA RNGs in general; on one device type it depends
-only on the seed and the layer shape.
+=================================================================  =========  ==========
+noise drawn ...                                                     drawn      kept
+=================================================================  =========  ==========
+in the calling thread, 1 MB block by block (before this change)     89 ms      65 ms
+2 threads, pipelined: blocks i+1, i+2 drawn while block i is used   92 ms      68 ms
+2 threads, taking turns with the matmuls every 8 blocks             91 ms      66 ms
+2 threads, taking turns every 24 blocks                             80 ms
+2 threads, the whole layer drawn, then used (this module)           76 ms      60.5 ms
+=================================================================  =========  ==========
+
+The pipeline gains nothing: while block i is multiplied, torch's two OpenMP threads and the two
+drawing threads share two cores, and OpenMP's idle threads spin-wait (libgomp's default)
+between the small matmuls, so the drawing threads get about one core; lowering their priority
+(nice 19) did not help. Each switch between drawing and multiplying costs about 2 ms (the
+OpenMP threads spin before they sleep), hence chunks as large as the scratch allows. The floor,
+no noise + two parallel draws, is 68.9 ms (one draw when kept: 56.7 ms). One matmul per chunk
+instead of one per 1 MB block matters at many tokens: at 2048 tokens the same layer took 434 ms
+before this change, 362 ms after (no noise 356 ms; kept 331 ms). Making the blocks entirely in
+the pool threads (draw, scale and add in each thread's cache, with ops under ATen's 32K grain
+size so that no OpenMP team starts) measured no faster (91 ms against 84 in the same session):
+the extra op calls contend for the GIL.
+
+Not used: a counter-based Gaussian generator compiled by ``torch.compile`` (a 32-bit hash of
+the element index + Box-Muller, vectorised by inductor) drew 1.8 ns per number in one thread
+against ``normal_``'s 3.3 ns, but needs a C++ compiler at run time, 18 s to compile in every
+process, and its pure-torch fallback (11-16 ns per number) would not give the same numbers bit
+for bit; SplitMix64 + Box-Muller in numpy (SIMD log/sin/cos) drew 3.4 ns per number: no gain.
+
+Devices. On CUDA (any non-CPU device) a block is up to 16M weights
+(``DEVICE_NOISE_BLOCK_ELEMS``), so most layers take one draw with the device's generator (small
+blocks would be dominated by kernel launches), and no threads are used. The noise of a seed
+therefore differs between CPU and CUDA (different generators and blocks), as torch's CPU and
+CUDA RNGs do in general; on one device type it depends only on the seed and the layer shape.
 
 Both ``gift.SalientLinear`` and ``quant.QuantizedSalientLinear`` draw their noise here, so a
 seed means the same noise in either.
@@ -39,29 +75,27 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-# Row blocks of about this many weights on CPU (1 MB in fp32): the block is drawn, scaled, added
-# to W and multiplied while it is still in cache, and no (out, in) temporary is ever allocated.
-# The block size depends only on the layer shape, so the noise of a given seed is the same
-# whatever the thread count.
-NOISE_BLOCK_ELEMS = 1 << 18  # measured: 1<<16..1<<20 within 10%, smaller blocks much slower
+# Row blocks of about this many weights on CPU (1 MB in fp32), each drawn from its own seed by
+# one thread. The block size depends only on the layer shape, so the noise of a given seed is the
+# same whatever the thread count.
+NOISE_BLOCK_ELEMS = 1 << 18
+# Blocks are grouped into chunks of at most this many weights (32 MB of fp32 scratch; a whole
+# layer up to 4096 x 2048): a chunk is drawn (in parallel), added and multiplied at once, so
+# fewer chunks mean fewer switches between drawing and multiplying (module docstring).
+WAVE_ELEMS = 1 << 23
 # On CUDA (and any other non-CPU device): one draw per layer up to 16M weights (64 MB fp32).
 DEVICE_NOISE_BLOCK_ELEMS = 1 << 24
 SEED_MIX = 0x9E3779B97F4A7C15
 NOISE_DTYPE = torch.float32  # the dtype z ~ N(0, 1) is drawn in, whatever the compute dtype
-# How much lower the drawing threads' scheduling priority is than the caller's (Linux nice
-# increments; 0: the same). See the module docstring for what was measured.
-DRAW_THREAD_NICE = 0
-WAVE_BLOCKS = 0
 
 _local = threading.local()  # per-thread generators: a torch.Generator is not thread-safe to re-seed
 _noise_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
-_pool_size: tuple[int, int] | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
@@ -101,6 +135,15 @@ def noise_blocks(out_features: int, in_features: int, device_type: str = "cpu") 
     return [(r0, min(out_features, r0 + rows)) for r0 in range(0, out_features, rows)]
 
 
+def noise_chunks(out_features: int, in_features: int, device_type: str = "cpu") -> list[list[tuple[int, int]]]:
+    """The noise blocks grouped into chunks of consecutive blocks of at most ``WAVE_ELEMS`` weights
+    (at least one block): the unit that is drawn (in parallel), added to W and multiplied at once.
+    Depends only on the layer shape and the device type, so results do not depend on the thread count."""
+    blocks = noise_blocks(out_features, in_features, device_type)
+    per = max(1, WAVE_ELEMS // ((blocks[0][1] - blocks[0][0]) * max(1, in_features)))
+    return [blocks[i: i + per] for i in range(0, len(blocks), per)]
+
+
 def set_noise_threads(n: int | None) -> None:
     """Threads that draw CPU noise blocks (None: ``$SALIENTFT_NOISE_THREADS``, else
     ``torch.get_num_threads()``). 1 draws in the calling thread. The noise is the same for any value."""
@@ -129,29 +172,16 @@ def noise_threads() -> int:
 def _thread_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool_size != (n, DRAW_THREAD_NICE):
+        if _pool is None or _pool_size != n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="salientft-noise",
-                                       initializer=_lower_priority, initargs=(DRAW_THREAD_NICE,))
-            _pool_size = (n, DRAW_THREAD_NICE)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="salientft-noise"), n
         return _pool
-
-
-def _lower_priority(nice: int) -> None:
-    """Run this (drawing) thread ``nice`` steps below the process's priority (Linux: per thread)."""
-    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # not permitted here: keep the priority
-        pass
 
 
 def _forget_pool_after_fork() -> None:  # a forked child (e.g. a DataLoader worker) has no pool threads
     global _pool, _pool_size
-    _pool, _pool_size = None, None
+    _pool, _pool_size = None, 0
 
 
 if hasattr(os, "register_at_fork"):
@@ -165,82 +195,72 @@ def draw_noise(out: torch.Tensor, seed: int, r0: int) -> torch.Tensor:
     return out.normal_(generator=g)
 
 
-def drawn_blocks(seed: int, blocks: list[tuple[int, int]], in_features: int, device, threads: int = 1):
-    """Yield (r0, r1, z) for each block in order, z (r1-r0, in) fp32 N(0, 1) from (seed, r0).
+def drawn_chunks(seed: int, chunks: list[list[tuple[int, int]]], in_features: int, device, threads: int = 1,
+                 into: torch.Tensor | None = None):
+    """Yield (r0, r1, z) for each chunk in order: z (r1-r0, in) fp32, each of its blocks N(0, 1)
+    from a generator seeded by (seed, block start).
 
-    With ``threads`` > 1 (CPU only) a pool draws the next ``threads`` blocks while the caller
-    uses the current one. A yielded z is valid until the generator advances.
+    ``threads`` > 1 (CPU): the pool draws the blocks of a chunk, one block per task, while the
+    caller waits; else they are drawn in the calling thread. ``into`` (fp32, C-contiguous, at
+    least out x in numbers, not the weight): draw row r into ``into``'s row r instead of a
+    reused scratch buffer. A yielded z is valid until the next chunk is drawn.
     """
     device = torch.device(device)
-    rows = blocks[0][1] - blocks[0][0]
-
-    def view(buf, r0, r1):
-        return buf[: (r1 - r0) * in_features].view(r1 - r0, in_features)
-
-    if threads <= 1 or len(blocks) == 1 or device.type != "cpu":
-        buf = torch.empty(rows * in_features, dtype=NOISE_DTYPE, device=device)
-        for r0, r1 in blocks:
-            yield r0, r1, draw_noise(view(buf, r0, r1), seed, r0)
-        return
-    if WAVE_BLOCKS:  # experiment: draw WAVE_BLOCKS blocks, wait for all, hand them out, repeat
-        wave = min(len(blocks), max(threads, WAVE_BLOCKS))
-        bufs = [torch.empty(rows * in_features, dtype=NOISE_DTYPE) for _ in range(wave)]
-        pool = _thread_pool(threads)
-        for w0 in range(0, len(blocks), wave):
-            part = blocks[w0:w0 + wave]
-            futs = [pool.submit(draw_noise, view(bufs[j], r0, r1), seed, r0) for j, (r0, r1) in enumerate(part)]
-            wait(futs)
-            for (r0, r1), f in zip(part, futs):
-                yield r0, r1, f.result()
-        return
-    depth = min(len(blocks), threads + 1)  # `threads` blocks drawn while the caller uses one
-    bufs = [torch.empty(rows * in_features, dtype=NOISE_DTYPE) for _ in range(depth)]
-    pool = _thread_pool(threads)
-    pending = deque()
-
-    def submit(i):
-        r0, r1 = blocks[i]
-        pending.append(pool.submit(draw_noise, view(bufs[i % depth], r0, r1), seed, r0))
-
-    for i in range(depth):
-        submit(i)
-    try:
-        for i, (r0, r1) in enumerate(blocks):
-            z = pending.popleft().result()
-            yield r0, r1, z
-            if i + depth < len(blocks):
-                submit(i + depth)  # into the buffer the caller just released
-    finally:  # the caller stopped early (or failed): no draw may outlive this call
-        for f in pending:
-            f.cancel()
-        wait(pending)
+    parallel = threads > 1 and device.type == "cpu"
+    scratch = None
+    if into is None:
+        scratch = torch.empty(max(c[-1][1] - c[0][0] for c in chunks) * in_features, dtype=NOISE_DTYPE,
+                              device=device)
+    for chunk in chunks:
+        r0, r1 = chunk[0][0], chunk[-1][1]
+        if into is not None:
+            z = into.view(-1)[r0 * in_features: r1 * in_features].view(r1 - r0, in_features)
+        else:
+            z = scratch[: (r1 - r0) * in_features].view(r1 - r0, in_features)
+        parts = [(z[b0 - r0: b1 - r0], b0) for b0, b1 in chunk]
+        if parallel and len(parts) > 1:
+            pool = _thread_pool(threads)
+            futures = [pool.submit(draw_noise, part, seed, b0) for part, b0 in parts]
+            try:
+                for f in futures:
+                    f.result()
+            finally:  # a failed draw: no other may outlive this call
+                wait(futures)
+        else:
+            for part, b0 in parts:
+                draw_noise(part, seed, b0)
+        yield r0, r1, z
 
 
-def noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype, out=None):
-    """Yield (r0, r1, rows r0:r1 of the noisy weight in ``dtype``) for each noise block in order.
+def noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype, out=None, draw_into_out=False):
+    """Yield (r0, r1, rows r0:r1 of the noisy weight in ``dtype``) for each chunk of noise blocks
+    (:func:`noise_chunks`) in order.
 
     Rows are ``W + noise_std * z`` (computed in fp32, rounded once to ``dtype``) with the
     columns ``idx`` replaced by ``salient_weight``. With ``out`` ((out, in), ``dtype``; it may be
-    ``weight`` itself) each block is written into ``out[r0:r1]``; without, blocks live in scratch
-    buffers and a yielded block is valid until the next one is drawn: consume it before advancing.
+    ``weight`` itself) each chunk is written into ``out[r0:r1]``; without, chunks live in scratch
+    buffers and a yielded chunk is valid until the next one is drawn: consume it before advancing.
+    ``draw_into_out``: ``out`` is an fp32 tensor of the caller's (not ``weight``): draw straight into
+    it, without scratch.
     """
     out_f, in_f = weight.shape
     device = weight.device
-    blocks = noise_blocks(out_f, in_f, device.type)
+    chunks = noise_chunks(out_f, in_f, device.type)
     threads = noise_threads() if device.type == "cpu" else 1
     std = noise_std.view(-1, 1)
     scratch = None
-    for r0, r1, z in drawn_blocks(seed, blocks, in_f, device, threads):
+    into = out if draw_into_out and out is not None and out.dtype == NOISE_DTYPE else None
+    for r0, r1, z in drawn_chunks(seed, chunks, in_f, device, threads, into=into):
         if out is not None:
             blk = out[r0:r1]
         elif dtype == NOISE_DTYPE:
             blk = z  # in place: z is not needed after this
         else:
             if scratch is None:
-                scratch = torch.empty((blocks[0][1] - blocks[0][0]) * in_f, dtype=dtype, device=device)
+                scratch = torch.empty(max(c[-1][1] - c[0][0] for c in chunks) * in_f, dtype=dtype, device=device)
             blk = scratch[: (r1 - r0) * in_f].view(r1 - r0, in_f)
         torch.addcmul(weight[r0:r1], z, std[r0:r1], out=blk)
-        blk.index_copy_(1, idx, salient_weight[r0:r1].to(dtype))
+        blk.index_copy_(1, idx, salient_weight[r0:r1].detach().to(dtype))
         yield r0, r1, blk
 
 
@@ -258,26 +278,30 @@ def noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype, out=None):
 
 
 def noisy_forward(x2, weight, salient_weight, idx, noise_std, seed, dtype, keep=False):
-    """(x2 (tokens, in) @ (W + noise)^T, kept), one row block of the noisy weight at a time.
+    """(x2 (tokens, in) @ (W + noise)^T, kept), one chunk of rows of the noisy weight at a time.
 
     ``kept`` is None, or with ``keep`` the whole (out, in) noisy weight in ``dtype``, to pass to
     :func:`noisy_input_grad` instead of drawing the noise again.
     """
     y = torch.empty(x2.shape[0], weight.shape[0], device=x2.device, dtype=dtype)
     kept = torch.empty(weight.shape, device=weight.device, dtype=dtype) if keep else None
-    for r0, r1, blk in noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype, out=kept):
+    for r0, r1, blk in noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype, out=kept,
+                                        draw_into_out=True):
         torch.mm(x2, blk.t(), out=y[:, r0:r1])
     return y, kept
 
 
 def noisy_input_grad(g2, weight, salient_weight, idx, noise_std, seed, dtype, kept=None):
     """g2 (tokens, out) @ (W + noise): from ``kept`` (see :func:`noisy_forward`) or regenerating
-    the same noise block by block. Both sum the same blocks in the same order: bit-identical."""
-    gx = torch.zeros(g2.shape[0], weight.shape[1], device=g2.device, dtype=dtype)
+    the same noise chunk by chunk. Both sum the same chunks in the same order: bit-identical."""
+    gx = torch.empty(g2.shape[0], weight.shape[1], device=g2.device, dtype=dtype)
     if kept is not None:
-        blocks = ((r0, r1, kept[r0:r1]) for r0, r1 in noise_blocks(*weight.shape, weight.device.type))
+        chunks = ((c[0][0], c[-1][1], kept[c[0][0]: c[-1][1]]) for c in noise_chunks(*weight.shape, weight.device.type))
     else:
-        blocks = noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype)
-    for r0, r1, blk in blocks:
-        gx.addmm_(g2[:, r0:r1], blk)
+        chunks = noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype)
+    for r0, r1, blk in chunks:
+        if r0 == 0:
+            torch.mm(g2[:, r0:r1], blk, out=gx)
+        else:
+            gx.addmm_(g2[:, r0:r1], blk)
     return gx
