@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from salientft._io import atomic_path, write_json  # noqa: E402
 from salientft.config_base import GMT_DEFAULT_RATIO  # noqa: E402
 from salientft.gift.config import GiftConfig  # noqa: E402
-from salientft.gift.model import apply_gift, noise_std_for  # noqa: E402
+from salientft.gift.model import noise_std_for  # noqa: E402
 from salientft.saliency import select_salient  # noqa: E402
 from salientft.targets import find_target_modules, linear_weight  # noqa: E402
 
