@@ -68,6 +68,9 @@ FACTS = {
     "mem_available_gib": lambda: round(meminfo_bytes("MemAvailable") / 2**30, 1),
     "load_avg_1m": lambda: round(os.getloadavg()[0], 2),
     "commit": git_commit,
+    # torch's OpenMP threads spin between parallel regions unless told otherwise; that decides how
+    # fast GIFT-SW's noise-drawing threads run (ops/noise.py), so every step timing records it
+    "omp_wait_policy": lambda: os.environ.get("OMP_WAIT_POLICY") or "unset (spin)",
 }
 
 

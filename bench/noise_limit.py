@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     set_noise_threads(args.noise_threads)
     threads = noise_threads()
-    info = {**machine_info("cpu_model", "threads", "torch", "load_avg_1m", "commit"), "noise_threads": threads}
+    info = {**machine_info("cpu_model", "threads", "torch", "load_avg_1m", "commit", "omp_wait_policy"),
+            "noise_threads": threads}
     shape = S.batch_shape_for(args.model, False, (args.batch, args.seq))
     runs, tok = {}, None
     for m in STEPS:
@@ -115,7 +116,8 @@ def main(argv=None) -> None:
     write_json(out.with_suffix(".json"), res)
     lines = [f"# Weight-noise floor (bench/noise_limit.py): {args.model}, {shape[0]} x {shape[1]} tokens", "",
              f"{info['cpu_model']}, {info['threads']} torch threads, {threads} noise-drawing threads, torch "
-             f"{info['torch']}, 1-min load average {info['load_avg_1m']} at the start; {args.rounds} interleaved "
+             f"{info['torch']}, OMP_WAIT_POLICY {info['omp_wait_policy']}, 1-min load average {info['load_avg_1m']} "
+             f"at the start; {args.rounds} interleaved "
              f"rounds; {n_weights:,} noisy weights per draw.", "",
              "| timed | median ms | ns per weight |", "|---|---|---|"]
     for k in keys:

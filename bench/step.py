@@ -422,7 +422,8 @@ def add_ratios(res: dict) -> None:
 def write_markdown(result: dict, path: Path) -> None:
     lines = ["# Training-step benchmark (bench/step.py)", "",
              f"Device {result['device']}"
-             + (f" ({result['cpu_model']}, 1-min load average {result['load_avg_1m']} at the start)"
+             + (f" ({result['cpu_model']}, 1-min load average {result['load_avg_1m']} at the start, "
+                f"OMP_WAIT_POLICY {result.get('omp_wait_policy', 'unset (spin)')})"
                 if result.get("cpu_model") else "")
              + f", dtype {result['dtype']}, torch {result['torch']}, peft "
              f"{result['peft']}, {result['threads']} threads"
@@ -459,7 +460,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", "Targets (issue 2):", ""]
         lines += [f"- {'PASS' if ok else 'MISS'}: {t}" for t, ok in res["targets"].items()]
         lines.append("")
-    lines += ["![step time and peak memory](step.png)", ""]
+    lines += [f"![step time and peak memory]({path.with_suffix('.png').name})", ""]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -536,7 +537,7 @@ def main(argv=None) -> None:
         args.rounds = 2 if args.quick else 4
     models = MODELS if args.model == "all" else (args.model,)
     result = {"device": args.device, "dtype": args.dtype,
-              **machine_info("torch", "peft", "threads", "cpu_model", "load_avg_1m", "commit"),
+              **machine_info("torch", "peft", "threads", "cpu_model", "load_avg_1m", "commit", "omp_wait_policy"),
               "rounds": args.rounds, "warmup": args.warmup, "quick": args.quick, "models": {}}
     if args.device == "cpu":
         result["noise_threads"] = noise_threads()

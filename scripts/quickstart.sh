@@ -9,4 +9,8 @@ bash scripts/setup.sh
 # folder); with --resume (or an explicit --overwrite) the caller decides.
 fresh=(--overwrite)
 for a in "$@"; do case "$a" in --resume|--overwrite) fresh=() ;; esac; done
+# GIFT-SW's weight noise is drawn by a thread pool between torch's matmuls; torch's OpenMP threads
+# would spin meanwhile and take a core from it (docs/results/noise_speed.md). Only the environment
+# of a process can change that, before torch loads; a caller's own setting wins.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec salientft train --config configs/quickstart.yaml "${fresh[@]}" "$@"

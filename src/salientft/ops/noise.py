@@ -18,26 +18,26 @@ drawn, scaled and added to W, multiplied with one matmul, and dropped, so no mor
 fp32 scratch exists at a time, whatever the layer. Blocks and chunks depend only on the layer
 shape and the device type, never on the thread count, so neither do the outputs and gradients.
 
-Numbers. N(0, 1) is always drawn in fp32 (torch's vectorised Box-Muller; a bf16 draw is slower)
-and the noisy weight ``W + noise_std * z`` is computed in fp32 and rounded once to the compute
-dtype, so a seed means the same ``z`` whatever the compute dtype.
+Numbers. N(0, 1) is always drawn in fp32 and the noisy weight ``W + noise_std * z`` is computed in
+fp32 and rounded once to the compute dtype, so a seed means the same ``z`` whatever the compute
+dtype. On CPU the numbers come from :mod:`.philox` (Philox4x32-10 + Box-Muller, keyed by the
+block seed; compiled by numba, 1.3 ns per number per thread against 3.4 ns for torch's
+``normal_``; a bit-identical pure-torch fallback), so they are also the same on every x86 CPU.
 
-Parallel drawing (CPU). torch's CPU generator is sequential: one ``normal_`` call uses one core
-(about 3.4 ns per number on the 2-core AMD EPYC measured here). Every block has its own seed, so
-blocks can be drawn in any order by any thread, each with its own generator (``normal_``
-releases the GIL and starts no OpenMP team), with bit-identical results. With
-``noise_threads()`` > 1 (default ``torch.get_num_threads()``; :func:`set_noise_threads`,
-``$SALIENTFT_NOISE_THREADS``) a pool draws the blocks of a chunk, one block per task, while the
-main thread waits; then the main thread scales, adds and multiplies the chunk with torch's
-intra-op threads while the pool waits. Drawing and multiplying take turns instead of
-overlapping because that measured fastest. One 4096 x 1536 layer, 256 tokens, forward +
-backward, fp32, 2 cores, torch 2.13, medians of 10-12 interleaved rounds (no noise 44.5-51 ms;
-one draw of the layer alone 21.6 ms in one thread, 12.2 ms in two):
+Parallel drawing (CPU). Every block has its own seed, so blocks can be drawn in any order by any
+thread with bit-identical results. With ``noise_threads()`` > 1 (default
+``torch.get_num_threads()``; :func:`set_noise_threads`, ``$SALIENTFT_NOISE_THREADS``) a pool
+draws the blocks of a chunk, one block per task (the kernel releases the GIL), while the main
+thread waits; then the main thread scales, adds and multiplies the chunk with torch's intra-op
+threads while the pool waits. Drawing and multiplying take turns instead of overlapping because
+that measured fastest. One 4096 x 1536 layer, 256 tokens, forward + backward, fp32, 2 cores,
+torch 2.13, torch's ``normal_`` as the generator (before Philox), medians of 10-12 interleaved
+rounds (no noise 44.5-51 ms; one draw of the layer alone 21.6 ms in one thread, 12.2 ms in two):
 
 =================================================================  =========  ==========
 noise drawn ...                                                     drawn      kept
 =================================================================  =========  ==========
-in the calling thread, 1 MB block by block (before this change)     89 ms      65 ms
+in the calling thread, 1 MB block by block                          89 ms      65 ms
 2 threads, pipelined: blocks i+1, i+2 drawn while block i is used   92 ms      68 ms
 2 threads, taking turns with the matmuls every 8 blocks             91 ms      66 ms
 2 threads, taking turns every 24 blocks                             80 ms
@@ -45,22 +45,20 @@ in the calling thread, 1 MB block by block (before this change)     89 ms      6
 =================================================================  =========  ==========
 
 The pipeline gains nothing: while block i is multiplied, torch's two OpenMP threads and the two
-drawing threads share two cores, and OpenMP's idle threads spin-wait (libgomp's default)
-between the small matmuls, so the drawing threads get about one core; lowering their priority
-(nice 19) did not help. Each switch between drawing and multiplying costs about 2 ms (the
-OpenMP threads spin before they sleep), hence chunks as large as the scratch allows. The floor,
-no noise + two parallel draws, is 68.9 ms (one draw when kept: 56.7 ms). One matmul per chunk
-instead of one per 1 MB block matters at many tokens: at 2048 tokens the same layer took 434 ms
-before this change, 362 ms after (no noise 356 ms; kept 331 ms). Making the blocks entirely in
-the pool threads (draw, scale and add in each thread's cache, with ops under ATen's 32K grain
-size so that no OpenMP team starts) measured no faster (91 ms against 84 in the same session):
-the extra op calls contend for the GIL.
-
-Not used: a counter-based Gaussian generator compiled by ``torch.compile`` (a 32-bit hash of
-the element index + Box-Muller, vectorised by inductor) drew 1.8 ns per number in one thread
-against ``normal_``'s 3.3 ns, but needs a C++ compiler at run time, 18 s to compile in every
-process, and its pure-torch fallback (11-16 ns per number) would not give the same numbers bit
-for bit; SplitMix64 + Box-Muller in numpy (SIMD log/sin/cos) drew 3.4 ns per number: no gain.
+drawing threads share two cores. Spinning threads. Between parallel regions libgomp's idle
+threads spin-wait (its default when ``OMP_WAIT_POLICY`` is unset), so while the pool draws, torch's
+idle OpenMP worker competes with it for the cores: two drawing threads ran 1.4x faster than one
+instead of 2x. Starting the process with ``OMP_WAIT_POLICY=PASSIVE`` (read once, when torch loads
+libgomp; this module cannot change it) removes that: weight-noise steps about 1.2x faster on the
+wide model, other steps up to ~5 % slower (``docs/results/noise_speed.md``); the first parallel draw
+logs this hint once. Each switch between drawing and multiplying costs about 2 ms of spinning,
+hence chunks as large as the scratch allows. One matmul per chunk instead of one per 1 MB block
+matters at many tokens: at 2048 tokens the same layer took 434 ms with one matmul per block, 362
+ms per chunk (no noise 356 ms; kept 331 ms). Making the blocks entirely in the pool threads
+(draw, scale and add in each thread's cache) measured no faster, with either generator: with
+``normal_`` the extra op calls contend for the GIL; with Philox, a numba kernel that also scaled
+and added (one pass, no z scratch) gave the same step time (0.99-1.01x) while moving the adds out
+of torch's efficient threads, so it was dropped.
 
 Devices. On CUDA (any non-CPU device) a block is up to 16M weights
 (``DEVICE_NOISE_BLOCK_ELEMS``), so most layers take one draw with the device's generator (small
@@ -73,11 +71,14 @@ seed means the same noise in either.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
+
+from .philox import philox_normal_
 
 # Row blocks of about this many weights on CPU (1 MB in fp32), each drawn from its own seed by
 # one thread. The block size depends only on the layer shape, so the noise of a given seed is the
@@ -97,6 +98,18 @@ _noise_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+_hinted = False
+log = logging.getLogger(__name__)
+
+
+def _hint_wait_policy() -> None:
+    """Once per process: say that spinning OpenMP threads slow the parallel draws (module docstring)."""
+    global _hinted
+    if not _hinted and not os.environ.get("OMP_WAIT_POLICY") and not os.environ.get("GOMP_SPINCOUNT"):
+        log.info("GIFT-SW weight noise on CPU: torch's OpenMP threads spin between matmuls and slow the parallel "
+                 "noise draws; starting the process with OMP_WAIT_POLICY=PASSIVE made weight-noise steps about "
+                 "1.2x faster here (docs/results/noise_speed.md)")
+    _hinted = True
 
 
 def noise_generator(device: torch.device) -> torch.Generator:
@@ -189,8 +202,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def draw_noise(out: torch.Tensor, seed: int, r0: int) -> torch.Tensor:
-    """Fill ``out`` (the noise rows of the block starting at row ``r0``) with N(0, 1) from this
-    thread's generator seeded by (seed, r0)."""
+    """Fill ``out`` (the noise rows of the block starting at row ``r0``) with N(0, 1) for (seed, r0):
+    on CPU from the Philox generator (:mod:`.philox`), elsewhere from this thread's device generator."""
+    if out.device.type == "cpu":
+        return philox_normal_(out, block_seed(seed, r0))
     g = noise_generator(out.device).manual_seed(block_seed(seed, r0))
     return out.normal_(generator=g)
 
@@ -207,6 +222,8 @@ def drawn_chunks(seed: int, chunks: list[list[tuple[int, int]]], in_features: in
     """
     device = torch.device(device)
     parallel = threads > 1 and device.type == "cpu"
+    if parallel:
+        _hint_wait_policy()
     scratch = None
     if into is None:
         scratch = torch.empty(max(c[-1][1] - c[0][0] for c in chunks) * in_features, dtype=NOISE_DTYPE,
