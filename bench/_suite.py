@@ -13,6 +13,9 @@ Presets (one per scale, each with its own cache):
 - ``quick`` (``--quick``): the same model, 5 steps, 10 items per task, 1 seed: a sanity run
   (the parts also run fewer variants).
 - ``smoke`` (``--smoke``): the tiny random Llama, 2 steps, 4 items per task, 2 seeds: CI.
+- ``paper500`` (``--paper500``): the refresh of issue 17: 100 steps of 4 chats, the fixed seeded
+  ``paper500`` subset (500 items per task, all of ARC-Challenge's 299), 3 seeds; every record
+  keeps each item's outcome so that runs are compared item by item (paired intervals).
 """
 from __future__ import annotations
 
@@ -45,19 +48,35 @@ class Preset:
     max_steps: int
     batch_size: int
     max_length: int
-    eval_limit: int
+    eval_limit: int | None
     calib_samples: int
     seeds: tuple[int, ...]
     dtype: str = "fp32"  # bf16 is slower than fp32 on CPUs without bf16 units
     data_limit: int | None = None
     warmup_ratio: float = 0.03
+    eval_subset: str | None = None  # a fixed item subset (evaluation.tasks.SUBSETS) instead of eval_limit
 
     def train_fields(self) -> dict:
         """The TrainConfig fields every run of this preset shares."""
-        return {"model": self.model, "max_steps": self.max_steps, "batch_size": self.batch_size,
-                "max_length": self.max_length, "eval_limit": self.eval_limit, "calib_samples": self.calib_samples,
-                "dtype": self.dtype, "data_limit": self.data_limit, "warmup_ratio": self.warmup_ratio,
-                "data": "embedded", "eval_tasks": "paper"}
+        fields = {"model": self.model, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                  "max_length": self.max_length, "eval_limit": self.eval_limit, "calib_samples": self.calib_samples,
+                  "dtype": self.dtype, "data_limit": self.data_limit, "warmup_ratio": self.warmup_ratio,
+                  "data": "embedded", "eval_tasks": "paper"}
+        if self.eval_subset is not None:
+            fields["eval_subset"] = self.eval_subset
+        return fields
+
+    def key_fields(self) -> dict:
+        """What a run key hashes: every field, but eval_subset only when set (older presets' cached
+        runs keep their keys)."""
+        fields = asdict(self)
+        if fields["eval_subset"] is None:
+            del fields["eval_subset"]
+        return fields
+
+    def items_text(self) -> str:
+        return (f"the fixed `{self.eval_subset}` subset of each task" if self.eval_subset
+                else f"the first {self.eval_limit} items of each task")
 
 
 PRESETS = {
@@ -67,6 +86,8 @@ PRESETS = {
                     calib_samples=16, seeds=(0,)),
     "smoke": Preset("smoke", "tiny-random-llama", max_steps=2, batch_size=2, max_length=384, eval_limit=4,
                     calib_samples=4, seeds=(0, 1), data_limit=32),
+    "paper500": Preset("paper500", "smollm2-135m", max_steps=100, batch_size=4, max_length=256, eval_limit=None,
+                       calib_samples=32, seeds=(0, 1, 2), eval_subset="paper500"),
 }
 
 
@@ -74,19 +95,23 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a sanity run on the real model (minutes)")
     g.add_argument("--smoke", action="store_true", help="the tiny random model (seconds; what CI runs)")
+    g.add_argument("--paper500", action="store_true",
+                   help="issue 17's refresh: 100 steps, the 500-item subset, per-item outcomes (hours)")
     p.add_argument("--out", default=None, help="results folder (default docs/results, or docs/results/quick)")
     p.add_argument("--max-minutes", type=float, default=45.0,
                    help="start no new run after this many minutes; rerun to continue from the cache")
 
 
 def resolve(args) -> tuple[Preset, Path]:
-    preset = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    name = ("smoke" if args.smoke else "quick" if args.quick
+            else "paper500" if getattr(args, "paper500", False) else "full")
+    preset = PRESETS[name]
     if args.out:
         out = Path(args.out)
     elif args.smoke:
         raise SystemExit("--smoke needs --out (it must not overwrite docs/results)")
     else:
-        out = ROOT / "docs" / "results" / ("quick" if args.quick else "")
+        out = ROOT / "docs" / "results" / ("" if name == "full" else name)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return preset, out
@@ -99,7 +124,7 @@ def machine() -> dict:
 
 
 def run_key(preset: Preset, spec: dict) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "preset": asdict(preset), "spec": spec}, sort_keys=True, default=str)
+    blob = json.dumps({"v": CACHE_VERSION, "preset": preset.key_fields(), "spec": spec}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -173,6 +198,9 @@ def train_run(preset: Preset, spec: dict, extra: dict, post=None) -> dict:
         config = TrainConfig.from_dict({**fields, "output": str(Path(tmp) / "run"), "eval_before": False,
                                         "logging_steps": 1})
         result = compact(train(config))
+        samples = Path(tmp) / "run" / "eval_after.samples.jsonl"
+        if samples.is_file():
+            result["items"] = item_outcomes(samples)
         if post is not None:
             result.update(post(Path(tmp) / "run"))
     return result
@@ -196,6 +224,19 @@ def compact(result: dict) -> dict:
     return out
 
 
+def item_outcomes(samples: Path) -> dict:
+    """Each item's outcome from a samples file, compactly: {task: {"ids": [...], "acc": "0110...",
+    "acc_norm": "..."}} (a string of 0/1 per metric, in item order), for paired comparisons."""
+    from salientft.evaluation.compare import read_samples
+
+    out = {}
+    for task, recs in read_samples(samples).items():
+        ids = sorted(recs)
+        out[task] = {"ids": ids, **{m: "".join(str(int(recs[i][m])) for i in ids)
+                                    for m in ("acc", "acc_norm") if all(recs[i].get(m) is not None for i in ids)}}
+    return out
+
+
 def evaluate_base(preset: Preset) -> dict:
     import torch
 
@@ -214,10 +255,16 @@ def model_metrics(model, tok, preset: Preset) -> dict:
 
     held = build_dataset("embedded", tok, max_length=preset.max_length, packing=False, split="heldout",
                          limit=200, seed=0)
-    ev = evaluate(model, tok, "paper", limit=preset.eval_limit)
+    ev = evaluate(model, tok, "paper", limit=preset.eval_limit, subset=preset.eval_subset, return_items=True)
     loss = heldout_loss(model, held, ChatCollator(tok))
-    return {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
-            "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()}}
+    out = {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
+           "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()}}
+    if preset.eval_subset is not None:
+        from salientft.evaluation.cli_api import sample_records, write_samples
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out["items"] = item_outcomes(write_samples(Path(tmp) / "s.jsonl", sample_records(ev)))
+    return out
 
 
 def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:
@@ -291,7 +338,7 @@ def setting_lines(preset: Preset, command: str, skipped: list[str]) -> list[str]
     lines = [f"Command: `{command}` (preset `{preset.name}`: {preset.model}, {preset.dtype}, "
              f"{preset.max_steps} steps x {preset.batch_size} chats of <= {preset.max_length} tokens from the "
              f"embedded instruction mix, AdamW + cosine, each method's default learning rate; six-task average "
-             f"on the first {preset.eval_limit} items of each task; held-out perplexity on 200 held-out chats "
+             f"on {preset.items_text()}; held-out perplexity on 200 held-out chats "
              f"(assistant tokens).)", ""]
     if skipped:
         lines += [f"**Incomplete**: {len(skipped)} run(s) not yet done (budget reached); rerun the same command "

@@ -10,6 +10,14 @@ mean ± std over seeds, and which differences exceed the seed noise.
     .venv/bin/python bench/quality.py            # 6 methods x 3 seeds (about 45 min), docs/results/quality.*
     .venv/bin/python bench/quality.py --quick    # 4 methods, 1 seed, 5 steps, 10 items per task
     .venv/bin/python bench/quality.py --smoke --out /tmp/q   # tiny random model (CI)
+    .venv/bin/python bench/quality.py --paper500 --lr-grid   # issue 17's refresh (hours; resumable)
+
+``--lr-grid``: each method first runs seed 0 at every learning rate of its grid (``LR_GRID``);
+the rate with the lowest held-out loss is chosen (grid, losses and choice recorded), and every
+seed runs at it. With per-item outcomes in the records (the ``paper500`` preset), each method is
+compared with GIFT-SW item by item: the difference of the six-task average with a paired
+bootstrap 95 % interval that resamples items within each task, every item's difference being its
+mean over the seeds both methods have.
 """
 from __future__ import annotations
 
@@ -20,6 +28,11 @@ import _suite as S
 
 METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
 QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
+# Learning-rate grids around each method's paper rate (GIFT-SW 1e-4, the others 3e-5), a factor ~3 apart.
+LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e-3),
+           "lora": (3e-5, 1e-4, 3e-4, 1e-3), "dora": (3e-5, 1e-4, 3e-4, 1e-3),
+           "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
+BOOTSTRAP_RESAMPLES = 2000
 TASK_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                "boolq": "acc", "winogrande": "acc"}
 
@@ -38,22 +51,92 @@ def main(argv=None) -> int:
     S.add_common_args(p)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help=f"default: all ({', '.join(METHODS)}); --quick: {', '.join(QUICK_METHODS)}")
+    p.add_argument("--lr-grid", action="store_true",
+                   help="choose each method's learning rate on held-out loss (seed 0) from LR_GRID first")
     args = p.parse_args(argv)
     args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     preset, out = S.resolve(args)
     runs = S.Runs(preset, out, args.max_minutes)
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
     base = runs.baseline()
+    grid = choose_lrs(runs, args.methods, preset.seeds[0], rank) if args.lr_grid else None
     records = {m: [] for m in args.methods}
     for seed in preset.seeds:  # seed-major: after one budget-limited sitting every method has a seed
         for m in args.methods:
-            rec = runs.train(specs(m, seed, rank))
+            if grid is not None and grid[m]["chosen"] is None:
+                continue  # its grid is not complete yet: rerun to continue
+            spec = specs(m, seed, rank)
+            if grid is not None:
+                spec["lr"] = grid[m]["chosen"]
+            rec = runs.train(spec)
             if rec is not None:
                 records[m].append(rec["result"])
     command = ("bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     result = summarize(records, base, preset, rank, gift_count, command, runs.skipped)
+    result["lr_grid"] = grid
+    result["paired_vs_gift_sw"] = paired_vs(records, "gift-sw")
     S.write_report(out, "quality", result, markdown(result, preset), lambda: plot(result))
     return 0
+
+
+def choose_lrs(runs, methods, seed: int, rank: int) -> dict:
+    """{method: {"grid", "heldout_loss": {lr: loss}, "chosen"}}: seed 0 at every rate of the method's
+    grid, the lowest held-out loss chosen (None while the grid is incomplete)."""
+    out = {}
+    for m in methods:
+        losses = {}
+        for lr in LR_GRID[m]:
+            rec = runs.train({**specs(m, seed, rank), "lr": lr})
+            if rec is not None and rec["result"].get("heldout_loss_after") is not None:
+                losses[lr] = rec["result"]["heldout_loss_after"]
+        chosen = min(losses, key=losses.get) if len(losses) == len(LR_GRID[m]) else None
+        out[m] = {"grid": list(LR_GRID[m]), "heldout_loss": {str(k): v for k, v in losses.items()}, "chosen": chosen}
+    return out
+
+
+def item_differences(recs_a: list, recs_b: list) -> dict | None:
+    """{task: per-item mean over seeds of (b - a) in the task's paper metric}, seeds matched in order;
+    None when the records carry no per-item outcomes."""
+    import numpy as np
+
+    pairs = [(a, b) for a, b in zip(recs_a, recs_b) if a.get("items") and b.get("items")]
+    if not pairs:
+        return None
+    out = {}
+    for task, metric in TASK_METRIC.items():
+        rows = []
+        for a, b in pairs:
+            ia, ib = a["items"][task], b["items"][task]
+            if ia["ids"] != ib["ids"]:
+                raise ValueError(f"{task}: runs were evaluated on different items")
+            rows.append(np.array([int(y) - int(x) for x, y in zip(ia[metric], ib[metric])], dtype=np.float64))
+        out[task] = np.mean(rows, axis=0)
+    return out
+
+
+def paired_vs(records: dict, ref: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Each method minus ``ref`` on the six-task average: difference and a paired percentile bootstrap
+    95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng)."""
+    import numpy as np
+
+    out = {}
+    for m, recs in records.items():
+        if m == ref or ref not in records:
+            continue
+        d = item_differences(records[ref], recs)
+        if d is None:
+            continue
+        rng = np.random.default_rng(seed)
+        total = np.zeros(resamples)
+        for task in TASK_METRIC:
+            v = d[task]
+            total += v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+        total = np.sort(total / len(TASK_METRIC))
+        diff = float(np.mean([d[t].mean() for t in TASK_METRIC]))
+        out[m] = {"diff": diff, "lo": float(total[int(0.025 * resamples)]), "hi": float(total[int(0.975 * resamples) - 1]),
+                  "seeds": min(len(recs), len(records[ref])), "items": int(sum(d[t].size for t in TASK_METRIC)),
+                  "per_task": {t: float(d[t].mean()) for t in TASK_METRIC}}
+    return out
 
 
 def summarize(records: dict, base: dict | None, preset, rank: int, gift_count: int, command: str, skipped) -> dict:
@@ -117,6 +200,20 @@ def markdown(r: dict, preset) -> list[str]:
         a, h = c["paper_avg"], c["heldout_ppl"]
         lines.append(f"| {pair} | {S.fmt(a['diff'], a['se'], scale=100, spec='+.1f')} | {_yn(a['exceeds_2se'])} | "
                      f"{S.fmt(h['diff'], h['se'], spec='+.3f')} | {_yn(h['exceeds_2se'])} |")
+    if r.get("lr_grid"):
+        lines += ["", "Learning rates: seed 0 at every rate of the grid, the lowest held-out loss chosen "
+                  "(held-out loss per rate):", "", "| method | grid: held-out loss | chosen |", "|---|---|---|"]
+        for m, g in r["lr_grid"].items():
+            cells = ", ".join(f"{lr:g}: {g['heldout_loss'][str(lr)]:.3f}" if str(lr) in g["heldout_loss"] else f"{lr:g}: -"
+                              for lr in g["grid"])
+            lines.append(f"| {m} | {cells} | {g['chosen'] if g['chosen'] is not None else 'grid incomplete'} |")
+    if r.get("paired_vs_gift_sw"):
+        lines += ["", "Each method minus GIFT-SW, item by item (six-task average, points; paired bootstrap 95 % "
+                  "interval over items, each item's difference averaged over the seeds both have):", "",
+                  "| method - gift-sw | diff | 95 % interval | seeds | items per seed |", "|---|---|---|---|---|"]
+        for m, c in r["paired_vs_gift_sw"].items():
+            lines.append(f"| {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | "
+                         f"{c['seeds']} | {c['items']} |")
     lines += ["", "![quality](quality.png)"]
     return lines
 

@@ -95,3 +95,71 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     _run([str(BENCH / "quality.py"), "--smoke", "--out", str(out)], BENCH.parent)
     assert sorted((out / "runs" / "smoke").glob("*.json")) == cache
     assert all(p.stat().st_mtime_ns == stamps[p] for p in cache)  # nothing retrained
+
+
+def test_cached_runs_keep_their_keys_and_the_refresh_preset_has_its_own():
+    """Adding eval_subset to the presets must not invalidate the committed cache of the full preset."""
+    cached = sorted((BENCH.parent / "docs" / "results" / "runs" / "full").glob("*.json"))
+    assert cached, "the committed full-preset cache is missing"
+    for path in cached[:20]:
+        spec = json.loads(path.read_text())["spec"]
+        assert S.run_key(S.PRESETS["full"], spec) == path.stem
+    refresh = S.PRESETS["paper500"]
+    assert refresh.eval_subset == "paper500" and refresh.eval_limit is None and refresh.max_steps >= 100
+    assert refresh.train_fields()["eval_subset"] == "paper500" and "eval_subset" not in S.PRESETS["full"].train_fields()
+    assert S.run_key(refresh, {"method": "gift-sw", "seed": 0}) != S.run_key(S.PRESETS["full"], {"method": "gift-sw", "seed": 0})
+
+
+def _record(loss, outcomes=None):
+    """A quality record: held-out loss and, optionally, per-item outcomes {task: "0101"} (paper metric)."""
+    import quality as Q
+
+    rec = {"heldout_loss_after": loss}
+    if outcomes is not None:
+        rec["items"] = {t: {"ids": list(range(len(o))), Q.TASK_METRIC[t]: o} for t, o in outcomes.items()}
+    return rec
+
+
+class FakeRuns:
+    def __init__(self, losses):
+        self.losses, self.seen = losses, []
+
+    def train(self, spec):
+        self.seen.append(spec)
+        loss = self.losses.get((spec["method"], spec.get("lr")))
+        return None if loss is None else {"result": _record(loss)}
+
+
+def test_lr_grid_chooses_the_lowest_heldout_loss_and_waits_for_a_complete_grid():
+    import quality as Q
+
+    losses = {("lora", lr): loss for lr, loss in zip(Q.LR_GRID["lora"], (3.0, 2.5, 2.2, 2.9))}
+    losses.update({("full", Q.LR_GRID["full"][0]): 2.0})  # one rate of three done: no choice yet
+    grid = Q.choose_lrs(FakeRuns(losses), ["lora", "full"], seed=0, rank=8)
+    assert grid["lora"]["chosen"] == Q.LR_GRID["lora"][2]
+    assert grid["lora"]["heldout_loss"] == {str(lr): v for (m, lr), v in losses.items() if m == "lora"}
+    assert grid["full"]["chosen"] is None
+
+
+def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
+    import quality as Q
+
+    tasks = list(Q.TASK_METRIC)
+    # b is right on every item a is right on, plus the first quarter of the rest: a known difference
+    n = 200
+    a = "".join("1" if i % 2 else "0" for i in range(n))
+    b = "".join("1" if i % 2 or i < n // 2 else "0" for i in range(n))
+    records = {"gift-sw": [_record(2.0, {t: a for t in tasks})] * 2,
+               "lora": [_record(2.0, {t: b for t in tasks})] * 2}
+    d = Q.item_differences(records["gift-sw"], records["lora"])
+    assert all(v.shape == (n,) and set(v.tolist()) <= {0.0, 1.0} for v in d.values())
+    out = Q.paired_vs(records, "gift-sw", resamples=500)["lora"]
+    assert out["diff"] == pytest.approx(0.25) and out["lo"] <= 0.25 <= out["hi"] and out["hi"] - out["lo"] < 0.1
+    assert out["seeds"] == 2 and out["items"] == n * len(tasks)
+    same = Q.paired_vs({"gift-sw": records["gift-sw"], "salient": records["gift-sw"]}, "gift-sw", resamples=200)
+    assert same["salient"]["diff"] == same["salient"]["lo"] == same["salient"]["hi"] == 0
+    other = [_record(2.0, {t: a[:-1] for t in tasks})]
+    other[0]["items"]["boolq"]["ids"] = list(range(1, n))
+    with pytest.raises(ValueError, match="different items"):
+        Q.item_differences(records["gift-sw"][:1], other)
+    assert Q.paired_vs({"gift-sw": [_record(2.0)], "lora": [_record(2.0)]}, "gift-sw") == {}

@@ -45,6 +45,57 @@ def test_scorer_matches_direct_loglik(tiny_model, tiny_tok):
             assert got == pytest.approx(want, abs=1e-4), (share, batch_size)
 
 
+def test_batches_are_cut_by_sequences_and_padded_tokens():
+    from salientft.evaluation.scorer import batch_bounds
+
+    lengths = [1291, 700, 600, 300, 260, 256, 200, 100, 90, 80]  # longest first, as the scorer sorts
+    assert batch_bounds(lengths, 16, None) == [(0, 10)]
+    assert batch_bounds(lengths, 4, None) == [(0, 4), (4, 8), (8, 10)]
+    # 4096 padded tokens: 4096 // 1291 = 3 sequences, then 4096 // 300 = 13 (7 remain)
+    assert batch_bounds(lengths, 16, 4096) == [(0, 3), (3, 10)]
+    assert batch_bounds([5000, 10], 16, 4096) == [(0, 1), (1, 2)]  # longer than the budget: alone
+    for s, e in batch_bounds(lengths, 3, 1000):
+        assert 1 <= e - s <= 3 and ((e - s) * lengths[s] <= 1000 or e - s == 1)
+
+
+@pytest.mark.numerics
+def test_token_budget_and_plain_path_give_the_same_scores(tiny_model, tiny_tok):
+    """Batches cut by padded tokens, and batches without branches sent as plain causal sequences
+    (2D padding mask, default positions), score like one unbatched forward per request."""
+    ref = [[_direct_loglik(tiny_model, tiny_tok, *p) for p in g] for g in GROUPS]
+    # one-token answers (BoolQ's shape; one byte each with the tiny byte-level tokenizer)
+    boolq = [[("Passage one.\nAnswer:", " A"), ("Passage one.\nAnswer:", " B")],
+             [("A longer passage two.\nAnswer:", " A"), ("A longer passage two.\nAnswer:", " B")]]
+    want_b = [[_direct_loglik(tiny_model, tiny_tok, *p) for p in g] for g in boolq]
+    seen = []
+    real_forward = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["attention_mask"].dim())
+        return real_forward(*args, **kwargs)
+
+    tiny_model.forward = spy
+    try:
+        seen.clear()
+        got_b = LoglikScorer(tiny_model, tiny_tok, progress=False, logprob_dtype="float32").score(boolq)
+        assert seen == [2]  # one batch, no branches: the plain path
+        for got, want in zip(got_b, want_b):
+            assert got == pytest.approx(want, abs=1e-4)
+        for budget in (1, 20, 40, None):
+            seen.clear()
+            out = LoglikScorer(tiny_model, tiny_tok, batch_size=3, progress=False, logprob_dtype="float32",
+                               max_batch_tokens=budget).score(GROUPS)
+            assert 4 in seen  # the shared-context groups still take the tree mask
+            if budget == 1:
+                assert len(seen) == len(GROUPS)  # every packed sequence alone
+            for got, want in zip(out, ref):
+                assert got == pytest.approx(want, abs=1e-4), budget
+    finally:
+        del tiny_model.forward
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        LoglikScorer(tiny_model, tiny_tok, max_batch_tokens=0)
+
+
 @pytest.mark.numerics
 def test_models_without_logits_to_keep_fall_back_to_full_logits(tiny_model, tiny_tok):
     class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep argument

@@ -70,6 +70,38 @@ def test_eval_before_can_be_skipped(tmp_path, before):
     assert ("eval_before" in result) == before and ("heldout_loss_before" in result) == before
 
 
+def test_runs_evaluated_on_a_subset_are_paired_by_compare(tmp_path, capsys):
+    """train writes eval_before/after.json and their per-item samples; compare pairs two runs."""
+    from salientft.cli import main
+    from salientft.evaluation.tasks import get_subset
+
+    runs = []
+    for method in ("salient", "gift-sw"):
+        (tmp_path / method).mkdir()
+        cfg = tiny_config(tmp_path / method, method, data="embedded", data_limit=8, max_length=384, max_steps=1,
+                          eval_tasks="boolq,piqa", eval_subset="smoke20")
+        result = train(cfg)
+        out = Path(cfg.output)
+        for name in ("eval_before", "eval_after"):
+            report = json.loads((out / f"{name}.json").read_text())
+            assert report == result[name] and report["samples"] == f"{name}.samples.jsonl"
+            assert report["subset"]["name"] == "smoke20"
+            recs = [json.loads(line) for line in (out / f"{name}.samples.jsonl").read_text().splitlines()]
+            for task in ("boolq", "piqa"):
+                ids = [r["id"] for r in recs if r["task"] == task]
+                assert ids == list(get_subset("smoke20").ids(task)) and report["results"][task]["n"] == len(ids)
+                assert sum(r["acc"] for r in recs if r["task"] == task) / len(ids) == report["results"][task]["acc"]
+        runs.append(out)
+    capsys.readouterr()
+    assert main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp.json"), "--resamples", "200"]) == 0
+    pairs = json.loads((tmp_path / "cmp.json").read_text())["pairs"]
+    assert {(p["task"], p["metric"]) for p in pairs} >= {("boolq", "acc"), ("piqa", "acc_norm")}
+    with pytest.raises(ValueError, match="exclusive"):
+        tiny_config(tmp_path, "salient", eval_tasks="boolq", eval_subset="smoke20", eval_limit=3)
+    with pytest.raises(ValueError, match="paper500"):
+        tiny_config(tmp_path, "salient", eval_tasks="boolq", eval_subset="paper5000")
+
+
 def test_gmt_on_top_of_gift_sw_masks_the_salient_gradients(tmp_path):
     cfg = tiny_config(tmp_path, "gift-sw", mask_ratio=0.75, mask_granularity="global")
     metrics = train(cfg)

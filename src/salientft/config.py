@@ -84,6 +84,8 @@ class TrainConfig(ConfigMixin):
     # Evaluation before/after (the eval tasks, or "loss" for held-out loss only; "" for none)
     eval_tasks: str = flag("", "evaluate before/after on these tasks ('paper', 'all', names; '' for none)")
     eval_limit: int | None = flag(None, "first N items of each eval task")
+    eval_subset: str | None = flag(None, "evaluate this fixed seeded item subset (paper500, smoke20) instead of the "
+                                         "first eval_limit items; runs on one subset can be compared item by item")
     eval_before: bool = flag(True, "also evaluate the model before training (off: many runs of one base)")
     report_to: str = flag("none", "experiment trackers for the Trainer's logs: none, tensorboard, wandb, mlflow, ... (comma-separated)")
     trust_remote_code: bool = flag(False, "allow the model's own code from the hub (off by default)")
@@ -117,6 +119,12 @@ class TrainConfig(ConfigMixin):
             from .evaluation.tasks import parse_tasks
 
             parse_tasks(self.eval_tasks)  # unknown names fail now, not after training
+        if self.eval_subset is not None:
+            from .evaluation.tasks import get_subset
+
+            get_subset(self.eval_subset)
+            if self.eval_limit is not None:
+                raise ValueError(f"{n}.eval_limit and {n}.eval_subset are exclusive: a subset fixes the items itself")
         if not isinstance(self.report_to, str) or not self.report_to.strip():
             raise ValueError(f"{n}.report_to must name trackers (e.g. 'tensorboard') or be 'none', got {self.report_to!r}")
         if self.data_limit is not None and self.data_limit < 1:

@@ -48,10 +48,11 @@ RUN_CONFIG = "run_config.json"
 # the evaluation results `salientft eval`/`compare` keep beside a run and the Trainer's logging folder
 # (runs/) included; anything else is the user's.
 RUN_FILES = frozenset({RUN_CONFIG, "metrics.json", "loss.png", "adapter", "model", "merged",
-                       "eval_before.json", "eval_after.json", "results.json", "runs"})
+                       "eval_before.json", "eval_after.json", "results.json", "runs",
+                       "eval_before.samples.jsonl", "eval_after.samples.jsonl"})
 # Settings a --resume may change: they do not touch the training (the evaluation around it, how the
 # folder is spelled). max_steps may also grow; every other difference is refused.
-RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_before", "report_to")  # nothing the weights depend on
+RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to")  # nothing the weights depend on
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -391,7 +392,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     result: dict = {"method": config.method, "model": config.model, "data": config.data}
     if config.eval_before:
         result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
-    eval_before = _evaluate(model, tokenizer, config) if config.eval_tasks and config.eval_before else None
+    eval_before = _evaluate(model, tokenizer, config, out, "eval_before") if config.eval_tasks and config.eval_before else None
 
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
@@ -478,7 +479,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.eval_tasks:
         if eval_before is not None:
             result["eval_before"] = eval_before
-        result["eval_after"] = _evaluate(model, tokenizer, config)
+        result["eval_after"] = _evaluate(model, tokenizer, config, out, "eval_after")
     try:
         method.save_final(model, tokenizer, config, out)
         if history:
@@ -533,10 +534,21 @@ def _report_to(value: str):
     return "none" if names in ([], ["none"]) else names
 
 
-def _evaluate(model, tokenizer, config: TrainConfig) -> dict:
+def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str) -> dict:
+    """Evaluate, and write ``<name>.json`` and its per-item ``<name>.samples.jsonl`` into the run
+    folder (each atomically), so that ``salientft compare`` pairs two runs item by item."""
     from .evaluation import evaluate
+    from .evaluation.cli_api import sample_records, samples_path, write_samples
 
-    return evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit)
+    report = evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit, subset=config.eval_subset,
+                      return_items=True)
+    records = sample_records(report)
+    for res in report["results"].values():
+        res.pop("items", None)
+    if _is_main_process():
+        report["samples"] = write_samples(samples_path(out / f"{name}.json"), records).name
+        write_json(out / f"{name}.json", report)
+    return report
 
 
 def load_run(run_dir: str | Path, dtype="bf16"):

@@ -34,6 +34,7 @@ def evaluate(
     logprob_dtype: str = "model",
     return_items: bool = False,
     subset: str | None = None,
+    max_batch_tokens: int | None = None,
 ) -> dict:
     """Zero-shot log-likelihood multiple choice on the embedded validation splits.
 
@@ -49,7 +50,8 @@ def evaluate(
     ``"id"`` (position in the validation split), ``"pred"`` and ``"pred_norm"`` (chosen indices).
     ``subset`` (a name in ``tasks.SUBSETS``, exclusive with ``limit``) evaluates that fixed seeded
     choice of items instead (native backend only); the report then has ``"subset": {"name",
-    "seed", "per_task", "n": {task: n}}``.
+    "seed", "per_task", "n": {task: n}}``. ``max_batch_tokens`` (native backend): padded tokens
+    per batch besides ``batch_size`` sequences (default 4096, ``None`` in the scorer: no limit).
     """
     names = parse_tasks(tasks)
     if backend not in BACKENDS:
@@ -74,8 +76,9 @@ def evaluate(
     else:
         from .scorer import LoglikScorer
 
+        extra = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         scorer = LoglikScorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
-                              share_context=share_context, progress=progress, logprob_dtype=logprob_dtype)
+                              share_context=share_context, progress=progress, logprob_dtype=logprob_dtype, **extra)
         per_task = {name: score_task(scorer, name, limit, return_items=return_items,
                                      ids=None if chosen is None else chosen[name]) for name in names}
     total_items = sum(r["n"] for r in per_task.values())
