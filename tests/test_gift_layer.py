@@ -295,3 +295,31 @@ def test_bad_indices_rejected():
         SalientLinear(nn.Embedding(3, 4), torch.tensor([0]))
     with pytest.raises(ValueError, match="noise"):
         SalientLinear(base, torch.tensor([0]), noise="uniform")
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "gift"])
+def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric):
+    """GPT-2's projections are Conv1D: apply_gift (with or without a calibration metric) wraps them,
+    the untrained model is unchanged in eval mode, and training reaches every salient column."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import salientft as sft
+
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+                     eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        want = model(x).logits
+    sft.apply_gift(model, sft.GiftConfig(metric=metric, n_salient=4),
+                   calibration=[{"input_ids": torch.randint(0, 100, (2, 16))}])
+    layers = [m for m in model.modules() if isinstance(m, SalientLinear)]
+    assert len(layers) == 8 and all(m.is_conv1d for m in layers)  # c_attn, c_proj, c_fc, mlp.c_proj x 2
+    model.eval()
+    with torch.no_grad():
+        # fp32; Conv1D's addmm and the wrapper's matmul may round differently: 1e-5 on logits of size ~1
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(x).logits.float().pow(2).mean().backward()
+    assert all(m.salient_weight.grad is not None and m.salient_weight.grad.abs().sum() > 0 for m in layers)

@@ -84,7 +84,7 @@ def find_target_modules(
 
 def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Module]:
     """Target layers by name. Exact full module names are taken as they are (they need only an
-    ``in_features`` attribute, so layers already replaced by another module type still work);
+    input width, :func:`in_features_of`, so layers already replaced by another module type still work);
     anything else goes through :func:`find_target_modules`."""
     if target_modules is not None and not isinstance(target_modules, str):
         names = list(target_modules)
@@ -92,8 +92,10 @@ def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Modul
         if names and all(n in named for n in names):
             out = {}
             for n in names:
-                if not isinstance(getattr(named[n], "in_features", None), int):
-                    raise ValueError(f"target {n!r} ({type(named[n]).__name__}) has no integer in_features")
+                try:
+                    in_features_of(named[n])  # nn.Linear, transformers' Conv1D, or a layer that replaced one
+                except ValueError:
+                    raise ValueError(f"target {n!r} ({type(named[n]).__name__}) has no integer in_features") from None
                 out[n] = named[n]
             return out
         target_modules = names
