@@ -49,8 +49,8 @@ drawing threads share two cores. Spinning threads. Between parallel regions libg
 threads spin-wait (its default when ``OMP_WAIT_POLICY`` is unset), so while the pool draws, torch's
 idle OpenMP worker competes with it for the cores: two drawing threads ran 1.4x faster than one
 instead of 2x. Starting the process with ``OMP_WAIT_POLICY=PASSIVE`` (read once, when torch loads
-libgomp; this module cannot change it) removes that: weight-noise steps about 1.2x faster on the
-wide model, other steps up to ~5 % slower (``docs/results/noise_speed.md``); the first parallel draw
+libgomp; this module cannot change it) removes that: weight-noise steps 1.1-1.2x faster (wide
+model, SmolLM2), while the no-noise / LoRA ratios moved by at most 0.08 (``docs/results/noise_speed.md``); the first parallel draw
 logs this hint once. Each switch between drawing and multiplying costs about 2 ms of spinning,
 hence chunks as large as the scratch allows. One matmul per chunk instead of one per 1 MB block
 matters at many tokens: at 2048 tokens the same layer took 434 ms with one matmul per block, 362
@@ -107,8 +107,8 @@ def _hint_wait_policy() -> None:
     global _hinted
     if not _hinted and not os.environ.get("OMP_WAIT_POLICY") and not os.environ.get("GOMP_SPINCOUNT"):
         log.info("GIFT-SW weight noise on CPU: torch's OpenMP threads spin between matmuls and slow the parallel "
-                 "noise draws; starting the process with OMP_WAIT_POLICY=PASSIVE made weight-noise steps about "
-                 "1.2x faster here (docs/results/noise_speed.md)")
+                 "noise draws; starting the process with OMP_WAIT_POLICY=PASSIVE made weight-noise steps "
+                 "1.1-1.2x faster on a 2-core CPU (docs/results/noise_speed.md)")
     _hinted = True
 
 
