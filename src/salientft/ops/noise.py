@@ -50,9 +50,10 @@ threads spin-wait (its default when ``OMP_WAIT_POLICY`` is unset), so while the 
 idle OpenMP worker competes with it for the cores: two drawing threads ran 1.4x faster than one
 instead of 2x. Starting the process with ``OMP_WAIT_POLICY=PASSIVE`` (read once, when torch loads
 libgomp; this module cannot change it) removes that: weight-noise steps 1.1-1.2x faster (wide
-model, SmolLM2), while the no-noise / LoRA ratios moved by at most 0.08 (``docs/results/noise_speed.md``); the first parallel draw
-logs this hint once. Each switch between drawing and multiplying costs about 2 ms of spinning,
-hence chunks as large as the scratch allows. One matmul per chunk instead of one per 1 MB block
+model, SmolLM2), while the no-noise / LoRA ratios moved by at most 0.08
+(``docs/results/noise_speed.md``); the first parallel draw logs this hint once. Each switch
+between drawing and multiplying costs about 2 ms of spinning, hence chunks as large as the
+scratch allows. One matmul per chunk instead of one per 1 MB block
 matters at many tokens: at 2048 tokens the same layer took 434 ms with one matmul per block, 362
 ms per chunk (no noise 356 ms; kept 331 ms). Making the blocks entirely in the pool threads
 (draw, scale and add in each thread's cache) measured no faster, with either generator: with
