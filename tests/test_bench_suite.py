@@ -135,7 +135,9 @@ def test_lr_grid_chooses_the_lowest_heldout_loss_and_waits_for_a_complete_grid()
 
     losses = {("lora", lr): loss for lr, loss in zip(Q.LR_GRID["lora"], (3.0, 2.5, 2.2, 2.9))}
     losses.update({("full", Q.LR_GRID["full"][0]): 2.0})  # one rate of three done: no choice yet
-    grid = Q.choose_lrs(FakeRuns(losses), ["lora", "full"], seed=0, rank=8)
+    runs = FakeRuns(losses)
+    grid = Q.choose_lrs(runs, ["lora", "full"], seed=0, rank=8)
+    assert all(spec["eval_tasks"] == "" and spec["seed"] == 0 for spec in runs.seen)  # held-out loss only
     assert grid["lora"]["chosen"] == Q.LR_GRID["lora"][2]
     assert grid["lora"]["heldout_loss"] == {str(lr): v for (m, lr), v in losses.items() if m == "lora"}
     assert grid["full"]["chosen"] is None
