@@ -174,7 +174,11 @@ def summarize(records: dict, base: dict | None, preset, rank: int, gift_count: i
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Quality at a fixed step budget (bench/quality.py)", ""]
-    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    if r.get("lr_grid"):
+        setting = [x.replace("each method's default learning rate", "each method at the learning rate its grid "
+                             "chose (table below)") for x in setting]
+    lines += setting
     lines += [f"LoRA and DoRA rank {r['lora_rank']} (alpha 2r), closest to GIFT-SW's {r['gift_trainable']:,} "
               "trainable weights; GMT masks 50 % of each tensor's gradient entries (full fine-tuning otherwise). "
               "Six-task average: acc_norm for HellaSwag, ARC-e/c, PIQA; acc for BoolQ, WinoGrande (in %).", "",
