@@ -91,6 +91,13 @@ class Run:
 
 
 def mid_write(out: Path) -> list[Path]:
+    """Half-written adapter files. The run being watched may delete a checkpoint folder (an
+    interrupted one, on resume) between glob's listing and its scan of that folder: look again."""
+    for _ in range(50):
+        try:
+            return list(out.glob("checkpoint-*/.adapter.*.tmp"))
+        except FileNotFoundError:
+            time.sleep(0.01)
     return list(out.glob("checkpoint-*/.adapter.*.tmp"))
 
 
