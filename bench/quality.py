@@ -15,7 +15,8 @@ mean ± std over seeds, and which differences exceed the seed noise.
 ``--lr-grid``: each method first runs seed 0 at every learning rate of its grid (``LR_GRID``),
 measuring held-out loss only (no six-task evaluation, which takes most of a run); the rate with
 the lowest held-out loss is chosen (grid, losses and choice recorded), and every seed runs at it
-with the evaluation. With per-item outcomes in the records (the ``paper500`` preset), each method is
+with the evaluation. A grid whose best rate is at one of its ends grows by a half-decade that way
+(1e-3 -> 3e-3), up to twice, so that no chosen rate is a grid edge unless the report says so. With per-item outcomes in the records (the ``paper500`` preset), each method is
 compared with GIFT-SW item by item: the difference of the six-task average with a paired
 bootstrap 95 % interval that resamples items within each task, every item's difference being its
 mean over the seeds both methods have.
@@ -23,6 +24,7 @@ mean over the seeds both methods have.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import _suite as S
@@ -33,6 +35,7 @@ QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
 LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e-3),
            "lora": (3e-5, 1e-4, 3e-4, 1e-3), "dora": (3e-5, 1e-4, 3e-4, 1e-3),
            "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
+MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
 BOOTSTRAP_RESAMPLES = 2000
 TASK_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
                "boolq": "acc", "winogrande": "acc"}
@@ -81,19 +84,42 @@ def main(argv=None) -> int:
 
 
 def choose_lrs(runs, methods, seed: int, rank: int) -> dict:
-    """{method: {"grid", "heldout_loss": {lr: loss}, "chosen"}}: seed 0 at every rate of the method's
-    grid without the six-task evaluation, the lowest held-out loss chosen (None while incomplete)."""
+    """{method: {"grid", "heldout_loss": {lr: loss}, "chosen", "extended"}}: seed 0 at every rate of
+    the method's grid without the six-task evaluation, the lowest held-out loss chosen (None while
+    incomplete). A best rate at either end of the grid is not a tuned rate, so the grid grows by one
+    half-decade in that direction (at most MAX_GRID_EXTENSIONS times) until the best is inside it."""
     out = {}
     for m in methods:
-        losses = {}
-        for lr in LR_GRID[m]:
-            # held-out loss only: the six-task evaluation (2/3 of a run's time) is for the chosen rate
-            rec = runs.train({**specs(m, seed, rank), "lr": lr, "eval_tasks": ""})
-            if rec is not None and rec["result"].get("heldout_loss_after") is not None:
-                losses[lr] = rec["result"]["heldout_loss_after"]
-        chosen = min(losses, key=losses.get) if len(losses) == len(LR_GRID[m]) else None
-        out[m] = {"grid": list(LR_GRID[m]), "heldout_loss": {str(k): v for k, v in losses.items()}, "chosen": chosen}
+        rates, losses, chosen = sorted(LR_GRID[m]), {}, None
+        while True:
+            for lr in rates:
+                if lr in losses:
+                    continue
+                # held-out loss only: the six-task evaluation (2/3 of a run's time) is for the chosen rate
+                rec = runs.train({**specs(m, seed, rank), "lr": lr, "eval_tasks": ""})
+                if rec is not None and rec["result"].get("heldout_loss_after") is not None:
+                    losses[lr] = rec["result"]["heldout_loss_after"]
+            if len(losses) < len(rates):
+                break  # grid incomplete (budget): rerun to continue
+            best = min(rates, key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)
+            at_edge = len(rates) > 1 and best in (rates[0], rates[-1])
+            if not at_edge or len(rates) - len(LR_GRID[m]) >= MAX_GRID_EXTENSIONS:
+                chosen = best
+                break
+            rates = sorted(rates + [half_decade_step(best, up=best == rates[-1])])
+        out[m] = {"grid": rates, "heldout_loss": {str(k): v for k, v in losses.items()}, "chosen": chosen,
+                  "extended": len(rates) - len(LR_GRID[m]),
+                  "at_edge": None if chosen is None else chosen in (rates[0], rates[-1])}
     return out
+
+
+def half_decade_step(lr: float, up: bool) -> float:
+    """lr's neighbour on the 1-3-10 ladder the grids use (1e-4 -> 3e-4 -> 1e-3; down: 1e-4 -> 3e-5)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    three = lr / 10 ** exp > 2  # lr is 3e<exp>, else 1e<exp>
+    if up:
+        return float(f"1e{exp + 1}") if three else float(f"3e{exp}")
+    return float(f"1e{exp}") if three else float(f"3e{exp - 1}")
 
 
 def item_differences(recs_a: list, recs_b: list) -> dict | None:
@@ -207,12 +233,18 @@ def markdown(r: dict, preset) -> list[str]:
         lines.append(f"| {pair} | {S.fmt(a['diff'], a['se'], scale=100, spec='+.1f')} | {_yn(a['exceeds_2se'])} | "
                      f"{S.fmt(h['diff'], h['se'], spec='+.3f')} | {_yn(h['exceeds_2se'])} |")
     if r.get("lr_grid"):
-        lines += ["", "Learning rates: seed 0 at every rate of the grid, the lowest held-out loss chosen "
-                  "(held-out loss per rate):", "", "| method | grid: held-out loss | chosen |", "|---|---|---|"]
+        lines += ["", "Learning rates: seed 0 at every rate of the grid, the lowest held-out loss chosen; a best "
+                  "rate at an end of the grid extends it by a half-decade that way (held-out loss per rate):", "",
+                  "| method | grid: held-out loss | chosen |", "|---|---|---|"]
         for m, g in r["lr_grid"].items():
             cells = ", ".join(f"{lr:g}: {g['heldout_loss'][str(lr)]:.3f}" if str(lr) in g["heldout_loss"] else f"{lr:g}: -"
                               for lr in g["grid"])
-            lines.append(f"| {m} | {cells} | {g['chosen'] if g['chosen'] is not None else 'grid incomplete'} |")
+            choice = "grid incomplete" if g["chosen"] is None else f"{g['chosen']:g}"
+            if g.get("at_edge"):
+                choice += f" (still at the grid's edge after {g['extended']} extensions)"
+            elif g.get("extended"):
+                choice += f" (grid extended by {g['extended']})"
+            lines.append(f"| {m} | {cells} | {choice} |")
     if r.get("paired_vs_gift_sw"):
         lines += ["", "Each method minus GIFT-SW, item by item (six-task average, points; paired bootstrap 95 % "
                   "interval over items, each item's difference averaged over the seeds both have):", "",

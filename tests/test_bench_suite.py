@@ -143,6 +143,28 @@ def test_lr_grid_chooses_the_lowest_heldout_loss_and_waits_for_a_complete_grid()
     assert grid["full"]["chosen"] is None
 
 
+def test_lr_grid_grows_past_an_edge_until_the_best_rate_is_inside():
+    import quality as Q
+
+    assert [Q.half_decade_step(x, up=True) for x in (1e-4, 3e-4, 1e-3)] == [3e-4, 1e-3, 3e-3]
+    assert [Q.half_decade_step(x, up=False) for x in (1e-4, 3e-5, 1e-5)] == [3e-5, 1e-5, 3e-6]
+    top = max(Q.LR_GRID["lora"])
+    # held-out loss falls with the rate up to 3x the grid's top, then diverges (nan): chosen 3x top
+    losses = {("lora", lr): 3.0 - 1000 * lr for lr in Q.LR_GRID["lora"]}
+    losses[("lora", Q.half_decade_step(top, up=True))] = 1.0
+    losses[("lora", Q.half_decade_step(Q.half_decade_step(top, up=True), up=True))] = float("nan")
+    low = min(Q.LR_GRID["full"])  # the lowest rate is best every time: stops after the allowed extensions
+    losses.update({("full", lr): 2.0 + lr for lr in Q.LR_GRID["full"]})
+    losses[("full", Q.half_decade_step(low, up=False))] = 1.5
+    losses[("full", Q.half_decade_step(Q.half_decade_step(low, up=False), up=False))] = 1.4
+    grid = Q.choose_lrs(FakeRuns(losses), ["lora", "full"], seed=0, rank=8)
+    assert grid["lora"]["chosen"] == Q.half_decade_step(top, up=True)
+    assert grid["lora"]["extended"] == 2 and not grid["lora"]["at_edge"]
+    assert grid["full"]["extended"] == Q.MAX_GRID_EXTENSIONS and grid["full"]["at_edge"]
+    assert grid["full"]["chosen"] == min(grid["full"]["grid"])
+    assert grid["full"]["grid"] == sorted(grid["full"]["grid"])
+
+
 def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     import quality as Q
 
