@@ -28,6 +28,7 @@ import math
 import sys
 
 import _suite as S
+from salientft.evaluation.paired import paired_bootstrap_differences  # noqa: E402  (_suite puts src on the path)
 
 METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
 QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
@@ -122,9 +123,10 @@ def half_decade_step(lr: float, up: bool) -> float:
     return float(f"1e{exp}") if three else float(f"3e{exp - 1}")
 
 
-def item_differences(recs_a: list, recs_b: list) -> dict | None:
-    """{task: per-item mean over seeds of (b - a) in the task's paper metric}, seeds matched in order;
-    None when the records carry no per-item outcomes."""
+def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
+    """({task: per-item sum over seeds of (b - a) in the task's paper metric}, number of seeds),
+    seeds matched in order; None when the records carry no per-item outcomes. Sums, not means, so the
+    bootstrap stays in exact integers (paired_bootstrap_differences divides by the seed count)."""
     import numpy as np
 
     pairs = [(a, b) for a, b in zip(recs_a, recs_b) if a.get("items") and b.get("items")]
@@ -132,38 +134,33 @@ def item_differences(recs_a: list, recs_b: list) -> dict | None:
         return None
     out = {}
     for task, metric in TASK_METRIC.items():
-        rows = []
+        total = None
         for a, b in pairs:
             ia, ib = a["items"][task], b["items"][task]
             if ia["ids"] != ib["ids"]:
                 raise ValueError(f"{task}: runs were evaluated on different items")
-            rows.append(np.array([int(y) - int(x) for x, y in zip(ia[metric], ib[metric])], dtype=np.float64))
-        out[task] = np.mean(rows, axis=0)
-    return out
+            d = np.array([int(y) - int(x) for x, y in zip(ia[metric], ib[metric])], dtype=np.int64)
+            total = d if total is None else total + d
+        out[task] = total
+    return out, len(pairs)
 
 
 def paired_vs(records: dict, ref: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """Each method minus ``ref`` on the six-task average: difference and a paired percentile bootstrap
-    95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng)."""
-    import numpy as np
-
+    95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng), each
+    item's difference its mean over the seeds both methods have."""
     out = {}
     for m, recs in records.items():
         if m == ref or ref not in records:
             continue
-        d = item_differences(records[ref], recs)
-        if d is None:
+        found = item_differences(records[ref], recs)
+        if found is None:
             continue
-        rng = np.random.default_rng(seed)
-        total = np.zeros(resamples)
-        for task in TASK_METRIC:
-            v = d[task]
-            total += v[rng.integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-        total = np.sort(total / len(TASK_METRIC))
-        diff = float(np.mean([d[t].mean() for t in TASK_METRIC]))
-        out[m] = {"diff": diff, "lo": float(total[int(0.025 * resamples)]), "hi": float(total[int(0.975 * resamples) - 1]),
-                  "seeds": min(len(recs), len(records[ref])), "items": int(sum(d[t].size for t in TASK_METRIC)),
-                  "per_task": {t: float(d[t].mean()) for t in TASK_METRIC}}
+        sums, n_seeds = found
+        boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
+        out[m] = {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds,
+                  "items": boot["n"], "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds)
+                                                   for t in TASK_METRIC}}
     return out
 
 

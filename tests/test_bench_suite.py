@@ -175,8 +175,8 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     b = "".join("1" if i % 2 or i < n // 2 else "0" for i in range(n))
     records = {"gift-sw": [_record(2.0, {t: a for t in tasks})] * 2,
                "lora": [_record(2.0, {t: b for t in tasks})] * 2}
-    d = Q.item_differences(records["gift-sw"], records["lora"])
-    assert all(v.shape == (n,) and set(v.tolist()) <= {0.0, 1.0} for v in d.values())
+    d, n_seeds = Q.item_differences(records["gift-sw"], records["lora"])
+    assert n_seeds == 2 and all(v.shape == (n,) and set(v.tolist()) <= {0, 2} for v in d.values())
     out = Q.paired_vs(records, "gift-sw", resamples=500)["lora"]
     assert out["diff"] == pytest.approx(0.25) and out["lo"] <= 0.25 <= out["hi"] and out["hi"] - out["lo"] < 0.1
     assert out["seeds"] == 2 and out["items"] == n * len(tasks)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from salientft.evaluation.compare import compare_runs
-from salientft.evaluation.paired import (discordant, mcnemar_exact, paired_bootstrap, paired_bootstrap_tasks,
-                                         paired_summary)
+from salientft.evaluation.paired import (discordant, mcnemar_exact, paired_bootstrap, paired_bootstrap_differences,
+                                         paired_bootstrap_tasks, paired_summary)
 
 
 # --------------------------------------------------------------------------- McNemar
@@ -111,6 +111,21 @@ def test_task_average_resamples_within_each_task():
     assert (r["lo"], r["hi"]) == (alone["lo"] / 2, alone["hi"] / 2)
     with pytest.raises(ValueError, match="no tasks"):
         paired_bootstrap_tasks({})
+
+
+def test_differences_summed_over_seeds_are_the_seed_mean_with_the_same_resamples():
+    a1, b1 = synthetic(100)               # seed 1: +0.10
+    a2, b2 = synthetic(100, seed=1)       # a second training seed, same items: +0.10 again
+    one = paired_bootstrap_tasks({"t": (a1, b1)}, resamples=500, seed=3)
+    same = paired_bootstrap_differences({"t": b1 - a1}, resamples=500, seed=3)
+    assert same == one                     # the 0/1 path is the scale-1 case, draw for draw
+    two = paired_bootstrap_differences({"t": (b1 - a1) + (b2 - a2)}, scale=2, resamples=500, seed=3)
+    assert two["diff"] == 20 / 200        # mean over seeds of +0.10 and +0.10
+    assert two["lo"] <= two["diff"] <= two["hi"] and two["n"] == 100
+    with pytest.raises(ValueError, match="integers"):
+        paired_bootstrap_differences({"t": np.array([0.5, 1.0])})
+    with pytest.raises(ValueError, match="scale"):
+        paired_bootstrap_differences({"t": b1 - a1}, scale=0)
 
 
 # --------------------------------------------------------------------------- compare on samples files

@@ -1,4 +1,5 @@
-"""Paired statistics of two runs scored on the same items: pure functions on per-item 0/1 vectors.
+"""Paired statistics of two runs scored on the same items: pure functions on per-item 0/1 vectors
+(or on integer per-item differences, e.g. summed over seeds).
 
 Everything here is exact or seeded integer arithmetic, so the numbers are the same on every CPU:
 resampled accuracies are integer counts (exact sums) divided once by n (one correctly rounded
@@ -91,22 +92,43 @@ def paired_bootstrap_tasks(pairs: Mapping[str, tuple[Sequence[int], Sequence[int
     """
     if not pairs:
         raise ValueError("no tasks to compare")
+    diffs = {}
+    for task, (a, b) in pairs.items():
+        a, b = _pair(a, b)
+        diffs[task] = b - a
+    return paired_bootstrap_differences(diffs, resamples=resamples, seed=seed, confidence=confidence)
+
+
+def paired_bootstrap_differences(diffs: Mapping[str, Sequence[int]], *, scale: int = 1,
+                                 resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                                 confidence: float = CONFIDENCE) -> dict:
+    """``paired_bootstrap_tasks`` on per-item differences already taken: task -> integer vector
+    whose items are ``scale`` times the difference. ``scale`` keeps fractional differences exact,
+    e.g. the sum over S seeds of ``b - a`` with ``scale=S`` is the per-item mean over the seeds."""
+    if not diffs:
+        raise ValueError("no tasks to compare")
     if resamples < 1:
         raise ValueError(f"resamples must be positive, got {resamples}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
     rng = np.random.default_rng(seed)
     total = np.zeros(resamples, dtype=np.float64)
     diff = 0.0
     n_items = 0
-    for a, b in pairs.values():  # fixed order: elementwise float adds only
-        a, b = _pair(a, b)
-        d = b - a
-        n = d.size
-        diff = diff + int(d.sum()) / n
-        total = total + _resampled_counts(d, resamples, rng) / n
-        n_items += n
-    t = len(pairs)
+    for task, d in diffs.items():  # fixed order: elementwise float adds only
+        d = np.asarray(d)
+        if d.ndim != 1 or d.size == 0:
+            raise ValueError(f"{task}: differences must be a non-empty 1-D vector, got shape {d.shape}")
+        if not np.issubdtype(d.dtype, np.integer) and not np.array_equal(d, np.round(d)):
+            raise ValueError(f"{task}: differences must be integers (scaled by `scale`)")
+        d = d.astype(np.int64)
+        denom = d.size * int(scale)
+        diff = diff + int(d.sum()) / denom
+        total = total + _resampled_counts(d, resamples, rng) / denom
+        n_items += d.size
+    t = len(diffs)
     diff = diff / t
     total = np.sort(total / t)
     lo, hi = _interval(total, confidence)
@@ -123,5 +145,5 @@ def paired_summary(a, b, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFA
     return out
 
 
-__all__ = ["paired_bootstrap", "paired_bootstrap_tasks", "mcnemar_exact", "discordant", "paired_summary",
+__all__ = ["paired_bootstrap", "paired_bootstrap_tasks", "paired_bootstrap_differences", "mcnemar_exact", "discordant", "paired_summary",
            "DEFAULT_RESAMPLES", "DEFAULT_SEED"]
