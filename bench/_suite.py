@@ -200,7 +200,7 @@ def train_run(preset: Preset, spec: dict, extra: dict, post=None) -> dict:
         result = compact(train(config))
         samples = Path(tmp) / "run" / "eval_after.samples.jsonl"
         if samples.is_file():
-            result["items"] = item_outcomes(samples)
+            result["items"] = samples_file_outcomes(samples)
         if post is not None:
             result.update(post(Path(tmp) / "run"))
     return result
@@ -224,17 +224,26 @@ def compact(result: dict) -> dict:
     return out
 
 
-def item_outcomes(samples: Path) -> dict:
-    """Each item's outcome from a samples file, compactly: {task: {"ids": [...], "acc": "0110...",
-    "acc_norm": "..."}} (a string of 0/1 per metric, in item order), for paired comparisons."""
-    from salientft.evaluation.compare import read_samples
-
+def item_outcomes(records) -> dict:
+    """Each item's outcome from per-item records (``sample_records``, or a samples file's lines),
+    compactly: {task: {"ids": [...], "acc": "0110...", "acc_norm": "..."}} (a string of 0/1 per
+    metric, in item order), for paired comparisons."""
+    by_task: dict[str, dict[int, dict]] = {}
+    for rec in records:
+        by_task.setdefault(rec["task"], {})[int(rec["id"])] = rec
     out = {}
-    for task, recs in read_samples(samples).items():
+    for task, recs in by_task.items():
         ids = sorted(recs)
         out[task] = {"ids": ids, **{m: "".join(str(int(recs[i][m])) for i in ids)
                                     for m in ("acc", "acc_norm") if all(recs[i].get(m) is not None for i in ids)}}
     return out
+
+
+def samples_file_outcomes(samples: Path) -> dict:
+    """``item_outcomes`` of a samples file, read and checked by ``compare.read_samples``."""
+    from salientft.evaluation.compare import read_samples
+
+    return item_outcomes(rec for recs in read_samples(samples).values() for rec in recs.values())
 
 
 def evaluate_base(preset: Preset) -> dict:
@@ -260,10 +269,9 @@ def model_metrics(model, tok, preset: Preset) -> dict:
     out = {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
            "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()}}
     if preset.eval_subset is not None:
-        from salientft.evaluation.cli_api import sample_records, write_samples
+        from salientft.evaluation.cli_api import sample_records
 
-        with tempfile.TemporaryDirectory() as tmp:
-            out["items"] = item_outcomes(write_samples(Path(tmp) / "s.jsonl", sample_records(ev)))
+        out["items"] = item_outcomes(sample_records(ev))
     return out
 
 

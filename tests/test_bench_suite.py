@@ -187,3 +187,15 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     with pytest.raises(ValueError, match="different items"):
         Q.item_differences(records["gift-sw"][:1], other)
     assert Q.paired_vs({"gift-sw": [_record(2.0)], "lora": [_record(2.0)]}, "gift-sw") == {}
+
+
+def test_item_outcomes_are_the_same_from_records_and_from_their_samples_file(tmp_path):
+    from salientft.evaluation.cli_api import write_samples
+
+    recs = [{"task": "boolq", "id": i, "lls": [-1.0, -2.0], "gold": 0, "pred": p, "pred_norm": None,
+             "acc": int(p == 0), "acc_norm": None} for i, p in [(3, 1), (0, 0), (7, 0)]]
+    recs += [{"task": "piqa", "id": 5, "lls": [-1.0, -0.5], "gold": 1, "pred": 1, "pred_norm": 0,
+              "acc": 1, "acc_norm": 0}]
+    want = {"boolq": {"ids": [0, 3, 7], "acc": "101"}, "piqa": {"ids": [5], "acc": "1", "acc_norm": "0"}}
+    assert S.item_outcomes(recs) == want  # item order, and no acc_norm where the task has none
+    assert S.samples_file_outcomes(write_samples(tmp_path / "s.jsonl", recs)) == want
