@@ -96,6 +96,23 @@ def test_token_budget_and_plain_path_give_the_same_scores(tiny_model, tiny_tok):
         LoglikScorer(tiny_model, tiny_tok, max_batch_tokens=0)
 
 
+def test_evaluate_passes_the_token_budget_through_and_none_means_no_limit(tiny_model, tiny_tok, monkeypatch):
+    """One meaning of max_batch_tokens everywhere: evaluate's default is the scorer's, None is no limit."""
+    from salientft.evaluation import scorer as scorer_mod
+
+    seen = []
+    real_init = scorer_mod.LoglikScorer.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append(self.max_batch_tokens)
+
+    monkeypatch.setattr(scorer_mod.LoglikScorer, "__init__", spy)
+    for kwargs in ({}, {"max_batch_tokens": None}, {"max_batch_tokens": 77}):
+        evaluate(tiny_model, tiny_tok, "boolq", limit=2, progress=False, **kwargs)
+    assert seen == [scorer_mod.DEFAULT_MAX_BATCH_TOKENS, None, 77]
+
+
 @pytest.mark.numerics
 def test_models_without_logits_to_keep_fall_back_to_full_logits(tiny_model, tiny_tok):
     class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep argument

@@ -5,6 +5,7 @@ import logging
 import time
 from typing import Sequence
 
+from .scorer import DEFAULT_MAX_BATCH_TOKENS
 from .tasks import PAPER_METRICS, TASKS, get_subset, load_items, load_records, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def evaluate(
     logprob_dtype: str = "model",
     return_items: bool = False,
     subset: str | None = None,
-    max_batch_tokens: int | None = None,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
 ) -> dict:
     """Zero-shot log-likelihood multiple choice on the embedded validation splits.
 
@@ -51,7 +52,7 @@ def evaluate(
     ``subset`` (a name in ``tasks.SUBSETS``, exclusive with ``limit``) evaluates that fixed seeded
     choice of items instead (native backend only); the report then has ``"subset": {"name",
     "seed", "per_task", "n": {task: n}}``. ``max_batch_tokens`` (native backend): padded tokens
-    per batch besides ``batch_size`` sequences (default 4096, ``None`` in the scorer: no limit).
+    per batch besides ``batch_size`` sequences (``None``: no limit, as in the scorer).
     """
     names = parse_tasks(tasks)
     if backend not in BACKENDS:
@@ -76,9 +77,9 @@ def evaluate(
     else:
         from .scorer import LoglikScorer
 
-        extra = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         scorer = LoglikScorer(model, tokenizer, batch_size=batch_size, max_length=max_length,
-                              share_context=share_context, progress=progress, logprob_dtype=logprob_dtype, **extra)
+                              share_context=share_context, progress=progress, logprob_dtype=logprob_dtype,
+                              max_batch_tokens=max_batch_tokens)
         per_task = {name: score_task(scorer, name, limit, return_items=return_items,
                                      ids=None if chosen is None else chosen[name]) for name in names}
     total_items = sum(r["n"] for r in per_task.values())
