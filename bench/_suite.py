@@ -37,7 +37,10 @@ from salientft._io import atomic_path, write_json  # noqa: E402
 
 from _machine import git_commit, machine_info  # noqa: E402,F401  (bench/_machine.py)
 
+from salientft.evaluation.tasks import PAPER_METRICS  # noqa: E402
+
 log = logging.getLogger("bench")
+TASK_METRIC = PAPER_METRICS  # the paper's metric per task: what paired comparisons compare
 CACHE_VERSION = 1  # bump when a change to salientft invalidates cached results
 
 
@@ -244,6 +247,49 @@ def samples_file_outcomes(samples: Path) -> dict:
     from salientft.evaluation.compare import read_samples
 
     return item_outcomes(rec for recs in read_samples(samples).values() for rec in recs.values())
+
+
+def has_items(recs_a: list, recs_b: list) -> bool:
+    """Whether at least one pair of matched records carries per-item outcomes."""
+    return any(a.get("items") and b.get("items") for a, b in zip(recs_a, recs_b))
+
+
+def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
+    """({task: per-item sum over seeds of (b - a) in the task's paper metric}, number of seeds),
+    seeds matched in order; None when the records carry no per-item outcomes. Sums, not means, so the
+    bootstrap stays in exact integers (paired_bootstrap_differences divides by the seed count)."""
+    import numpy as np
+
+    pairs = [(a, b) for a, b in zip(recs_a, recs_b) if a.get("items") and b.get("items")]
+    if not pairs:
+        return None
+    out = {}
+    for task, metric in TASK_METRIC.items():
+        total = None
+        for a, b in pairs:
+            ia, ib = a["items"][task], b["items"][task]
+            if ia["ids"] != ib["ids"]:
+                raise ValueError(f"{task}: runs were evaluated on different items")
+            d = np.array([int(y) - int(x) for x, y in zip(ia[metric], ib[metric])], dtype=np.int64)
+            total = d if total is None else total + d
+        out[task] = total
+    return out, len(pairs)
+
+
+def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Six-task average of b minus a, item by item: the difference and a paired percentile bootstrap
+    95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng), each
+    item's difference its mean over the matched seeds. ``recs_*``: lists of run results (one per
+    seed, in seed order) with per-item outcomes; None when they have none."""
+    from salientft.evaluation.paired import paired_bootstrap_differences
+
+    found = item_differences(recs_a, recs_b)
+    if found is None:
+        return None
+    sums, n_seeds = found
+    boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
+    return {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds, "items": boot["n"],
+            "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds) for t in TASK_METRIC}}
 
 
 def evaluate_base(preset: Preset) -> dict:

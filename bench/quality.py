@@ -28,7 +28,6 @@ import math
 import sys
 
 import _suite as S
-from salientft.evaluation.paired import paired_bootstrap_differences  # noqa: E402  (_suite puts src on the path)
 
 METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
 QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
@@ -38,8 +37,7 @@ LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e
            "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
 MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
 BOOTSTRAP_RESAMPLES = 2000
-TASK_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
-               "boolq": "acc", "winogrande": "acc"}
+TASK_METRIC = S.TASK_METRIC
 
 
 def specs(method: str, seed: int, rank: int) -> dict:
@@ -84,11 +82,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def choose_lrs(runs, methods, seed: int, rank: int) -> dict:
+def choose_lrs(runs, methods, seed: int, rank: int, run=None) -> dict:
     """{method: {"grid", "heldout_loss": {lr: loss}, "chosen", "extended"}}: seed 0 at every rate of
     the method's grid without the six-task evaluation, the lowest held-out loss chosen (None while
     incomplete). A best rate at either end of the grid is not a tuned rate, so the grid grows by one
-    half-decade in that direction (at most MAX_GRID_EXTENSIONS times) until the best is inside it."""
+    half-decade in that direction (at most MAX_GRID_EXTENSIONS times) until the best is inside it.
+    ``run`` (default ``runs.train``) runs or looks up one spec; ``runs.cached`` reads the choice
+    without training anything (:func:`chosen_lrs`)."""
+    run = run or runs.train
     out = {}
     for m in methods:
         rates, losses, chosen = sorted(LR_GRID[m]), {}, None
@@ -97,7 +98,7 @@ def choose_lrs(runs, methods, seed: int, rank: int) -> dict:
                 if lr in losses:
                     continue
                 # held-out loss only: the six-task evaluation (2/3 of a run's time) is for the chosen rate
-                rec = runs.train({**specs(m, seed, rank), "lr": lr, "eval_tasks": ""})
+                rec = run({**specs(m, seed, rank), "lr": lr, "eval_tasks": ""})
                 if rec is not None and rec["result"].get("heldout_loss_after") is not None:
                     losses[lr] = rec["result"]["heldout_loss_after"]
             if len(losses) < len(rates):
@@ -114,6 +115,13 @@ def choose_lrs(runs, methods, seed: int, rank: int) -> dict:
     return out
 
 
+def chosen_lrs(runs, methods, rank: int) -> dict:
+    """{method: the learning rate its grid chose, or None while the grid is incomplete}, from the cache
+    alone: for the other parts of the refresh, which train at the rates quality chose."""
+    grid = choose_lrs(runs, methods, runs.preset.seeds[0], rank, run=runs.cached)
+    return {m: g["chosen"] for m, g in grid.items()}
+
+
 def half_decade_step(lr: float, up: bool) -> float:
     """lr's neighbour on the 1-3-10 ladder the grids use (1e-4 -> 3e-4 -> 1e-3; down: 1e-4 -> 3e-5)."""
     exp = math.floor(math.log10(lr) + 1e-9)
@@ -123,45 +131,11 @@ def half_decade_step(lr: float, up: bool) -> float:
     return float(f"1e{exp}") if three else float(f"3e{exp - 1}")
 
 
-def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
-    """({task: per-item sum over seeds of (b - a) in the task's paper metric}, number of seeds),
-    seeds matched in order; None when the records carry no per-item outcomes. Sums, not means, so the
-    bootstrap stays in exact integers (paired_bootstrap_differences divides by the seed count)."""
-    import numpy as np
-
-    pairs = [(a, b) for a, b in zip(recs_a, recs_b) if a.get("items") and b.get("items")]
-    if not pairs:
-        return None
-    out = {}
-    for task, metric in TASK_METRIC.items():
-        total = None
-        for a, b in pairs:
-            ia, ib = a["items"][task], b["items"][task]
-            if ia["ids"] != ib["ids"]:
-                raise ValueError(f"{task}: runs were evaluated on different items")
-            d = np.array([int(y) - int(x) for x, y in zip(ia[metric], ib[metric])], dtype=np.int64)
-            total = d if total is None else total + d
-        out[task] = total
-    return out, len(pairs)
-
-
 def paired_vs(records: dict, ref: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
-    """Each method minus ``ref`` on the six-task average: difference and a paired percentile bootstrap
-    95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng), each
-    item's difference its mean over the seeds both methods have."""
-    out = {}
-    for m, recs in records.items():
-        if m == ref or ref not in records:
-            continue
-        found = item_differences(records[ref], recs)
-        if found is None:
-            continue
-        sums, n_seeds = found
-        boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
-        out[m] = {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds,
-                  "items": boot["n"], "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds)
-                                                   for t in TASK_METRIC}}
-    return out
+    """Each method minus ``ref`` on the six-task average (S.paired_difference: items resampled
+    within each task, each item's difference its mean over the seeds both methods have)."""
+    return {m: S.paired_difference(records[ref], recs, resamples=resamples, seed=seed)
+            for m, recs in records.items() if m != ref and ref in records and S.has_items(records[ref], recs)}
 
 
 def summarize(records: dict, base: dict | None, preset, rank: int, gift_count: int, command: str, skipped) -> dict:

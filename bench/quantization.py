@@ -46,6 +46,8 @@ QUANT = {
     "full": QuantSetting((4, 3, 2), tuple(METHODS), samples=32, seq_len=512, text_tokens=8192),
     "quick": QuantSetting((3,), ("rtn+salient", "gptq+salient"), samples=16, seq_len=256, text_tokens=2048),
     "smoke": QuantSetting((3,), tuple(METHODS), samples=4, seq_len=64, text_tokens=512),
+    # issue 17's refresh: the start points of recovery (and of train-then-quantize), measured on the subset
+    "paper500": QuantSetting((4, 3, 2), ("gptq+salient",), samples=32, seq_len=512, text_tokens=8192),
 }
 
 
@@ -168,7 +170,7 @@ def markdown(r: dict) -> list[str]:
              f"output row, no groups; salient columns: {r['salient_fraction']:.4f} of each layer's inputs (GIFT metric). "
              f"Calibration {st['samples']} x {st['seq_len']} tokens (BoolQ passages + HellaSwag contexts). Text ppl: "
              f"{st['text_tokens']} tokens of SciQ support paragraphs; chat ppl: 200 held-out chats of the instruction "
-             f"mix; six-task average on the first {st['eval_limit']} items per task (in %).", ""]
+             f"mix; six-task average on {'the fixed ' + st['eval_subset'] + ' subset' if st.get('eval_subset') else 'the first ' + str(st['eval_limit']) + ' items'} of each task (in %).", ""]
     if r["incomplete"]:
         lines += [f"**Incomplete**: {len(r['incomplete'])} configuration(s) not yet run; rerun to continue.", ""]
     lines += ["| bits | method | text ppl | chat ppl | six-task avg | target layers (MiB) | whole model (MiB) | quantize (s) |",

@@ -7,7 +7,11 @@ METHODS.md §1.6: start from the GPTQ + salient-columns model of bench/quantizat
 - ``ste``: every weight, through the same fake quantization (straight-through estimator);
 - ``lora``: LoRA (rank matched to GIFT-SW's trainable count) on the frozen quantized model,
 
-each at its default learning rate (GIFT-SW 1e-4, the others 3e-5), same seed and batches. Reported
+each at its default learning rate (GIFT-SW 1e-4, the others 3e-5), same seed and batches; with
+``--paper500`` each at the rate bench/quality.py's grid chose for its family on the unquantized
+model (GIFT-SW: gift-sw's, STE: full fine-tuning's, LoRA: lora's), since the default rates are far
+from the best at this budget, and every recovered model is compared with the quantized model
+item by item (paired bootstrap 95 % interval of the six-task average's difference). Reported
 beside the quantized model before recovery: held-out text and chat perplexity, the six-task
 average, trainable parameters. The quantized models come from salientft's cache (written by
 bench/quantization.py); a missing one is quantized again here, so the part runs on its own.
@@ -15,6 +19,7 @@ bench/quantization.py); a missing one is quantized again here, so the part runs 
     .venv/bin/python bench/recovery.py            # 3 bit widths x 3 methods (about 35 min), docs/results/recovery.*
     .venv/bin/python bench/recovery.py --quick    # 3 bits only
     .venv/bin/python bench/recovery.py --smoke --out /tmp/r   # tiny random model (CI)
+    .venv/bin/python bench/recovery.py --paper500   # issue 17: the 500-item subset, tuned rates (after quality)
 """
 from __future__ import annotations
 
@@ -22,9 +27,25 @@ import argparse
 import sys
 
 import _suite as S
+import quality
 import quantization as Q
 
 METHODS = ("gift-sw", "ste", "lora")
+LR_FROM = {"gift-sw": "gift-sw", "ste": "full", "lora": "lora"}  # whose quality grid sets the rate (--paper500)
+
+
+def tuned_lrs(runs: S.Runs, rank: int) -> dict | None:
+    """{method: rate} chosen by quality's grid on this preset (None for presets without tuning);
+    refuses when a grid is incomplete, naming the command that completes it."""
+    if runs.preset.eval_subset is None:
+        return None
+    chosen = quality.chosen_lrs(runs, sorted(set(LR_FROM.values())), rank)
+    missing = sorted(m for m, lr in chosen.items() if lr is None)
+    if missing:
+        raise SystemExit(f"recovery trains at the learning rates bench/quality.py chose, but the grid of "
+                         f"{', '.join(missing)} is incomplete: run `.venv/bin/python bench/quality.py --{runs.preset.name} "
+                         f"--lr-grid --methods {' '.join(missing)}` first")
+    return {m: chosen[LR_FROM[m]] for m in METHODS}
 
 
 def text_ppl_of(preset: S.Preset, qs: Q.QuantSetting):
@@ -47,6 +68,7 @@ def main(argv=None) -> int:
     qs = Q.QUANT[preset.name]
     runs = S.Runs(preset, out, args.max_minutes)
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
+    lrs = tuned_lrs(runs, rank)
     table = []
     for bits in args.bits or qs.bits:
         q_spec = Q.spec_for(qs, "gptq+salient", bits)
@@ -56,16 +78,22 @@ def main(argv=None) -> int:
             spec = {"method": method, "seed": 0, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(preset, q_spec)}
             if method == "lora":
                 spec["lora_r"] = rank
+            if lrs is not None:
+                spec["lr"] = lrs[method]
             if runs.cached(spec) is None and not runs.over_budget():
                 extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
             else:
                 extra = {}
             rec = runs.train(spec, extra, post=text_ppl_of(preset, qs))
             entry["recovered"][method] = None if rec is None else rec["result"]
+        entry["paired_vs_quantized"] = {m: S.paired_difference([entry["quantized"]], [res])
+                                        for m, res in entry["recovered"].items()
+                                        if res is not None and entry["quantized"] is not None
+                                        and S.has_items([entry["quantized"]], [res])}
         table.append(entry)
     command = ("bench/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
-              "lora_rank": rank, "gift_trainable": gift_count, "rows": table, "incomplete": runs.skipped,
+              "lora_rank": rank, "gift_trainable": gift_count, "learning_rates": lrs, "rows": table, "incomplete": runs.skipped,
               "machine": S.machine()}
     S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result))
     return 0
@@ -73,10 +101,15 @@ def main(argv=None) -> int:
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Recovery of quantized models (bench/recovery.py)", ""]
-    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    if r.get("learning_rates"):
+        setting = [x.replace("each method's default learning rate", "each method at its tuned rate (below)")
+                   for x in setting]
+    lines += setting
     lines += [f"Start: GPTQ with 16-bit salient columns (bench/quantization.py). LoRA rank {r['lora_rank']} "
               f"(GIFT-SW trains {r['gift_trainable']:,} weights). Text ppl: SciQ support paragraphs; chat ppl: "
-              "held-out chats; six-task average in %.", "",
+              "held-out chats; six-task average in %." + (" Learning rates (chosen by bench/quality.py's grid): " + ", ".join(
+                  f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + "." if r.get("learning_rates") else ""), "",
               "| bits | model | trainable | text ppl | chat ppl | six-task avg | size (MiB) |", "|---|---|---|---|---|---|---|"]
     mb = 2 ** 20
     for e in r["rows"]:
@@ -91,6 +124,13 @@ def markdown(r: dict, preset) -> list[str]:
             lines.append(f"| {e['bits']} | + {m} | {res['trainable_params']:,} | {res['text_ppl']:.2f} | "
                          f"{S.ppl(res['heldout_loss_after']):.3f} | {S.fmt(res['paper_avg'], scale=100)} | "
                          f"{res['model_bytes'] / mb:.1f} |")
+    paired = [(e["bits"], m, c) for e in r["rows"] for m, c in (e.get("paired_vs_quantized") or {}).items() if c]
+    if paired:
+        lines += ["", "Recovered minus quantized, item by item (six-task average, points; paired bootstrap 95 % "
+                  "interval over the items of each task):", "",
+                  "| bits | method | diff | 95 % interval | items |", "|---|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {c['items']} |"
+                  for b, m, c in paired]
     lines += ["", "Sizes count every tensor of the model as stored (LoRA: plus its adapter; STE: after rounding "
               "back onto the quantized grid).", "", "![recovery](recovery.png)"]
     return lines

@@ -175,7 +175,7 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     b = "".join("1" if i % 2 or i < n // 2 else "0" for i in range(n))
     records = {"gift-sw": [_record(2.0, {t: a for t in tasks})] * 2,
                "lora": [_record(2.0, {t: b for t in tasks})] * 2}
-    d, n_seeds = Q.item_differences(records["gift-sw"], records["lora"])
+    d, n_seeds = S.item_differences(records["gift-sw"], records["lora"])
     assert n_seeds == 2 and all(v.shape == (n,) and set(v.tolist()) <= {0, 2} for v in d.values())
     out = Q.paired_vs(records, "gift-sw", resamples=500)["lora"]
     assert out["diff"] == pytest.approx(0.25) and out["lo"] <= 0.25 <= out["hi"] and out["hi"] - out["lo"] < 0.1
@@ -185,7 +185,7 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     other = [_record(2.0, {t: a[:-1] for t in tasks})]
     other[0]["items"]["boolq"]["ids"] = list(range(1, n))
     with pytest.raises(ValueError, match="different items"):
-        Q.item_differences(records["gift-sw"][:1], other)
+        S.item_differences(records["gift-sw"][:1], other)
     assert Q.paired_vs({"gift-sw": [_record(2.0)], "lora": [_record(2.0)]}, "gift-sw") == {}
 
 
@@ -199,3 +199,22 @@ def test_item_outcomes_are_the_same_from_records_and_from_their_samples_file(tmp
     want = {"boolq": {"ids": [0, 3, 7], "acc": "101"}, "piqa": {"ids": [5], "acc": "1", "acc_norm": "0"}}
     assert S.item_outcomes(recs) == want  # item order, and no acc_norm where the task has none
     assert S.samples_file_outcomes(write_samples(tmp_path / "s.jsonl", recs)) == want
+
+
+def test_recovery_reads_quality_s_chosen_rates_from_the_cache_and_trains_nothing(tmp_path):
+    import quality as Q
+    import recovery as R
+
+    preset = S.PRESETS["paper500"]
+    runs = S.Runs(preset, tmp_path, max_minutes=0)  # over budget at once: a train() would be skipped
+    with pytest.raises(SystemExit, match="quality.py --paper500 --lr-grid --methods full gift-sw lora"):
+        R.tuned_lrs(runs, rank=8)
+    best = {"gift-sw": 3e-4, "full": 3e-5, "lora": 1e-3}  # lora's best at 1e-3 is inside its grid once extended
+    for m in best:
+        rates = list(Q.LR_GRID[m]) + ([Q.half_decade_step(max(Q.LR_GRID[m]), up=True)] if m == "lora" else [])
+        for lr in rates:
+            spec = {**Q.specs(m, preset.seeds[0], 8), "lr": lr, "eval_tasks": ""}
+            S.write_json(runs.path(spec), {"spec": spec, "result": _record(2.0 + abs(math.log(lr / best[m])))})
+    assert R.tuned_lrs(runs, rank=8) == {"gift-sw": 3e-4, "ste": 3e-5, "lora": 1e-3}
+    assert runs.skipped == []  # everything came from the cache
+    assert R.tuned_lrs(S.Runs(S.PRESETS["smoke"], tmp_path), rank=8) is None  # untuned presets keep defaults
