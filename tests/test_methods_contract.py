@@ -34,8 +34,11 @@ from salientft.config import TrainConfig
 from salientft.models import load_model, tiny_random_llama, tiny_tokenizer
 from salientft.train import train
 
-CASES = [pytest.param(m.name, m.quantized, id=f"{m.name}{'-quantized' if m.quantized else ''}")
+CASES = [pytest.param(m.name, m.quantized, {}, id=f"{m.name}{'-quantized' if m.quantized else ''}")
          for m in methods.registered()]
+# Rows for a setting the battery should exercise: full fine-tuning under GIFT-SW's weight noise
+# (its wrapped layers must resume, save and re-attach like the plain model).
+CASES += [pytest.param("full", False, {"noise": "weight"}, id="full-noise-weight")]
 IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42, 11, 250]])
 
 
@@ -56,14 +59,15 @@ def workdir(tmp_path_factory):
     return d
 
 
-def config_for(workdir: Path, name: str, quantized: bool, out: Path) -> TrainConfig:
+def config_for(workdir: Path, name: str, quantized: bool, out: Path, extra: dict | None = None) -> TrainConfig:
     settings = dict(
         model="tiny-random-llama", data=str(workdir / "d.jsonl"), output=str(out), method=name,
         quantized=str(workdir / "q4") if quantized else None, max_steps=2, save_steps=1, batch_size=4,
         max_length=64, dtype="fp32", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, metric="magnitude",
         n_salient=4, lora_r=2, eval_before=False,
     )
-    return TrainConfig(**methods.get(name, quantized=quantized).only_used(settings))  # a method refuses the others
+    # a method refuses the others
+    return TrainConfig(**methods.get(name, quantized=quantized).only_used(settings), **(extra or {}))
 
 
 def base_for(workdir: Path, quantized: bool):
@@ -105,8 +109,8 @@ class Recorder:
         return _Recorder()
 
 
-def run(workdir, name, quantized, out, resume=False):
-    cfg = config_for(workdir, name, quantized, out)
+def run(workdir, name, quantized, out, resume=False, extra=None):
+    cfg = config_for(workdir, name, quantized, out, extra)
     rec = Recorder()
     model, tok = (None, None) if quantized else fresh_plain_base()
     metrics = train(cfg, resume=resume, model=model, tokenizer=tok, callbacks=[rec])
@@ -121,21 +125,21 @@ def decayed(model, tmp_path) -> set[str]:
     return set(Trainer(model=model, args=args).get_decay_parameter_names(model))
 
 
-@pytest.mark.parametrize("name,quantized", CASES)
+@pytest.mark.parametrize("name,quantized,extra", CASES)
 @pytest.mark.numerics
-def test_method_contract(workdir, tmp_path, name, quantized):
+def test_method_contract(workdir, tmp_path, name, quantized, extra):
     method = methods.get(name, quantized=quantized)
     assert method.name == name and method.quantized == quantized
 
     # 1. two steps, a checkpoint after each
-    cfg, straight, metrics = run(workdir, name, quantized, tmp_path / "straight")
+    cfg, straight, metrics = run(workdir, name, quantized, tmp_path / "straight", extra=extra)
     assert metrics["steps"] == 2
     assert (tmp_path / "straight" / method.output).is_dir()
 
     # 2. resume from the first checkpoint equals the uninterrupted run
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
     shutil.copy(tmp_path / "straight" / "run_config.json", tmp_path / "resumed")  # the run's settings, compared
-    _, resumed, rmetrics = run(workdir, name, quantized, tmp_path / "resumed", resume=True)
+    _, resumed, rmetrics = run(workdir, name, quantized, tmp_path / "resumed", resume=True, extra=extra)
     assert rmetrics["resumed_from"].endswith("checkpoint-1")
     assert straight.end.keys() == resumed.end.keys()
     for n in straight.trainable:
