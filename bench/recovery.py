@@ -59,6 +59,22 @@ def text_ppl_of(preset: S.Preset, qs: Q.QuantSetting):
     return post
 
 
+def recover(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+            seed: int = 0) -> dict | None:
+    """The cached or new record of ``method`` recovering the GPTQ + salient model at ``bits``."""
+    q_spec = Q.spec_for(qs, "gptq+salient", bits)
+    spec = {"method": method, "seed": seed, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(runs.preset, q_spec)}
+    if method == "lora":
+        spec["lora_r"] = rank
+    if lrs is not None:
+        spec["lr"] = lrs[method]
+    if runs.cached(spec) is None and not runs.over_budget():
+        extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
+    else:
+        extra = {}
+    return runs.train(spec, extra, post=text_ppl_of(runs.preset, qs))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     S.add_common_args(p)
@@ -75,16 +91,7 @@ def main(argv=None) -> int:
         start = runs.get(q_spec, lambda: Q.quantize_one(preset, qs, "gptq+salient", bits, Q.saved_dir(preset, qs, bits)))
         entry = {"bits": bits, "quantized": None if start is None else start["result"], "recovered": {}}
         for method in METHODS:
-            spec = {"method": method, "seed": 0, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(preset, q_spec)}
-            if method == "lora":
-                spec["lora_r"] = rank
-            if lrs is not None:
-                spec["lr"] = lrs[method]
-            if runs.cached(spec) is None and not runs.over_budget():
-                extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
-            else:
-                extra = {}
-            rec = runs.train(spec, extra, post=text_ppl_of(preset, qs))
+            rec = recover(runs, qs, bits, method, rank, lrs)
             entry["recovered"][method] = None if rec is None else rec["result"]
         entry["paired_vs_quantized"] = {m: S.paired_difference([entry["quantized"]], [res])
                                         for m, res in entry["recovered"].items()

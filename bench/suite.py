@@ -6,12 +6,19 @@ Parts (each at most about 45 minutes on a quiet 2-core CPU; the estimates are me
     ablations     bench/ablations.py     noise, salience metric, GMT ratio, GMT on GIFT-SW
     quantization  bench/quantization.py  RTN / GPTQ with and without salient columns at 4, 3, 2 bits
     recovery      bench/recovery.py      GIFT-SW vs STE vs LoRA on the quantized models
+    noise_scale   bench/noise_scale.py   GIFT-SW's noise at 2-8 bits and none; full fine-tuning +- noise
+    quantize_order bench/quantize_order.py  train with noise then quantize, vs quantize then train
     speed         bench/step.py + bench/scaling.py   step time and peak memory, and their growth with width
 
     .venv/bin/python bench/suite.py                       # every part (about 2 h); reruns skip finished runs
     .venv/bin/python bench/suite.py --parts quality       # one part
     .venv/bin/python bench/suite.py --quick               # every part, small (about 15 min), docs/results/quick/
-    .venv/bin/python bench/suite.py --smoke --out /tmp/s  # tiny random model, about a minute (CI)
+    .venv/bin/python bench/suite.py --smoke --out /tmp/s  # tiny random model, about two minutes (CI)
+    .venv/bin/python bench/suite.py --paper500            # issue 17's refresh, docs/results/paper500/ (many hours)
+
+``--paper500`` runs the parts that take the 500-item subset, in the order they depend on each
+other: quality (with its learning-rate grids, whose choices the others read), recovery,
+noise_scale, quantize_order.
 
 Each part runs in its own process (so one part's memory or thread state cannot slow the next);
 a failing part is reported and the others still run; the exit code is non-zero if any failed.
@@ -28,11 +35,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PARTS = ("quality", "ablations", "quantization", "recovery", "speed")
+PARTS = ("quality", "ablations", "quantization", "recovery", "noise_scale", "quantize_order", "speed")
+PAPER500_PARTS = ("quality", "recovery", "noise_scale", "quantize_order")  # in dependency order
 
 
 def commands(part: str, mode: str, out: Path, max_minutes: float, explicit_out: bool) -> list[list[str]]:
-    flags = {"full": [], "quick": ["--quick"], "smoke": ["--smoke"]}[mode]
+    flags = {"full": [], "quick": ["--quick"], "smoke": ["--smoke"], "paper500": ["--paper500"]}[mode]
+    if mode == "paper500" and part == "quality":
+        flags = flags + ["--lr-grid"]
     if part != "speed":  # the parts' own default folders are the suite's: pass --out only if given
         return [[f"{part}.py", *flags, *(["--out", str(out)] if explicit_out else []),
                  *(["--max-minutes", f"{max_minutes:g}"] if max_minutes != 45 else [])]]
@@ -51,14 +61,20 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")
     g.add_argument("--smoke", action="store_true")
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    g.add_argument("--paper500", action="store_true", help="issue 17's refresh: " + ", ".join(PAPER500_PARTS))
+    p.add_argument("--parts", nargs="+", default=None, choices=PARTS)
     p.add_argument("--out", default=None, help="results folder (default docs/results, or docs/results/quick)")
     p.add_argument("--max-minutes", type=float, default=45.0, help="per part: start no new run after this")
     args = p.parse_args(argv)
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "paper500" if args.paper500 else "full"
     if mode == "smoke" and not args.out:
         p.error("--smoke needs --out")
-    out = Path(args.out) if args.out else ROOT / "docs" / "results" / ("quick" if args.quick else "")
+    if mode == "paper500":
+        wrong = sorted(set(args.parts or ()) - set(PAPER500_PARTS))
+        if wrong:
+            p.error(f"--paper500 runs {', '.join(PAPER500_PARTS)}; not {', '.join(wrong)}")
+    args.parts = args.parts or list(PAPER500_PARTS if mode == "paper500" else PARTS)
+    out = Path(args.out) if args.out else ROOT / "docs" / "results" / ({"quick": "quick", "paper500": "paper500"}.get(mode, ""))
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
     from _suite import write_json

@@ -1,0 +1,203 @@
+"""Train with noise, then quantize; or quantize, then train? (METHODS.md §1.6)
+
+GIFT-SW's noise has a second purpose: a model fine-tuned with the quantization noise should lose
+less when it is quantized afterwards. The paper found "train with noise, then quantize" best at 4
+bits and "quantize, then train the salient columns" best at 3 and 2. For each bit width this part
+measures three models on the same items and seeds:
+
+- ``noise, then quantize``: GIFT-SW (the paper's 4-bit noise) on the unquantized model, merged,
+  then GPTQ with 16-bit salient columns at b bits, the trained columns kept in 16 bits;
+- ``no noise, then quantize``: the same with salient-only training (the control);
+- ``quantize, then train``: bench/recovery.py's GIFT-SW recovery of the GPTQ + salient model
+  (the same run, from the shared cache).
+
+Both trainings use the rate bench/quality.py's grid chose for GIFT-SW (``--paper500``; read from
+the cache) or the default; a trained adapter is kept in salientft's cache and quantized at each
+width by its own cached step. Reported per width: text perplexity (held-out SciQ paragraphs),
+chat perplexity, six-task average, and with per-item outcomes paired bootstrap 95 % intervals of
+the six-task difference for noise vs no noise (both then quantized) and for the two orders.
+
+    .venv/bin/python bench/quantize_order.py --paper500   # per seed: 2 trainings + 6 quantizations (+ recovery's 3)
+    .venv/bin/python bench/quantize_order.py --smoke --out /tmp/o   # tiny random model (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import _suite as S
+import quantization as Q
+import recovery
+
+TRAINED = {"noise, then quantize": "gift-sw", "no noise, then quantize": "salient"}
+RECOVERED = "quantize, then train"
+
+
+def adapter_dir(preset: S.Preset, train_spec: dict) -> Path:
+    """Where a trained run's adapter is kept for quantization (salientft's cache; outside the repo)."""
+    from salientft.models import cache_dir
+
+    return cache_dir() / "bench" / f"{preset.name}-adapter-{S.run_key(preset, train_spec)}"
+
+
+def keep_adapter(dest: Path):
+    """A ``post`` hook for Runs.train: copy the run's adapter folder to ``dest`` (atomically, by rename)."""
+    def post(run_dir: Path) -> dict:
+        tmp = dest.with_name(dest.name + f".tmp{time.time_ns()}")
+        shutil.copytree(Path(run_dir) / "adapter", tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return {"adapter_dir": str(dest)}
+
+    return post
+
+
+def quantized_trained_model(preset: S.Preset, qs: Q.QuantSetting, adapter: Path, bits: int):
+    """(model, tokenizer, seconds): a trained GIFT-SW / salient adapter merged into the bf16 base and
+    quantized with GPTQ, its 16-bit salient columns being the trained columns of every layer."""
+    import torch
+
+    from salientft.calibration import calibration_batches
+    from salientft.gift import load_adapter, merge_gift, read_adapter
+    from salientft.models import load_model
+    from salientft.quant.model import quantize
+
+    torch.manual_seed(0)
+    model, tok = load_model(preset.model, dtype="bf16")
+    meta, tensors = read_adapter(adapter)
+    model = merge_gift(load_adapter(model, adapter, check_base=False))  # trained in fp32 from the same bf16 weights
+    scores = {}  # rank the trained columns first in every layer
+    for name, shape in meta["modules"].items():
+        s = torch.zeros(shape["in_features"])
+        s[tensors[f"{name}.salient_idx"].long()] = 1.0
+        scores[name] = s
+    calib = calibration_batches(tok, Q.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
+    t = time.time()
+    quantize(model, bits, salient_fraction=Q.SALIENT_FRACTION, method="gptq", calibration=calib, scores=scores,
+             target_modules=list(meta["modules"]), progress=True)
+    return model, tok, time.time() - t
+
+
+def quantize_trained(preset: S.Preset, qs: Q.QuantSetting, adapter: Path, bits: int) -> dict:
+    """Quantize a trained adapter's merged model and measure it as bench/quantization.py does."""
+    from salientft.quant.model import model_bytes, target_bytes
+
+    model, tok, seconds = quantized_trained_model(preset, qs, adapter, bits)
+    return {"bits": bits, "quantize_seconds": round(seconds, 1),
+            "text_ppl": Q.text_perplexity(model, Q.text_ids(tok, qs.text_tokens)),
+            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **S.model_metrics(model, tok, preset)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    S.add_common_args(p)
+    p.add_argument("--bits", type=int, nargs="+", default=None)
+    args = p.parse_args(argv)
+    preset, out = S.resolve(args)
+    qs = Q.QUANT[preset.name]
+    bits_list = args.bits or list(qs.bits)
+    runs = S.Runs(preset, out, args.max_minutes)
+    rank = S.lora_rank_matching_gift(preset.model)[0]
+    lrs = recovery.tuned_lrs(runs, rank)
+    records = {b: {label: [] for label in (*TRAINED, RECOVERED)} for b in bits_list}
+    for seed in preset.seeds:
+        for label, method in TRAINED.items():
+            spec = {"method": method, "seed": seed, "eval_tasks": "", "_keep": "adapter"}
+            if lrs is not None:
+                spec["lr"] = lrs["gift-sw"]
+            trained = runs.train(spec, post=keep_adapter(adapter_dir(preset, spec)))
+            for b in bits_list:
+                q_spec = {**Q.spec_for(qs, "gptq+salient", b), "part": "quantize-trained", "trained": S.run_key(preset, spec)}
+                rec = None
+                if trained is not None:
+                    adapter = Path(trained["result"]["adapter_dir"])
+                    if runs.cached(q_spec) is None and not adapter.is_dir():
+                        raise SystemExit(f"{adapter} (the adapter of {S.describe(spec)}) is gone from the cache: "
+                                         f"delete {runs.path(spec)} to train it again")
+                    rec = runs.get(q_spec, lambda: quantize_trained(preset, qs, adapter, b))
+                if rec is not None:
+                    records[b][label].append(rec["result"])
+        for b in bits_list:
+            rec = recovery.recover(runs, qs, b, "gift-sw", rank, lrs, seed=seed)
+            if rec is not None:
+                records[b][RECOVERED].append(rec["result"])
+    command = ("bench/quantize_order.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    rows = []
+    for b in bits_list:
+        recs = records[b]
+        noisy, plain, recov = (recs[k] for k in (*TRAINED, RECOVERED))
+        rows.append({"bits": b, "models": {label: summarize(v) for label, v in recs.items()},
+                     "paired": {name: S.paired_difference(x, y) for name, x, y in (
+                         ("noise - no noise (both then quantized)", plain, noisy),
+                         ("quantize-then-train - noise-then-quantize", noisy, recov)) if S.has_items(x, y)}})
+    result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
+              "learning_rate": None if lrs is None else lrs["gift-sw"], "rows": rows, "incomplete": runs.skipped,
+              "machine": S.machine()}
+    S.write_report(out, "quantize_order", result, markdown(result, preset), lambda: plot(result))
+    return 0
+
+
+def summarize(recs: list) -> dict:
+    return {"n_seeds": len(recs),
+            "paper_avg": S.mean_std([r["paper_avg"] for r in recs])[:2],
+            "heldout_ppl": S.mean_std([S.ppl(r["heldout_loss_after"]) for r in recs])[:2],
+            "text_ppl": S.mean_std([r.get("text_ppl") for r in recs])[:2]}
+
+
+def markdown(r: dict, preset) -> list[str]:
+    lines = ["# Train with noise, then quantize; or quantize, then train (bench/quantize_order.py)", ""]
+    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
+    if r["learning_rate"] is not None:
+        setting = [x.replace("each method's default learning rate",
+                             f"GIFT-SW's tuned rate {r['learning_rate']:g} (bench/quality.py's grid)") for x in setting]
+    lines += setting
+    lines += ["Quantization: GPTQ, weight-only, symmetric per row, 16-bit salient columns (for the trained models: "
+              "the trained columns). Text ppl: SciQ support paragraphs; chat ppl: held-out chats; six-task average "
+              "in %; mean ± std over seeds.", "",
+              "| bits | order | seeds | text ppl | chat ppl | six-task avg |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        for label, m in row["models"].items():
+            lines.append(f"| {row['bits']} | {label} | {m['n_seeds']} | {S.fmt(*m['text_ppl'], spec='.2f')} | "
+                         f"{S.fmt(*m['heldout_ppl'], spec='.3f')} | {S.fmt(*m['paper_avg'], scale=100)} |")
+    paired = [(row["bits"], name, c) for row in r["rows"] for name, c in row["paired"].items() if c]
+    if paired:
+        lines += ["", "Differences item by item (six-task average, points; paired bootstrap 95 % interval over items, "
+                  "each item's difference averaged over the seeds both have):", "",
+                  "| bits | comparison | diff | 95 % interval | seeds |", "|---|---|---|---|---|"]
+        lines += [f"| {b} | {name} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {c['seeds']} |"
+                  for b, name, c in paired]
+    lines += ["", "![quantize order](quantize_order.png)"]
+    return lines
+
+
+def plot(r: dict):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    bits = [row["bits"] for row in r["rows"]]
+    labels = list(r["rows"][0]["models"]) if r["rows"] else []
+    for ax, key, name, scale, log in ((axes[0], "text_ppl", "held-out text perplexity (log)", 1, True),
+                                      (axes[1], "heldout_ppl", "held-out chat perplexity (log)", 1, True),
+                                      (axes[2], "paper_avg", "six-task average (%)", 100, False)):
+        for i, label in enumerate(labels):
+            pts = [(b, row["models"][label][key]) for b, row in zip(bits, r["rows"]) if row["models"][label][key][0] is not None]
+            if pts:
+                ax.errorbar([b for b, _ in pts], [m * scale for _, (m, _) in pts],
+                            yerr=[(s or 0) * scale for _, (_, s) in pts], marker="o", capsize=3, label=label, color=f"C{i}")
+        ax.set_xticks(bits)
+        ax.invert_xaxis()
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits")
+        ax.set_ylabel(name)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{r['settings']['model']}: train with noise then quantize, vs quantize then train (mean ± std over seeds)")
+    return fig
+
+
+if __name__ == "__main__":
+    sys.exit(main())
