@@ -180,20 +180,23 @@ def plot(r: dict):
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     bits = [row["bits"] for row in r["rows"]]
     labels = list(r["rows"][0]["models"]) if r["rows"] else []
-    for ax, key, name, scale, log in ((axes[0], "text_ppl", "held-out text perplexity (log)", 1, True),
-                                      (axes[1], "heldout_ppl", "held-out chat perplexity (log)", 1, True),
+    for ax, key, name, scale, log in ((axes[0], "text_ppl", "held-out text perplexity", 1, True),
+                                      (axes[1], "heldout_ppl", "held-out chat perplexity", 1, True),
                                       (axes[2], "paper_avg", "six-task average (%)", 100, False)):
+        shown = []
         for i, label in enumerate(labels):
             pts = [(b, row["models"][label][key]) for b, row in zip(bits, r["rows"]) if row["models"][label][key][0] is not None]
             if pts:
                 ax.errorbar([b for b, _ in pts], [m * scale for _, (m, _) in pts],
                             yerr=[(s or 0) * scale for _, (_, s) in pts], marker="o", capsize=3, label=label, color=f"C{i}")
+                shown += [m for _, (m, _) in pts]
         ax.set_xticks(bits)
         ax.invert_xaxis()
-        if log:
+        if log and shown and max(shown) > 5 * min(shown):  # a log axis only where the values span one
             ax.set_yscale("log")
-        ax.set_xlabel("bits")
+            name = name + " (log)"
         ax.set_ylabel(name)
+        ax.set_xlabel("bits")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{r['settings']['model']}: train with noise then quantize, vs quantize then train (mean ± std over seeds)")
     return fig
