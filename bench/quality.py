@@ -186,7 +186,9 @@ def markdown(r: dict, preset) -> list[str]:
         lines.append(f"| base (no training) | - | - | - | {S.fmt(r['base']['paper_avg'], scale=100)} | "
                      f"{S.fmt(r['base']['heldout_ppl'], spec='.3f')} | - |")
     for m, row in r["methods"].items():
-        lines.append(f"| {m} | {row['n_seeds']} | {row['trainable_params'] or 0:,} | {row['learning_rate']} | "
+        lr = row["learning_rate"] if row["learning_rate"] is not None else ((r.get("lr_grid") or {}).get(m) or {}).get("chosen")
+        trainable = "-" if row["trainable_params"] is None else f"{row['trainable_params']:,}"
+        lines.append(f"| {m} | {row['n_seeds']} | {trainable} | {lr if lr is not None else '-'} | "
                      f"{S.fmt(*row['paper_avg'], scale=100)} | {S.fmt(*row['heldout_ppl'], spec='.3f')} | "
                      f"{S.fmt(row['s_per_step'], spec='.2f')} |")
     lines += ["", "Per task (mean over seeds, %):", "",
