@@ -123,10 +123,27 @@ def quantize_one(preset: S.Preset, qs: QuantSetting, name: str, bits: int, save:
         seconds = time.time() - t
         if save is not None:
             save_quantized(model, save, tokenizer=tok, base_model=preset.model)
-    return {"method": name, "bits": bits, "quantize_seconds": round(seconds, 1),
+    return {"method": name, "bf16": before, **measure_quantized(model, tok, preset, qs, bits, seconds)}
+
+
+def measure_quantized(model, tok, preset: S.Preset, qs: QuantSetting, bits: int, seconds: float) -> dict:
+    """What every quantized model of the suite reports: bits, time, text perplexity, sizes, and
+    train()'s measurements (held-out loss, six-task evaluation)."""
+    from salientft.quant.model import model_bytes, target_bytes
+
+    return {"bits": bits, "quantize_seconds": round(seconds, 1),
             "text_ppl": text_perplexity(model, text_ids(tok, qs.text_tokens)),
-            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), "bf16": before,
-            **S.model_metrics(model, tok, preset)}
+            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **S.model_metrics(model, tok, preset)}
+
+
+def parse_args(doc: str, argv=None):
+    """(args, preset, out, quant setting, runs) of a quantization part (--bits and the suite's flags)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    S.add_common_args(p)
+    p.add_argument("--bits", type=int, nargs="+", default=None)
+    args = p.parse_args(argv)
+    preset, out = S.resolve(args)
+    return args, preset, out, QUANT[preset.name], S.Runs(preset, out, args.max_minutes)
 
 
 def ensure_saved(runs: S.Runs, qs: QuantSetting, bits: int) -> Path:
@@ -139,13 +156,7 @@ def ensure_saved(runs: S.Runs, qs: QuantSetting, bits: int) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S.add_common_args(p)
-    p.add_argument("--bits", type=int, nargs="+", default=None)
-    args = p.parse_args(argv)
-    preset, out = S.resolve(args)
-    qs = QUANT[preset.name]
-    runs = S.Runs(preset, out, args.max_minutes)
+    args, preset, out, qs, runs = parse_args(__doc__, argv)
     base = runs.get(spec_for(qs, "bf16", 16), lambda: quantize_one(preset, qs, "bf16", 16))
     rows = []
     for bits in args.bits or qs.bits:

@@ -22,7 +22,6 @@ the six-task difference for noise vs no noise (both then quantized) and for the 
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -84,23 +83,13 @@ def quantized_trained_model(preset: S.Preset, qs: Q.QuantSetting, adapter: Path,
 
 def quantize_trained(preset: S.Preset, qs: Q.QuantSetting, adapter: Path, bits: int) -> dict:
     """Quantize a trained adapter's merged model and measure it as bench/quantization.py does."""
-    from salientft.quant.model import model_bytes, target_bytes
-
     model, tok, seconds = quantized_trained_model(preset, qs, adapter, bits)
-    return {"bits": bits, "quantize_seconds": round(seconds, 1),
-            "text_ppl": Q.text_perplexity(model, Q.text_ids(tok, qs.text_tokens)),
-            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **S.model_metrics(model, tok, preset)}
+    return Q.measure_quantized(model, tok, preset, qs, bits, seconds)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S.add_common_args(p)
-    p.add_argument("--bits", type=int, nargs="+", default=None)
-    args = p.parse_args(argv)
-    preset, out = S.resolve(args)
-    qs = Q.QUANT[preset.name]
+    args, preset, out, qs, runs = Q.parse_args(__doc__, argv)
     bits_list = args.bits or list(qs.bits)
-    runs = S.Runs(preset, out, args.max_minutes)
     rank = S.lora_rank_matching_gift(preset.model)[0]
     lrs = recovery.tuned_lrs(runs, rank)
     records = {b: {label: [] for label in (*TRAINED, RECOVERED)} for b in bits_list}

@@ -23,7 +23,6 @@ bench/quantization.py); a missing one is quantized again here, so the part runs 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import _suite as S
@@ -76,13 +75,7 @@ def recover(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    S.add_common_args(p)
-    p.add_argument("--bits", type=int, nargs="+", default=None)
-    args = p.parse_args(argv)
-    preset, out = S.resolve(args)
-    qs = Q.QUANT[preset.name]
-    runs = S.Runs(preset, out, args.max_minutes)
+    args, preset, out, qs, runs = Q.parse_args(__doc__, argv)
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
     lrs = tuned_lrs(runs, rank)
     table = []
