@@ -388,10 +388,26 @@ def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=N
     print(f"wrote {out / name}.json/.md" + ("/.png" if plot else ""))
 
 
-def setting_lines(preset: Preset, command: str, skipped: list[str]) -> list[str]:
+def report_command(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a report: ``script`` and its arguments without ``--max-minutes``,
+    which splits the work into sittings but does not change a result (every run is cached)."""
+    args, out, skip = list(sys.argv[1:] if argv is None else argv), [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--max-minutes":
+            skip = True
+        elif not a.startswith("--max-minutes="):
+            out.append(a)
+    return " ".join([f"bench/{script}", *out])
+
+
+def setting_lines(preset: Preset, command: str, skipped: list[str],
+                  lr_text: str = "each method's default learning rate") -> list[str]:
+    """The report's paragraph on how it was made; ``lr_text`` says which learning rates were used."""
     lines = [f"Command: `{command}` (preset `{preset.name}`: {preset.model}, {preset.dtype}, "
              f"{preset.max_steps} steps x {preset.batch_size} chats of <= {preset.max_length} tokens from the "
-             f"embedded instruction mix, AdamW + cosine, each method's default learning rate; six-task average "
+             f"embedded instruction mix, AdamW + cosine, {lr_text}; six-task average "
              f"on {preset.items_text()}; held-out perplexity on 200 held-out chats "
              f"(assistant tokens).)", ""]
     if skipped:

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             rows.append({"variant": label, "spec": spec, "result": None if rec is None else rec["result"]})
         groups[g] = {"title": title, "axis": axis, "rows": rows}
     noise = seed_spread(runs, preset)
-    command = ("bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("ablations.py", argv)
     result = {"preset": preset.name, "settings": S.asdict(preset), "command": command, "seed": SEED,
               "base": None if base is None else {"paper_avg": base["result"]["paper_avg"],
                                                  "heldout_ppl": S.ppl(base["result"]["heldout_loss_after"])},

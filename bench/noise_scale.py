@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             if rec is not None:
                 records[label].append(rec["result"])
     base = runs.baseline()
-    command = ("bench/noise_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("noise_scale.py", argv)
     result = {"preset": preset.name, "settings": S.asdict(preset), "command": command, "learning_rates": lrs,
               "base": None if base is None else {"paper_avg": base["result"]["paper_avg"],
                                                  "heldout_ppl": S.ppl(base["result"]["heldout_loss_after"])},
@@ -101,12 +101,10 @@ def summarize(spec: dict, recs: list) -> dict:
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Noise scale (bench/noise_scale.py)", ""]
-    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
-    if r["learning_rates"]:
-        setting = [x.replace("each method's default learning rate", "GIFT-SW's and full fine-tuning's rates as "
-                             "bench/quality.py's grid chose them (" + ", ".join(
-                                 f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + ")") for x in setting]
-    lines += setting
+    lr_text = ("GIFT-SW's and full fine-tuning's rates as bench/quality.py's grid chose them ("
+               + ", ".join(f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + ")"
+               if r["learning_rates"] else "each method's default learning rate")
+    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
     lines += ["The noise's standard deviation is Delta_i / 2 of a b-bit quantizer of each row (METHODS.md §1.3), "
               "so each bit less roughly doubles it (2 bits: 7x the paper's 4-bit noise; 8 bits: 1/18 of it). "
               "`none`: the same training without noise (GIFT-SW: salient-only).", "",

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             rec = runs.train(spec)
             if rec is not None:
                 records[m].append(rec["result"])
-    command = ("bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("quality.py", argv)
     result = summarize(records, base, preset, rank, gift_count, command, runs.skipped)
     result["lr_grid"] = grid
     result["paired_vs_gift_sw"] = paired_vs(records, "gift-sw")
@@ -171,11 +171,9 @@ def summarize(records: dict, base: dict | None, preset, rank: int, gift_count: i
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Quality at a fixed step budget (bench/quality.py)", ""]
-    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
-    if r.get("lr_grid"):
-        setting = [x.replace("each method's default learning rate", "each method at the learning rate its grid "
-                             "chose (table below)") for x in setting]
-    lines += setting
+    lr_text = ("each method at the learning rate its grid chose (table below)" if r.get("lr_grid")
+               else "each method's default learning rate")
+    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
     lines += [f"LoRA and DoRA rank {r['lora_rank']} (alpha 2r), closest to GIFT-SW's {r['gift_trainable']:,} "
               "trainable weights; GMT masks 50 % of each tensor's gradient entries (full fine-tuning otherwise). "
               "Six-task average: acc_norm for HellaSwag, ARC-e/c, PIQA; acc for BoolQ, WinoGrande (in %).", "",

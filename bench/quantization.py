@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             rec = runs.get(spec_for(qs, name, bits), lambda: quantize_one(preset, qs, name, bits, save))
             if rec is not None:
                 rows.append(rec["result"])
-    command = ("bench/quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("quantization.py", argv)
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "salient_fraction": SALIENT_FRACTION, "base": None if base is None else base["result"],
               "rows": rows, "incomplete": runs.skipped, "machine": S.machine()}

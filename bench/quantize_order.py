@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             rec = recovery.recover(runs, qs, b, "gift-sw", rank, lrs, seed=seed)
             if rec is not None:
                 records[b][RECOVERED].append(rec["result"])
-    command = ("bench/quantize_order.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("quantize_order.py", argv)
     rows = []
     for b in bits_list:
         recs = records[b]
@@ -139,11 +139,9 @@ def summarize(recs: list) -> dict:
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Train with noise, then quantize; or quantize, then train (bench/quantize_order.py)", ""]
-    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
-    if r["learning_rate"] is not None:
-        setting = [x.replace("each method's default learning rate",
-                             f"GIFT-SW's tuned rate {r['learning_rate']:g} (bench/quality.py's grid)") for x in setting]
-    lines += setting
+    lr_text = (f"GIFT-SW's tuned rate {r['learning_rate']:g} (bench/quality.py's grid)"
+               if r["learning_rate"] is not None else "GIFT-SW's default learning rate")
+    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
     lines += ["Quantization: GPTQ, weight-only, symmetric per row, 16-bit salient columns (for the trained models: "
               "the trained columns). Text ppl: SciQ support paragraphs; chat ppl: held-out chats; six-task average "
               "in %; mean ± std over seeds.", "",

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                                         if res is not None and entry["quantized"] is not None
                                         and S.has_items([entry["quantized"]], [res])}
         table.append(entry)
-    command = ("bench/recovery.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = S.report_command("recovery.py", argv)
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "lora_rank": rank, "gift_trainable": gift_count, "learning_rates": lrs, "rows": table, "incomplete": runs.skipped,
               "machine": S.machine()}
@@ -101,11 +101,9 @@ def main(argv=None) -> int:
 
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Recovery of quantized models (bench/recovery.py)", ""]
-    setting = S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"])
-    if r.get("learning_rates"):
-        setting = [x.replace("each method's default learning rate", "each method at its tuned rate (below)")
-                   for x in setting]
-    lines += setting
+    lr_text = ("each method at its tuned rate (below)" if r.get("learning_rates")
+               else "each method's default learning rate")
+    lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
     lines += [f"Start: GPTQ with 16-bit salient columns (bench/quantization.py). LoRA rank {r['lora_rank']} "
               f"(GIFT-SW trains {r['gift_trainable']:,} weights). Text ppl: SciQ support paragraphs; chat ppl: "
               "held-out chats; six-task average in %." + (" Learning rates (chosen by bench/quality.py's grid): " + ", ".join(

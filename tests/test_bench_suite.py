@@ -34,6 +34,16 @@ def test_run_key_depends_on_spec_and_preset_only():
     assert a != S.run_key(quick, {"method": "gift-sw", "seed": 0})
 
 
+def test_a_report_names_the_command_that_reproduces_it_without_its_sitting_budget():
+    # a budget splits the work into sittings; the report must name the command, not the last sitting
+    assert S.report_command("quality.py", ["--paper500", "--max-minutes", "1", "--lr-grid"]) == \
+        "bench/quality.py --paper500 --lr-grid"
+    assert S.report_command("quality.py", ["--max-minutes=30", "--quick"]) == "bench/quality.py --quick"
+    assert S.report_command("recovery.py", []) == "bench/recovery.py"
+    lines = S.setting_lines(S.PRESETS["smoke"], "x", [], "GIFT-SW's tuned rate 0.0003")
+    assert "GIFT-SW's tuned rate 0.0003;" in lines[0] and "default learning rate" not in lines[0]
+
+
 def test_cache_reuses_finished_runs_and_respects_the_budget(tmp_path):
     runs = S.Runs(S.PRESETS["smoke"], tmp_path)
     calls = []
