@@ -20,6 +20,18 @@ def tiny_model():
 
 
 @pytest.fixture
+def tiny_gpt2():
+    """A 2-layer GPT-2 (seed 0, eval mode): its projections are transformers' Conv1D, which stores the
+    weight transposed; every wrapper must handle it as well as nn.Linear."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+                     eos_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
 def tiny_tok():
     from salientft.models import tiny_tokenizer
 

@@ -298,17 +298,12 @@ def test_bad_indices_rejected():
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "gift"])
-def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric):
+def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric, tiny_gpt2):
     """GPT-2's projections are Conv1D: apply_gift (with or without a calibration metric) wraps them,
     the untrained model is unchanged in eval mode, and training reaches every salient column."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import salientft as sft
 
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
-                     eos_token_id=0)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2
     x = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         want = model(x).logits

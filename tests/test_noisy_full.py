@@ -211,14 +211,11 @@ def test_no_noise_by_default():
 
 
 @pytest.mark.numerics
-def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path, tiny_gpt2):
+    from transformers import GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
-                     eos_token_id=0)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2
     x = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         want = model(x).logits
