@@ -30,7 +30,8 @@ from torch import nn
 from ..config_base import NOISE_MODES
 from ..ops.dtype import compute_dtype
 from ..ops.noise import noisy_forward, noisy_input_grad
-from ..ops.salient import SalientLayer, bias_grad, noise_scale, salient_indices, weight_grad
+from ..ops.salient import (SalientLayer, bias_grad, noise_scale, remember_for_backward, salient_indices,
+                           weight_grad)
 from ..targets import is_linear_like
 
 
@@ -62,11 +63,7 @@ class _SalientMatmul(torch.autograd.Function):
             y = y + bias.to(dtype)
         # kept: the noisy weight (keep_noise) or None; a saved tensor, so autograd frees it after backward
         ctx.save_for_backward(x_s, weight, salient_weight, idx, noise_std, kept)
-        ctx.seed = seed
-        ctx.dtype = dtype
-        ctx.x_dtype = x.dtype
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        remember_for_backward(ctx, x, bias, dtype, seed)
         return y
 
     @staticmethod

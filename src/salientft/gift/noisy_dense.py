@@ -35,7 +35,7 @@ from torch import nn
 from ..config_base import NOISE_MODES
 from ..ops.dtype import compute_dtype
 from ..ops.noise import draw_seed, noisy_forward, noisy_input_grad
-from ..ops.salient import bias_grad, noise_scale, weight_grad
+from ..ops.salient import bias_grad, noise_scale, remember_for_backward, weight_grad
 from ..targets import find_target_modules, is_linear_like, linear_weight, set_module
 from .layer import output_noise
 from .model import noise_std_for
@@ -66,11 +66,7 @@ class _NoisyDenseMatmul(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(xd if ctx.needs_input_grad[1] else None, weight, noise_std, kept)
-        ctx.seed = seed
-        ctx.dtype = dtype
-        ctx.x_dtype = x.dtype
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        remember_for_backward(ctx, x, bias, dtype, seed)
         return y
 
     @staticmethod

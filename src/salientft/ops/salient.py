@@ -64,6 +64,17 @@ def bias_grad(grad_y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(dtype)
 
 
+def remember_for_backward(ctx, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, seed) -> None:
+    """Store on an autograd ``ctx`` what backward needs besides saved tensors: the noise seed (the
+    noise is drawn again, never kept), the compute dtype, and the dtypes to return x's and the
+    bias's gradients in."""
+    ctx.seed = seed
+    ctx.dtype = dtype
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
 class SalientLayer(nn.Module):
     """Base of the layers whose k salient input columns train.
 

@@ -26,7 +26,8 @@ from ..config_base import QUANTIZED_NOISE_MODES
 from ..ops.dtype import compute_dtype
 from ..ops.grid import quantize_rows
 from ..ops.noise import noisy_weight
-from ..ops.salient import SalientLayer, bias_grad, complement, noise_scale, salient_indices, weight_grad
+from ..ops.salient import (SalientLayer, bias_grad, complement, noise_scale, remember_for_backward, salient_indices,
+                           weight_grad)
 from .gptq import expand_groups, n_groups
 from .packing import check_bits, pack, packed_row_bytes, unpack
 
@@ -49,8 +50,8 @@ class _QuantSalientMatmul(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(xd.index_select(-1, layer.salient_idx), salient_weight)
-        ctx.layer, ctx.seed, ctx.dtype, ctx.x_dtype = layer, seed, dtype, x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.layer = layer
+        remember_for_backward(ctx, x, bias, dtype, seed)
         return y
 
     @staticmethod
@@ -64,7 +65,7 @@ class _QuantSalientMatmul(torch.autograd.Function):
             del w
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(g, x_s, salient_weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = bias_grad(g, ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 

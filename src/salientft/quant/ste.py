@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dtype import compute_dtype
-from ..ops.salient import bias_grad, complement, salient_indices, weight_grad
+from ..ops.salient import bias_grad, complement, remember_for_backward, salient_indices, weight_grad
 from ..targets import find_target_modules, linear_weight, set_module
 from .gptq import expand_groups, group_scales
 from .layer import QuantizedSalientLinear
@@ -38,8 +38,8 @@ class _STEMatmul(torch.autograd.Function):
         w = layer.fake_quant_weight(dtype)
         y = F.linear(xd, w, bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(xd)
-        ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
-        ctx.has_bias = bias is not None
+        ctx.layer = layer
+        remember_for_backward(ctx, x, bias, dtype, seed=None)  # no noise: fq(W) is recomputed, not drawn
         return y
 
     @staticmethod
@@ -53,7 +53,7 @@ class _STEMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(g, xd, layer.weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = bias_grad(g, layer.bias.dtype)
+            grad_b = bias_grad(g, ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
 
 
