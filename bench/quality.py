@@ -19,7 +19,8 @@ with the evaluation. A grid whose best rate is at one of its ends grows by a hal
 (1e-3 -> 3e-3), up to twice, so that no chosen rate is a grid edge unless the report says so. With per-item outcomes in the records (the ``paper500`` preset), each method is
 compared with GIFT-SW item by item: the difference of the six-task average with a paired
 bootstrap 95 % interval that resamples items within each task, every item's difference being its
-mean over the seeds both methods have.
+mean over the seeds both methods have; so is each pair a paper compares directly (``CLAIM_PAIRS``:
+GMT against full fine-tuning).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e
            "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
 MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
 BOOTSTRAP_RESAMPLES = 2000
+# Paired comparisons a paper makes between two methods other than GIFT-SW (first minus second).
+CLAIM_PAIRS = (("gmt", "full", "GMT against the full fine-tuning it modifies (METHODS.md §2.1)"),)
 TASK_METRIC = S.TASK_METRIC
 
 
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     result = summarize(records, base, preset, rank, gift_count, command, runs.skipped)
     result["lr_grid"] = grid
     result["paired_vs_gift_sw"] = paired_vs(records, "gift-sw")
+    result["paired_claims"] = paired_claims(records)
     S.write_report(out, "quality", result, markdown(result, preset), lambda: plot(result))
     return 0
 
@@ -120,6 +124,15 @@ def chosen_lrs(runs, methods, rank: int) -> dict:
     alone: for the other parts of the refresh, which train at the rates quality chose."""
     grid = choose_lrs(runs, methods, runs.preset.seeds[0], rank, run=runs.cached)
     return {m: g["chosen"] for m, g in grid.items()}
+
+
+def paired_claims(records: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """{"a - b": paired difference and the claim it tests} for each of CLAIM_PAIRS both of whose
+    methods have per-item records."""
+    return {f"{a} - {b}": {**S.paired_difference(records[b], records[a], resamples=resamples, seed=seed),
+                           "claim": claim}
+            for a, b, claim in CLAIM_PAIRS
+            if a in records and b in records and S.has_items(records[b], records[a])}
 
 
 def half_decade_step(lr: float, up: bool) -> float:
@@ -223,6 +236,12 @@ def markdown(r: dict, preset) -> list[str]:
         for m, c in r["paired_vs_gift_sw"].items():
             lines.append(f"| {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | "
                          f"{c['seeds']} | {c['items']} |")
+    if r.get("paired_claims"):
+        lines += ["", "The papers' other comparisons, item by item (first minus second, same bootstrap):", "",
+                  "| pair | claim | diff | 95 % interval | seeds | items per seed |", "|---|---|---|---|---|---|"]
+        for pair, c in r["paired_claims"].items():
+            lines.append(f"| {pair} | {c['claim']} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, "
+                         f"{100 * c['hi']:+.1f}] | {c['seeds']} | {c['items']} |")
     lines += ["", "![quality](quality.png)"]
     return lines
 

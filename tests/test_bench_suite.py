@@ -83,6 +83,8 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     assert full["trainable_params"] > 10 * gift["trainable_params"]
     assert abs(q["methods"]["lora"]["trainable_params"] - gift["trainable_params"]) < gift["trainable_params"]
     assert {"gift-sw - full", "full - lora"} <= set(q["comparisons"])
+    assert set(q["paired_vs_gift_sw"]) == {"salient", "gmt", "full", "lora", "dora"}  # per-item records kept
+    assert set(q["paired_claims"]) == {"gmt - full"} and q["paired_claims"]["gmt - full"]["seeds"] == 2
 
     a = json.loads((out / "ablations.json").read_text())
     ran = {(g, row["variant"]) for g, grp in a["groups"].items() for row in grp["rows"] if row["result"]}
@@ -213,6 +215,10 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     with pytest.raises(ValueError, match="different items"):
         S.item_differences(records["gift-sw"][:1], other)
     assert Q.paired_vs({"gift-sw": [_record(2.0)], "lora": [_record(2.0)]}, "gift-sw") == {}
+    # GMT's own claim is against full fine-tuning: first minus second, the sign kept
+    claim = Q.paired_claims({"full": records["gift-sw"], "gmt": records["lora"]}, resamples=500)["gmt - full"]
+    assert claim["diff"] == pytest.approx(0.25) and claim["lo"] <= 0.25 <= claim["hi"] and "GMT" in claim["claim"]
+    assert Q.paired_claims({"gmt": records["lora"]}) == {}  # full fine-tuning not run: nothing to compare
 
 
 def test_item_outcomes_are_the_same_from_records_and_from_their_samples_file(tmp_path):
