@@ -264,15 +264,18 @@ def plot(r: dict):
                 continue
             ax.bar(i, mean * scale, yerr=(std or 0) * scale, capsize=4, color=f"C{i}", alpha=0.7)
             ax.scatter([i] * len(vals), vals, color="k", s=10, zorder=3)
-        if r["base"] and r["base"][key] is not None:
-            ax.axhline(r["base"][key] * scale, color="gray", ls="--", label="base (no training)")
-            ax.legend()
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_ylabel(label)
-        lo = min([v * scale for m in names for v in r["methods"][m][f"{key}_values"] if v is not None]
-                 + ([r["base"][key] * scale] if r["base"] and r["base"][key] is not None else []), default=0)
-        hi = max([v * scale for m in names for v in r["methods"][m][f"{key}_values"] if v is not None]
-                 + ([r["base"][key] * scale] if r["base"] and r["base"][key] is not None else []), default=1)
+        trained = [v * scale for m in names for v in r["methods"][m][f"{key}_values"] if v is not None]
+        lo, hi = min(trained, default=0), max(trained, default=1)
+        base = r["base"][key] * scale if r["base"] and r["base"][key] is not None else None
+        if base is not None and min(abs(base - lo), abs(base - hi)) <= 3 * (hi - lo or 1):
+            ax.axhline(base, color="gray", ls="--", label="base (no training)")
+            lo, hi = min(lo, base), max(hi, base)
+        elif base is not None:  # far off (perplexity 86 against 11-12): on the scale it would flatten the bars
+            ax.plot([], [], color="gray", ls="--", label=f"base (no training): {base:.3g}, off the scale")
+        if base is not None:
+            ax.legend()
         pad = 0.15 * (hi - lo or 1)
         ax.set_ylim(lo - pad, hi + pad)
     fig.suptitle(f"{r['settings']['model']}: {r['settings']['max_steps']} steps, mean ± std over seeds (dots: seeds)")
