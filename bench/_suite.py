@@ -388,6 +388,20 @@ def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=N
     print(f"wrote {out / name}.json/.md" + ("/.png" if plot else ""))
 
 
+def base_reference(ax, base: float | None, values: list[float], label: str = "base (no training)") -> bool:
+    """Mark the untrained model's value on a plot of trained runs' ``values``: a dashed line when it
+    lies within 3x their range of them; else only named in the legend, since on the scale a far base
+    (perplexity 86 against 11-12) would flatten every difference. True when the line was drawn."""
+    if base is None:
+        return False
+    lo, hi = min(values, default=base), max(values, default=base)
+    if min(abs(base - lo), abs(base - hi)) <= 3 * (hi - lo or 1):
+        ax.axhline(base, color="gray", ls="--", lw=1, label=label)
+        return True
+    ax.plot([], [], color="gray", ls="--", lw=1, label=f"{label}: {base:.3g}, off the scale")
+    return False
+
+
 def report_command(script: str, argv: list[str] | None) -> str:
     """The command that reproduces a report: ``script`` and its arguments without ``--max-minutes``,
     which splits the work into sittings but does not change a result (every run is cached)."""

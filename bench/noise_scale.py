@@ -132,6 +132,7 @@ def plot(r: dict):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "heldout_ppl", "held-out perplexity"), (axes[1], "paper_avg", "six-task average (%)")):
         scale = 100 if key == "paper_avg" else 1
+        plotted = []
         for family, color in (("gift-sw", "C0"), ("full", "C3")):
             rows = [(lab, v) for lab, v in r["variants"].items() if lab.startswith(family + " ")]
             xs = list(range(len(rows))) if family == "gift-sw" else [0, 1 + GIFT_BITS[::-1].index(PAPER_BITS)]
@@ -142,8 +143,8 @@ def plot(r: dict):
                 for x, v in pts:
                     vals = [y * scale for y in v[f"{key}_values"]]
                     ax.scatter([x] * len(vals), vals, color=color, s=10, alpha=0.5)
-        if r["base"]:
-            ax.axhline(r["base"][key] * scale, color="gray", ls="--", lw=1, label="base")
+                    plotted += vals
+        S.base_reference(ax, r["base"][key] * scale if r["base"] else None, plotted, label="base")
         ax.set_xticks(range(1 + len(GIFT_BITS)), ["none"] + [f"{b}-bit" for b in sorted(GIFT_BITS, reverse=True)])
         ax.set_xlabel("noise scale: the quantizer whose step sets it (it grows to the right)")
         ax.set_ylabel(label)

@@ -269,11 +269,8 @@ def plot(r: dict):
         trained = [v * scale for m in names for v in r["methods"][m][f"{key}_values"] if v is not None]
         lo, hi = min(trained, default=0), max(trained, default=1)
         base = r["base"][key] * scale if r["base"] and r["base"][key] is not None else None
-        if base is not None and min(abs(base - lo), abs(base - hi)) <= 3 * (hi - lo or 1):
-            ax.axhline(base, color="gray", ls="--", label="base (no training)")
+        if S.base_reference(ax, base, trained):
             lo, hi = min(lo, base), max(hi, base)
-        elif base is not None:  # far off (perplexity 86 against 11-12): on the scale it would flatten the bars
-            ax.plot([], [], color="gray", ls="--", label=f"base (no training): {base:.3g}, off the scale")
         if base is not None:
             ax.legend()
         pad = 0.15 * (hi - lo or 1)

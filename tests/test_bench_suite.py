@@ -44,6 +44,17 @@ def test_a_report_names_the_command_that_reproduces_it_without_its_sitting_budge
     assert "GIFT-SW's tuned rate 0.0003;" in lines[0] and "default learning rate" not in lines[0]
 
 
+def test_a_far_base_is_named_in_the_legend_instead_of_flattening_the_plot():
+    import matplotlib.pyplot as plt  # requirements/ci.txt installs it (the bench reports draw PNGs)
+    fig, ax = plt.subplots()
+    assert S.base_reference(ax, 44.0, [45.2, 46.1])  # near: a dashed line across the axes
+    assert not S.base_reference(ax, 85.6, [10.9, 12.0])  # far: a legend entry without data
+    assert [len(line.get_ydata()) for line in ax.lines] == [2, 0]
+    assert ax.get_legend_handles_labels()[1] == ["base (no training)", "base (no training): 85.6, off the scale"]
+    assert not S.base_reference(ax, None, [1.0]) and len(ax.lines) == 2
+    plt.close(fig)
+
+
 def test_cache_reuses_finished_runs_and_respects_the_budget(tmp_path):
     runs = S.Runs(S.PRESETS["smoke"], tmp_path)
     calls = []
