@@ -249,11 +249,6 @@ def samples_file_outcomes(samples: Path) -> dict:
     return item_outcomes(rec for recs in read_samples(samples).values() for rec in recs.values())
 
 
-def has_items(recs_a: list, recs_b: list) -> bool:
-    """Whether at least one pair of matched records carries per-item outcomes."""
-    return any(a.get("items") and b.get("items") for a, b in zip(recs_a, recs_b))
-
-
 def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
     """({task: per-item sum over seeds of (b - a) in the task's paper metric}, number of seeds),
     seeds matched in order; None when the records carry no per-item outcomes. Sums, not means, so the
@@ -290,6 +285,13 @@ def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: i
     boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
     return {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds, "items": boot["n"],
             "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds) for t in TASK_METRIC}}
+
+
+def paired_table(pairs, resamples: int = 2000, seed: int = 0) -> dict:
+    """{name: paired_difference(a, b)} for each ``(name, recs_a, recs_b)`` of ``pairs`` whose records
+    carry per-item outcomes; pairs without them (runs from before --log-samples) are left out."""
+    found = ((name, paired_difference(a, b, resamples=resamples, seed=seed)) for name, a, b in pairs)
+    return {name: d for name, d in found if d is not None}
 
 
 def evaluate_base(preset: Preset) -> dict:

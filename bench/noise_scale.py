@@ -83,9 +83,8 @@ def main(argv=None) -> int:
               "base": None if base is None else {"paper_avg": base["result"]["paper_avg"],
                                                  "heldout_ppl": S.ppl(base["result"]["heldout_loss_after"])},
               "variants": {label: summarize(spec, records[label]) for label, spec in table.items()},
-              "paired_vs_none": {label: S.paired_difference(records[reference(label)], recs)
-                                 for label, recs in records.items()
-                                 if reference(label) != label and S.has_items(records[reference(label)], recs)},
+              "paired_vs_none": S.paired_table((label, records[reference(label)], recs)
+                                               for label, recs in records.items() if reference(label) != label),
               "incomplete": runs.skipped, "machine": S.machine()}
     S.write_report(out, "noise_scale", result, markdown(result, preset), lambda: plot(result))
     return 0
@@ -148,7 +147,8 @@ def plot(r: dict):
         ax.set_xticks(range(1 + len(GIFT_BITS)), ["none"] + [f"{b}-bit" for b in sorted(GIFT_BITS, reverse=True)])
         ax.set_xlabel("noise scale: the quantizer whose step sets it (it grows to the right)")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
+    for ax in axes:  # each panel names its own base: a line on one, a far value on the other
+        ax.legend(fontsize=8)
     fig.suptitle(f"{r['settings']['model']}: noise scale, GIFT-SW and full fine-tuning "
                  f"({r['settings']['max_steps']} steps; dots: seeds)")
     return fig

@@ -129,10 +129,10 @@ def chosen_lrs(runs, methods, rank: int) -> dict:
 def paired_claims(records: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """{"a - b": paired difference and the claim it tests} for each of CLAIM_PAIRS both of whose
     methods have per-item records."""
-    return {f"{a} - {b}": {**S.paired_difference(records[b], records[a], resamples=resamples, seed=seed),
-                           "claim": claim}
-            for a, b, claim in CLAIM_PAIRS
-            if a in records and b in records and S.has_items(records[b], records[a])}
+    claims = {f"{a} - {b}": claim for a, b, claim in CLAIM_PAIRS}
+    found = S.paired_table(((f"{a} - {b}", records[b], records[a]) for a, b, _ in CLAIM_PAIRS
+                            if a in records and b in records), resamples=resamples, seed=seed)
+    return {name: {**d, "claim": claims[name]} for name, d in found.items()}
 
 
 def half_decade_step(lr: float, up: bool) -> float:
@@ -147,8 +147,10 @@ def half_decade_step(lr: float, up: bool) -> float:
 def paired_vs(records: dict, ref: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """Each method minus ``ref`` on the six-task average (S.paired_difference: items resampled
     within each task, each item's difference its mean over the seeds both methods have)."""
-    return {m: S.paired_difference(records[ref], recs, resamples=resamples, seed=seed)
-            for m, recs in records.items() if m != ref and ref in records and S.has_items(records[ref], recs)}
+    if ref not in records:
+        return {}
+    return S.paired_table(((m, records[ref], recs) for m, recs in records.items() if m != ref),
+                          resamples=resamples, seed=seed)
 
 
 def summarize(records: dict, base: dict | None, preset, rank: int, gift_count: int, command: str, skipped) -> dict:

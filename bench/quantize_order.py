@@ -120,9 +120,8 @@ def main(argv=None) -> int:
         recs = records[b]
         noisy, plain, recov = (recs[k] for k in (*TRAINED, RECOVERED))
         rows.append({"bits": b, "models": {label: summarize(v) for label, v in recs.items()},
-                     "paired": {name: S.paired_difference(x, y) for name, x, y in (
-                         ("noise - no noise (both then quantized)", plain, noisy),
-                         ("quantize-then-train - noise-then-quantize", noisy, recov)) if S.has_items(x, y)}})
+                     "paired": S.paired_table((("noise - no noise (both then quantized)", plain, noisy),
+                                               ("quantize-then-train - noise-then-quantize", noisy, recov)))})
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "learning_rate": None if lrs is None else lrs["gift-sw"], "rows": rows, "incomplete": runs.skipped,
               "machine": S.machine()}

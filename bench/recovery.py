@@ -86,10 +86,9 @@ def main(argv=None) -> int:
         for method in METHODS:
             rec = recover(runs, qs, bits, method, rank, lrs)
             entry["recovered"][method] = None if rec is None else rec["result"]
-        entry["paired_vs_quantized"] = {m: S.paired_difference([entry["quantized"]], [res])
-                                        for m, res in entry["recovered"].items()
-                                        if res is not None and entry["quantized"] is not None
-                                        and S.has_items([entry["quantized"]], [res])}
+        entry["paired_vs_quantized"] = S.paired_table(
+            (m, [entry["quantized"]], [res]) for m, res in entry["recovered"].items()
+            if res is not None and entry["quantized"] is not None)
         table.append(entry)
     command = S.report_command("recovery.py", argv)
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,

@@ -232,6 +232,16 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     assert Q.paired_claims({"gmt": records["lora"]}) == {}  # full fine-tuning not run: nothing to compare
 
 
+def test_paired_table_keeps_only_pairs_whose_runs_carry_items():
+    tasks = list(S.TASK_METRIC)
+    right, wrong = ({t: c * 40 for t in tasks} for c in ("1", "0"))
+    with_items, without = [_record(2.0, right)], [_record(2.0)]
+    table = S.paired_table([("gain", [_record(2.0, wrong)], with_items), ("old run", without, with_items),
+                            ("both old", without, without)], resamples=100)
+    assert list(table) == ["gain"] and table["gain"]["diff"] == pytest.approx(1.0)
+    assert S.paired_table([]) == {}
+
+
 def test_item_outcomes_are_the_same_from_records_and_from_their_samples_file(tmp_path):
     from salientft.evaluation.cli_api import write_samples
 
