@@ -137,17 +137,19 @@ def plot(r: dict):
                                                  ("heldout_loss_after", "held-out perplexity", None))):
             ax = axes[i][j]
             vals = [row["result"][key] * 100 if scale else S.ppl(row["result"][key]) for row in rows]
+            base = None if not r["base"] else r["base"]["paper_avg"] * 100 if scale else r["base"]["heldout_ppl"]
+            drawn = S.base_reference(ax, base, vals, label="base")
             if g["axis"] == "ratio":
                 ax.plot([float(v) for v in labels], vals, marker="o")
                 ax.set_xlabel("mask ratio")
             else:
                 ax.bar(range(len(vals)), vals, color=[f"C{k}" for k in range(len(vals))], alpha=0.75)
                 ax.set_xticks(range(len(vals)), labels, rotation=25, fontsize=8)
-                if vals:
-                    lo, hi = min(vals), max(vals)
+                if vals:  # bars start at zero: zoom onto the runs (and a base drawn near them)
+                    lo, hi = min(vals + [base] * drawn), max(vals + [base] * drawn)
                     ax.set_ylim(lo - 0.3 * (hi - lo or 1), hi + 0.3 * (hi - lo or 1))
-            if r["base"]:
-                ax.axhline(r["base"]["paper_avg"] * 100 if scale else r["base"]["heldout_ppl"], color="gray", ls="--", lw=1)
+            if base is not None and not drawn:
+                ax.legend(fontsize=7)
             if j == 0:
                 ax.set_ylabel(label)
             if i == 0:
