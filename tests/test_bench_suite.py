@@ -55,6 +55,27 @@ def test_a_far_base_is_named_in_the_legend_instead_of_flattening_the_plot():
     plt.close(fig)
 
 
+def test_noise_scale_plots_perplexity_on_a_log_axis_with_plain_tick_labels():
+    """2-bit noise (ppl 37) beside 11-12 flattens a linear axis; a log one keeps the small gaps visible."""
+    import matplotlib.pyplot as plt
+    import noise_scale as NS
+
+    def variant(ppls, avgs):
+        return {"n_seeds": len(ppls), "heldout_ppl": [sum(ppls) / len(ppls), None], "heldout_ppl_values": ppls,
+                "paper_avg": [sum(avgs) / len(avgs), None], "paper_avg_values": avgs}
+    labels = ["gift-sw none", "gift-sw 8-bit", "gift-sw 6-bit", "gift-sw 4-bit", "gift-sw 3-bit", "gift-sw 2-bit"]
+    r = {"variants": {lab: variant([11.0 + i, 11.5 + i * i], [0.45, 0.46]) for i, lab in enumerate(labels)},
+         "base": {"heldout_ppl": 86.0, "paper_avg": 0.44}, "settings": {"model": "m", "max_steps": 100}}
+    r["variants"].update({"full none": variant([11.1], [0.46]), "full 4-bit": variant([12.5], [0.45])})
+    fig = NS.plot(r)
+    ppl_ax, avg_ax = fig.axes
+    assert ppl_ax.get_yscale() == "log" and avg_ax.get_yscale() == "linear"
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ppl_ax.get_yticklabels(minor=True) + ppl_ax.get_yticklabels() if t.get_text()]
+    assert shown and all("10^" not in t and "times" not in t for t in shown), shown
+    plt.close(fig)
+
+
 def test_cache_reuses_finished_runs_and_respects_the_budget(tmp_path):
     runs = S.Runs(S.PRESETS["smoke"], tmp_path)
     calls = []
