@@ -404,6 +404,24 @@ def base_reference(ax, base: float | None, values: list[float], label: str = "ba
     return False
 
 
+def log_axis(ax) -> None:
+    """A log y axis for perplexities (a ratio scale: 37 beside 11-12 must not flatten 11 vs 12), labelled
+    "12" rather than "1.2x10^1"; within a decade every minor tick is named, over a few only 2 and 5."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):
+        lo, hi = ax.get_ylim()
+        decades = math.log10(hi / lo) if lo > 0 else math.inf
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return f"{v:g}" if decades <= 1.2 or (decades <= 3 and mantissa in (2, 5)) else ""
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def report_command(script: str, argv: list[str] | None) -> str:
     """The command that reproduces a report: ``script`` and its arguments without ``--max-minutes``,
     which splits the work into sittings but does not change a result (every run is cached)."""

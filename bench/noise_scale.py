@@ -127,7 +127,6 @@ def markdown(r: dict, preset) -> list[str]:
 
 def plot(r: dict):
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "heldout_ppl", "held-out perplexity"), (axes[1], "paper_avg", "six-task average (%)")):
@@ -145,11 +144,8 @@ def plot(r: dict):
                     ax.scatter([x] * len(vals), vals, color=color, s=10, alpha=0.5)
                     plotted += vals
         S.base_reference(ax, r["base"][key] * scale if r["base"] else None, plotted, label="base")
-        if key == "heldout_ppl":  # perplexity is a ratio scale: 2-bit noise (37) must not flatten 11 vs 12
-            ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")  # "12", not "1.2x10^1", on a sub-decade range
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+        if key == "heldout_ppl":
+            S.log_axis(ax)
         ax.set_xticks(range(1 + len(GIFT_BITS)), ["none"] + [f"{b}-bit" for b in sorted(GIFT_BITS, reverse=True)])
         ax.set_ylabel(label)
     for ax in axes:  # each panel names its own base: a line on one, a far value on the other

@@ -134,31 +134,54 @@ def markdown(r: dict, preset) -> list[str]:
 
 
 def plot(r: dict):
+    """One panel per measure the claims are judged on; on the six-task average each recovered point
+    carries its paired 95 % interval, placed on the quantized model's value plus the interval."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     bits = [e["bits"] for e in r["rows"]]
-    for ax, key, label in ((axes[0], "heldout_loss_after", "held-out chat perplexity (log)"),
-                           (axes[1], "paper_avg", "six-task average (%)")):
+    panels = ((axes[0], "chat", "held-out chat perplexity (log)"), (axes[1], "text", "SciQ text perplexity (log)"),
+              (axes[2], "avg", "six-task average (%)"))
+    for ax, key, label in panels:
         def value(res):
-            return None if res is None else (S.ppl(res[key]) if key == "heldout_loss_after" else res[key] * 100)
+            if res is None:
+                return None
+            return {"chat": S.ppl(res["heldout_loss_after"]), "text": res["text_ppl"], "avg": 100 * res["paper_avg"]}[key]
         series = {"quantized": [value(e["quantized"]) for e in r["rows"]]}
         for m in METHODS:
             series[f"+ {m}"] = [value(e["recovered"].get(m)) for e in r["rows"]]
         for i, (name, ys) in enumerate(series.items()):
-            pts = [(b, y) for b, y in zip(bits, ys) if y is not None]
+            # on the average, methods sit side by side so their interval bars do not hide each other
+            dx = 0.0 if key != "avg" or name == "quantized" else 0.06 * (i - 2)
+            pts = [(b + dx, y) for b, y in zip(bits, ys) if y is not None]
             if pts:
                 xs, vals = zip(*pts)
                 ax.plot(xs, vals, marker="o", label=name, ls="--" if name == "quantized" else "-", color=f"C{i}")
+            if key == "avg" and name != "quantized":
+                _paired_bars(ax, r["rows"], name[2:], i, dx)
         ax.set_xticks(bits)
         ax.invert_xaxis()
-        if key == "heldout_loss_after":
-            ax.set_yscale("log")
+        if key != "avg":
+            S.log_axis(ax)
         ax.set_xlabel("bits")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{r['settings']['model']}: recovery after GPTQ with 16-bit salient columns")
+    fig.suptitle(f"{r['settings']['model']}: recovery after GPTQ with 16-bit salient columns"
+                 + (" (bars: paired 95 % interval against the quantized model)" if any(
+                     e.get("paired_vs_quantized") for e in r["rows"]) else ""))
     return fig
+
+
+def _paired_bars(ax, rows: list, method: str, color: int, dx: float):
+    """Error bars from the item-paired interval of (recovered - quantized), drawn around the quantized
+    value plus the difference, so a bar that crosses the dashed quantized line is no resolved change."""
+    for e in rows:
+        c = (e.get("paired_vs_quantized") or {}).get(method)
+        if c and e["quantized"]:
+            q = 100 * e["quantized"]["paper_avg"]
+            y = q + 100 * c["diff"]
+            ax.errorbar([e["bits"] + dx], [y], yerr=[[100 * (c["diff"] - c["lo"])], [100 * (c["hi"] - c["diff"])]],
+                        color=f"C{color}", capsize=3, lw=1)
 
 
 if __name__ == "__main__":

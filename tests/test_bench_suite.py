@@ -70,9 +70,56 @@ def test_noise_scale_plots_perplexity_on_a_log_axis_with_plain_tick_labels():
     fig = NS.plot(r)
     ppl_ax, avg_ax = fig.axes
     assert ppl_ax.get_yscale() == "log" and avg_ax.get_yscale() == "linear"
+    assert _tick_labels(fig, ppl_ax)
+    plt.close(fig)
+
+
+def _tick_labels(fig, ax) -> list[str]:
+    """The y tick labels a reader sees (major and minor, non-empty), after checking none is in 10^x form."""
     fig.canvas.draw()
-    shown = [t.get_text() for t in ppl_ax.get_yticklabels(minor=True) + ppl_ax.get_yticklabels() if t.get_text()]
-    assert shown and all("10^" not in t and "times" not in t for t in shown), shown
+    lo, hi = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()
+             if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert all("10^" not in t and "times" not in t for t in shown), shown
+    return shown
+
+
+def test_log_axis_names_every_minor_tick_within_a_decade_and_only_2_and_5_over_several():
+    import matplotlib.pyplot as plt
+    fig, (narrow, wide) = plt.subplots(1, 2)
+    narrow.plot([0, 1], [11.0, 37.0])
+    wide.plot([0, 1], [30.0, 7000.0])
+    for ax in (narrow, wide):
+        S.log_axis(ax)
+    assert {"20", "30"} <= set(_tick_labels(fig, narrow))
+    wide_labels = set(_tick_labels(fig, wide))
+    assert {"50", "100", "200", "500", "1000"} <= wide_labels and not {"300", "400", "700"} & wide_labels
+    plt.close(fig)
+
+
+def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_quantized_value():
+    import matplotlib.pyplot as plt
+    import recovery as R
+
+    def res(loss, text, avg):
+        return {"heldout_loss_after": loss, "text_ppl": text, "paper_avg": avg}
+    rows = []
+    for bits, q_avg in ((4, 0.50), (3, 0.45), (2, 0.40)):
+        recovered = {m: res(3.0 + i, 30.0 * (5 - bits), q_avg + 0.01 * i) for i, m in enumerate(R.METHODS)}
+        paired = {m: {"diff": 0.01 * i, "lo": 0.01 * i - 0.004, "hi": 0.01 * i + 0.006, "items": 100}
+                  for i, m in enumerate(R.METHODS)}
+        rows.append({"bits": bits, "quantized": res(5.0, 40.0 * (5 - bits), q_avg), "recovered": recovered,
+                     "paired_vs_quantized": paired})
+    fig = R.plot({"rows": rows, "settings": {"model": "m"}})
+    chat, text, avg = fig.axes
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
+    assert "paired 95 %" in fig._suptitle.get_text()
+    bars = [c for c in avg.collections if len(c.get_segments()) == 1]  # one vertical segment per (bits, method)
+    assert len(bars) == 3 * len(R.METHODS)
+    spans = sorted((round(float(s[0][1]), 3), round(float(s[1][1]), 3)) for c in bars for s in c.get_segments())
+    # the 4-bit model at 50 %: method i's bar spans 50 + i - 0.4 to 50 + i + 0.6 points
+    assert {(50 + i - 0.4, 50 + i + 0.6) for i in range(len(R.METHODS))} <= {tuple(round(v, 3) for v in s) for s in spans}
+    assert text.get_lines()[0].get_ydata().tolist() == [40.0, 80.0, 120.0]  # the quantized model's text perplexity
     plt.close(fig)
 
 
