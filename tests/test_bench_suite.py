@@ -120,6 +120,7 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     # the 4-bit model at 50 %: method i's bar spans 50 + i - 0.4 to 50 + i + 0.6 points
     assert {(50 + i - 0.4, 50 + i + 0.6) for i in range(len(R.METHODS))} <= {tuple(round(v, 3) for v in s) for s in spans}
     assert text.get_lines()[0].get_ydata().tolist() == [40.0, 80.0, 120.0]  # the quantized model's text perplexity
+    assert chat.get_lines()[0].get_ydata().tolist() == pytest.approx([math.exp(5.0)] * 3)  # its chat perplexity
     plt.close(fig)
 
 
