@@ -98,6 +98,12 @@ def summarize(spec: dict, recs: list) -> dict:
             "learning_rate": recs[0]["learning_rate"] if recs else spec.get("lr")}
 
 
+def per_seed_change(none: list, noisy: list) -> list[float]:
+    """Noisy minus noise-free, seed by seed (both lists in seed order, as main() builds them): same seed,
+    same batches, so the spread across seeds of this change is smaller than of either value."""
+    return [b - a for a, b in zip(none, noisy)]
+
+
 def markdown(r: dict, preset) -> list[str]:
     lines = ["# Noise scale (bench/noise_scale.py)", ""]
     lr_text = ("GIFT-SW's and full fine-tuning's rates as bench/quality.py's grid chose them ("
@@ -117,10 +123,14 @@ def markdown(r: dict, preset) -> list[str]:
     if r["paired_vs_none"]:
         lines += ["", "Each noisy variant minus its noise-free counterpart, item by item (six-task average, points; "
                   "paired bootstrap 95 % interval over items, each item's difference averaged over the seeds both "
-                  "have):", "", "| variant - none | diff | 95 % interval | seeds | items per seed |", "|---|---|---|---|---|"]
+                  "have), and the held-out perplexity change of each seed against the same seed without noise:", "",
+                  "| variant - none | diff | 95 % interval | seeds | items per seed | held-out ppl change per seed |",
+                  "|---|---|---|---|---|---|"]
         for label, c in r["paired_vs_none"].items():
+            change = per_seed_change(r["variants"][reference(label)]["heldout_ppl_values"],
+                                     r["variants"][label]["heldout_ppl_values"])
             lines.append(f"| {label} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | "
-                         f"{c['seeds']} | {c['items']} |")
+                         f"{c['seeds']} | {c['items']} | {', '.join(f'{d:+.2f}' for d in change)} |")
     lines += ["", "![noise scale](noise_scale.png)"]
     return lines
 

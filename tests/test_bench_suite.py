@@ -74,6 +74,19 @@ def test_noise_scale_plots_perplexity_on_a_log_axis_with_plain_tick_labels():
     plt.close(fig)
 
 
+def test_noise_scale_report_gives_each_seeds_perplexity_change_against_the_same_seed_without_noise():
+    import noise_scale as NS
+
+    def variant(ppls):
+        return {"n_seeds": len(ppls), "heldout_ppl": [sum(ppls) / len(ppls), None], "heldout_ppl_values": ppls,
+                "paper_avg": [0.45, None], "paper_avg_values": [0.45] * len(ppls), "learning_rate": 1e-4}
+    r = {"variants": {"full none": variant([11.0, 11.5]), "full 4-bit": variant([12.5, 12.75])},
+         "paired_vs_none": {"full 4-bit": {"diff": -0.006, "lo": -0.013, "hi": 0.001, "seeds": 2, "items": 90}},
+         "base": None, "learning_rates": None, "command": "bench/noise_scale.py --smoke", "incomplete": []}
+    row = next(line for line in NS.markdown(r, S.PRESETS["smoke"]) if line.startswith("| full 4-bit | -0.6"))
+    assert row.endswith("| 2 | 90 | +1.50, +1.25 |")  # seed 0: 12.5 - 11.0; seed 1: 12.75 - 11.5
+
+
 def _tick_labels(fig, ax) -> list[str]:
     """The y tick labels a reader sees (major and minor, non-empty), after checking none is in 10^x form."""
     fig.canvas.draw()
