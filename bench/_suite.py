@@ -314,13 +314,13 @@ def model_metrics(model, tok, preset: Preset) -> dict:
                          limit=200, seed=0)
     ev = evaluate(model, tok, "paper", limit=preset.eval_limit, subset=preset.eval_subset, return_items=True)
     loss = heldout_loss(model, held, ChatCollator(tok))
-    out = {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
-           "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()}}
-    if preset.eval_subset is not None:
-        from salientft.evaluation.cli_api import sample_records
+    from salientft.evaluation.cli_api import sample_records
 
-        out["items"] = item_outcomes(sample_records(ev))
-    return out
+    # per-item outcomes on every preset, as train_run keeps them: pairing against an untrained
+    # (base or quantized) model must not depend on which preset measured it
+    return {"heldout_loss_before": loss, "heldout_loss_after": loss, "paper_avg": ev["paper_avg"],
+            "tasks": {t: {m: r.get(m) for m in ("acc", "acc_norm", "n")} for t, r in ev["results"].items()},
+            "items": item_outcomes(sample_records(ev))}
 
 
 def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:

@@ -194,6 +194,9 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     row = rec["rows"][0]
     assert set(row["recovered"]) == {"gift-sw", "ste", "lora"} and all(row["recovered"].values())
     assert row["recovered"]["gift-sw"]["trainable_params"] == q["methods"]["gift-sw"]["trainable_params"]
+    assert set(row["paired_vs_quantized"]) == {"gift-sw", "ste", "lora"}
+    assert set(row["paired_vs_gift_sw"]) == {"ste", "lora"}  # the paper's claim, item-paired
+    assert "| 3 | lora | " in (out / "recovery.md").read_text().split("minus GIFT-SW's")[1]
 
     ns = json.loads((out / "noise_scale.json").read_text())
     assert list(ns["variants"]) == ["gift-sw none", "gift-sw 8-bit", "gift-sw 6-bit", "gift-sw 4-bit", "gift-sw 3-bit",
