@@ -10,8 +10,9 @@ METHODS.md §1.6: start from the GPTQ + salient-columns model of bench/quantizat
 each at its default learning rate (GIFT-SW 1e-4, the others 3e-5), same seed and batches; with
 ``--paper500`` each at the rate bench/quality.py's grid chose for its family on the unquantized
 model (GIFT-SW: gift-sw's, STE: full fine-tuning's, LoRA: lora's), since the default rates are far
-from the best at this budget, and every recovered model is compared with the quantized model
-item by item (paired bootstrap 95 % interval of the six-task average's difference). Reported
+from the best at this budget, and every recovered model is compared item by item with the
+quantized model and STE's and LoRA's with GIFT-SW's (paired bootstrap 95 % interval of the
+six-task average's difference). Reported
 beside the quantized model before recovery: held-out text and chat perplexity, the six-task
 average, trainable parameters. The quantized models come from salientft's cache (written by
 bench/quantization.py); a missing one is quantized again here, so the part runs on its own.
