@@ -41,6 +41,11 @@ from salientft.evaluation.tasks import PAPER_METRICS  # noqa: E402
 
 log = logging.getLogger("bench")
 TASK_METRIC = PAPER_METRICS  # the paper's metric per task: what paired comparisons compare
+# BoolQ at 135M sits at its constant-answer floor: nearly every run, trained or not, answers "no" to
+# all (37.4-38.2 % on paper500, the share of "no" labels) while a model whose bias flips to "yes" gets
+# 61 %. One such flip moves the six-task average by 4 points, so paired comparisons also report the
+# other five tasks, to tell a bias flip from a change of ability.
+YES_NO_FLOOR_TASK = "boolq"
 CACHE_VERSION = 1  # bump when a change to salientft invalidates cached results
 
 
@@ -274,8 +279,9 @@ def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
 def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: int = 0) -> dict | None:
     """Six-task average of b minus a, item by item: the difference and a paired percentile bootstrap
     95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng), each
-    item's difference its mean over the matched seeds. ``recs_*``: lists of run results (one per
-    seed, in seed order) with per-item outcomes; None when they have none."""
+    item's difference its mean over the matched seeds; the same for the five tasks without BoolQ
+    (``without_boolq``, see YES_NO_FLOOR_TASK). ``recs_*``: lists of run results (one per seed, in
+    seed order) with per-item outcomes; None when they have none."""
     from salientft.evaluation.paired import paired_bootstrap_differences
 
     found = item_differences(recs_a, recs_b)
@@ -283,8 +289,22 @@ def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: i
         return None
     sums, n_seeds = found
     boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
+    rest = paired_bootstrap_differences({t: d for t, d in sums.items() if t != YES_NO_FLOOR_TASK},
+                                        scale=n_seeds, resamples=resamples, seed=seed)
     return {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds, "items": boot["n"],
-            "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds) for t in TASK_METRIC}}
+            "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds) for t in TASK_METRIC},
+            f"without_{YES_NO_FLOOR_TASK}": {k: rest[k] for k in ("diff", "lo", "hi")}}
+
+
+PAIRED_HEAD = "diff | 95 % interval | without BoolQ"  # the table columns paired_cells fills
+
+
+def paired_cells(c: dict) -> str:
+    """A paired difference as table cells (points): the six-task difference, its interval, and the five
+    tasks without BoolQ as "diff [lo, hi]" ("-" for records from before that was kept)."""
+    five = c.get(f"without_{YES_NO_FLOOR_TASK}")
+    rest = f"{100 * five['diff']:+.1f} [{100 * five['lo']:+.1f}, {100 * five['hi']:+.1f}]" if five else "-"
+    return f"{100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {rest}"
 
 
 def paired_table(pairs, resamples: int = 2000, seed: int = 0) -> dict:

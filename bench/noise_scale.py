@@ -124,13 +124,13 @@ def markdown(r: dict, preset) -> list[str]:
         lines += ["", "Each noisy variant minus its noise-free counterpart, item by item (six-task average, points; "
                   "paired bootstrap 95 % interval over items, each item's difference averaged over the seeds both "
                   "have), and the held-out perplexity change of each seed against the same seed without noise:", "",
-                  "| variant - none | diff | 95 % interval | seeds | items per seed | held-out ppl change per seed |",
-                  "|---|---|---|---|---|---|"]
+                  f"| variant - none | {S.PAIRED_HEAD} | seeds | items per seed | held-out ppl change per seed |",
+                  "|---|---|---|---|---|---|---|"]
         for label, c in r["paired_vs_none"].items():
             change = per_seed_change(r["variants"][reference(label)]["heldout_ppl_values"],
                                      r["variants"][label]["heldout_ppl_values"])
-            lines.append(f"| {label} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | "
-                         f"{c['seeds']} | {c['items']} | {', '.join(f'{d:+.2f}' for d in change)} |")
+            lines.append(f"| {label} | {S.paired_cells(c)} | {c['seeds']} | {c['items']} | "
+                         f"{', '.join(f'{d:+.2f}' for d in change)} |")
     lines += ["", "![noise scale](noise_scale.png)"]
     return lines
 

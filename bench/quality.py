@@ -234,16 +234,14 @@ def markdown(r: dict, preset) -> list[str]:
     if r.get("paired_vs_gift_sw"):
         lines += ["", "Each method minus GIFT-SW, item by item (six-task average, points; paired bootstrap 95 % "
                   "interval over items, each item's difference averaged over the seeds both have):", "",
-                  "| method - gift-sw | diff | 95 % interval | seeds | items per seed |", "|---|---|---|---|---|"]
+                  f"| method - gift-sw | {S.PAIRED_HEAD} | seeds | items per seed |", "|---|---|---|---|---|---|"]
         for m, c in r["paired_vs_gift_sw"].items():
-            lines.append(f"| {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | "
-                         f"{c['seeds']} | {c['items']} |")
+            lines.append(f"| {m} | {S.paired_cells(c)} | {c['seeds']} | {c['items']} |")
     if r.get("paired_claims"):
         lines += ["", "The papers' other comparisons, item by item (first minus second, same bootstrap):", "",
-                  "| pair | claim | diff | 95 % interval | seeds | items per seed |", "|---|---|---|---|---|---|"]
+                  f"| pair | claim | {S.PAIRED_HEAD} | seeds | items per seed |", "|---|---|---|---|---|---|---|"]
         for pair, c in r["paired_claims"].items():
-            lines.append(f"| {pair} | {c['claim']} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, "
-                         f"{100 * c['hi']:+.1f}] | {c['seeds']} | {c['items']} |")
+            lines.append(f"| {pair} | {c['claim']} | {S.paired_cells(c)} | {c['seeds']} | {c['items']} |")
     lines += ["", "![quality](quality.png)"]
     return lines
 

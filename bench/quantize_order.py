@@ -153,9 +153,8 @@ def markdown(r: dict, preset) -> list[str]:
     if paired:
         lines += ["", "Differences item by item (six-task average, points; paired bootstrap 95 % interval over items, "
                   "each item's difference averaged over the seeds both have):", "",
-                  "| bits | comparison | diff | 95 % interval | seeds |", "|---|---|---|---|---|"]
-        lines += [f"| {b} | {name} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {c['seeds']} |"
-                  for b, name, c in paired]
+                  f"| bits | comparison | {S.PAIRED_HEAD} | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {name} | {S.paired_cells(c)} | {c['seeds']} |" for b, name, c in paired]
     lines += ["", "![quantize order](quantize_order.png)"]
     return lines
 

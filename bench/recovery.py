@@ -129,16 +129,14 @@ def markdown(r: dict, preset) -> list[str]:
     if paired:
         lines += ["", "Recovered minus quantized, item by item (six-task average, points; paired bootstrap 95 % "
                   "interval over the items of each task):", "",
-                  "| bits | method | diff | 95 % interval | items |", "|---|---|---|---|---|"]
-        lines += [f"| {b} | {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {c['items']} |"
-                  for b, m, c in paired]
+                  f"| bits | method | {S.PAIRED_HEAD} | items |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['items']} |" for b, m, c in paired]
     versus = [(e["bits"], m, c) for e in r["rows"] for m, c in (e.get("paired_vs_gift_sw") or {}).items()]
     if versus:
         lines += ["", "Each other recovery minus GIFT-SW's, item by item (the paper's claim is that GIFT-SW "
                   "recovers best; six-task average, points, paired bootstrap 95 % interval):", "",
-                  "| bits | method - gift-sw | diff | 95 % interval | items |", "|---|---|---|---|---|"]
-        lines += [f"| {b} | {m} | {100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {c['items']} |"
-                  for b, m, c in versus]
+                  f"| bits | method - gift-sw | {S.PAIRED_HEAD} | items |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['items']} |" for b, m, c in versus]
     lines += ["", "Sizes count every tensor of the model as stored (LoRA: plus its adapter; STE: after rounding "
               "back onto the quantized grid).", "", "![recovery](recovery.png)"]
     return lines

@@ -327,6 +327,22 @@ def test_paired_table_keeps_only_pairs_whose_runs_carry_items():
     assert S.paired_table([]) == {}
 
 
+def test_paired_difference_also_reports_the_five_tasks_without_boolq():
+    """A yes/no bias flip on BoolQ alone (here: every BoolQ item lost) must not hide the other five."""
+    tasks = list(S.TASK_METRIC)
+    a = {t: "0" * 40 for t in tasks}
+    b = {t: ("0" if t == "boolq" else "1") * 20 + "0" * 20 for t in tasks}
+    a["boolq"] = "1" * 40
+    out = S.paired_difference([_record(2.0, a)], [_record(2.0, b)], resamples=200)
+    assert out["per_task"]["boolq"] == pytest.approx(-1.0)
+    assert out["diff"] == pytest.approx((5 * 0.5 - 1.0) / 6)  # the six-task average: +0.25
+    five = out["without_boolq"]
+    assert five["diff"] == pytest.approx(0.5) and five["lo"] <= 0.5 <= five["hi"] and five["lo"] > out["hi"]
+    cells = S.paired_cells(out).split(" | ")
+    assert cells[0] == "+25.0" and cells[2].startswith("+50.0 [") and len(cells) == len(S.PAIRED_HEAD.split(" | "))
+    assert S.paired_cells({"diff": 0.01, "lo": 0.0, "hi": 0.02}).endswith("| -")  # a record from before
+
+
 def test_item_outcomes_are_the_same_from_records_and_from_their_samples_file(tmp_path):
     from salientft.evaluation.cli_api import write_samples
 
