@@ -46,6 +46,7 @@ TASK_METRIC = PAPER_METRICS  # the paper's metric per task: what paired comparis
 # 61 %. One such flip moves the six-task average by 4 points, so paired comparisons also report the
 # other five tasks, to tell a bias flip from a change of ability.
 YES_NO_FLOOR_TASK = "boolq"
+WITHOUT_FLOOR = f"without_{YES_NO_FLOOR_TASK}"  # the key of that five-task interval in a paired result
 CACHE_VERSION = 1  # bump when a change to salientft invalidates cached results
 
 
@@ -293,7 +294,7 @@ def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: i
                                         scale=n_seeds, resamples=resamples, seed=seed)
     return {"diff": boot["diff"], "lo": boot["lo"], "hi": boot["hi"], "seeds": n_seeds, "items": boot["n"],
             "per_task": {t: int(sums[t].sum()) / (sums[t].size * n_seeds) for t in TASK_METRIC},
-            f"without_{YES_NO_FLOOR_TASK}": {k: rest[k] for k in ("diff", "lo", "hi")}}
+            WITHOUT_FLOOR: {k: rest[k] for k in ("diff", "lo", "hi")}}
 
 
 PAIRED_HEAD = "diff | 95 % interval | without BoolQ"  # the table columns paired_cells fills
@@ -302,7 +303,7 @@ PAIRED_HEAD = "diff | 95 % interval | without BoolQ"  # the table columns paired
 def paired_cells(c: dict) -> str:
     """A paired difference as table cells (points): the six-task difference, its interval, and the five
     tasks without BoolQ as "diff [lo, hi]" ("-" for records from before that was kept)."""
-    five = c.get(f"without_{YES_NO_FLOOR_TASK}")
+    five = c.get(WITHOUT_FLOOR)
     rest = f"{100 * five['diff']:+.1f} [{100 * five['lo']:+.1f}, {100 * five['hi']:+.1f}]" if five else "-"
     return f"{100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {rest}"
 
@@ -427,8 +428,6 @@ def base_reference(ax, base: float | None, values: list[float], label: str = "ba
 def log_axis(ax) -> None:
     """A log y axis for perplexities (a ratio scale: 37 beside 11-12 must not flatten 11 vs 12), labelled
     "12" rather than "1.2x10^1"; within a decade every minor tick is named, over a few only 2 and 5."""
-    import math
-
     from matplotlib.ticker import FuncFormatter
 
     def minor(v, _):
