@@ -425,6 +425,16 @@ def base_reference(ax, base: float | None, values: list[float], label: str = "ba
     return False
 
 
+def tick_text(v: float) -> str:
+    """A log-axis tick as a reader writes it: "12", "5000", and from 10,000 up a power of ten ("10^8"
+    in mathtext) or "2x10^5", never Python's "1e+08"."""
+    if v < 1e4:
+        return f"{v:g}"
+    exponent = math.floor(math.log10(v) + 1e-9)
+    mantissa = round(v / 10 ** exponent)
+    return f"$10^{{{exponent}}}$" if mantissa == 1 else f"${mantissa}\\times10^{{{exponent}}}$"
+
+
 def log_axis(ax) -> None:
     """A log y axis for perplexities (a ratio scale: 37 beside 11-12 must not flatten 11 vs 12), labelled
     "12" rather than "1.2x10^1"; within a decade every minor tick is named, over a few only 2 and 5."""
@@ -434,10 +444,10 @@ def log_axis(ax) -> None:
         lo, hi = ax.get_ylim()
         decades = math.log10(hi / lo) if lo > 0 else math.inf
         mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
-        return f"{v:g}" if decades <= 1.2 or (decades <= 3 and mantissa in (2, 5)) else ""
+        return tick_text(v) if decades <= 1.2 or (decades <= 3 and mantissa in (2, 5)) else ""
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_text(v)))
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 

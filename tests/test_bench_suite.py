@@ -88,13 +88,14 @@ def test_noise_scale_report_gives_each_seeds_perplexity_change_against_the_same_
 
 
 def _tick_labels(fig, ax) -> list[str]:
-    """The y tick labels a reader sees (major and minor, non-empty), after checking none is in 10^x form."""
+    """The y tick labels a reader sees (major and minor, non-empty), after checking none is in Python's
+    "1e+08" form and none under 10,000 is in 10^x form."""
     fig.canvas.draw()
     lo, hi = ax.get_ylim()
-    shown = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()
+    ticks = [(t.get_text(), t.get_position()[1]) for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()
              if t.get_text() and lo <= t.get_position()[1] <= hi]
-    assert all("10^" not in t and "times" not in t for t in shown), shown
-    return shown
+    assert all("e+" not in t and (v >= 1e4 or ("10^" not in t and "times" not in t)) for t, v in ticks), ticks
+    return [t for t, _ in ticks]
 
 
 def test_log_axis_names_every_minor_tick_within_a_decade_and_only_2_and_5_over_several():
@@ -107,6 +108,19 @@ def test_log_axis_names_every_minor_tick_within_a_decade_and_only_2_and_5_over_s
     assert {"20", "30"} <= set(_tick_labels(fig, narrow))
     wide_labels = set(_tick_labels(fig, wide))
     assert {"50", "100", "200", "500", "1000"} <= wide_labels and not {"300", "400", "700"} & wide_labels
+    plt.close(fig)
+
+
+def test_log_axis_writes_perplexities_from_10000_as_powers_of_ten_not_1e_plus_08():
+    """A 2-bit quantized model's chat perplexity (5.6e7) beside recovered ones (12-90): the labels a
+    reader sees are "10", "100", ..., then 10^4 to 10^8 in mathtext, and none in Python's e+ form."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [12.0, 5.6e7])
+    S.log_axis(ax)
+    labels = _tick_labels(fig, ax)
+    assert {"100", "1000", "$10^{4}$", "$10^{7}$"} <= set(labels), labels
+    assert S.tick_text(2e5) == "$2\\times10^{5}$" and S.tick_text(2.5) == "2.5"
     plt.close(fig)
 
 
