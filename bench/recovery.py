@@ -15,7 +15,9 @@ quantized model and STE's and LoRA's with GIFT-SW's (paired bootstrap 95 % inter
 six-task average's difference). Reported
 beside the quantized model before recovery: held-out text and chat perplexity, the six-task
 average, trainable parameters. The quantized models come from salientft's cache (written by
-bench/quantization.py); a missing one is quantized again here, so the part runs on its own.
+bench/quantization.py); a missing one is quantized again here, so the part runs on its own. This
+part trains seed 0 of each method; other seeds already in the cache (bench/quantize_order.py
+recovers GIFT-SW with every seed) join the method's row and its paired intervals.
 
     .venv/bin/python bench/recovery.py            # 3 bit widths x 3 methods (about 35 min), docs/results/recovery.*
     .venv/bin/python bench/recovery.py --quick    # 3 bits only
@@ -59,15 +61,22 @@ def text_ppl_of(preset: S.Preset, qs: Q.QuantSetting):
     return post
 
 
-def recover(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
-            seed: int = 0) -> dict | None:
-    """The cached or new record of ``method`` recovering the GPTQ + salient model at ``bits``."""
+def recovery_spec(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+                  seed: int) -> dict:
+    """The cache key of ``method`` recovering the GPTQ + salient model at ``bits`` with ``seed``."""
     q_spec = Q.spec_for(qs, "gptq+salient", bits)
     spec = {"method": method, "seed": seed, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(runs.preset, q_spec)}
     if method == "lora":
         spec["lora_r"] = rank
     if lrs is not None:
         spec["lr"] = lrs[method]
+    return spec
+
+
+def recover(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+            seed: int = 0) -> dict | None:
+    """The cached or new record of ``method`` recovering the GPTQ + salient model at ``bits``."""
+    spec = recovery_spec(runs, qs, bits, method, rank, lrs, seed)
     if runs.cached(spec) is None and not runs.over_budget():
         extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
     else:
@@ -83,16 +92,19 @@ def main(argv=None) -> int:
     for bits in args.bits or qs.bits:
         q_spec = Q.spec_for(qs, "gptq+salient", bits)
         start = runs.get(q_spec, lambda: Q.quantize_one(preset, qs, "gptq+salient", bits, Q.saved_dir(preset, qs, bits)))
-        entry = {"bits": bits, "quantized": None if start is None else start["result"], "recovered": {}}
+        entry = {"bits": bits, "quantized": None if start is None else start["result"], "recovered": {}, "seeds": {}}
+        every_seed = {}
         for method in METHODS:
             rec = recover(runs, qs, bits, method, rank, lrs)
             entry["recovered"][method] = None if rec is None else rec["result"]
+            every_seed[method] = further_seeds(runs, qs, bits, method, rank, lrs, rec)
+            entry["seeds"][method] = summarize(every_seed[method])
+        quantized = entry["quantized"]  # one deterministic model, paired with every seed of a recovery
         entry["paired_vs_quantized"] = S.paired_table(
-            (m, [entry["quantized"]], [res]) for m, res in entry["recovered"].items()
-            if res is not None and entry["quantized"] is not None)
-        gift = entry["recovered"]["gift-sw"]  # the paper's claim: GIFT-SW recovers better than STE and LoRA
+            (m, [quantized] * len(res), res) for m, res in every_seed.items() if res and quantized is not None)
+        gift = every_seed["gift-sw"]  # the paper's claim: GIFT-SW recovers better than STE and LoRA
         entry["paired_vs_gift_sw"] = S.paired_table(
-            (m, [gift], [res]) for m, res in entry["recovered"].items() if m != "gift-sw" and res and gift)
+            (m, gift, res) for m, res in every_seed.items() if m != "gift-sw" and res and gift)
         table.append(entry)
     command = S.report_command("recovery.py", argv)
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
@@ -100,6 +112,29 @@ def main(argv=None) -> int:
               "machine": S.machine()}
     S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result))
     return 0
+
+
+def further_seeds(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+                  first: dict | None) -> list[dict]:
+    """The results of ``method``'s recovery for the preset's seeds in order, from ``first`` (seed 0,
+    trained here) and then the other seeds *already cached* (bench/quantize_order.py recovers GIFT-SW
+    with every seed; this part trains only seed 0), up to the first seed missing, so that seed lists
+    pair seed by seed."""
+    found = []
+    for i, seed in enumerate(runs.preset.seeds):
+        rec = first if i == 0 else runs.cached(recovery_spec(runs, qs, bits, method, rank, lrs, seed))
+        if rec is None:
+            break
+        found.append(rec["result"])
+    return found
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean and seed spread of each measure over a recovery's seeds (spread None for one seed)."""
+    return {"n_seeds": len(results),
+            "text_ppl": S.mean_std([r.get("text_ppl") for r in results])[:2],
+            "heldout_ppl": S.mean_std([S.ppl(r["heldout_loss_after"]) for r in results])[:2],
+            "paper_avg": S.mean_std([r["paper_avg"] for r in results])[:2]}
 
 
 def markdown(r: dict, preset) -> list[str]:
@@ -111,32 +146,36 @@ def markdown(r: dict, preset) -> list[str]:
               f"(GIFT-SW trains {r['gift_trainable']:,} weights). Text ppl: SciQ support paragraphs; chat ppl: "
               "held-out chats; six-task average in %." + (" Learning rates (chosen by bench/quality.py's grid): " + ", ".join(
                   f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + "." if r.get("learning_rates") else ""), "",
-              "| bits | model | trainable | text ppl | chat ppl | six-task avg | size (MiB) |", "|---|---|---|---|---|---|---|"]
+              "Recovered rows: mean ± std over the seeds run (this part trains seed 0; bench/quantize_order.py "
+              "adds GIFT-SW's other seeds).", "",
+              "| bits | model | trainable | seeds | text ppl | chat ppl | six-task avg | size (MiB) |",
+              "|---|---|---|---|---|---|---|---|"]
     mb = 2 ** 20
     for e in r["rows"]:
         q = e["quantized"]
         if q:
-            lines.append(f"| {e['bits']} | quantized, no training | 0 | {q['text_ppl']:.2f} | "
+            lines.append(f"| {e['bits']} | quantized, no training | 0 | - | {q['text_ppl']:.2f} | "
                          f"{S.ppl(q['heldout_loss_after']):.3f} | {S.fmt(q['paper_avg'], scale=100)} | {q['model_bytes'] / mb:.1f} |")
         for m, res in e["recovered"].items():
             if res is None:
-                lines.append(f"| {e['bits']} | + {m} | not run | - | - | - | - |")
+                lines.append(f"| {e['bits']} | + {m} | not run | - | - | - | - | - |")
                 continue
-            lines.append(f"| {e['bits']} | + {m} | {res['trainable_params']:,} | {res['text_ppl']:.2f} | "
-                         f"{S.ppl(res['heldout_loss_after']):.3f} | {S.fmt(res['paper_avg'], scale=100)} | "
-                         f"{res['model_bytes'] / mb:.1f} |")
+            s = e["seeds"][m]
+            lines.append(f"| {e['bits']} | + {m} | {res['trainable_params']:,} | {s['n_seeds']} | "
+                         f"{S.fmt(*s['text_ppl'], spec='.2f')} | {S.fmt(*s['heldout_ppl'], spec='.3f')} | "
+                         f"{S.fmt(*s['paper_avg'], scale=100)} | {res['model_bytes'] / mb:.1f} |")
     paired = [(e["bits"], m, c) for e in r["rows"] for m, c in (e.get("paired_vs_quantized") or {}).items() if c]
     if paired:
         lines += ["", "Recovered minus quantized, item by item (six-task average, points; paired bootstrap 95 % "
-                  "interval over the items of each task):", "",
-                  f"| bits | method | {S.PAIRED_HEAD} | items |", "|---|---|---|---|---|---|"]
-        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['items']} |" for b, m, c in paired]
+                  "interval over the items of each task; each item's difference averaged over the recovery's seeds):", "",
+                  f"| bits | method | {S.PAIRED_HEAD} | seeds | items |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['seeds']} | {c['items']} |" for b, m, c in paired]
     versus = [(e["bits"], m, c) for e in r["rows"] for m, c in (e.get("paired_vs_gift_sw") or {}).items()]
     if versus:
         lines += ["", "Each other recovery minus GIFT-SW's, item by item (the paper's claim is that GIFT-SW "
                   "recovers best; six-task average, points, paired bootstrap 95 % interval):", "",
-                  f"| bits | method - gift-sw | {S.PAIRED_HEAD} | items |", "|---|---|---|---|---|---|"]
-        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['items']} |" for b, m, c in versus]
+                  f"| bits | method - gift-sw | {S.PAIRED_HEAD} | seeds | items |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {S.paired_cells(c)} | {c['seeds']} | {c['items']} |" for b, m, c in versus]
     lines += ["", "Sizes count every tensor of the model as stored (LoRA: plus its adapter; STE: after rounding "
               "back onto the quantized grid).", "", "![recovery](recovery.png)"]
     return lines
@@ -157,8 +196,8 @@ def plot(r: dict):
                 return None
             return {"chat": S.ppl(res["heldout_loss_after"]), "text": res["text_ppl"], "avg": 100 * res["paper_avg"]}[key]
         series = {"quantized": [value(e["quantized"]) for e in r["rows"]]}
-        for m in METHODS:
-            series[f"+ {m}"] = [value(e["recovered"].get(m)) for e in r["rows"]]
+        for m in METHODS:  # a recovery's point is its mean over seeds, as its paired interval is
+            series[f"+ {m}"] = [seed_mean(e, m, key) for e in r["rows"]]
         for i, (name, ys) in enumerate(series.items()):
             # on the average, methods sit side by side so their interval bars do not hide each other
             dx = 0.0 if key != "avg" or name == "quantized" else 0.06 * (i - 2)
@@ -179,6 +218,15 @@ def plot(r: dict):
                  + (" (bars: paired 95 % interval against the quantized model)" if any(
                      e.get("paired_vs_quantized") for e in r["rows"]) else ""))
     return fig
+
+
+def seed_mean(entry: dict, method: str, key: str) -> float | None:
+    """A recovery's mean over its seeds on one plotted measure ("chat", "text" or "avg")."""
+    s = entry["seeds"].get(method)
+    if not s or not s["n_seeds"]:
+        return None
+    field = {"chat": "heldout_ppl", "text": "text_ppl", "avg": "paper_avg"}[key]
+    return s[field][0] * (100 if key == "avg" else 1)
 
 
 def _paired_bars(ax, rows: list, method: str, color: int, dx: float):

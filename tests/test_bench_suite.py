@@ -133,10 +133,13 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     rows = []
     for bits, q_avg in ((4, 0.50), (3, 0.45), (2, 0.40)):
         recovered = {m: res(3.0 + i, 30.0 * (5 - bits), q_avg + 0.01 * i) for i, m in enumerate(R.METHODS)}
+        seeds = {m: R.summarize([r]) for m, r in recovered.items()}
+        # GIFT-SW with a second seed 0.02 higher on the average: its point is the mean of the two
+        seeds["gift-sw"] = R.summarize([recovered["gift-sw"], res(3.0, 30.0 * (5 - bits), q_avg + 0.02)])
         paired = {m: {"diff": 0.01 * i, "lo": 0.01 * i - 0.004, "hi": 0.01 * i + 0.006, "items": 100}
                   for i, m in enumerate(R.METHODS)}
         rows.append({"bits": bits, "quantized": res(5.0, 40.0 * (5 - bits), q_avg), "recovered": recovered,
-                     "paired_vs_quantized": paired})
+                     "seeds": seeds, "paired_vs_quantized": paired})
     fig = R.plot({"rows": rows, "settings": {"model": "m"}})
     chat, text, avg = fig.axes
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
@@ -148,7 +151,36 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     assert {(50 + i - 0.4, 50 + i + 0.6) for i in range(len(R.METHODS))} <= {tuple(round(v, 3) for v in s) for s in spans}
     assert text.get_lines()[0].get_ydata().tolist() == [40.0, 80.0, 120.0]  # the quantized model's text perplexity
     assert chat.get_lines()[0].get_ydata().tolist() == pytest.approx([math.exp(5.0)] * 3)  # its chat perplexity
+    assert avg.get_lines()[1].get_ydata().tolist() == pytest.approx([51.0, 46.0, 41.0])  # GIFT-SW's seed mean
     plt.close(fig)
+
+
+def test_recovery_pairs_every_cached_seed_of_a_method_up_to_the_first_missing_one(tmp_path):
+    """recovery.py trains seed 0; quantize_order.py recovers GIFT-SW with the other seeds, and those
+    cached runs join GIFT-SW's row and its paired intervals. A gap stops the list, so the seeds of two
+    methods still pair seed by seed."""
+    import quantization as Q
+    import recovery as R
+
+    preset = S.PRESETS["paper500"]  # seeds 0, 1, 2
+    runs, qs = S.Runs(preset, tmp_path, max_minutes=0), Q.QUANT["paper500"]
+    lrs = {"gift-sw": 3e-4, "ste": 1e-4, "lora": 1e-3}
+
+    def cache(method, seed, avg):
+        spec = R.recovery_spec(runs, qs, 3, method, 8, lrs, seed)
+        S.write_json(runs.path(spec), {"spec": spec, "result": {"heldout_loss_after": 2.0, "paper_avg": avg}})
+        return runs.cached(spec)
+    first = cache("gift-sw", 0, 0.40)
+    cache("gift-sw", 1, 0.44)
+    cache("gift-sw", 2, 0.45)
+    cache("ste", 2, 0.50)  # seed 2 without seed 1: not used
+    gift = R.further_seeds(runs, qs, 3, "gift-sw", 8, lrs, first)
+    assert [r["paper_avg"] for r in gift] == [0.40, 0.44, 0.45]
+    assert R.summarize(gift)["n_seeds"] == 3 and R.summarize(gift)["paper_avg"][0] == pytest.approx(0.43)
+    ste_first = {"result": {"heldout_loss_after": 2.0, "paper_avg": 0.41}}
+    assert [r["paper_avg"] for r in R.further_seeds(runs, qs, 3, "ste", 8, lrs, ste_first)] == [0.41]
+    assert R.further_seeds(runs, qs, 3, "lora", 8, lrs, None) == []
+    assert runs.skipped == []  # nothing trained or attempted
 
 
 def test_cache_reuses_finished_runs_and_respects_the_budget(tmp_path):
@@ -231,6 +263,12 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     _run([str(BENCH / "quality.py"), "--smoke", "--out", str(out)], BENCH.parent)
     _run([str(BENCH / "noise_scale.py"), "--smoke", "--out", str(out)], BENCH.parent)
+    # quantize_order recovered GIFT-SW with seed 1 too: a rerun of recovery pairs both seeds
+    _run([str(BENCH / "recovery.py"), "--smoke", "--out", str(out)], BENCH.parent)
+    rec = json.loads((out / "recovery.json").read_text())
+    assert [rec["rows"][0]["seeds"][m]["n_seeds"] for m in ("gift-sw", "ste", "lora")] == [2, 1, 1]
+    assert rec["rows"][0]["paired_vs_quantized"]["gift-sw"]["seeds"] == 2
+    assert rec["rows"][0]["paired_vs_gift_sw"]["ste"]["seeds"] == 1
     assert sorted((out / "runs" / "smoke").glob("*.json")) == cache
     assert all(p.stat().st_mtime_ns == stamps[p] for p in cache)  # nothing retrained
 
