@@ -373,6 +373,15 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)), len(vals)
 
 
+def seed_summary(results: list[dict]) -> dict:
+    """Mean and seed spread (None for one seed) of a quantized or recovered model's measures over its
+    seeds: six-task average, held-out chat perplexity, text perplexity (None where not measured)."""
+    return {"n_seeds": len(results),
+            "paper_avg": mean_std([r["paper_avg"] for r in results])[:2],
+            "heldout_ppl": mean_std([ppl(r["heldout_loss_after"]) for r in results])[:2],
+            "text_ppl": mean_std([r.get("text_ppl") for r in results])[:2]}
+
+
 def differs(a: list[float], b: list[float], z: float = 2.0) -> tuple[float | None, float | None, bool | None]:
     """(mean(a) - mean(b), its standard error over seeds, |diff| > z * SE). SE needs >= 2 seeds each."""
     ma, sa, na = mean_std(a)

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     for b in bits_list:
         recs = records[b]
         noisy, plain, recov = (recs[k] for k in (*TRAINED, RECOVERED))
-        rows.append({"bits": b, "models": {label: summarize(v) for label, v in recs.items()},
+        rows.append({"bits": b, "models": {label: S.seed_summary(v) for label, v in recs.items()},
                      "paired": S.paired_table((("noise - no noise (both then quantized)", plain, noisy),
                                                ("quantize-then-train - noise-then-quantize", noisy, recov)))})
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
@@ -127,13 +127,6 @@ def main(argv=None) -> int:
               "machine": S.machine()}
     S.write_report(out, "quantize_order", result, markdown(result, preset), lambda: plot(result))
     return 0
-
-
-def summarize(recs: list) -> dict:
-    return {"n_seeds": len(recs),
-            "paper_avg": S.mean_std([r["paper_avg"] for r in recs])[:2],
-            "heldout_ppl": S.mean_std([S.ppl(r["heldout_loss_after"]) for r in recs])[:2],
-            "text_ppl": S.mean_std([r.get("text_ppl") for r in recs])[:2]}
 
 
 def markdown(r: dict, preset) -> list[str]:

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             rec = recover(runs, qs, bits, method, rank, lrs)
             entry["recovered"][method] = None if rec is None else rec["result"]
             every_seed[method] = further_seeds(runs, qs, bits, method, rank, lrs, rec)
-            entry["seeds"][method] = summarize(every_seed[method])
+            entry["seeds"][method] = S.seed_summary(every_seed[method])
         quantized = entry["quantized"]  # one deterministic model, paired with every seed of a recovery
         entry["paired_vs_quantized"] = S.paired_table(
             (m, [quantized] * len(res), res) for m, res in every_seed.items() if res and quantized is not None)
@@ -127,14 +127,6 @@ def further_seeds(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank
             break
         found.append(rec["result"])
     return found
-
-
-def summarize(results: list[dict]) -> dict:
-    """Mean and seed spread of each measure over a recovery's seeds (spread None for one seed)."""
-    return {"n_seeds": len(results),
-            "text_ppl": S.mean_std([r.get("text_ppl") for r in results])[:2],
-            "heldout_ppl": S.mean_std([S.ppl(r["heldout_loss_after"]) for r in results])[:2],
-            "paper_avg": S.mean_std([r["paper_avg"] for r in results])[:2]}
 
 
 def markdown(r: dict, preset) -> list[str]:

@@ -133,9 +133,9 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     rows = []
     for bits, q_avg in ((4, 0.50), (3, 0.45), (2, 0.40)):
         recovered = {m: res(3.0 + i, 30.0 * (5 - bits), q_avg + 0.01 * i) for i, m in enumerate(R.METHODS)}
-        seeds = {m: R.summarize([r]) for m, r in recovered.items()}
+        seeds = {m: S.seed_summary([r]) for m, r in recovered.items()}
         # GIFT-SW with a second seed 0.02 higher on the average: its point is the mean of the two
-        seeds["gift-sw"] = R.summarize([recovered["gift-sw"], res(3.0, 30.0 * (5 - bits), q_avg + 0.02)])
+        seeds["gift-sw"] = S.seed_summary([recovered["gift-sw"], res(3.0, 30.0 * (5 - bits), q_avg + 0.02)])
         paired = {m: {"diff": 0.01 * i, "lo": 0.01 * i - 0.004, "hi": 0.01 * i + 0.006, "items": 100}
                   for i, m in enumerate(R.METHODS)}
         rows.append({"bits": bits, "quantized": res(5.0, 40.0 * (5 - bits), q_avg), "recovered": recovered,
@@ -176,7 +176,7 @@ def test_recovery_pairs_every_cached_seed_of_a_method_up_to_the_first_missing_on
     cache("ste", 2, 0.50)  # seed 2 without seed 1: not used
     gift = R.further_seeds(runs, qs, 3, "gift-sw", 8, lrs, first)
     assert [r["paper_avg"] for r in gift] == [0.40, 0.44, 0.45]
-    assert R.summarize(gift)["n_seeds"] == 3 and R.summarize(gift)["paper_avg"][0] == pytest.approx(0.43)
+    assert S.seed_summary(gift)["n_seeds"] == 3 and S.seed_summary(gift)["paper_avg"][0] == pytest.approx(0.43)
     ste_first = {"result": {"heldout_loss_after": 2.0, "paper_avg": 0.41}}
     assert [r["paper_avg"] for r in R.further_seeds(runs, qs, 3, "ste", 8, lrs, ste_first)] == [0.41]
     assert R.further_seeds(runs, qs, 3, "lora", 8, lrs, None) == []
