@@ -164,14 +164,14 @@ def plot(r: dict):
         shown = []
         for i, label in enumerate(labels):
             pts = [(b, row["models"][label][key]) for b, row in zip(bits, r["rows"]) if row["models"][label][key][0] is not None]
-            if pts:
-                ax.errorbar([b for b, _ in pts], [m * scale for _, (m, _) in pts],
+            if pts:  # the orders side by side, so their seed-spread bars do not hide each other
+                ax.errorbar([b + 0.05 * (i - 1) for b, _ in pts], [m * scale for _, (m, _) in pts],
                             yerr=[(s or 0) * scale for _, (_, s) in pts], marker="o", capsize=3, label=label, color=f"C{i}")
                 shown += [m for _, (m, _) in pts]
         ax.set_xticks(bits)
         ax.invert_xaxis()
         if log and shown and max(shown) > 5 * min(shown):  # a log axis only where the values span one
-            ax.set_yscale("log")
+            S.log_axis(ax)
             name = name + " (log)"
         ax.set_ylabel(name)
         ax.set_xlabel("bits")

@@ -155,6 +155,26 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     plt.close(fig)
 
 
+def test_quantize_order_plot_labels_its_log_axes_plainly_and_sets_the_orders_side_by_side():
+    """2-bit perplexities (170-420) beside 4-bit ones (15-23) need a log axis; its ticks read "20",
+    "200", not "2x10^2", and the three orders' bars sit apart at each width."""
+    import matplotlib.pyplot as plt
+    import quantize_order as O
+
+    def model(text, chat, avg):
+        return {"n_seeds": 2, "text_ppl": [text, 0.5], "heldout_ppl": [chat, 0.5], "paper_avg": [avg, 0.01]}
+    labels = [*O.TRAINED, O.RECOVERED]
+    rows = [{"bits": b, "models": {lab: model(t, c + 5 * i, a) for i, lab in enumerate(labels)}}
+            for b, t, c, a in ((4, 23.0, 15.0, 0.45), (3, 37.0, 23.0, 0.44), (2, 416.0, 170.0, 0.36))]
+    fig = O.plot({"rows": rows, "settings": {"model": "m"}})
+    text, chat, avg = fig.axes
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log", "linear"]
+    assert {"20", "50", "100", "200"} <= set(_tick_labels(fig, text))
+    xs = {round(float(x), 2) for line in avg.get_lines() for x in line.get_xdata()}
+    assert {3.95, 4.0, 4.05, 1.95, 2.0, 2.05} <= xs
+    plt.close(fig)
+
+
 def test_recovery_pairs_every_cached_seed_of_a_method_up_to_the_first_missing_one(tmp_path):
     """recovery.py trains seed 0; quantize_order.py recovers GIFT-SW with the other seeds, and those
     cached runs join GIFT-SW's row and its paired intervals. A gap stops the list, so the seeds of two
