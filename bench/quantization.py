@@ -215,7 +215,7 @@ def plot(r: dict):
         ax.set_xticks(bits)
         ax.invert_xaxis()
         if log:
-            ax.set_yscale("log")
+            S.log_axis(ax)
         ax.set_xlabel("bits")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
