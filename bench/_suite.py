@@ -283,12 +283,28 @@ def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: i
     item's difference its mean over the matched seeds; the same for the five tasks without BoolQ
     (``without_boolq``, see YES_NO_FLOOR_TASK). ``recs_*``: lists of run results (one per seed, in
     seed order) with per-item outcomes; None when they have none."""
+    found = item_differences(recs_a, recs_b)
+    return None if found is None else paired_interval(*found, resamples=resamples, seed=seed)
+
+
+def paired_difference_in_differences(before_a: list, after_a: list, before_b: list, after_b: list,
+                                     resamples: int = 2000, seed: int = 0) -> dict | None:
+    """(after_b - before_b) - (after_a - before_a), item by item, with paired_difference's interval:
+    e.g. how much less model b loses to quantization than model a, each against its own unquantized
+    self. Seeds matched in order, over the seeds all four lists have."""
+    n = min(len(before_a), len(after_a), len(before_b), len(after_b))
+    a = item_differences(before_a[:n], after_a[:n])
+    b = item_differences(before_b[:n], after_b[:n])
+    if a is None or b is None or a[1] != b[1]:
+        return None
+    return paired_interval({t: b[0][t] - a[0][t] for t in TASK_METRIC}, a[1], resamples=resamples, seed=seed)
+
+
+def paired_interval(sums: dict, n_seeds: int, resamples: int = 2000, seed: int = 0) -> dict:
+    """The six-task difference, its paired bootstrap 95 % interval and the five tasks without BoolQ, from
+    per-item sums over ``n_seeds`` seeds ({task: int array}, as item_differences returns them)."""
     from salientft.evaluation.paired import paired_bootstrap_differences
 
-    found = item_differences(recs_a, recs_b)
-    if found is None:
-        return None
-    sums, n_seeds = found
     boot = paired_bootstrap_differences(sums, scale=n_seeds, resamples=resamples, seed=seed)
     rest = paired_bootstrap_differences({t: d for t, d in sums.items() if t != YES_NO_FLOOR_TASK},
                                         scale=n_seeds, resamples=resamples, seed=seed)

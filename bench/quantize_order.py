@@ -15,7 +15,10 @@ Both trainings use the rate bench/quality.py's grid chose for GIFT-SW (``--paper
 the cache) or the default; a trained adapter is kept in salientft's cache and quantized at each
 width by its own cached step. Reported per width: text perplexity (held-out SciQ paragraphs),
 chat perplexity, six-task average, and with per-item outcomes paired bootstrap 95 % intervals of
-the six-task difference for noise vs no noise (both then quantized) and for the two orders.
+the six-task difference for noise vs no noise (both then quantized) and for the two orders. The
+same trainings, evaluated unquantized, are bench/quality.py's runs (same method, seed and rate): from
+its cache, the report also gives what quantizing costs each trained model and the claim itself,
+noise's cost minus no-noise's, item by item.
 
     .venv/bin/python bench/quantize_order.py --paper500   # per seed: 2 trainings + 6 quantizations (+ recovery's 3)
     .venv/bin/python bench/quantize_order.py --smoke --out /tmp/o   # tiny random model (CI)
@@ -93,12 +96,16 @@ def main(argv=None) -> int:
     rank = S.lora_rank_matching_gift(preset.model)[0]
     lrs = recovery.tuned_lrs(runs, rank)
     records = {b: {label: [] for label in (*TRAINED, RECOVERED)} for b in bits_list}
+    unquantized = {label: [] for label in TRAINED}
     for seed in preset.seeds:
         for label, method in TRAINED.items():
             spec = {"method": method, "seed": seed, "eval_tasks": "", "_keep": "adapter"}
             if lrs is not None:
                 spec["lr"] = lrs["gift-sw"]
             trained = runs.train(spec, post=keep_adapter(adapter_dir(preset, spec)))
+            evaluated = runs.cached(evaluated_spec(spec))
+            if evaluated is not None and len(unquantized[label]) == preset.seeds.index(seed):  # no gap: pairs by seed
+                unquantized[label].append(evaluated["result"])
             for b in bits_list:
                 q_spec = {**Q.spec_for(qs, "gptq+salient", b), "part": "quantize-trained", "trained": S.run_key(preset, spec)}
                 rec = None
@@ -121,12 +128,38 @@ def main(argv=None) -> int:
         noisy, plain, recov = (recs[k] for k in (*TRAINED, RECOVERED))
         rows.append({"bits": b, "models": {label: S.seed_summary(v) for label, v in recs.items()},
                      "paired": S.paired_table((("noise - no noise (both then quantized)", plain, noisy),
-                                               ("quantize-then-train - noise-then-quantize", noisy, recov)))})
+                                               ("quantize-then-train - noise-then-quantize", noisy, recov))),
+                     "quantization_cost": quantization_cost(unquantized, recs)})
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "learning_rate": None if lrs is None else lrs["gift-sw"], "rows": rows, "incomplete": runs.skipped,
+              "unquantized": {label: S.seed_summary(v) for label, v in unquantized.items() if v},
               "machine": S.machine()}
     S.write_report(out, "quantize_order", result, markdown(result, preset), lambda: plot(result))
     return 0
+
+
+def evaluated_spec(train_spec: dict) -> dict:
+    """The cache key of the same training run *with* the six-task evaluation: bench/quality.py's run
+    of that method, seed and rate (salient-only matches only when quality chose GIFT-SW's rate for it)."""
+    return {k: v for k, v in train_spec.items() if k not in ("eval_tasks", "_keep")}
+
+
+def quantization_cost(unquantized: dict, recs: dict) -> dict:
+    """What quantizing costs each trained model, item by item against the same model unquantized
+    (from quality's cache), and the claim itself: noise's cost minus no-noise's (METHODS.md §1.6, a
+    model trained with the noise should lose less). Empty where quality's runs are missing."""
+    noisy, plain = (unquantized[label] for label in TRAINED)
+    q_noisy, q_plain = (recs[label] for label in TRAINED)
+    out = {}
+    for name, before, after in (("noise: quantized - unquantized", noisy, q_noisy),
+                                ("no noise: quantized - unquantized", plain, q_plain)):
+        d = S.paired_difference(before, after)
+        if d is not None:
+            out[name] = d
+    saving = S.paired_difference_in_differences(plain, q_plain, noisy, q_noisy)
+    if saving is not None:
+        out["noise's cost - no noise's cost"] = saving
+    return out
 
 
 def markdown(r: dict, preset) -> list[str]:
@@ -138,6 +171,9 @@ def markdown(r: dict, preset) -> list[str]:
               "the trained columns). Text ppl: SciQ support paragraphs; chat ppl: held-out chats; six-task average "
               "in %; mean ± std over seeds.", "",
               "| bits | order | seeds | text ppl | chat ppl | six-task avg |", "|---|---|---|---|---|---|"]
+    for label, m in (r.get("unquantized") or {}).items():  # the trained models before quantization (quality's runs)
+        lines.append(f"| unquantized | {label.split(',')[0]} | {m['n_seeds']} | - | {S.fmt(*m['heldout_ppl'], spec='.3f')} | "
+                     f"{S.fmt(*m['paper_avg'], scale=100)} |")
     for row in r["rows"]:
         for label, m in row["models"].items():
             lines.append(f"| {row['bits']} | {label} | {m['n_seeds']} | {S.fmt(*m['text_ppl'], spec='.2f')} | "
@@ -148,6 +184,13 @@ def markdown(r: dict, preset) -> list[str]:
                   "each item's difference averaged over the seeds both have):", "",
                   f"| bits | comparison | {S.PAIRED_HEAD} | seeds |", "|---|---|---|---|---|---|"]
         lines += [f"| {b} | {name} | {S.paired_cells(c)} | {c['seeds']} |" for b, name, c in paired]
+    cost = [(row["bits"], name, c) for row in r["rows"] for name, c in (row.get("quantization_cost") or {}).items()]
+    if cost:
+        lines += ["", "What quantizing costs each trained model, item by item against the same model unquantized "
+                  "(bench/quality.py's evaluated run of the same training), and the claim: noise's cost minus "
+                  "no-noise's (positive: the noise-trained model loses less; six-task average, points):", "",
+                  f"| bits | comparison | {S.PAIRED_HEAD} | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {name} | {S.paired_cells(c)} | {c['seeds']} |" for b, name, c in cost]
     lines += ["", "![quantize order](quantize_order.png)"]
     return lines
 

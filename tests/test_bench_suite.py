@@ -278,6 +278,11 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     (row,) = order["rows"]
     assert row["bits"] == 3 and all(m["n_seeds"] == 2 for m in row["models"].values())
     assert set(row["models"]) == {"noise, then quantize", "no noise, then quantize", "quantize, then train"}
+    # the same trainings evaluated unquantized by quality: what quantizing costs each, and the claim
+    assert set(order["unquantized"]) == {"noise, then quantize", "no noise, then quantize"}
+    assert set(row["quantization_cost"]) == {"noise: quantized - unquantized", "no noise: quantized - unquantized",
+                                             "noise's cost - no noise's cost"}
+    assert all(c["seeds"] == 2 for c in row["quantization_cost"].values())
 
     cache = sorted((out / "runs" / "smoke").glob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in cache}
@@ -387,6 +392,25 @@ def test_paired_differences_average_seeds_per_item_and_cover_the_truth():
     claim = Q.paired_claims({"full": records["gift-sw"], "gmt": records["lora"]}, resamples=500)["gmt - full"]
     assert claim["diff"] == pytest.approx(0.25) and claim["lo"] <= 0.25 <= claim["hi"] and "GMT" in claim["claim"]
     assert Q.paired_claims({"gmt": records["lora"]}) == {}  # full fine-tuning not run: nothing to compare
+
+
+def test_difference_in_differences_measures_how_much_less_one_model_loses_than_another():
+    """quantize_order's claim: a loses 1/2 of its items to quantization, b 1/4, so b loses 0.25 less;
+    each against its own unquantized self (b starts lower, so comparing the quantized models alone would
+    say something else). Seeds beyond the shortest list are left out, as in paired_difference."""
+    tasks = list(S.TASK_METRIC)
+    n = 40
+
+    def rec(first_right):  # items [0, first_right) right, the rest wrong
+        return _record(2.0, {t: "1" * first_right + "0" * (n - first_right) for t in tasks})
+    before_a, after_a = [rec(40)] * 2, [rec(20)] * 2  # a: 100 % -> 50 %
+    before_b, after_b = [rec(30)] * 2, [rec(20), rec(20), rec(0)]  # b: 75 % -> 50 %; a third seed unmatched
+    out = S.paired_difference_in_differences(before_a, after_a, before_b, after_b, resamples=200)
+    assert out["diff"] == pytest.approx(0.25) and out["seeds"] == 2 and out["items"] == n * len(tasks)
+    assert out["lo"] <= 0.25 <= out["hi"] and out["without_boolq"]["diff"] == pytest.approx(0.25)
+    flipped = S.paired_difference_in_differences(before_b, after_b, before_a, after_a, resamples=200)
+    assert flipped["diff"] == pytest.approx(-0.25)
+    assert S.paired_difference_in_differences([_record(2.0)], after_a, before_b, after_b) is None  # no items
 
 
 def test_paired_table_keeps_only_pairs_whose_runs_carry_items():
