@@ -1,8 +1,8 @@
 """Sharded training (FSDP2's ``fully_shard``) on 2 CPU processes (gloo) against one process.
 
-See docs/distributed.md. Each test forks 2 workers (``torch.multiprocessing``, start method fork:
-the children inherit the imports) and compares with a single-process computation on the full
-tensors.
+See docs/distributed.md. Each test starts 2 workers (``torch.multiprocessing``, start method spawn:
+a child forked from a pytest process whose earlier tests started threads can inherit a lock one of
+them held and hang on it) and compares with a single-process computation on the full tensors.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _run(worker, *args):
 
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(worker, args=(WORLD, os.path.join(d, "init"), d, *args), nprocs=WORLD, join=True,
-                           start_method="fork")
+                           start_method="spawn")
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

@@ -386,9 +386,10 @@ def test_ddp_masks_identical_across_ranks():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        # fork: the children inherit the imports (spawn would re-import torch, ~10 s here)
+        # spawn, not fork: a child forked from a pytest process whose earlier tests started threads can
+        # inherit a lock held by one of them and hang on it (seen once in CI); spawn costs ~3 s here
         mp.start_processes(_ddp_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True,
-                           start_method="fork")
+                           start_method="spawn")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     for gran in ("tensor", "global"):
         a, b = r0[gran], r1[gran]
