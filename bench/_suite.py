@@ -162,6 +162,17 @@ class Runs:
             log.warning("ignoring unreadable cache file %s; the run will be redone", p)
             return None
 
+    def cached_seeds(self, spec_of_seed) -> list[dict]:
+        """The cached results of ``spec_of_seed(seed)`` for the preset's seeds in order, up to the first
+        one missing, so that two such lists pair item by item and seed by seed."""
+        found = []
+        for seed in self.preset.seeds:
+            rec = self.cached(spec_of_seed(seed))
+            if rec is None:
+                break
+            found.append(rec["result"])
+        return found
+
     def get(self, spec: dict, compute) -> dict | None:
         """The cached record of ``spec``, else ``compute()`` (if the budget allows) stored as its record."""
         rec = self.cached(spec)
@@ -391,11 +402,15 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
 
 def seed_summary(results: list[dict]) -> dict:
     """Mean and seed spread (None for one seed) of a quantized or recovered model's measures over its
-    seeds: six-task average, held-out chat perplexity, text perplexity (None where not measured)."""
-    return {"n_seeds": len(results),
-            "paper_avg": mean_std([r["paper_avg"] for r in results])[:2],
-            "heldout_ppl": mean_std([ppl(r["heldout_loss_after"]) for r in results])[:2],
-            "text_ppl": mean_std([r.get("text_ppl") for r in results])[:2]}
+    seeds: six-task average, held-out chat perplexity, text perplexity (None where not measured); and
+    each measure's [min, max] over the seeds under "range" (a plot's bars on a log axis, where a std
+    can exceed the mean)."""
+    values = {"paper_avg": [r["paper_avg"] for r in results],
+              "heldout_ppl": [ppl(r["heldout_loss_after"]) for r in results],
+              "text_ppl": [r.get("text_ppl") for r in results]}
+    measured = {k: [x for x in v if x is not None] for k, v in values.items()}
+    return {"n_seeds": len(results), **{k: mean_std(v)[:2] for k, v in values.items()},
+            "range": {k: [min(v), max(v)] if v else [None, None] for k, v in measured.items()}}
 
 
 def differs(a: list[float], b: list[float], z: float = 2.0) -> tuple[float | None, float | None, bool | None]:

@@ -96,16 +96,10 @@ def main(argv=None) -> int:
     rank = S.lora_rank_matching_gift(preset.model)[0]
     lrs = recovery.tuned_lrs(runs, rank)
     records = {b: {label: [] for label in (*TRAINED, RECOVERED)} for b in bits_list}
-    unquantized = {label: [] for label in TRAINED}
     for seed in preset.seeds:
         for label, method in TRAINED.items():
-            spec = {"method": method, "seed": seed, "eval_tasks": "", "_keep": "adapter"}
-            if lrs is not None:
-                spec["lr"] = lrs["gift-sw"]
+            spec = train_spec(method, seed, lrs)
             trained = runs.train(spec, post=keep_adapter(adapter_dir(preset, spec)))
-            evaluated = runs.cached(evaluated_spec(spec))
-            if evaluated is not None and len(unquantized[label]) == preset.seeds.index(seed):  # no gap: pairs by seed
-                unquantized[label].append(evaluated["result"])
             for b in bits_list:
                 q_spec = {**Q.spec_for(qs, "gptq+salient", b), "part": "quantize-trained", "trained": S.run_key(preset, spec)}
                 rec = None
@@ -121,6 +115,8 @@ def main(argv=None) -> int:
             rec = recovery.recover(runs, qs, b, "gift-sw", rank, lrs, seed=seed)
             if rec is not None:
                 records[b][RECOVERED].append(rec["result"])
+    unquantized = {label: runs.cached_seeds(lambda seed: evaluated_spec(train_spec(method, seed, lrs)))
+                   for label, method in TRAINED.items()}
     command = S.report_command("quantize_order.py", argv)
     rows = []
     for b in bits_list:
@@ -138,10 +134,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def evaluated_spec(train_spec: dict) -> dict:
+def train_spec(method: str, seed: int, lrs: dict | None) -> dict:
+    """The cache key of training ``method`` (at GIFT-SW's tuned rate) for quantizing: no evaluation, adapter kept."""
+    spec = {"method": method, "seed": seed, "eval_tasks": "", "_keep": "adapter"}
+    if lrs is not None:
+        spec["lr"] = lrs["gift-sw"]
+    return spec
+
+
+def evaluated_spec(spec: dict) -> dict:
     """The cache key of the same training run *with* the six-task evaluation: bench/quality.py's run
     of that method, seed and rate (salient-only matches only when quality chose GIFT-SW's rate for it)."""
-    return {k: v for k, v in train_spec.items() if k not in ("eval_tasks", "_keep")}
+    return {k: v for k, v in spec.items() if k not in ("eval_tasks", "_keep")}
 
 
 def quantization_cost(unquantized: dict, recs: dict) -> dict:
@@ -206,11 +210,13 @@ def plot(r: dict):
                                       (axes[2], "paper_avg", "six-task average (%)", 100, False)):
         shown = []
         for i, label in enumerate(labels):
-            pts = [(b, row["models"][label][key]) for b, row in zip(bits, r["rows"]) if row["models"][label][key][0] is not None]
-            if pts:  # the orders side by side, so their seed-spread bars do not hide each other
-                ax.errorbar([b + 0.05 * (i - 1) for b, _ in pts], [m * scale for _, (m, _) in pts],
-                            yerr=[(s or 0) * scale for _, (_, s) in pts], marker="o", capsize=3, label=label, color=f"C{i}")
-                shown += [m for _, (m, _) in pts]
+            pts = [(b, row["models"][label][key][0], row["models"][label]["range"][key])
+                   for b, row in zip(bits, r["rows"]) if row["models"][label][key][0] is not None]
+            if pts:  # the orders side by side, so their seed-range bars do not hide each other
+                ax.errorbar([b + 0.05 * (i - 1) for b, _, _ in pts], [m * scale for _, m, _ in pts],
+                            yerr=[[(m - lo) * scale for _, m, (lo, _) in pts], [(hi - m) * scale for _, m, (_, hi) in pts]],
+                            marker="o", capsize=3, label=label, color=f"C{i}")
+                shown += [v for _, m, (lo, hi) in pts for v in (m, lo, hi)]
         ax.set_xticks(bits)
         ax.invert_xaxis()
         if log and shown and max(shown) > 5 * min(shown):  # a log axis only where the values span one
@@ -218,8 +224,8 @@ def plot(r: dict):
             name = name + " (log)"
         ax.set_ylabel(name)
         ax.set_xlabel("bits")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{r['settings']['model']}: train with noise then quantize, vs quantize then train (mean ± std over seeds)")
+    next((ax for ax in axes if ax.get_legend_handles_labels()[0]), axes[0]).legend(fontsize=8)  # a panel with points
+    fig.suptitle(f"{r['settings']['model']}: train with noise then quantize, vs quantize then train (point: seed mean; bar: range over seeds)")
     return fig
 
 

@@ -97,7 +97,9 @@ def main(argv=None) -> int:
         for method in METHODS:
             rec = recover(runs, qs, bits, method, rank, lrs)
             entry["recovered"][method] = None if rec is None else rec["result"]
-            every_seed[method] = further_seeds(runs, qs, bits, method, rank, lrs, rec)
+            # this part trains seed 0; bench/quantize_order.py recovers GIFT-SW with every seed
+            every_seed[method] = runs.cached_seeds(
+                lambda seed: recovery_spec(runs, qs, bits, method, rank, lrs, seed))
             entry["seeds"][method] = S.seed_summary(every_seed[method])
         quantized = entry["quantized"]  # one deterministic model, paired with every seed of a recovery
         entry["paired_vs_quantized"] = S.paired_table(
@@ -112,21 +114,6 @@ def main(argv=None) -> int:
               "machine": S.machine()}
     S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result))
     return 0
-
-
-def further_seeds(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
-                  first: dict | None) -> list[dict]:
-    """The results of ``method``'s recovery for the preset's seeds in order, from ``first`` (seed 0,
-    trained here) and then the other seeds *already cached* (bench/quantize_order.py recovers GIFT-SW
-    with every seed; this part trains only seed 0), up to the first seed missing, so that seed lists
-    pair seed by seed."""
-    found = []
-    for i, seed in enumerate(runs.preset.seeds):
-        rec = first if i == 0 else runs.cached(recovery_spec(runs, qs, bits, method, rank, lrs, seed))
-        if rec is None:
-            break
-        found.append(rec["result"])
-    return found
 
 
 def markdown(r: dict, preset) -> list[str]:

@@ -162,7 +162,8 @@ def test_quantize_order_plot_labels_its_log_axes_plainly_and_sets_the_orders_sid
     import quantize_order as O
 
     def model(text, chat, avg):
-        return {"n_seeds": 2, "text_ppl": [text, 0.5], "heldout_ppl": [chat, 0.5], "paper_avg": [avg, 0.01]}
+        return S.seed_summary([{"text_ppl": text - 0.5, "heldout_loss_after": math.log(chat - 0.5), "paper_avg": avg - 0.01},
+                               {"text_ppl": text + 0.5, "heldout_loss_after": math.log(chat + 0.5), "paper_avg": avg + 0.01}])
     labels = [*O.TRAINED, O.RECOVERED]
     rows = [{"bits": b, "models": {lab: model(t, c + 5 * i, a) for i, lab in enumerate(labels)}}
             for b, t, c, a in ((4, 23.0, 15.0, 0.45), (3, 37.0, 23.0, 0.44), (2, 416.0, 170.0, 0.36))]
@@ -172,6 +173,38 @@ def test_quantize_order_plot_labels_its_log_axes_plainly_and_sets_the_orders_sid
     assert {"20", "50", "100", "200"} <= set(_tick_labels(fig, text))
     xs = {round(float(x), 2) for line in avg.get_lines() for x in line.get_xdata()}
     assert {3.95, 4.0, 4.05, 1.95, 2.0, 2.05} <= xs
+    plt.close(fig)
+
+
+def _bar_ends(ax) -> list[float]:
+    """The y ends of every error bar drawn on ``ax``."""
+    from matplotlib.collections import LineCollection
+
+    return [float(y) for c in ax.collections if isinstance(c, LineCollection)
+            for seg in c.get_segments() for _, y in seg]
+
+
+def test_quantize_order_bars_span_the_seeds_so_a_wild_seed_stays_on_the_log_axis():
+    """Seeds at chat ppl 89 and 9,876 (2-bit recovery): mean 4,982, std 6,921. A mean ± std bar
+    would end below zero, off a log axis; the bar is the seeds' range, 89 to 9,876."""
+    import matplotlib.pyplot as plt
+    import quantize_order as O
+
+    def res(chat):
+        return {"text_ppl": None, "heldout_loss_after": math.log(chat), "paper_avg": 0.4}
+    summary = S.seed_summary([res(89.0), res(9876.0)])
+    assert summary["heldout_ppl"][1] > summary["heldout_ppl"][0]  # the std exceeds the mean
+    assert summary["range"]["heldout_ppl"] == [pytest.approx(89.0), pytest.approx(9876.0)]
+    assert summary["range"]["text_ppl"] == [None, None]
+    steady = S.seed_summary([res(20.0), res(22.0)])
+    rows = [{"bits": b, "models": {lab: (summary if b == 2 and lab == O.RECOVERED else steady)
+                                   for lab in (*O.TRAINED, O.RECOVERED)}} for b in (4, 2)]
+    fig = O.plot({"rows": rows, "settings": {"model": "m"}})
+    chat = fig.axes[1]
+    assert chat.get_yscale() == "log"
+    ends = _bar_ends(chat)
+    assert min(ends) == pytest.approx(20.0) and max(ends) == pytest.approx(9876.0)
+    assert any(y == pytest.approx(89.0) for y in ends)
     plt.close(fig)
 
 
@@ -189,17 +222,20 @@ def test_recovery_pairs_every_cached_seed_of_a_method_up_to_the_first_missing_on
     def cache(method, seed, avg):
         spec = R.recovery_spec(runs, qs, 3, method, 8, lrs, seed)
         S.write_json(runs.path(spec), {"spec": spec, "result": {"heldout_loss_after": 2.0, "paper_avg": avg}})
-        return runs.cached(spec)
-    first = cache("gift-sw", 0, 0.40)
+
+    def seeds_of(method):
+        return runs.cached_seeds(lambda seed: R.recovery_spec(runs, qs, 3, method, 8, lrs, seed))
+    cache("gift-sw", 0, 0.40)
     cache("gift-sw", 1, 0.44)
     cache("gift-sw", 2, 0.45)
+    cache("ste", 0, 0.41)
     cache("ste", 2, 0.50)  # seed 2 without seed 1: not used
-    gift = R.further_seeds(runs, qs, 3, "gift-sw", 8, lrs, first)
+    cache("lora", 1, 0.39)  # no seed 0: nothing
+    gift = seeds_of("gift-sw")
     assert [r["paper_avg"] for r in gift] == [0.40, 0.44, 0.45]
     assert S.seed_summary(gift)["n_seeds"] == 3 and S.seed_summary(gift)["paper_avg"][0] == pytest.approx(0.43)
-    ste_first = {"result": {"heldout_loss_after": 2.0, "paper_avg": 0.41}}
-    assert [r["paper_avg"] for r in R.further_seeds(runs, qs, 3, "ste", 8, lrs, ste_first)] == [0.41]
-    assert R.further_seeds(runs, qs, 3, "lora", 8, lrs, None) == []
+    assert [r["paper_avg"] for r in seeds_of("ste")] == [0.41]
+    assert seeds_of("lora") == []
     assert runs.skipped == []  # nothing trained or attempted
 
 
