@@ -186,6 +186,8 @@ def plot(r: dict):
                 ax.plot(xs, vals, marker="o", label=name, ls="--" if name == "quantized" else "-", color=f"C{i}")
             if key == "avg" and name != "quantized":
                 _paired_bars(ax, r["rows"], name[2:], i, dx)
+            elif name != "quantized":
+                _seed_range_bars(ax, r["rows"], name[2:], key, i)
         ax.set_xticks(bits)
         ax.invert_xaxis()
         if key != "avg":
@@ -194,8 +196,8 @@ def plot(r: dict):
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{r['settings']['model']}: recovery after GPTQ with 16-bit salient columns"
-                 + (" (bars: paired 95 % interval against the quantized model)" if any(
-                     e.get("paired_vs_quantized") for e in r["rows"]) else ""))
+                 + ("\nbars: perplexities, range over a recovery's seeds; average, paired 95 % interval against "
+                    "the quantized model" if any(e.get("paired_vs_quantized") for e in r["rows"]) else ""))
     return fig
 
 
@@ -206,6 +208,17 @@ def seed_mean(entry: dict, method: str, key: str) -> float | None:
         return None
     field = {"chat": "heldout_ppl", "text": "text_ppl", "avg": "paper_avg"}[key]
     return s[field][0] * (100 if key == "avg" else 1)
+
+
+def _seed_range_bars(ax, rows: list, method: str, key: str, color: int):
+    """A perplexity's [min, max] over a recovery's seeds, where it has two or more: the mean of a
+    seed that did not escape a broken start (2 bits) and of seeds that did shows no one run's value."""
+    field = {"chat": "heldout_ppl", "text": "text_ppl"}[key]
+    for e in rows:
+        s = e["seeds"].get(method)
+        if s and s["n_seeds"] >= 2 and s.get("range", {}).get(field, [None])[0] is not None:
+            (lo, hi), m = s["range"][field], s[field][0]
+            ax.errorbar([e["bits"]], [m], yerr=[[m - lo], [hi - m]], color=f"C{color}", capsize=3, lw=1)
 
 
 def _paired_bars(ax, rows: list, method: str, color: int, dx: float):

@@ -134,8 +134,9 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     for bits, q_avg in ((4, 0.50), (3, 0.45), (2, 0.40)):
         recovered = {m: res(3.0 + i, 30.0 * (5 - bits), q_avg + 0.01 * i) for i, m in enumerate(R.METHODS)}
         seeds = {m: S.seed_summary([r]) for m, r in recovered.items()}
-        # GIFT-SW with a second seed 0.02 higher on the average: its point is the mean of the two
-        seeds["gift-sw"] = S.seed_summary([recovered["gift-sw"], res(3.0, 30.0 * (5 - bits), q_avg + 0.02)])
+        # GIFT-SW with a second seed 0.02 higher on the average, and worse on both perplexities: its
+        # point is the mean of the two, and on the perplexity panels a bar spans the two seeds
+        seeds["gift-sw"] = S.seed_summary([recovered["gift-sw"], res(4.0, 30.0 * (5 - bits) + 10, q_avg + 0.02)])
         paired = {m: {"diff": 0.01 * i, "lo": 0.01 * i - 0.004, "hi": 0.01 * i + 0.006, "items": 100}
                   for i, m in enumerate(R.METHODS)}
         rows.append({"bits": bits, "quantized": res(5.0, 40.0 * (5 - bits), q_avg), "recovered": recovered,
@@ -152,6 +153,11 @@ def test_recovery_plot_draws_each_measure_and_the_paired_interval_around_the_qua
     assert text.get_lines()[0].get_ydata().tolist() == [40.0, 80.0, 120.0]  # the quantized model's text perplexity
     assert chat.get_lines()[0].get_ydata().tolist() == pytest.approx([math.exp(5.0)] * 3)  # its chat perplexity
     assert avg.get_lines()[1].get_ydata().tolist() == pytest.approx([51.0, 46.0, 41.0])  # GIFT-SW's seed mean
+    # the seed range on the perplexities, for GIFT-SW only (the one method with two seeds)
+    chat_bars = [tuple(round(float(y), 3) for _, y in seg) for c in chat.collections for seg in c.get_segments()]
+    assert sorted(chat_bars) == [(round(math.exp(3.0), 3), round(math.exp(4.0), 3))] * 3
+    text_bars = sorted(tuple(float(y) for _, y in seg) for c in text.collections for seg in c.get_segments())
+    assert text_bars == [(30.0, 40.0), (60.0, 70.0), (90.0, 100.0)]
     plt.close(fig)
 
 
