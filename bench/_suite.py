@@ -389,9 +389,14 @@ def ppl(loss: float | None) -> float | None:
     return None if loss is None else math.exp(loss)
 
 
+def measured(values: list) -> list[float]:
+    """The values that were measured: not None, not NaN."""
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
     """Mean and sample standard deviation (n-1), None where undefined."""
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = measured(values)
     if not vals:
         return None, None, 0
     m = sum(vals) / len(vals)
@@ -408,9 +413,9 @@ def seed_summary(results: list[dict]) -> dict:
     values = {"paper_avg": [r["paper_avg"] for r in results],
               "heldout_ppl": [ppl(r["heldout_loss_after"]) for r in results],
               "text_ppl": [r.get("text_ppl") for r in results]}
-    measured = {k: [x for x in v if x is not None] for k, v in values.items()}
-    return {"n_seeds": len(results), **{k: mean_std(v)[:2] for k, v in values.items()},
-            "range": {k: [min(v), max(v)] if v else [None, None] for k, v in measured.items()}}
+    found = {k: measured(v) for k, v in values.items()}
+    return {"n_seeds": len(results), **{k: mean_std(v)[:2] for k, v in found.items()},
+            "range": {k: [min(v), max(v)] if v else [None, None] for k, v in found.items()}}
 
 
 def differs(a: list[float], b: list[float], z: float = 2.0) -> tuple[float | None, float | None, bool | None]:

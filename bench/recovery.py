@@ -216,7 +216,7 @@ def _seed_range_bars(ax, rows: list, method: str, key: str, color: int):
     field = {"chat": "heldout_ppl", "text": "text_ppl"}[key]
     for e in rows:
         s = e["seeds"].get(method)
-        if s and s["n_seeds"] >= 2 and s.get("range", {}).get(field, [None])[0] is not None:
+        if s and s["n_seeds"] >= 2 and s[field][0] is not None:
             (lo, hi), m = s["range"][field], s[field][0]
             ax.errorbar([e["bits"]], [m], yerr=[[m - lo], [hi - m]], color=f"C{color}", capsize=3, lw=1)
 
