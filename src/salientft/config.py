@@ -8,6 +8,7 @@ backward compatibility (their homes: ``gift.config``, ``gmt``, ``config_base``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from . import methods as _methods
 from .config_base import (  # noqa: F401  (re-exported)
@@ -19,7 +20,7 @@ from .config_base import (  # noqa: F401  (re-exported)
     flag,
     salient_count,
 )
-from .gift.config import GiftConfig  # noqa: F401  (re-exported)
+from .gift.config import GiftConfig, gift_field  # noqa: F401  (GiftConfig re-exported)
 from .gmt import GMT_DEFAULT_EXCLUDE, GMTConfig  # noqa: F401  (re-exported)
 
 
@@ -63,14 +64,14 @@ class TrainConfig(ConfigMixin):
     logging_steps: int = flag(1, "log the loss every N steps")
     merge: bool = flag(False, "also write merged/: the trained model as a plain transformers folder")
     # GIFT-SW
-    n_salient: int | None = flag(None, "GIFT-SW: salient columns k per layer")
-    salient_fraction: float | None = flag(None, "GIFT-SW: k as a fraction of a layer's input features")
-    metric: str = flag("gift", "GIFT-SW: salience metric (see salientft calibrate --help)")
+    n_salient: int | None = gift_field("n_salient", "GIFT-SW: ")
+    salient_fraction: float | None = gift_field("salient_fraction", "GIFT-SW: ")
+    metric: str = gift_field("metric", "GIFT-SW: ")
     scores: str | None = flag(None, "GIFT-SW: precomputed scores file from salientft calibrate")
     noise: str | None = flag(None, "GIFT-SW's noise: weight, output or none (default: weight for gift-sw, none for salient, full, gmt; full/gmt add it to every weight of the target layers, all still training)")
-    noise_bits: int = flag(4, "GIFT-SW, and full/gmt with --noise: quantizer bits whose step sets the noise scale")
-    fp32_salient: bool = flag(False, "GIFT-SW: keep the trainable columns in fp32 (always on with bf16)")
-    keep_noise: bool = flag(False, "GIFT-SW, and full/gmt with --noise weight: keep each layer's weight noise for backward, not drawn again (faster; one out x in tensor per layer)")
+    noise_bits: int = gift_field("noise_bits", "GIFT-SW, and full/gmt with --noise: ")
+    fp32_salient: bool = gift_field("fp32_salient", "GIFT-SW: ")
+    keep_noise: bool = gift_field("keep_noise", "GIFT-SW, and full/gmt with --noise weight: ")
     calib_samples: int = flag(128, "GIFT-SW: calibration samples for data-dependent metrics")
     target_modules: list[str] | str | None = flag(None, "layers to train (full/gmt: the layers --noise perturbs): 'q_proj,v_proj' or 're:<regex>' (default: all linear layers of the blocks)")
     # PEFT baselines
@@ -90,6 +91,11 @@ class TrainConfig(ConfigMixin):
     report_to: str = flag("none", "experiment trackers for the Trainer's logs: none, tensorboard, wandb, mlflow, ... (comma-separated)")
     trust_remote_code: bool = flag(False, "allow the model's own code from the hub (off by default)")
     quantized: str | None = flag(None, "recover this quantized model (a folder from salientft quantize)")
+
+    # Defaults changed since runs were stored: a stored (or YAML) value equal to the former default
+    # counts as the field left at its default (run_config.json files of earlier versions still load
+    # and resume). fp32_salient was False ("always on with bf16"); it is GiftConfig's True now.
+    FORMER_DEFAULTS: ClassVar[dict] = {"fp32_salient": False}
 
     def __post_init__(self):
         n = type(self).__name__

@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
 PRESETS = (EMBEDDED_MODEL, TINY_MODEL)
+# The hub model the embedded one is a copy of (its GGUF is that model quantized to Q4_1).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def stock_name(name_or_path: str | None) -> str | None:
+    """The name stock transformers / PEFT / vLLM load for the base salientft calls ``name_or_path``.
+
+    The embedded preset is its hub id; ``tiny-random-llama`` has none (random weights built in
+    code, nothing to download): None; a folder or hub id stays as the user gave it.
+    """
+    if name_or_path == EMBEDDED_MODEL:
+        return EMBEDDED_HUB_ID
+    if name_or_path == TINY_MODEL or not name_or_path:
+        return None
+    return str(name_or_path)
 _GGUF_NAME = GGUF_NAME
 # The converted cache's version lives in embedded_files.CONVERTED_VERSION: bump it when the conversion changes.
 

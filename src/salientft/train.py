@@ -108,6 +108,10 @@ def config_changes(stored: dict, config: TrainConfig) -> list[str]:
     # A field the stored config lacks was added to salientft after that run: it ran with the default.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     old = {**{k: defaults[k] for k in new if k not in stored and k in defaults}, **stored}
+    for key, former in TrainConfig.FORMER_DEFAULTS.items():  # a former default means the current one
+        for d in (old, new):
+            if key in d and d[key] == former:
+                d[key] = defaults[key]
     for d in (old, new):
         if d.get("lr") is None:
             try:

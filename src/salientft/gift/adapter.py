@@ -1,8 +1,11 @@
 """GIFT-SW adapters: the salient indices and trained columns only, tied to their base model.
 
-An adapter folder holds ``adapter_config.json`` (format, GIFT-SW config, per-layer shapes, the
-base model's fingerprint) and ``adapter_model.safetensors`` (per layer ``<name>.salient_idx``,
-``<name>.salient_weight``, ``<name>.noise_std``): about k/in of the targeted weights.
+One format for every writer (``save_adapter``, ``salientft train``, PEFT's ``save_pretrained`` on a
+``GiftSWConfig`` model): a PEFT adapter folder (``"peft_type": "GIFT_SW"``; see
+``salientft.adapter_format``), so ``PeftModel.from_pretrained(base, folder)`` loads it once
+``salientft`` is imported, and salientft loads it without PEFT installed. Per layer
+``base_model.model.<name>.giftsw_idx`` / ``.giftsw_weight`` / ``.giftsw_noise_std``: about k/in of
+the targeted weights. Version-1 folders (``"format": "salientft-gift"``) are still read.
 
 The fingerprint is a SHA-256 over the targeted layers' names, shapes and base weights rounded
 to bf16 - so the same base loaded in fp32 or bf16 matches, while a different (or merged) base
@@ -12,21 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._io import atomic_dir
+from ..adapter_format import (CONFIG_NAME, GIFT_SW, GIFT_SW_V1, IMPORT_HINT, LEGACY_FORMAT, PEFT_PREFIX, PEFT_TYPE,
+                              TENSOR_NAMES, WEIGHTS_NAME, adapter_kind)
 from ..targets import linear_weight
-from .config import GiftConfig
+from .config import SETTINGS, GiftConfig
 from .layer import SalientLinear
 from .model import apply_gift, gift_layers
 
-ADAPTER_FORMAT = "salientft-gift"
-ADAPTER_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+log = logging.getLogger(__name__)
+ADAPTER_FORMAT = LEGACY_FORMAT  # kept for callers of version 1
+ADAPTER_VERSION = 2
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
@@ -45,68 +51,180 @@ def _base_weights(layers: dict[str, SalientLinear]) -> dict[str, torch.Tensor]:
     return {n: m.base_weight() for n, m in layers.items()}
 
 
+def adapter_config(config: GiftConfig, layers: dict[str, int], base_model: str | None, base_fingerprint: str,
+                   in_features: dict[str, int] | None = None) -> dict:
+    """The PEFT-format ``adapter_config.json`` of a GIFT-SW adapter with ``layers`` ({name: k}).
+
+    ``base_model_name_or_path`` is what stock tools can load (the embedded model's hub id, a path
+    or hub id as given, None for ``tiny-random-llama``); ``salientft_base_model`` keeps salientft's
+    own name when it differs. A layer whose k is not the settings' rule gets an exact ``k_pattern``
+    entry, so PEFT builds every layer at the saved size.
+    """
+    from ..models import stock_name
+
+    k_pattern = {}
+    for name, k in layers.items():
+        try:
+            rule = config.k_for(in_features[name], name) if in_features else None
+        except ValueError:
+            rule = None
+        if rule != k:
+            k_pattern[re.escape(name)] = k
+    stock = stock_name(base_model)
+    return {
+        "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": stock, "revision": None,
+        "inference_mode": True, "target_modules": sorted(layers), "exclude_modules": None,
+        **{name: getattr(config, name) for name in SETTINGS}, "k_pattern": k_pattern, "scores_file": None,
+        "modules_to_save": None, "trainable_token_indices": None, "salient_indices_in_adapter": True,
+        "base_fingerprint": base_fingerprint,
+        "salientft_base_model": base_model if base_model and base_model != stock else None,
+    }
+
+
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
-    """Write the adapter of a GIFT-SW model into ``directory`` (atomically) and return its path."""
+    """Write the adapter of a GIFT-SW model into ``directory`` (atomically) and return its path.
+
+    ``base_model`` names the base (a preset, folder or hub id; default: the model's
+    ``config._name_or_path``). The folder is a PEFT GIFT-SW adapter (module docstring)."""
     from safetensors.torch import save_file
 
     layers = gift_layers(model)
     if not layers:
         raise ValueError("model has no GIFT-SW layers: apply_gift() it before save_adapter()")
     config = getattr(model, "salientft_gift_config", None) or GiftConfig()
-    tensors, modules = {}, {}
+    tensors = {}
     for name, m in layers.items():
-        tensors[f"{name}.salient_idx"] = m.salient_idx.detach().cpu().contiguous()
-        tensors[f"{name}.salient_weight"] = m.salient_weight.detach().cpu().contiguous()
-        tensors[f"{name}.noise_std"] = m.noise_std.detach().cpu().contiguous()
-        modules[name] = {"in_features": m.in_features, "out_features": m.out_features, "k": m.k}
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSION,
-        "base_model": base_model or getattr(getattr(model, "config", None), "_name_or_path", None),
-        "base_fingerprint": fingerprint(_base_weights(layers)),
-        "gift_config": config.to_dict(),
-        "modules": modules,
-    }
+        for ours, theirs in TENSOR_NAMES.items():
+            tensors[f"{PEFT_PREFIX}{name}.{theirs}"] = getattr(m, ours).detach().cpu().contiguous()
+    base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    meta = adapter_config(config, {n: m.k for n, m in layers.items()}, base_model,
+                          fingerprint(_base_weights(layers)), {n: m.in_features for n, m in layers.items()})
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
     with atomic_dir(directory) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": ADAPTER_FORMAT})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(
+            "# GIFT-SW adapter (salientft)\n\n"
+            f"Base model: {meta['salientft_base_model'] or meta['base_model_name_or_path'] or 'unnamed'}.\n\n"
+            f"{IMPORT_HINT}:\n\n```python\nimport salientft\nfrom peft import PeftModel\n"
+            "model = PeftModel.from_pretrained(base_model, \"<this folder>\")\n```\n\n"
+            "Or `salientft eval --model <base> --adapter <this folder>`; `salientft export <this folder> "
+            "--format lora` writes a LoRA adapter that loads without salientft.\n"
+        )
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and validate an adapter folder; errors name the file and what is wrong with it."""
+def _load_tensors(w_path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a salientft adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is corrupt (not valid JSON: {e}); re-save the adapter") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        kind = meta.get("peft_type") if isinstance(meta, dict) else None
-        hint = f" (it looks like a PEFT {kind} adapter: load it with peft.PeftModel)" if kind else ""
-        raise ValueError(f"{cfg_path} is not a salientft GIFT-SW adapter{hint}")
-    if meta.get("version", 0) > ADAPTER_VERSION:
-        raise ValueError(f"{cfg_path} has adapter version {meta['version']}; upgrade salientft to read it")
-    try:
-        tensors = load_file(str(w_path))
+        return load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{w_path} is corrupt or truncated ({e}); re-save the adapter") from None
+
+
+def _read_v1(directory: Path, meta: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if meta.get("version", 0) > 1:
+        raise ValueError(f"{cfg_path} has adapter version {meta['version']}; upgrade salientft to read it")
+    tensors = _load_tensors(w_path)
     for name, shape in meta.get("modules", {}).items():
-        for key in ("salient_idx", "salient_weight", "noise_std"):
+        for key in TENSOR_NAMES:
             if f"{name}.{key}" not in tensors:
                 raise ValueError(f"{w_path} lacks {name}.{key}: the adapter is incomplete")
         sw = tensors[f"{name}.salient_weight"]
         if tuple(sw.shape) != (shape["out_features"], shape["k"]) or tensors[f"{name}.salient_idx"].numel() != shape["k"]:
             raise ValueError(f"{w_path}: {name} tensors do not match the shapes in {CONFIG_NAME}")
     return meta, tensors
+
+
+def _read_v2(directory: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A PEFT-format GIFT-SW folder as (meta, tensors) in salientft's naming (see read_adapter)."""
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    extra = [k for k in ("modules_to_save", "trainable_token_indices") if cfg.get(k)]
+    if extra:
+        raise ValueError(f"{directory} also trains {' and '.join(extra)} (a PEFT-route adapter): salientft's loader "
+                         f"applies salient columns only; load it with peft.PeftModel.from_pretrained ({IMPORT_HINT})")
+    if not w_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete GIFT-SW adapter: it has no {WEIGHTS_NAME}")
+    raw = _load_tensors(w_path)
+    suffix = {theirs: ours for ours, theirs in TENSOR_NAMES.items()}
+    tensors, modules, unknown = {}, {}, []
+    for key, t in raw.items():
+        name, _, last = key.removeprefix(PEFT_PREFIX).rpartition(".")
+        if not key.startswith(PEFT_PREFIX) or last not in suffix:
+            unknown.append(key)
+            continue
+        tensors[f"{name}.{suffix[last]}"] = t
+        modules.setdefault(name, {})
+    if unknown:
+        raise ValueError(f"{w_path} holds tensors that are not GIFT-SW columns ({unknown[0]}, ...): load it with "
+                         f"peft.PeftModel.from_pretrained ({IMPORT_HINT})")
+    if not modules:
+        raise ValueError(f"{w_path} holds no GIFT-SW layer: the adapter is empty or incomplete")
+    for name in modules:
+        for key in TENSOR_NAMES:
+            if f"{name}.{key}" not in tensors:
+                raise ValueError(f"{w_path} lacks {name}'s {TENSOR_NAMES[key]}: the adapter is incomplete")
+        sw, idx = tensors[f"{name}.salient_weight"], tensors[f"{name}.salient_idx"]
+        if sw.dim() != 2 or idx.dim() != 1 or idx.numel() != sw.shape[1] \
+                or tensors[f"{name}.noise_std"].numel() != sw.shape[0]:
+            raise ValueError(f"{w_path}: {name}'s tensors have inconsistent shapes (giftsw_weight "
+                             f"{tuple(sw.shape)}, giftsw_idx {tuple(idx.shape)}); the adapter is corrupt")
+        modules[name] = {"in_features": None, "out_features": sw.shape[0], "k": sw.shape[1]}
+    try:
+        settings = GiftConfig(**{k: cfg[k] for k in SETTINGS if k in cfg}).to_dict()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    meta = {"format": PEFT_TYPE, "version": ADAPTER_VERSION, "base_model": adapter_kind(directory).base_model,
+            "base_fingerprint": cfg.get("base_fingerprint"), "gift_config": settings, "modules": modules}
+    return meta, tensors
+
+
+def _checked(w_path, tensors: dict[str, torch.Tensor], modules) -> dict[str, torch.Tensor]:
+    """Columns matched to their indices in ascending order (SalientLinear sorts its indices), and
+    no NaN/inf: a broken adapter is refused, never loaded as a wrong model."""
+    for name in modules:
+        idx, sw = tensors[f"{name}.salient_idx"], tensors[f"{name}.salient_weight"]
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"{w_path}: {name}'s indices are {idx.dtype}, not integers; the adapter is corrupt")
+        idx = idx.long()
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError(f"{w_path}: {name} lists a salient column twice; the adapter is corrupt")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            order = torch.argsort(idx)
+            idx, sw = idx[order], sw.index_select(1, order)
+        for key, t in (("salient_weight", sw), ("noise_std", tensors[f"{name}.noise_std"])):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{w_path}: {name}'s {key} holds NaN or infinite values (a diverged training?); "
+                                 "the adapter is refused")
+        tensors[f"{name}.salient_idx"], tensors[f"{name}.salient_weight"] = idx, sw
+    return tensors
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and validate a GIFT-SW adapter folder of either format (and origin).
+
+    Returns ``(meta, tensors)``: ``meta`` has ``base_model``, ``base_fingerprint`` (None when the
+    writer recorded none), ``gift_config`` (the settings) and ``modules`` ({name: {out_features, k,
+    in_features (None if unrecorded)}}); ``tensors`` maps ``<name>.salient_idx`` (ascending),
+    ``<name>.salient_weight`` (the columns in that order) and ``<name>.noise_std``. Errors name the
+    file and what is wrong with it."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not a GIFT-SW adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    kind = adapter_kind(directory)
+    if kind.kind == GIFT_SW:
+        meta, tensors = _read_v2(directory, kind.config)
+    elif kind.kind == GIFT_SW_V1:
+        meta, tensors = _read_v1(directory, kind.config)
+    else:
+        raise ValueError(f"{directory / CONFIG_NAME} is not a GIFT-SW adapter (it looks like a PEFT "
+                         f"{kind.peft_type} adapter: load it with peft.PeftModel)")
+    return meta, _checked(directory / WEIGHTS_NAME, tensors, meta["modules"])
 
 
 def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bool = True) -> nn.Module:
@@ -127,12 +245,18 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
         )
     for n, s in modules.items():
         shape = tuple(linear_weight(named[n]).shape)
-        if shape != (s["out_features"], s["in_features"]):
+        in_f = s["in_features"] if s["in_features"] is not None else shape[1]
+        top = int(tensors[f"{n}.salient_idx"].max())
+        if shape != (s["out_features"], in_f) or top >= shape[1] or int(tensors[f"{n}.salient_idx"].min()) < 0:
             raise ValueError(
                 f"adapter {directory} was saved for a different base model: {n} is {shape} here but "
-                f"({s['out_features']}, {s['in_features']}) in the adapter (base was {meta.get('base_model')!r})"
+                f"({s['out_features']}, {s['in_features'] or f'> {top}'}) in the adapter "
+                f"(base was {meta.get('base_model')!r})"
             )
-    if check_base:
+    if check_base and meta.get("base_fingerprint") is None:
+        log.warning("adapter %s records no base fingerprint (written by an earlier salientft's PEFT route): "
+                    "the base weights cannot be checked", directory)
+    elif check_base:
         fp = fingerprint({n: linear_weight(named[n]) for n in modules})
         if fp != meta.get("base_fingerprint"):
             raise ValueError(

@@ -1,10 +1,11 @@
 """GiftConfig: which columns GIFT-SW trains and how it perturbs the frozen rest."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config_base import NOISE_MODES, ConfigMixin, check_choice, salient_count
+from ..config_base import NOISE_MODES, ConfigMixin, check_choice, flag, salient_count
 
 
 @dataclass
@@ -13,7 +14,8 @@ class GiftConfig(ConfigMixin):
 
     Give ``n_salient`` (k columns in every layer) or ``salient_fraction`` (k = round(f * in),
     at least 1), not both; with neither, the paper's ratio 128/4096 is used.
-    ``fp32_salient`` keeps the trainable columns in fp32 when the base is bf16/fp16.
+    ``fp32_salient`` (default on) keeps the trainable columns in fp32 when the base is bf16/fp16:
+    in 16 bits most small AdamW updates round away.
     ``keep_noise`` (weight noise only) keeps each layer's noisy weight from forward to backward
     instead of drawing the noise again: a faster step for one (out, in) tensor per layer in the
     compute dtype held until backward; same outputs and gradients. Off: the memory-lean default.
@@ -21,15 +23,23 @@ class GiftConfig(ConfigMixin):
 
     NOISE_MODES: ClassVar[tuple[str, ...]] = NOISE_MODES
 
-    n_salient: int | None = None
-    salient_fraction: float | None = None
-    target_modules: list[str] | str | None = None
-    noise: str = "weight"
-    noise_bits: int = 4
-    metric: str = "gift"
-    seed: int = 0
-    fp32_salient: bool = False
-    keep_noise: bool = False
+    # The one declaration of each GIFT-SW setting: its default and its help. The PEFT config
+    # (salientft.peft.GiftSWConfig) and TrainConfig / `salientft train` take both from here
+    # (gift_field), so the three cannot drift apart.
+    n_salient: int | None = flag(None, "salient columns k per layer")
+    salient_fraction: float | None = flag(None, "k as a fraction of a layer's input features "
+                                                "(neither: the paper's 128/4096)")
+    target_modules: list[str] | str | None = flag(None, "layers to train: names or suffixes, or a regex "
+                                                        "(default None = 'all-linear': every linear layer of the "
+                                                        "transformer blocks, never lm_head or embeddings)")
+    noise: str = flag("weight", "training noise in the frozen rest: weight (the paper's), output or none")
+    noise_bits: int = flag(4, "quantizer bits whose step sets the noise scale")
+    metric: str = flag("gift", "salience metric (salientft.METRICS; magnitude and random need no data)")
+    seed: int = flag(0, "seed of the 'random' metric")
+    fp32_salient: bool = flag(True, "keep the trainable columns in fp32 when the model is bf16/fp16 "
+                                    "(16-bit columns lose most small AdamW updates)")
+    keep_noise: bool = flag(False, "keep each layer's weight noise for backward instead of drawing it again "
+                                   "(faster; one out x in tensor per layer)")
 
     def __post_init__(self):
         n = type(self).__name__
@@ -46,6 +56,8 @@ class GiftConfig(ConfigMixin):
         check_choice(n, "noise", self.noise, self.NOISE_MODES)
         if isinstance(self.noise_bits, bool) or not isinstance(self.noise_bits, int) or not 2 <= self.noise_bits <= 16:
             raise ValueError(f"{n}.noise_bits must be an integer in [2, 16], got {self.noise_bits!r}")
+        if self.target_modules == "all-linear":  # PEFT's spelling of the same default set
+            self.target_modules = None
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"{n}.target_modules must be a non-empty list of names, a regex string, or None")
@@ -65,3 +77,14 @@ class GiftConfig(ConfigMixin):
     def k_for(self, in_features: int, name: str = "layer") -> int:
         """Number of salient columns for a layer with ``in_features`` inputs (validated)."""
         return salient_count(in_features, self.n_salient, self.salient_fraction, name=name)
+
+
+# The settings an adapter records (everything but target_modules, which it lists by name).
+SETTINGS = ("n_salient", "salient_fraction", "metric", "noise", "noise_bits", "keep_noise", "seed", "fp32_salient")
+
+
+def gift_field(name: str, help_prefix: str = ""):
+    """A dataclass field with GiftConfig's default and help for the setting ``name`` (for the
+    configs that expose GIFT-SW's settings again: GiftSWConfig, TrainConfig)."""
+    f = {f.name: f for f in dataclasses.fields(GiftConfig)}[name]
+    return flag(f.default, help_prefix + f.metadata["help"])

@@ -81,8 +81,10 @@ class Method:
         does not use, in one message, and a missing ``--quantized`` folder."""
         used = self.fields_used(config)
         specific = method_specific_fields()
+        former = getattr(type(config), "FORMER_DEFAULTS", {})
         given = [f.name for f in dataclasses.fields(config)
-                 if f.name in specific and f.name not in used and getattr(config, f.name) != f.default]
+                 if f.name in specific and f.name not in used and getattr(config, f.name) != f.default
+                 and not (f.name in former and getattr(config, f.name) == former[f.name])]
         if given:
             hints = []
             for name in given:

@@ -28,20 +28,31 @@ def register() -> None:
 
 
 class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``peft`` is first imported, it wraps the real loader so that
-    GIFT-SW is registered as soon as PEFT has finished importing."""
+    """Finds nothing itself: when ``peft`` is imported, it wraps the real loader so that GIFT-SW is
+    registered as soon as PEFT has finished importing.
+
+    A ``find_spec("peft")`` that only probes (``importlib.util.find_spec``, which transformers'
+    ``is_peft_available`` runs) also reaches this finder; so the hook stays installed until the
+    wrapped loader has really executed PEFT, and each spec it hands out is wrapped on its own.
+    """
 
     def find_spec(self, name, path=None, target=None):
         if name != "peft":
             return None
-        uninstall_import_hook()
-        spec = importlib.util.find_spec("peft")
+        spec = None
+        for finder in list(sys.meta_path):  # the spec the rest of the import system would give
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_peft = spec.loader.exec_module
 
         def exec_module(module):
             exec_peft(module)
+            uninstall_import_hook()
             try:
                 register()
             except Exception as e:  # never break the user's import of PEFT

@@ -8,10 +8,9 @@ from typing import Optional, Union
 import torch
 from peft.config import PeftConfig
 
+from ..adapter_format import PEFT_TYPE
 from ..config_base import NOISE_MODES, salient_count
-from ..gift.config import GiftConfig
-
-PEFT_TYPE = "GIFT_SW"
+from ..gift.config import SETTINGS, GiftConfig, gift_field
 
 
 @dataclass
@@ -31,23 +30,18 @@ class GiftSWConfig(PeftConfig):
     its indices and noise scale, and loading it never re-selects them.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
-        default="all-linear",
-        metadata={"help": "module names or suffixes, a regex, or 'all-linear' (every linear layer but the output)"},
-    )
+    target_modules: Optional[Union[list[str], str]] = gift_field("target_modules")
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to leave out"})
-    n_salient: Optional[int] = field(default=None, metadata={"help": "salient columns k per layer"})
-    salient_fraction: Optional[float] = field(default=None, metadata={"help": "k as a fraction of in_features"})
+    n_salient: Optional[int] = gift_field("n_salient")
+    salient_fraction: Optional[float] = gift_field("salient_fraction")
     k_pattern: dict = field(default_factory=dict, metadata={"help": "per-layer k: {name or suffix regex: k}"})
-    metric: str = field(default="gift", metadata={"help": "salience metric (salientft.METRICS)"})
-    noise: str = field(default="weight", metadata={"help": "training noise: weight, output or none"})
-    noise_bits: int = field(default=4, metadata={"help": "quantizer bits whose step sets the noise scale"})
-    keep_noise: bool = field(
-        default=False, metadata={"help": "keep the weight noise for backward instead of drawing it again (more memory)"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the 'random' metric"})
+    metric: str = gift_field("metric")
+    noise: str = gift_field("noise")
+    noise_bits: int = gift_field("noise_bits")
+    keep_noise: bool = gift_field("keep_noise")
+    seed: int = gift_field("seed")
     scores_file: Optional[str] = field(default=None, metadata={"help": "scores file from salientft calibrate"})
-    fp32_salient: bool = field(default=True, metadata={"help": "keep trainable columns in fp32 on a 16-bit base"})
+    fp32_salient: bool = gift_field("fp32_salient")
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained in full"})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "embedding rows to train (PEFT's trainable tokens)"},
@@ -55,15 +49,24 @@ class GiftSWConfig(PeftConfig):
     salient_indices_in_adapter: bool = field(
         default=False, metadata={"help": "set by salientft: the adapter holds its indices (do not re-select)"},
     )
+    base_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "set by salientft: SHA-256 of the targeted base weights (bf16) the "
+                                        "columns were chosen on; loading onto other weights warns"},
+    )
+    salientft_base_model: Optional[str] = field(
+        default=None, metadata={"help": "set by salientft: the base as salientft loads it (a preset name such as "
+                                        "'tiny-random-llama' that base_model_name_or_path cannot hold)"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if self.target_modules is None:  # GiftConfig's default: every linear layer of the blocks
+            self.target_modules = "all-linear"
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         # GiftConfig validates k, the noise and the metric's form; the metric name is checked here.
-        GiftConfig(n_salient=self.n_salient, salient_fraction=self.salient_fraction, noise=self.noise,
-                   noise_bits=self.noise_bits, metric=self.metric, seed=self.seed, keep_noise=self.keep_noise)
+        self.gift_config()
         from ..saliency import METRICS
 
         if self.metric not in METRICS:
@@ -73,6 +76,13 @@ class GiftSWConfig(PeftConfig):
         for key, k in (self.k_pattern or {}).items():
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f"GiftSWConfig.k_pattern[{key!r}] must be a positive integer, got {k!r}")
+
+    def gift_config(self) -> GiftConfig:
+        """The shared settings as a (validated) GiftConfig; its errors name GiftSWConfig."""
+        try:
+            return GiftConfig(**{name: getattr(self, name) for name in SETTINGS})
+        except ValueError as e:
+            raise ValueError(str(e).replace("GiftConfig", "GiftSWConfig")) from None
 
     def k_for(self, module_name: str, in_features: int) -> int:
         """k of the layer ``module_name`` (``k_pattern`` first, then the config-wide rule)."""

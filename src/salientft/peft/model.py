@@ -2,7 +2,11 @@
 registered in PEFT's mappings under the string peft type ``GIFT_SW`` (no PEFT fork)."""
 from __future__ import annotations
 
+import warnings
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+from ..gift.adapter import fingerprint
 
 from ..targets import is_linear_like
 from .config import PEFT_TYPE, GiftSWConfig
@@ -32,8 +36,21 @@ class GiftSWModel(BaseTuner):
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        # The base fingerprint, as salientft's own adapters carry it: recorded when the columns are
+        # chosen, checked when a saved adapter is loaded (a warning: PEFT has no flag to force it).
+        weights = {n: m.base_weight() for n, m in model.named_modules()
+                   if isinstance(m, GiftSWLayer) and adapter_name in m.giftsw_weight}
+        if weights and (not config.salient_indices_in_adapter or config.base_fingerprint):
+            fp = fingerprint(weights)
+            if not config.salient_indices_in_adapter:
+                config.base_fingerprint = fp
+            elif fp != config.base_fingerprint:
+                warnings.warn(f"GIFT-SW adapter {adapter_name!r} was trained on other base weights than these "
+                              "(base fingerprint mismatch): load the base it was trained from, not a merged or "
+                              "other fine-tuned copy", stacklevel=2)
         # The columns are chosen: a saved adapter carries them, and loading it must not re-select.
-        self.peft_config[adapter_name].salient_indices_in_adapter = True
+        config.salient_indices_in_adapter = True
 
 
 def register() -> None:
