@@ -108,6 +108,16 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _needs_peft(adapter: Path) -> bool:
+    """A PEFT adapter other than GIFT-SW (salientft reads GIFT-SW adapters itself, PEFT or not)."""
+    from .adapter_format import PEFT_OTHER, adapter_kind
+
+    try:
+        return adapter_kind(adapter).kind == PEFT_OTHER
+    except (OSError, ValueError):
+        return False  # the command itself reports a missing or corrupt adapter
+
+
 def _train(s: dict) -> list[Requirement]:
     out = []
     if not s.get("quantized"):
@@ -154,7 +164,7 @@ def _eval(s: dict) -> list[Requirement]:
         else:
             out += _model_needs(model, f"--model {model}")
     adapter = s.get("adapter")
-    if adapter and "peft_type" in _read_json(Path(adapter) / "adapter_config.json"):
+    if adapter and _needs_peft(Path(adapter)):
         out += _module("peft", f"--adapter {adapter} (a PEFT adapter)")
     if s.get("tasks"):
         out += _embedded_data(f"--tasks {s['tasks']}")

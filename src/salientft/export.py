@@ -13,8 +13,8 @@ stack and serving engines load without salientft (docs/export.md).
   the 16-bit salient columns carried exactly by a rank-k LoRA adapter in ``salient_lora/``
   (``lora_B`` = the columns themselves, ``lora_A`` = the one-hot rows).
 
-Accepted sources: a ``salientft train`` run directory, a salientft adapter folder or a PEFT GIFT-SW
-adapter folder (``lora``, ``merged``); a quantized folder or a recovery run (``compressed-tensors``).
+Accepted sources: a ``salientft train`` run directory or a GIFT-SW adapter folder of either format
+and origin (``lora``, ``merged``; read by ``salientft.gift.read_adapter``); a quantized folder or a recovery run (``compressed-tensors``).
 Every output is written atomically; an existing non-empty output is refused unless ``overwrite``.
 """
 from __future__ import annotations
@@ -58,20 +58,25 @@ class Exported:
                 f"serve it: vllm serve {out}",
             ])
         if self.format == "lora":
-            head = [f"wrote a PEFT LoRA adapter (rank {self._rank_text()}) for {self.base_model} to {out}"]
+            base = self.base_model or "BASE_FOLDER"
+            head = [f"wrote a PEFT LoRA adapter (rank {self._rank_text()}) for {self.base_model or 'its base'} to {out}"]
             load = [
                 "import torch",
                 "from transformers import AutoModelForCausalLM",
                 "from peft import PeftModel",
-                f"base = AutoModelForCausalLM.from_pretrained({self.base_model!r}, dtype=torch.float32)",
+                f"base = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.float32)",
                 f"model = PeftModel.from_pretrained(base, {out!r})",
             ]
-            serve = f"vllm serve {self.base_model} --enable-lora --lora-modules gift={out}"
-            from .models import PRESETS
+            serve = f"vllm serve {base} --enable-lora --lora-modules gift={out}"
+            from .models import EMBEDDED_HUB_ID
 
-            if self.base_model in PRESETS:
-                head.append(f"{self.base_model!r} is a salientft preset: give transformers and vLLM the folder "
-                            "of that model instead (or pass --base FOLDER when exporting)")
+            if self.base_model is None:
+                head.append("its base has no name stock tools can load (tiny-random-llama is built in code): "
+                            "save that model with save_pretrained and pass --base FOLDER when exporting")
+            elif self.base_model == EMBEDDED_HUB_ID:
+                head.append(f"the base is recorded as {EMBEDDED_HUB_ID}, the hub model salientft's embedded copy "
+                            "comes from; that copy is its Q4_1 GGUF dequantized, so its weights differ slightly: "
+                            "for the exact trained model, pass --base <folder of the embedded copy> when exporting")
         else:
             lora = str(self.output / SALIENT_LORA_DIR)
             head = [f"wrote a compressed-tensors model (pack-quantized) to {out}"]
@@ -128,9 +133,9 @@ def _check_output(output, overwrite: bool, source) -> Path:
 
 @dataclass(frozen=True)
 class _Adapter:
-    kind: str  # "gift" (salientft's format) or "peft" (a PEFT GIFT-SW adapter)
-    path: Path
-    base: str
+    path: Path  # a GIFT-SW adapter folder (either format, either origin)
+    base: str  # the base as salientft loads it
+    stock_base: str | None  # the base as stock tools load it (recorded in the LoRA adapter)
 
 
 @dataclass(frozen=True)
@@ -157,12 +162,12 @@ def _quantized_folder(path: Path) -> Path | None:
 def _adapter_source(source, base: str | None) -> _Adapter:
     """Which adapter ``source`` names and the base it goes on; reads JSON only (no model)."""
     from ._io import read_json_object
-    from .gift.adapter import ADAPTER_FORMAT, CONFIG_NAME
+    from .adapter_format import CONFIG_NAME, adapter_kind
+    from .models import stock_name
 
     path = Path(source)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: give a salientft train run, a salientft GIFT-SW adapter "
-                                "or a PEFT GIFT-SW adapter folder")
+        raise FileNotFoundError(f"{path} is not a folder: give a salientft train run or a GIFT-SW adapter folder")
     if _quantized_folder(path) is not None:
         raise ValueError(f"{path} is a quantized model: export it with --format compressed-tensors")
     run_base = None
@@ -172,51 +177,28 @@ def _adapter_source(source, base: str | None) -> _Adapter:
             raise ValueError(f"{path} has no adapter/: method {run.get('method')!r} writes a whole model (model/), "
                              "which is already a transformers model")
         run_base, path = run.get("model"), path / "adapter"
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: give a salientft train run, a salientft GIFT-SW "
-                                "adapter or a PEFT GIFT-SW adapter folder")
-    cfg = read_json_object(cfg_path, "an adapter config")
-    if "peft_type" in cfg:
-        _require("peft", f"{path} is a PEFT adapter; reading it")
-        from .peft.config import PEFT_TYPE
-
-        if cfg["peft_type"] != PEFT_TYPE:
-            raise ValueError(f"{path} is a PEFT {cfg['peft_type']} adapter, already in PEFT's format: load it with "
-                             "peft.PeftModel (salientft export converts GIFT-SW adapters)")
-        kind, named = "peft", cfg.get("base_model_name_or_path")
-    elif cfg.get("format") == ADAPTER_FORMAT:
-        kind, named = "gift", cfg.get("base_model")
-    else:
-        raise ValueError(f"{cfg_path} is neither a salientft GIFT-SW adapter nor a PEFT adapter")
-    base = base or run_base or named
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: give a salientft train run or a GIFT-SW adapter "
+                                "folder")
+    kind = adapter_kind(path)
+    if not kind.is_gift_sw:
+        raise ValueError(f"{path} is a PEFT {kind.peft_type} adapter, already in PEFT's format: load it with "
+                         "peft.PeftModel (salientft export converts GIFT-SW adapters)")
+    base = base or run_base or kind.base_model
     if not base:
         raise ValueError(f"{path} does not name its base model: pass --base MODEL (the model it was trained on)")
-    if Path(base).is_dir():
-        base = str(Path(base).resolve())
-    return _Adapter(kind, path, str(base))
+    return _Adapter(path, str(base), stock_name(str(base)))
 
 
 def _trained_model(adapter: _Adapter):
     """(model, tokenizer, {layer: _Columns}) of the adapter on its base, loaded in fp32."""
+    from .gift import gift_layers, load_adapter
     from .models import load_model
 
     model, tok = load_model(adapter.base, dtype="fp32")
-    if adapter.kind == "gift":
-        from .gift import gift_layers, load_adapter
-
-        load_adapter(model, adapter.path)
-        layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, m.is_conv1d)
-                  for n, m in gift_layers(model).items()}
-    else:
-        peft = _require("peft", "a PEFT GIFT-SW adapter")
-        from .peft.layer import GiftSWLayer
-
-        model = peft.PeftModel.from_pretrained(model, str(adapter.path))
-        name = model.active_adapter
-        layers = {n.removeprefix("base_model.model."): _Columns(m.base_weight(), m.giftsw_idx[name],
-                                                                m.giftsw_weight[name], m.fan_in_fan_out)
-                  for n, m in model.named_modules() if isinstance(m, GiftSWLayer)}
+    load_adapter(model, adapter.path)
+    layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, m.is_conv1d)
+              for n, m in gift_layers(model).items()}
     return model.eval(), tok, layers
 
 
@@ -291,8 +273,8 @@ def export_lora(source, output, base: str | None = None, *, overwrite: bool = Fa
     from ._io import atomic_dir
 
     with atomic_dir(out) as tmp:
-        ranks = _write_lora(tmp, factors, adapter.base, fan_in_fan_out)
-    return Exported("lora", out, adapter.base, ranks)
+        ranks = _write_lora(tmp, factors, adapter.stock_base, fan_in_fan_out)
+    return Exported("lora", out, adapter.stock_base, ranks)
 
 
 def export_merged(source, output, base: str | None = None, *, overwrite: bool = False) -> Exported:
@@ -302,13 +284,9 @@ def export_merged(source, output, base: str | None = None, *, overwrite: bool = 
     out = _check_output(output, overwrite, source)
     adapter = _adapter_source(source, base)
     model, tok, _ = _trained_model(adapter)
-    if adapter.kind == "gift":
-        from .gift import merge_gift
+    from .gift import merge_gift
 
-        model = merge_gift(model)
-    else:
-        model = model.merge_and_unload()
-    save_plain_model(model, tok, out)
+    save_plain_model(merge_gift(model), tok, out)
     return Exported("merged", out)
 
 

@@ -2,35 +2,26 @@
 
 Accepted: everything :func:`salientft.models.load_model` takes (presets, HF folders, hub ids), and
 a trained run's output directory: ``run_config.json`` (key ``"model"`` names the base) plus either
-``model/`` or ``merged/`` (a full HF model folder) or ``adapter/`` (a salientft GIFT-SW adapter, or
-a PEFT adapter recognised by ``adapter_config.json`` with ``"peft_type"``). ``adapter`` may also be
+``model/`` or ``merged/`` (a full HF model folder) or ``adapter/`` (a GIFT-SW adapter of either
+origin, loaded by salientft without PEFT, or another PEFT adapter: ``salientft.adapter_format``). ``adapter`` may also be
 given explicitly, on top of any base. ``check_base=False`` (``salientft eval --no-check-base``)
 lets a salientft adapter onto a base whose weights differ from those it was trained on.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
-def _is_peft_adapter(directory: Path) -> bool:
-    cfg = directory / "adapter_config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "peft_type" in json.loads(cfg.read_text())
-    except ValueError:
-        return False
-
-
 def attach_adapter(model, directory: str | Path, check_base: bool = True):
-    """Apply a salientft adapter in place, or wrap the model with a PEFT adapter; returns the model.
+    """Apply a GIFT-SW adapter (either format, either origin) in place, or wrap the model with
+    another PEFT adapter (LoRA, DoRA, ...); returns the model.
 
-    ``check_base=False`` skips the salientft adapter's check of the base's fingerprint."""
+    ``check_base=False`` skips the GIFT-SW adapter's check of the base's fingerprint."""
+    from ..adapter_format import adapter_kind
+
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    if _is_peft_adapter(directory):
+    kind = adapter_kind(directory)
+    if not kind.is_gift_sw:
         from ..methods.peft_baselines import attach_peft_adapter, require_peft
         from ..quant.layer import QuantizedSalientLinear
 

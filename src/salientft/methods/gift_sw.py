@@ -105,7 +105,7 @@ class GiftSW(Method):
     mergeable = True
 
     def save_output(self, model, tokenizer, config, out: Path) -> None:
-        """The salientft adapter: indices, trained columns, noise scale, the base's fingerprint."""
+        """The GIFT-SW adapter (PEFT's format): indices, trained columns, noise scale, the base's fingerprint."""
         save_adapter(model, out / "adapter", base_model=config.model)
 
     def merge(self, model):

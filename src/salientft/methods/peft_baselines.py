@@ -15,11 +15,14 @@ PEFT_HINT = "pip install 'salientft[peft]'"
 
 
 def require_peft(what: str):
-    """Import peft or explain how to install it."""
+    """Import peft (with GIFT-SW registered) or explain how to install it."""
     try:
         import peft
     except ImportError:
         raise ImportError(f"{what} needs PEFT: {PEFT_HINT}") from None
+    from ..peft import register
+
+    register()  # GIFT_SW in PEFT's mappings, whatever imported PEFT before (idempotent)
     return peft
 
 
