@@ -43,8 +43,15 @@ from torch import nn
 
 from .config_base import GMT_DEFAULT_RATIO, ConfigMixin, check_choice
 
-# Vocabulary matrices (input embeddings, lm_head) are not masked by default; docs/gmt.md says why.
-GMT_DEFAULT_EXCLUDE = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "output_layer")
+# Embeddings and the output head are not masked by default; docs/gmt.md says why. They are found by
+# role, not by name (GPT-NeoX's embed_in, OPT's embed_positions have names of their own):
+#   "@embeddings": model.get_input_embeddings() and every nn.Embedding (learned positions: GPT-2's wpe,
+#                  OPT's embed_positions; token types), all lookup tables with row-sparse gradients;
+#   "@output":     model.get_output_embeddings() (lm_head, GPT-NeoX's embed_out, ...).
+# Given parameters instead of a model, a role falls back to the usual names of its modules.
+ROLES = {"@embeddings": ("embed_tokens", "embed_in", "wte", "wpe", "embed_positions", "word_embeddings"),
+         "@output": ("lm_head", "embed_out", "output_layer")}
+GMT_DEFAULT_EXCLUDE = ("@embeddings", "@output")
 
 
 @dataclass
@@ -55,9 +62,10 @@ class GMTConfig(ConfigMixin):
     ``granularity``: "tensor" (one threshold per parameter tensor) or "global" (one threshold over
     every masked parameter). ``mode``: "paper" (zero the gradient, optimizer untouched) or
     "strict" (masked entries get no update of any kind in that step, see docs/gmt.md).
-    ``exclude``: parameter-name patterns left unmasked (trained densely): a plain entry matches a
-    dotted component path of the name ("lm_head" matches "lm_head.weight"), an entry with
-    ``* ? [`` is a glob over the full name. ``global_cache_mb``: memory the global threshold may
+    ``exclude``: what is left unmasked (trained densely): the roles "@embeddings" (input and
+    position embeddings) and "@output" (the output head), found by role (the default); a plain
+    entry matches a dotted component path of the name ("lm_head" matches "lm_head.weight"), an
+    entry with ``* ? [`` is a glob over the full name. ``global_cache_mb``: memory the global threshold may
     use to keep the top 16 bits of the gradients between its passes (2 bytes per entry); above
     it they are recomputed (one more read of the gradients). Nothing is ever concatenated.
     """
@@ -90,6 +98,9 @@ class GMTConfig(ConfigMixin):
             raise ValueError(f"{n}.exclude must be a list of parameter-name patterns, got {self.exclude!r}")
         if not all(isinstance(p, str) and p for p in self.exclude):
             raise ValueError(f"{n}.exclude entries must be non-empty strings, got {self.exclude!r}")
+        unknown = [p for p in self.exclude if p.startswith("@") and p not in ROLES]
+        if unknown:
+            raise ValueError(f"{n}.exclude: unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
         self.exclude = list(self.exclude)
 
 
@@ -103,8 +114,30 @@ _BOUNDARY_CACHE_NUMEL = 1 << 22
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+def _role_params(model: nn.Module, roles: Iterable[str]) -> set[int]:
+    """ids of the parameters of the modules that play ``roles`` in ``model`` (see ROLES)."""
+    modules = []
+    for role in roles:
+        if role == "@embeddings":
+            get = getattr(model, "get_input_embeddings", None)
+            modules += [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        else:
+            get = getattr(model, "get_output_embeddings", None)
+        try:
+            found = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            found = None
+        if isinstance(found, nn.Module):
+            modules.append(found)
+        elif role == "@output":  # not a transformers model: its head by name
+            modules += [m for n, m in model.named_modules() if n.rpartition(".")[2] in ROLES[role]]
+    return {id(p) for m in modules for p in m.parameters()}
+
+
 def _excluded(names: list[str], patterns: Iterable[str]) -> bool:
-    """True when any alias of a parameter matches any pattern (see GMTConfig.exclude)."""
+    """True when any alias of a parameter matches any pattern (see GMTConfig.exclude; a role
+    matches the usual names of its modules here, for parameters given without their model)."""
+    patterns = [q for p in patterns for q in (ROLES.get(p, (p,)))]
     for name in names:
         for pat in patterns:
             if any(c in pat for c in "*?["):
@@ -317,11 +350,15 @@ class GradientMask:
                         "GradientMask expects an nn.Module, or an iterable of tensors or of "
                         f"(name, tensor) pairs; got an item of type {type(x).__name__}"
                     )
+        roles = [p for p in self.config.exclude if p in ROLES]
+        by_role = _role_params(src, roles) if isinstance(src, nn.Module) and roles else set()
+        patterns = [p for p in self.config.exclude if p not in ROLES] if isinstance(src, nn.Module) \
+            else self.config.exclude
         keep, excluded = [], []
         for names, p in items:
             if not p.requires_grad:
                 continue
-            if _excluded(names, self.config.exclude):
+            if id(p) in by_role or _excluded(names, patterns):
                 excluded.append(names[0])
             elif not p.is_floating_point():
                 raise TypeError(f"parameter {names[0]} is {p.dtype}; GMT masks floating-point gradients")

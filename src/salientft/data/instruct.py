@@ -278,8 +278,9 @@ def is_heldout(conv: list[dict]) -> bool:
 def load_conversations(source="embedded", split: str = "train", limit: int | None = None,
                        seed: int = DEFAULT_SEED, hf_split: str = "train", hf_config: str | None = None,
                        sciq_support: bool = False) -> list[list[dict]]:
-    """Conversations of ``source``: ``"embedded"``, a ``.jsonl`` path, or a Hugging Face dataset
-    name (``"hf:owner/name"`` forces the hub; :func:`is_path_like` tells a path from a name).
+    """Conversations of ``source``: ``"embedded"``, a ``.jsonl`` path, a Hugging Face dataset
+    name (``"hf:owner/name"`` forces the hub; :func:`is_path_like` tells a path from a name), or a
+    list of chats in memory (each a list of messages, or a JSONL-style record).
     ``split`` picks the fixed 5 % held-out part (``"heldout"``), the rest (``"train"``) or
     everything (``"all"``) for every kind of source; ``hf_split`` is the hub dataset's own split.
     ``seed`` shuffles the order; ``limit`` keeps the first rows after the shuffle, so a small
@@ -288,8 +289,17 @@ def load_conversations(source="embedded", split: str = "train", limit: int | Non
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    source_str = str(source)
-    if source_str == "embedded":
+    if isinstance(source, (list, tuple)):
+        convs, what = in_memory_conversations(source), "the list of chats"
+        source_str = None
+    elif not isinstance(source, (str, Path)):
+        raise TypeError(f"data source must be 'embedded', a .jsonl path, a Hugging Face dataset name or a list of "
+                        f"chats (each a list of {{'role', 'content'}} messages), got {type(source).__name__}")
+    else:
+        source_str = str(source)
+    if source_str is None:
+        pass
+    elif source_str == "embedded":
         convs = [conv for _, conv in _embedded_mix(bool(sciq_support))]
         what = "the embedded mix"
     elif source_str.startswith("hf:"):
@@ -312,6 +322,27 @@ def load_conversations(source="embedded", split: str = "train", limit: int | Non
     convs = [list(map(dict, c)) for c in convs]  # callers may mutate; keep the cache pristine
     random.Random(seed).shuffle(convs)
     return convs[:limit] if limit is not None else convs
+
+
+def in_memory_conversations(chats) -> list[list[dict]]:
+    """A list of chats given in Python: each a list of messages, or a record as in a JSONL file
+    (``messages`` or ``prompt``/``response``); validated like a file's lines."""
+    if not chats:
+        raise ValueError("the list of chats is empty: no conversations to train on")
+    if isinstance(chats[0], dict) and "role" in chats[0]:
+        raise ValueError("got one chat (a list of messages) where a list of chats is expected: wrap it in a list, "
+                         "[chat]")
+    out = []
+    for i, chat in enumerate(chats):
+        where = f"chats[{i}]"
+        if isinstance(chat, dict):
+            out.append(record_to_conversation(chat, where))
+        elif isinstance(chat, (list, tuple)):
+            out.append(_check_messages(list(chat), where))
+        else:
+            raise ValueError(f"{where}: a chat must be a list of {{'role', 'content'}} messages or a record "
+                             f"with 'messages' or 'prompt'/'response', got {type(chat).__name__}")
+    return out
 
 
 def render_plain(conv: list[dict]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from typing import Mapping
 
 import torch
@@ -84,12 +85,31 @@ def apply_gift(
                               keep_noise=config.keep_noise)
         set_module(model, name, layer)
     model.salientft_gift_config = config
+    if hasattr(type(model), "save_pretrained") and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained_refused, model)
     counts = trainable_parameters(model)
     log.info(
         "GIFT-SW on %d layers: %s trainable of %s parameters (%.3f%%)",
         len(targets), f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["fraction"],
     )
     return model
+
+
+SAVE_REFUSED = (
+    "this model has GIFT-SW layers: save_pretrained (and a Trainer's save_model) would write the frozen base, "
+    "since transformers' from_pretrained ignores the trained salient_weight columns. Save the adapter with "
+    "salientft.save_adapter(model, folder) (reload: salientft.load_adapter, or peft.PeftModel.from_pretrained "
+    "after `import salientft`), or salientft.merge_gift(model) first to save a plain trained model; to train "
+    "with the HF Trainer and its checkpoints, use the PEFT route (get_peft_model with salientft.peft.GiftSWConfig)"
+)
+
+
+def _save_pretrained_refused(model, *args, **kwargs):
+    """A GIFT-SW model's ``save_pretrained``: refused while GIFT-SW layers are in (never the base in
+    silence); transformers' own once ``merge_gift`` made the model plain again."""
+    if gift_layers(model):
+        raise ValueError(SAVE_REFUSED)
+    return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def _compute_scores(model, config, calibration, targets):

@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..gift.adapter import fingerprint
 
-from ..targets import is_linear_like
+from ..targets import find_target_modules, is_linear_like
 from .config import PEFT_TYPE, GiftSWConfig
 from .layer import GiftSWLayer, Linear
 
@@ -35,8 +35,12 @@ class GiftSWModel(BaseTuner):
         self._replace_module(parent, target_name, new, target)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
+        if config.target_modules == "all-linear":
+            # salientft's default set, not PEFT's "every linear but the output layer": the linear layers
+            # of the transformer blocks (OPT-350m's project_in/project_out are outside them).
+            config.target_modules = set(find_target_modules(model))
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         # The base fingerprint, as salientft's own adapters carry it: recorded when the columns are
         # chosen, checked when a saved adapter is loaded (a warning: PEFT has no flag to force it).
         weights = {n: m.base_weight() for n, m in model.named_modules()
