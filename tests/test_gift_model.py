@@ -91,7 +91,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = train_steps(gift_model())
     save_adapter(model, tmp_path / "a")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     fresh = load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
     for (n, a), (m, b) in zip(gift_layers(model).items(), gift_layers(fresh).items()):
         assert n == m
@@ -173,7 +173,7 @@ def test_corrupt_and_truncated_adapter_files(tmp_path):
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="PEFT LORA adapter"):
         load_adapter(tiny_random_llama(seed=0), tmp_path / "b")
-    with pytest.raises(FileNotFoundError, match="not a salientft adapter"):
+    with pytest.raises(FileNotFoundError, match="not a GIFT-SW adapter"):
         load_adapter(tiny_random_llama(seed=0), tmp_path / "nothing")
 
 
