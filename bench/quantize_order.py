@@ -74,7 +74,7 @@ def quantized_trained_model(preset: S.Preset, qs: Q.QuantSetting, adapter: Path,
     model = merge_gift(load_adapter(model, adapter, check_base=False))  # trained in fp32 from the same bf16 weights
     scores = {}  # rank the trained columns first in every layer
     for name, shape in meta["modules"].items():
-        s = torch.zeros(shape["in_features"])
+        s = torch.zeros(shape["in_features"] or model.get_submodule(name).in_features)  # None: a PEFT-format adapter
         s[tensors[f"{name}.salient_idx"].long()] = 1.0
         scores[name] = s
     calib = calibration_batches(tok, Q.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)

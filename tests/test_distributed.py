@@ -375,7 +375,9 @@ def _trained(out, method_output: str) -> dict:
     from safetensors.torch import load_file
 
     if method_output == "adapter":
-        return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+        from salientft.gift import read_adapter
+
+        return read_adapter(Path(out) / "adapter")[1]  # keys <layer>.salient_idx / .salient_weight / .noise_std
     return load_file(str(Path(out) / "model" / "model.safetensors"))
 
 

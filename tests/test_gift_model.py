@@ -248,3 +248,174 @@ def test_layers_are_salient_linear():
     model = gift_model()
     assert isinstance(model.model.layers[0].self_attn.q_proj, SalientLinear)
     assert isinstance(model.lm_head, torch.nn.Linear) and not model.lm_head.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------- one adapter format
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]])
+
+
+@pytest.mark.numerics
+def test_version_1_adapter_written_before_the_format_change_still_loads():
+    """tests/fixtures/adapter_v1: save_adapter's first format ({"format": "salientft-gift"}), written by
+    salientft before the PEFT-format change (n_salient=3, magnitude, columns moved by N(0, 0.5^2))."""
+    from safetensors.torch import load_file
+
+    raw = load_file(FIXTURES / "adapter_v1" / "adapter_model.safetensors")
+    model = load_adapter(tiny_random_llama(seed=0), FIXTURES / "adapter_v1").eval()
+    layers = gift_layers(model)
+    assert len(layers) == 14 and model.salientft_gift_config.n_salient == 3
+    for name, layer in layers.items():  # selection of stored values: exact
+        assert torch.equal(layer.salient_idx, raw[f"{name}.salient_idx"])
+        assert torch.equal(layer.salient_weight, raw[f"{name}.salient_weight"])
+    # logits stored when the fixture was written, on another machine maybe: fp32 reduction order
+    # differs by ~1e-6 on logits of size ~1; a wrong column moves them by > 1e-2.
+    want = load_file(FIXTURES / "adapter_v1_logits.safetensors")["logits"]
+    with torch.no_grad():
+        got = model(input_ids=FIXTURE_IDS).logits.float()[0, :, :16]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_save_adapter_writes_the_peft_format_with_the_base_fingerprint(tmp_path):
+    from safetensors.torch import load_file
+
+    from salientft.gift.adapter import fingerprint
+    from salientft.targets import linear_weight
+
+    model = train_steps(gift_model())
+    save_adapter(model, tmp_path / "a", base_model="tiny-random-llama")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    base = tiny_random_llama(seed=0)
+    names = sorted(gift_layers(model))
+    assert cfg["peft_type"] == "GIFT_SW" and cfg["salient_indices_in_adapter"] is True
+    assert cfg["target_modules"] == names and cfg["n_salient"] == 4 and cfg["k_pattern"] == {}
+    assert cfg["base_fingerprint"] == fingerprint({n: linear_weight(base.get_submodule(n)) for n in names})
+    # tiny-random-llama has no name stock tools load: none recorded there, salientft's own kept apart
+    assert cfg["base_model_name_or_path"] is None and cfg["salientft_base_model"] == "tiny-random-llama"
+    keys = load_file(tmp_path / "a" / "adapter_model.safetensors").keys()
+    assert keys == {f"base_model.model.{n}.giftsw_{t}" for n in names for t in ("idx", "weight", "noise_std")}
+    assert "import salientft" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_base_names_that_stock_tools_load():
+    from salientft.models import EMBEDDED_HUB_ID, stock_name
+
+    assert stock_name("smollm2-135m") == EMBEDDED_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert stock_name("tiny-random-llama") is None
+    assert stock_name("runs/../my-base") == "runs/../my-base"  # a path as the user gave it
+    assert stock_name("org/model") == "org/model"
+
+
+def _rewrite(folder, fn):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.numerics
+def test_columns_listed_out_of_order_are_matched_to_their_indices(tmp_path):
+    model = train_steps(gift_model())
+    with torch.no_grad():
+        want = model(IDS).logits
+    save_adapter(model, tmp_path / "a")
+    key = "base_model.model.model.layers.0.mlp.down_proj.giftsw_"
+
+    def reverse_both(t):  # the same adapter, columns listed in descending index order
+        t[key + "idx"] = t[key + "idx"].flip(0).contiguous()
+        t[key + "weight"] = t[key + "weight"].flip(1).contiguous()
+
+    _rewrite(tmp_path / "a", reverse_both)
+    fresh = load_adapter(tiny_random_llama(seed=0), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, want)  # the same computation once matched
+    layer = gift_layers(fresh)["model.layers.0.mlp.down_proj"]
+    assert bool((layer.salient_idx[1:] > layer.salient_idx[:-1]).all())
+
+    # the check above would see a mismatch: only the indices reversed is another model
+    save_adapter(model, tmp_path / "b")
+    _rewrite(tmp_path / "b", lambda t: t.__setitem__(key + "idx", t[key + "idx"].flip(0).contiguous()))
+    other = load_adapter(tiny_random_llama(seed=0), tmp_path / "b").eval()
+    with torch.no_grad():
+        assert not torch.equal(other(IDS).logits, want)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("nan", "NaN or infinite"), ("inf_std", "NaN or infinite"), ("duplicate", "lists a salient column twice"),
+    ("out_of_range", "different base model"),
+])
+def test_broken_adapters_are_refused(tmp_path, what, message):
+    model = train_steps(gift_model())
+    save_adapter(model, tmp_path / "a")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.giftsw_"
+
+    def break_(t):
+        if what == "nan":
+            t[key + "weight"][0, 0] = float("nan")
+        elif what == "inf_std":
+            t[key + "noise_std"][3] = float("inf")
+        elif what == "duplicate":
+            t[key + "idx"][1] = t[key + "idx"][0]
+        else:
+            t[key + "idx"][-1] = 64  # v_proj has 64 inputs
+
+    _rewrite(tmp_path / "a", break_)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- save_pretrained
+def test_save_pretrained_of_a_gift_model_is_refused_until_merged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = train_steps(gift_model())
+    with pytest.raises(ValueError, match=r"save_adapter.*merge_gift"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with torch.no_grad():
+        want = model(IDS).logits
+    merge_gift(model)
+    model.save_pretrained(tmp_path / "m")  # a plain model again: what reloads is the trained model
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, want, rtol=1e-5, atol=1e-5)  # merged vs adapter forward
+    import copy
+
+    again = apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=2, metric="magnitude"))
+    with pytest.raises(ValueError, match="save_adapter"):
+        copy.deepcopy(again).save_pretrained(tmp_path / "copy")  # the guard follows a copy
+
+
+def test_hf_trainer_save_model_of_a_gift_model_is_refused(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = gift_model()
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    with pytest.raises(ValueError, match="save_adapter"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.numerics
+def test_bf16_model_trains_fp32_columns_by_default_and_adamw_moves_every_entry():
+    """The README's "In Python" recipe on a bf16 model: GiftConfig's defaults keep the columns fp32,
+    so one AdamW step at lr 1e-4 moves every entry with a gradient (bf16 columns would lose most)."""
+    model = tiny_random_llama(seed=0, dtype=torch.bfloat16)
+    apply_gift(model, GiftConfig(metric="magnitude"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    has_grad = torch.cat([(p.grad != 0).flatten() for p in params])
+    opt.step()
+    moved = torch.cat([(p.detach() != b).flatten() for p, b in zip(params, before)])
+    assert has_grad.float().mean() > 0.9
+    assert bool(moved[has_grad].all())  # AdamW's first step moves each by ~lr: fp32 keeps it

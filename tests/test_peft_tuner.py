@@ -334,3 +334,164 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- registration that cannot be missed
+# What probes for PEFT with importlib.util.find_spec("peft") before PEFT is imported: transformers'
+# availability check (run inside from_pretrained, salientft.load_model and `import trl`). Each one alone
+# used to consume salientft's import hook.
+PROBES = """
+import importlib.util, transformers
+from transformers import AutoModelForCausalLM
+assert transformers.utils.is_peft_available()
+importlib.util.find_spec("peft"); importlib.util.find_spec("peft")
+"""
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A PEFT-route GIFT-SW adapter on the tiny Llama saved as a plain folder, and its logits."""
+    d = tmp_path_factory.mktemp("reg")
+    tiny_random_llama(seed=0).save_pretrained(d / "base")
+    model = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
+    perturb_(model)
+    model.save_pretrained(d / "adapter")
+    torch.save(logits(model), d / "want.pt")
+    return d
+
+
+def test_registration_survives_probes_before_peft_is_imported(saved_adapter):
+    """docs/ecosystem.md's reload order in a fresh process, with PEFT probed for between `import
+    salientft` and PEFT's import (one process for all probes: CI time)."""
+    d = saved_adapter
+    code = f"""
+import sys, torch
+import salientft
+assert "peft" not in sys.modules
+{PROBES}
+base = AutoModelForCausalLM.from_pretrained({str(d / 'base')!r}, dtype=torch.float32)
+from peft import PeftModel
+model = PeftModel.from_pretrained(base, {str(d / 'adapter')!r}).eval()
+with torch.no_grad():
+    got = model(input_ids=torch.tensor({IDS.tolist()})).logits.float()
+print((got - torch.load({str(d / 'want.pt')!r}, weights_only=True)).abs().max().item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5  # same forward: ~1e-7
+
+
+def test_salientft_paths_register_even_when_the_hook_missed(saved_adapter, tmp_path):
+    """PEFT imported first with the mappings emptied of GIFT_SW (as if registration was missed):
+    salientft's own paths (require_peft, used by eval and export for PEFT adapters) register it."""
+    from peft import mapping
+
+    from salientft.methods.peft_baselines import require_peft
+
+    saved = {m: getattr(mapping, m).pop("GIFT_SW") for m in
+             ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")}
+    try:
+        require_peft("this test")
+        assert all("GIFT_SW" in getattr(mapping, m) for m in saved)
+    finally:
+        for m, v in saved.items():
+            getattr(mapping, m)["GIFT_SW"] = v
+
+
+def test_without_salientft_peft_cannot_know_gift_sw_and_the_folder_says_what_to_do(saved_adapter, tmp_path):
+    """Documented limit (docs/ecosystem.md): in a process that never imports salientft, nothing of
+    salientft runs, so PEFT's own KeyError is what it raises; salientft's adapter folders carry a
+    README naming `import salientft`, and salientft's own loaders never need it."""
+    from salientft import GiftConfig as GC, apply_gift as ag, save_adapter
+
+    m = ag(tiny_random_llama(seed=0), GC(n_salient=2, metric="magnitude"))
+    save_adapter(m, tmp_path / "a")
+    assert "`import salientft`" in (tmp_path / "a" / "README.md").read_text()
+    code = f"""
+import sys
+sys.modules["salientft"] = None  # never importable here
+from peft import PeftConfig
+try:
+    PeftConfig.from_pretrained({str(tmp_path / 'a')!r})
+except KeyError as e:
+    print("KeyError", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "KeyError 'GIFT_SW'", out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- one adapter format
+@pytest.mark.numerics
+def test_salientft_adapter_loads_in_peft_and_peft_adapter_loads_in_salientft(tmp_path):
+    from salientft import load_adapter, save_adapter
+
+    ours = apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=4, metric="magnitude"))
+    perturb_(ours)
+    want = logits(ours)
+    save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_random_llama(seed=0), str(tmp_path / "ours"))
+    # PEFT's layer vs SalientLinear: the same salient_linear function on the same tensors
+    torch.testing.assert_close(logits(loaded), want, rtol=0, atol=1e-5)
+
+    theirs = peft.get_peft_model(tiny_random_llama(seed=0), config(n_salient=3))
+    perturb_(theirs)
+    want = logits(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    fp = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["base_fingerprint"]
+    assert isinstance(fp, str) and len(fp) == 64
+    back = load_adapter(tiny_random_llama(seed=0), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back), want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):  # salientft's check holds for both origins
+        load_adapter(tiny_random_llama(seed=1), tmp_path / "theirs")
+    with pytest.warns(UserWarning, match="base fingerprint mismatch"):  # PEFT's loading warns
+        peft.PeftModel.from_pretrained(tiny_random_llama(seed=1), str(tmp_path / "theirs"))
+
+
+def test_peft_route_adapter_with_modules_to_save_is_refused_by_salientft_loader(tmp_path):
+    from salientft import load_adapter
+
+    model = peft.get_peft_model(tiny_random_llama(seed=0), config(modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="modules_to_save.*PeftModel.from_pretrained"):
+        load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------- one declaration per setting
+def test_gift_sw_settings_have_one_default_and_one_help():
+    import dataclasses
+
+    from salientft.config import TrainConfig
+    from salientft.gift.config import SETTINGS
+
+    ours = {f.name: f for f in dataclasses.fields(GiftConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(GiftSWConfig)}
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in (*SETTINGS, "target_modules"):
+        assert theirs[name].default == ours[name].default, name
+        assert theirs[name].metadata["help"] == ours[name].metadata["help"], name
+    for name in ("n_salient", "salient_fraction", "metric", "noise_bits", "fp32_salient", "keep_noise"):
+        assert train[name].default == ours[name].default, name
+        assert train[name].metadata["help"].endswith(ours[name].metadata["help"]), name
+    assert GiftConfig().fp32_salient is GiftSWConfig().fp32_salient is True
+    assert GiftSWConfig().target_modules == "all-linear" and GiftConfig(target_modules="all-linear").target_modules is None
+
+
+# ----------------------------------------------------------------------------- all-linear
+def test_all_linear_is_the_blocks_linear_layers_on_opt_350m_style_models():
+    """OPT-350m projects embeddings (word_embed_proj_dim != hidden_size) with project_in/project_out,
+    outside the blocks: not GIFT-SW targets, and the calibrated recipe works on such a model."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                    word_embed_proj_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = OPTForCausalLM(cfg).eval()
+    assert {"model.decoder.project_in", "model.decoder.project_out"} <= {n for n, _ in base.named_modules()}
+    c = config(metric="gift", n_salient=2)
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    preprocess_gift_sw(base, c, batches)
+    model = peft.get_peft_model(base, c)
+    targeted = set(giftsw_layers(model))
+    assert len(targeted) == 12 and not any("project" in n for n in targeted)
+    assert all(".layers." in n for n in targeted)

@@ -122,10 +122,9 @@ def test_gift_run_changes_only_salient_columns_and_merge_writes_plain_model(tmp_
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     base = tiny_random_llama(seed=0)
-    adapter = json.loads((Path(cfg.output) / "adapter" / "adapter_config.json").read_text())
-    from safetensors.torch import load_file
+    from salientft.gift import read_adapter
 
-    t = load_file(str(Path(cfg.output) / "adapter" / "adapter_model.safetensors"))
+    adapter, t = read_adapter(Path(cfg.output) / "adapter")
     changed_any = False
     for name in adapter["modules"]:
         w, w0 = merged.get_submodule(name).weight, base.get_submodule(name).weight
@@ -139,9 +138,9 @@ def test_gift_run_changes_only_salient_columns_and_merge_writes_plain_model(tmp_
 
 
 def _final_salient(out):
-    from safetensors.torch import load_file
+    from salientft.gift import read_adapter
 
-    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+    return read_adapter(Path(out) / "adapter")[1]
 
 
 @pytest.mark.numerics
