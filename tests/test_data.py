@@ -410,3 +410,21 @@ def test_trainer_consumes_packed_dataset_and_collator(tmp_path, tiny_tok, tiny_m
     out = Trainer(model=tiny_model, args=args, train_dataset=ds, data_collator=ChatCollator(tiny_tok)).train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     assert not torch.equal(before, tiny_model.lm_head.weight)
+
+
+def test_build_dataset_takes_chats_in_memory(tiny_tok):
+    from salientft.data.chat import build_dataset
+
+    chats = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+             for i in range(6)]
+    chats.append({"prompt": "a record", "response": "as in a JSONL file"})
+    ds = build_dataset(chats, tiny_tok, max_length=64, split="all")
+    assert len(ds) == 7 and ds.n_conversations == 7
+    with pytest.raises(ValueError, match=r"one chat .* wrap it in a list"):
+        build_dataset(chats[0], tiny_tok)
+    with pytest.raises(ValueError, match=r"chats\[1\]: message 1 .*unknown role"):
+        build_dataset([chats[0], [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]], tiny_tok)
+    with pytest.raises(ValueError, match="empty"):
+        build_dataset([], tiny_tok)
+    with pytest.raises(TypeError, match="list of chats"):
+        build_dataset(3, tiny_tok)

@@ -402,3 +402,36 @@ def test_ddp_masks_identical_across_ranks():
     assert r0["tensor"]["kept"] == sum(
         _n_keep(g.numel(), 0.6) for g in r0["tensor"]["grads"]
     )
+
+
+def _tiny(family):
+    import transformers as tf
+
+    common = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=2)
+    if family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=16, intermediate_size=32, max_position_embeddings=32, **common)
+        return tf.GPTNeoXForCausalLM(cfg), {"gpt_neox.embed_in.weight"}
+    if family == "opt":
+        cfg = tf.OPTConfig(hidden_size=16, ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16, **common)
+        return tf.OPTForCausalLM(cfg), {"model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"}
+    cfg = tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    return tf.GPT2LMHeadModel(cfg), {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "opt", "gpt2"])
+def test_default_exclusion_finds_embeddings_and_head_by_role(family):
+    """GPT-NeoX's embed_in/embed_out and OPT's embed_positions have names of their own: found by role
+    (get_input_embeddings, every nn.Embedding, get_output_embeddings), they train densely."""
+    torch.manual_seed(0)
+    model, want = _tiny(family)
+    head = model.get_output_embeddings().weight
+    want |= {next(n for n, p in model.named_parameters() if p is head)}  # tied (OPT, GPT-2): the embedding's name
+    m = GradientMask(model, 0.5)
+    assert set(m.excluded) == want
+    masked = {n for n, _ in m.params}
+    assert not masked & want and all(".layers." in n or ".h." in n or "final" in n or ".ln_f" in n
+                                     for n in masked)
+    # names still work, roles can be dropped, and an unknown role is refused
+    assert set(GradientMask(model, 0.5, exclude=[]).excluded) == set()
+    with pytest.raises(ValueError, match="unknown role '@embedding'"):
+        GMTConfig(0.5, exclude=["@embedding"])
