@@ -374,3 +374,31 @@ def test_export_is_public():
 
     assert module.export is export and salientft.export is module
     assert {"export_lora", "export_merged", "export_compressed_tensors"} <= set(salientft.__all__)
+
+
+def test_lora_export_records_a_base_stock_tools_load(gift, base_dir, tmp_path, monkeypatch):
+    model = apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=2, metric="magnitude"))
+    save_adapter(model, tmp_path / "tiny", base_model="tiny-random-llama")
+    result = export_lora(tmp_path / "tiny", tmp_path / "l1")  # salientft still finds its own base
+    cfg = json.loads((tmp_path / "l1" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] is None and result.base_model is None  # no name to load: none
+    assert "tiny-random-llama is built in code" in result.instructions()
+    adapter, _ = gift
+    monkeypatch.chdir(base_dir.parent)
+    export_lora(adapter, tmp_path / "l2", base=base_dir.name)  # a relative folder, recorded as given
+    assert json.loads((tmp_path / "l2" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        base_dir.name
+
+
+@pytest.mark.numerics
+def test_eval_reads_a_peft_route_gift_sw_adapter(tmp_path):
+    """`salientft eval --adapter <PEFT GIFT-SW adapter>` used to fail with `error: GIFT_SW`."""
+    from salientft.evaluation.loading import load_for_eval
+
+    tuned = peft.get_peft_model(tiny_random_llama(seed=0), salientft.peft.GiftSWConfig(metric="magnitude", n_salient=4))
+    perturb_(tuned)
+    want = logits(tuned)
+    tuned.save_pretrained(tmp_path / "giftsw")
+    model, _, desc = load_for_eval("tiny-random-llama", adapter=tmp_path / "giftsw", dtype="fp32")
+    torch.testing.assert_close(logits(model), want, rtol=0, atol=TOL)  # SalientLinear vs PEFT's layer
+    assert "adapter" in desc

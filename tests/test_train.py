@@ -239,6 +239,20 @@ def test_resume_compares_the_settings():
         "fsdp: '' -> 'full_shard'"]
 
 
+def test_run_configs_stored_with_the_former_fp32_salient_default_still_load_and_resume():
+    """fp32_salient's default became GiftConfig's True (it was False, "always on with bf16"): a
+    stored run_config.json or YAML with false still loads for every method and resumes unchanged."""
+    from salientft.train import config_changes
+
+    for method in ("lora", "full", "gift-sw"):
+        old = {**TrainConfig(method=method).to_dict(), "fp32_salient": False}
+        TrainConfig.from_dict(old)  # not refused as "method lora does not use --fp32-salient"
+        assert config_changes(old, TrainConfig(method=method)) == []
+    assert TrainConfig().fp32_salient is True
+    with pytest.raises(ValueError, match="does not use --n-salient"):  # the rule itself still holds
+        TrainConfig(method="lora", n_salient=4)
+
+
 def test_an_adapter_on_another_base_is_refused_unless_asked(tmp_path):
     from salientft.cli import _build_parser
     from salientft.evaluation.loading import attach_adapter
