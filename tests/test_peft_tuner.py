@@ -495,3 +495,23 @@ def test_all_linear_is_the_blocks_linear_layers_on_opt_350m_style_models():
     targeted = set(giftsw_layers(model))
     assert len(targeted) == 12 and not any("project" in n for n in targeted)
     assert all(".layers." in n for n in targeted)
+
+
+def test_peft_loading_refuses_broken_adapters(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = peft.get_peft_model(tiny_random_llama(seed=0), config())
+    model.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    good = load_file(path)
+    key = "base_model.model.model.layers.0.mlp.up_proj.giftsw_"
+    for name, broken, message in (("weight", float("nan"), "NaN or infinite"), ("idx", None, "twice")):
+        t = dict(good)
+        t[key + name] = t[key + name].clone()
+        if broken is None:
+            t[key + name][1] = t[key + name][0]
+        else:
+            t[key + name][0, 0] = broken
+        save_file(t, str(path))
+        with pytest.raises(ValueError, match=message):
+            peft.PeftModel.from_pretrained(tiny_random_llama(seed=0), str(tmp_path / "a"))

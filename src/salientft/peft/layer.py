@@ -140,5 +140,20 @@ class Linear(nn.Module, GiftSWLayer):
             y = y + F.linear(x.index_select(-1, idx).to(y.dtype), delta)
         return y
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse a saved adapter that lists a column twice or holds NaN/inf, as salientft's own
+        loader does (columns in any order are fine here: each index travels with its column)."""
+        for key, t in state_dict.items():
+            if not key.startswith(prefix + "giftsw_") or not torch.is_tensor(t):
+                continue
+            kind = key[len(prefix):].split(".")[0]
+            if kind == "giftsw_idx" and torch.unique(t).numel() != t.numel():
+                raise ValueError(f"GIFT-SW adapter: {prefix.rstrip('.')} lists a salient column twice; "
+                                 "the adapter is corrupt")
+            if kind in ("giftsw_weight", "giftsw_noise_std") and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"GIFT-SW adapter: {prefix.rstrip('.')}'s {kind} holds NaN or infinite values "
+                                 "(a diverged training?); the adapter is refused")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def __repr__(self) -> str:
         return "giftsw." + super().__repr__()

@@ -39,7 +39,8 @@ class GiftSWModel(BaseTuner):
         if config.target_modules == "all-linear":
             # salientft's default set, not PEFT's "every linear but the output layer": the linear layers
             # of the transformer blocks (OPT-350m's project_in/project_out are outside them).
-            config.target_modules = set(find_target_modules(model))
+            # (a second adapter finds the first one's tuner layers: their base_layer is the target)
+            config.target_modules = {n.removesuffix(".base_layer") for n in find_target_modules(model)}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # The base fingerprint, as salientft's own adapters carry it: recorded when the columns are
         # chosen, checked when a saved adapter is loaded (a warning: PEFT has no flag to force it).
