@@ -473,7 +473,8 @@ def test_gift_sw_settings_have_one_default_and_one_help():
         assert train[name].default == ours[name].default, name
         assert train[name].metadata["help"].endswith(ours[name].metadata["help"]), name
     assert GiftConfig().fp32_salient is GiftSWConfig().fp32_salient is True
-    assert GiftSWConfig().target_modules == "all-linear" and GiftConfig(target_modules="all-linear").target_modules is None
+    assert GiftSWConfig().target_modules == "all-linear"
+    assert GiftConfig(target_modules="all-linear").target_modules is None  # the same set
 
 
 # ----------------------------------------------------------------------------- all-linear

@@ -14,7 +14,8 @@ stack and serving engines load without salientft (docs/export.md).
   (``lora_B`` = the columns themselves, ``lora_A`` = the one-hot rows).
 
 Accepted sources: a ``salientft train`` run directory or a GIFT-SW adapter folder of either format
-and origin (``lora``, ``merged``; read by ``salientft.gift.read_adapter``); a quantized folder or a recovery run (``compressed-tensors``).
+and origin (``lora``, ``merged``; read by ``salientft.gift.read_adapter``); a quantized folder or a
+recovery run (``compressed-tensors``).
 Every output is written atomically; an existing non-empty output is refused unless ``overwrite``.
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Exported:
             ])
         if self.format == "lora":
             base = self.base_model or "BASE_FOLDER"
-            head = [f"wrote a PEFT LoRA adapter (rank {self._rank_text()}) for {self.base_model or 'its base'} to {out}"]
+            head = [f"wrote a PEFT LoRA adapter (rank {self._rank_text()}) for {self.base_model or 'its base'} "
+                    f"to {out}"]
             load = [
                 "import torch",
                 "from transformers import AutoModelForCausalLM",

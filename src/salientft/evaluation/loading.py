@@ -3,9 +3,10 @@
 Accepted: everything :func:`salientft.models.load_model` takes (presets, HF folders, hub ids), and
 a trained run's output directory: ``run_config.json`` (key ``"model"`` names the base) plus either
 ``model/`` or ``merged/`` (a full HF model folder) or ``adapter/`` (a GIFT-SW adapter of either
-origin, loaded by salientft without PEFT, or another PEFT adapter: ``salientft.adapter_format``). ``adapter`` may also be
-given explicitly, on top of any base. ``check_base=False`` (``salientft eval --no-check-base``)
-lets a salientft adapter onto a base whose weights differ from those it was trained on.
+origin, loaded by salientft without PEFT, or another PEFT adapter: ``salientft.adapter_format``).
+``adapter`` may also be given explicitly, on top of any base. ``check_base=False`` (``salientft
+eval --no-check-base``) lets a GIFT-SW adapter onto a base whose weights differ from those it was
+trained on.
 """
 from __future__ import annotations
 

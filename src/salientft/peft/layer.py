@@ -150,7 +150,8 @@ class Linear(nn.Module, GiftSWLayer):
             if kind == "giftsw_idx" and torch.unique(t).numel() != t.numel():
                 raise ValueError(f"GIFT-SW adapter: {prefix.rstrip('.')} lists a salient column twice; "
                                  "the adapter is corrupt")
-            if kind in ("giftsw_weight", "giftsw_noise_std") and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            finite = not t.is_floating_point() or bool(torch.isfinite(t).all())
+            if kind in ("giftsw_weight", "giftsw_noise_std") and not finite:
                 raise ValueError(f"GIFT-SW adapter: {prefix.rstrip('.')}'s {kind} holds NaN or infinite values "
                                  "(a diverged training?); the adapter is refused")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
