@@ -289,16 +289,12 @@ def load_conversations(source="embedded", split: str = "train", limit: int | Non
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if isinstance(source, (list, tuple)):
-        convs, what = in_memory_conversations(source), "the list of chats"
-        source_str = None
-    elif not isinstance(source, (str, Path)):
+    if not isinstance(source, (str, Path, list, tuple)):
         raise TypeError(f"data source must be 'embedded', a .jsonl path, a Hugging Face dataset name or a list of "
                         f"chats (each a list of {{'role', 'content'}} messages), got {type(source).__name__}")
-    else:
-        source_str = str(source)
-    if source_str is None:
-        pass
+    source_str = None if isinstance(source, (list, tuple)) else str(source)
+    if source_str is None:  # chats in memory, never str()-ed into a file name
+        convs, what = in_memory_conversations(source), "the list of chats"
     elif source_str == "embedded":
         convs = [conv for _, conv in _embedded_mix(bool(sciq_support))]
         what = "the embedded mix"

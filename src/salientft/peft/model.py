@@ -7,7 +7,6 @@ import warnings
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..gift.adapter import fingerprint
-
 from ..targets import find_target_modules, is_linear_like
 from .config import PEFT_TYPE, GiftSWConfig
 from .layer import GiftSWLayer, Linear
