@@ -34,6 +34,43 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token of ``tokenizer`` covers: the longest
+    vocabulary entry as written (a byte-level or SentencePiece entry is never shorter than the text
+    it stands for). Computed once per tokenizer."""
+    cached = getattr(tokenizer, "_salientft_longest_token_bytes", None)
+    if cached is None:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        cached = max((len(p.encode("utf-8")) for p in pieces if isinstance(p, str)), default=1)
+        try:
+            tokenizer._salientft_longest_token_bytes = cached
+        except AttributeError:  # a tokenizer that takes no attributes: measured again next time
+            pass
+    return max(int(cached), 1)
+
+
+def cap_conversation(conv: list[dict], max_bytes: int) -> list[dict]:
+    """``conv`` with its message contents cut, in order, to ``max_bytes`` UTF-8 bytes in all (a cut
+    content ends on a whole character; the turns after it are dropped). Text beyond the cap cannot
+    reach the first ``max_length`` tokens when ``max_bytes`` = max_length x the longest token's
+    bytes, so truncating tokens afterwards gives the same example, and a 50 MB record costs the
+    tokenizer at most ``max_bytes`` per rendered text, not its whole size."""
+    out, left = [], max_bytes
+    for m in conv:
+        content = m["content"]
+        if 4 * len(content) > left:  # may be over the budget: measure it in bytes
+            raw = content.encode("utf-8")
+            if len(raw) > left:
+                out.append({**m, "content": raw[:left].decode("utf-8", errors="ignore")})
+                return out
+            n = len(raw)
+        else:
+            n = len(content.encode("utf-8")) if not content.isascii() else len(content)
+        out.append(m)
+        left -= n
+    return out
+
+
 def _is_blank(tokenizer, token_id: int) -> bool:
     return tokenizer.decode([token_id]).strip() == ""
 
@@ -82,8 +119,11 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
     chat_template = chat_template_for(tokenizer)
     examples, dropped, truncated = [], 0, 0
     conversations = list(conversations)
+    max_bytes = None if max_length is None else max_length * longest_token_bytes(tokenizer)
     for b in range(0, len(conversations), batch_size):
         chunk = conversations[b: b + batch_size]
+        if max_bytes is not None:  # bytes beyond the window never reach the tokenizer
+            chunk = [cap_conversation(c, max_bytes) for c in chunk]
         text_groups = [_conversation_texts(tokenizer, c, chat_template) for c in chunk]
         flat = [t for g in text_groups for t in g]
         flat_ids = _encode(tokenizer, flat)  # one batched (Rust) call per chunk
