@@ -66,6 +66,10 @@ class CalibrationArgs(ConfigMixin):
         from .models import resolve_dtype
 
         resolve_dtype(self.dtype)
+        if isinstance(self.target_modules, str):
+            from .targets import compile_target_regex
+
+            compile_target_regex(self.target_modules)
 
 
 @dataclass(kw_only=True)

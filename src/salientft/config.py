@@ -133,6 +133,10 @@ class TrainConfig(ConfigMixin):
         if self.data_limit is not None and self.data_limit < 1:
             raise ValueError(f"{n}.data_limit must be positive")
         self._check_bounds()
+        if isinstance(self.target_modules, str):
+            from .targets import compile_target_regex
+
+            compile_target_regex(self.target_modules)  # a broken regex is refused now, not after the model loads
         self.training_method.validate(self)
 
     def _check_bounds(self) -> None:

@@ -117,7 +117,7 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     chat_template = chat_template_for(tokenizer)
-    examples, dropped, truncated = [], 0, 0
+    examples, dropped, truncated, need = [], 0, 0, None
     conversations = list(conversations)
     max_bytes = None if max_length is None else max_length * longest_token_bytes(tokenizer)
     for b in range(0, len(conversations), batch_size):
@@ -134,19 +134,23 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
             ex = _labels_from_ids(tokenizer, ids, texts, f"conversation {b + j}")
             if max_length is not None and len(ex["input_ids"]) > max_length:
                 truncated += 1
+                first = next((i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX), None)
                 ex = {k: v[:max_length] for k, v in ex.items()}
+                if first is not None and first >= max_length:  # --max-length first + 1 would keep a token
+                    need = first + 1 if need is None else min(need, first + 1)
             if drop_empty and all(x == IGNORE_INDEX for x in ex["labels"]):
                 dropped += 1
                 continue
             examples.append(ex)
     if truncated:
         logger.info("truncated %d of %d conversations to max_length=%s", truncated, len(conversations), max_length)
-    if dropped:
-        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
-                       "to max_length=%s", dropped, len(conversations), max_length)
+    hint = f"; --max-length {need} would keep the shortest of them" if need is not None else ""
     if not examples:
         raise ValueError(f"no examples left: all {len(conversations)} conversations lost their assistant "
-                         f"tokens (max_length={max_length} too small, or the data is empty)")
+                         f"tokens (max_length={max_length} too small, or the data is empty){hint}")
+    if dropped:
+        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
+                       "to max_length=%s%s", dropped, len(conversations), max_length, hint)
     if packing:
         if max_length is None:
             raise ValueError("packing needs a max_length (the row length)")
