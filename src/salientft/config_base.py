@@ -122,8 +122,10 @@ def _read_as(tp, value):
     if tp is str:
         return value if isinstance(value, str) else _NO
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple, set, frozenset)):
             return _NO
+        value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
+            else list(value)
         args = typing.get_args(tp)
         if not args or args[0] is Any:
             return list(value)
@@ -169,11 +171,13 @@ def coerce_field(cls_name: str, name: str, tp, value):
     return got
 
 
-def coerce_fields(obj) -> None:
-    """Read every field of the dataclass instance ``obj`` as its declared type, in place (see
-    :func:`coerce_field`). Each config's ``__post_init__`` calls it first, so a config built from
-    YAML, JSON, flags or Python gets the same checks."""
+def coerce_fields(obj, only=None) -> None:
+    """Read every field of the dataclass instance ``obj`` (or those named in ``only``) as its declared
+    type, in place (see :func:`coerce_field`). Each config's ``__post_init__`` calls it first, so a
+    config built from YAML, JSON, flags or Python gets the same checks."""
     types_ = field_types(type(obj))
+    if only is not None:  # some fields only (a subclass of another library's config: its fields are its own)
+        types_ = {f: types_[f] for f in only}
     name = type(obj).__name__
     for f, tp in types_.items():
         value = getattr(obj, f)

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from peft.config import PeftConfig
 
-from ..config_base import NOISE_MODES, salient_count
+from ..config_base import NOISE_MODES, coerce_fields, salient_count
 from ..gift.config import GiftConfig
 
 PEFT_TYPE = "GIFT_SW"
@@ -57,6 +57,9 @@ class GiftSWConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        # GIFT-SW's own fields as their declared types (an adapter_config.json's "false" is false);
+        # PeftConfig's fields are PEFT's to check
+        coerce_fields(self, only=_OWN_FIELDS)
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, list):
@@ -106,3 +109,7 @@ class GiftSWConfig(PeftConfig):
                 "or use metric='magnitude' or 'random'"
             )
         return layer_scores(module_name, weight, self.metric, seed=self.seed)
+
+
+# The fields GiftSWConfig declares itself (type-checked in __post_init__), not PeftConfig's.
+_OWN_FIELDS = tuple(GiftSWConfig.__annotations__)
