@@ -423,3 +423,14 @@ def test_compare_notes_mixed_precisions(tmp_path):
     assert any("different model dtypes (a: bfloat16, b: float32)" in n for n in notes), notes
     c = _results(tmp_path / "c.json", "bfloat16")
     assert not any("dtype" in n for n in compare_runs([a, c])["notes"])
+
+
+def test_peft_config_reads_its_own_fields():
+    import salientft.peft  # noqa: F401  (registers GIFT-SW with PEFT)
+    from salientft.peft import GiftSWConfig
+
+    c = GiftSWConfig(keep_noise="false", fp32_salient="no", n_salient="4", target_modules=["q_proj"])
+    assert c.keep_noise is False and c.fp32_salient is False and c.n_salient == 4
+    assert c.target_modules == {"q_proj"}
+    with pytest.raises(FieldTypeError, match="GiftSWConfig.noise_bits must be an integer"):
+        GiftSWConfig(noise_bits=3.5)
