@@ -145,7 +145,7 @@ class TrainConfig(ConfigMixin):
             check_range(self, name, min=0, what="must be >= 0")
         check_range(self, "epochs", min=0, min_open=True, what="must be positive")
         check_range(self, "seed", min=0, max=2**32 - 1)
-        check_range(self, "noise_bits", min=2, max=16)
+        check_range(self, "noise_bits", min=2, max=16, what="must be an integer in [2, 16]")
         check_range(self, "lora_alpha", min=0, min_open=True, what="must be positive")
         check_range(self, "lora_dropout", min=0, max=1, max_open=True)
         check_range(self, "eval_limit", min=1, what="must be a positive integer")
