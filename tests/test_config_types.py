@@ -434,3 +434,37 @@ def test_peft_config_reads_its_own_fields():
     assert c.target_modules == {"q_proj"}
     with pytest.raises(FieldTypeError, match="GiftSWConfig.noise_bits must be an integer"):
         GiftSWConfig(noise_bits=3.5)
+
+
+def _remote_code_model(folder):
+    """A model folder whose config names its own Python code; importing that code writes a marker."""
+    folder.mkdir()
+    marker = folder / "REMOTE_CODE_RAN"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "salientft_marker", "auto_map": {"AutoConfig": "marker_code.MarkerConfig",
+                                                       "AutoModelForCausalLM": "marker_code.MarkerModel"}}))
+    (folder / "marker_code.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class MarkerConfig(PretrainedConfig):\n    model_type = 'salientft_marker'\n"
+        "class MarkerModel:\n    pass\n")
+    return marker
+
+
+def test_a_false_word_never_runs_remote_code(tmp_path, monkeypatch, capsys):
+    """`trust_remote_code: "false"` in a config file: the model folder's own code never runs, neither
+    in the checks before loading (the skeleton, the tokenizer) nor in the load that refuses it."""
+    from salientft.cli import main
+    from salientft.models import model_skeleton
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    marker = _remote_code_model(tmp_path / "custom")
+    assert model_skeleton(str(tmp_path / "custom")) is None and not marker.exists()
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}", "response": "A."}) + "\n"
+                                              for i in range(8)))
+    (tmp_path / "c.yaml").write_text('model: ./custom\ntrust_remote_code: "false"\n')
+    rc = main(["train", "--config", "c.yaml", "--data", "d.jsonl", "--output", "out", "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trust_remote_code" in err, err
+    assert not marker.exists()

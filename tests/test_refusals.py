@@ -188,7 +188,8 @@ ROWS = [
      "column must be quantized"),
     ("calibrate --samples 0", ["calibrate", *MODEL, "--samples", "0", "--output", "s.st"],
      "CalibrateArgs.samples must be a positive integer, got 0"),
-    ("calibrate --tau of an unknown norm", ["calibrate", *MODEL, "--tau", "3", "--output", "s.st"], "tau"),
+    ("calibrate --tau of an unknown norm", ["calibrate", *MODEL, "--tau", "3", "--output", "s.st"],
+     "tau must be 1, 2 or 'inf', got '3'"),
     ("quantize --group-size 0", ["quantize", *MODEL, "--bits", "4", "--group-size", "0", "--output", "q4"],
      "QuantizeConfig.group_size must be a positive integer or None, got 0"),
     # settings
