@@ -34,13 +34,20 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+# Bytes per token assumed for a tokenizer whose vocabulary cannot be listed.
+UNKNOWN_TOKEN_BYTES = 1024
+
+
 def longest_token_bytes(tokenizer) -> int:
     """An upper bound on the UTF-8 bytes of text one token of ``tokenizer`` covers: the longest
     vocabulary entry as written (a byte-level or SentencePiece entry is never shorter than the text
     it stands for). Computed once per tokenizer."""
     cached = getattr(tokenizer, "_salientft_longest_token_bytes", None)
     if cached is None:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        try:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        except (AttributeError, TypeError):  # not a transformers tokenizer: a generous bound instead
+            return UNKNOWN_TOKEN_BYTES
         cached = max((len(p.encode("utf-8")) for p in pieces if isinstance(p, str)), default=1)
         try:
             tokenizer._salientft_longest_token_bytes = cached
