@@ -240,7 +240,7 @@ def test_tiny_llama_default_excludes_vocabulary(tiny_model):
     [
         ({"ratio": 1.0}, r"ratio .* \[0, 1\)"),
         ({"ratio": -0.1}, r"ratio .* \[0, 1\)"),
-        ({"ratio": "0.5"}, r"ratio"),
+        ({"ratio": "half"}, r"ratio must be a finite number, got 'half'"),  # "0.5" reads as 0.5 (config_base)
         ({"ratio": True}, r"ratio"),
         ({"ratio": 0.5, "granularity": "layer"}, r"granularity must be one of \['tensor', 'global'\]"),
         ({"ratio": 0.5, "mode": "soft"}, r"mode must be one of \['paper', 'strict'\]"),

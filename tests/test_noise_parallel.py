@@ -199,7 +199,7 @@ def test_keep_noise_in_the_configs(tmp_path):
     assert GiftConfig.from_yaml(cfg.to_yaml()).keep_noise is True
     assert GiftConfig().keep_noise is False
     with pytest.raises(ValueError, match="keep_noise must be true or false"):
-        GiftConfig(keep_noise=1)
+        GiftConfig(keep_noise=2)  # 1/0 and true/yes/on, false/no/off are bools (config_base.BOOL_WORDS)
     with pytest.raises(ValueError, match="needs noise='weight'"):
         GiftConfig(noise="output", keep_noise=True)
     from salientft.config import TrainConfig

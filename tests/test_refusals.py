@@ -22,9 +22,9 @@ PAGE = ROOT / "docs" / "troubleshooting.md"
 MODEL = ["--model", "tiny-random-llama"]
 
 
-def train(*flags: str, data: str = "d.jsonl", output: str = "out") -> list[str]:
-    """``salientft train`` on the tiny model and the small data file, with ``flags``."""
-    return ["train", *MODEL, "--data", data, "--output", output, "--max-steps", "2", *flags]
+def train(*flags: str, data: str = "d.jsonl", output: str | None = "out") -> list[str]:
+    """``salientft train`` on the tiny model and the small data file, with ``flags`` (no --output: None)."""
+    return ["train", *MODEL, "--data", data, *(["--output", output] if output else []), "--max-steps", "2", *flags]
 
 
 def _rows(text: str) -> str:
@@ -40,6 +40,8 @@ def _run_config(output: str, **settings) -> str:
 
 
 _CHECKPOINT = {"checkpoint-1/salientft_complete": "1\n", "checkpoint-1/trainer_state.json": "{}"}
+_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{n}: &{n} [{','.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
 _CHAT = {"role": "user", "content": "Hi"}
 
 # The folder the commands run in: name -> (what it is, its files: relative path -> text or bytes).
@@ -66,6 +68,15 @@ FILES = {
         **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}}),
     "results.json": ("`salientft eval` results written without --log-samples", {
         "results.json": json.dumps({"results": {"piqa": {"acc": 0.5, "acc_norm": 0.5, "n": 2}}, "paper_avg": None})}),
+    "bomb.yaml": ("a 342-byte config whose YAML aliases expand to 10^9 strings (a \"billion laughs\")",
+                  {"bomb.yaml": _BOMB}),
+    "typed.yaml": ("a config whose packing is `maybe`", {"typed.yaml": "packing: maybe\nlr: 2e-4\n"}),
+    "int-output.yaml": ("a config whose output is the number 5", {"int-output.yaml": "output: 5\n"}),
+    "frac-steps.yaml": ("a config whose max_steps is 2.5", {"frac-steps.yaml": "max_steps: 2.5\n"}),
+    "long.jsonl": ("8 records whose prompts are 400 characters long",
+                   {"long.jsonl": "".join(json.dumps({"prompt": "Tell me why. " * 31, "response": f"Because {i}."})
+                                          + "\n" for i in range(8))}),
+    "d.csv": ("a CSV file with prompt and response columns", {"d.csv": "prompt,response\nHi,Hello\n"}),
     "run-corrupt/": ("a run whose run_config.json is not JSON", {
         "run-corrupt/run_config.json": "{\"model\": \"tiny-",
         "run-corrupt/adapter/adapter_config.json": "{}",
@@ -134,6 +145,53 @@ ROWS = [
      "empty-reply.jsonl:1: message 1 (assistant) is empty (nothing to train on)"),
     ("a record's response is empty", train(data="empty-response.jsonl"),
      "empty-response.jsonl:1: 'response' is empty (nothing to train on)"),
+    ("--data is a CSV file", train(data="d.csv"),
+     "data file d.csv is CSV; salientft reads JSONL: one JSON object per line, with a \"messages\" list of "
+     "{\"role\", \"content\"} turns or \"prompt\" and \"response\" strings"),
+    ("every record's reply lies beyond --max-length", train("--max-length", "100", data="long.jsonl"),
+     "no examples left: all 8 conversations lost their assistant tokens (max_length=100 too small, or the data is "
+     "empty); --max-length 445 would keep the shortest of them"),
+    # typed settings: config files and flags
+    ("a config's bool is not a yes/no word", train("--config", "typed.yaml"),
+     "--config typed.yaml: TrainConfig.packing must be true or false (true/yes/on/1 or false/no/off/0), got 'maybe'"),
+    ("a config's output is a number", train("--config", "int-output.yaml", output=None),
+     "--config int-output.yaml: TrainConfig.output must be a string, got 5"),
+    ("a config's max_steps is fractional", ["train", *MODEL, "--data", "d.jsonl", "--config", "frac-steps.yaml"],
+     "--config frac-steps.yaml: TrainConfig.max_steps must be an integer, got 2.5"),
+    ("a config is a YAML alias bomb", train("--config", "bomb.yaml"),
+     "--config bomb.yaml is refused: its aliases expand it to more than 10000 values; write the values out"),
+    ("--max-steps is fractional", train("--max-steps", "2.5"), "argument --max-steps: invalid int value: '2.5'"),
+    ("--lr is negative", train("--lr", "-1e-4"), "TrainConfig.lr must be positive, got -0.0001"),
+    ("--lr is infinite", train("--lr", "inf"), "TrainConfig.lr must be a finite number or null, got inf"),
+    ("--weight-decay is negative", train("--weight-decay", "-0.1"), "TrainConfig.weight_decay must be >= 0, got -0.1"),
+    ("--max-grad-norm is negative", train("--max-grad-norm", "-1"), "TrainConfig.max_grad_norm must be >= 0, got -1.0"),
+    ("--seed is negative", train("--seed", "-1"), "TrainConfig.seed must be >= 0 and <= 4294967295, got -1"),
+    ("--lora-dropout is 1", train("--method", "lora", "--lora-dropout", "1"),
+     "TrainConfig.lora_dropout must be >= 0 and < 1, got 1.0"),
+    ("a misspelled --report-to", train("--report-to", "tensorbord"),
+     "--report-to: unknown tracker 'tensorbord'; did you mean 'tensorboard'?"),
+    ("--report-to names no tracker", train("--report-to", "json"), "--report-to: unknown tracker 'json'; valid: "),
+    # checked on the model's config (its skeleton on the meta device), before the weights load
+    ("--n-salient wider than the model's layers", train("--n-salient", "100000"),
+     "n_salient=100000 is larger than model.layers.0.self_attn.q_proj's 64 input features"),
+    ("--target-modules names no layer of the model", train("--target-modules", "qproj"),
+     "target module 'qproj' matches no module in the model; linear layer names here: "),
+    ("a --target-modules regex that matches nothing", train("--target-modules", "re:.*attention"),
+     "target_modules regex '.*attention' matches no module name"),
+    ("a --target-modules regex that is not one", train("--target-modules", "re:(q|k"),
+     "target_modules regex '(q|k' is not a valid regular expression"),
+    ("calibrate --n-salient wider than the layers", ["calibrate", *MODEL, "--n-salient", "100000", "--output", "s.st"],
+     "n_salient=100000 is larger than model.layers.0.self_attn.q_proj's 64 input features"),
+    ("quantize keeping every column in 16 bits", ["quantize", *MODEL, "--bits", "4", "--n-salient", "64",
+                                                   "--output", "q4"],
+     "64 salient columns for 'model.layers.0.self_attn.q_proj', which has only 64 input features: at least one "
+     "column must be quantized"),
+    ("calibrate --samples 0", ["calibrate", *MODEL, "--samples", "0", "--output", "s.st"],
+     "CalibrateArgs.samples must be a positive integer, got 0"),
+    ("calibrate --tau of an unknown norm", ["calibrate", *MODEL, "--tau", "3", "--output", "s.st"],
+     "tau must be 1, 2 or 'inf', got '3'"),
+    ("quantize --group-size 0", ["quantize", *MODEL, "--bits", "4", "--group-size", "0", "--output", "q4"],
+     "QuantizeConfig.group_size must be a positive integer or None, got 0"),
     # settings
     ("an unknown method", train("--method", "qlora"), "unknown method 'qlora'; choose from"),
     ("--salient-fraction above 1", train("--salient-fraction", "1.5"),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, iter_jsonl, read_safetensors
+from .data.chat import longest_token_bytes
 from .targets import in_features_of, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -362,6 +363,11 @@ def _token_stream(tokenizer, docs: Iterable, needed: int, seed: int) -> list[int
         if texts:
             if tokenizer is None:
                 raise ValueError("text calibration data needs a tokenizer")
+            # bytes before tokens: a document longer than `needed` tokens can hold is cut first, so a
+            # 50 MB line costs the tokenizer what the stream can use (data.chat.cap_conversation)
+            cap = needed * longest_token_bytes(tokenizer)
+            texts = [t if 4 * len(t) <= cap else t.encode("utf-8")[:cap].decode("utf-8", errors="ignore")
+                     for t in texts]
             enc = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
         for d in items:
             ids = next(enc) if isinstance(d, str) else _as_ids(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 
 from . import deps
@@ -151,7 +152,10 @@ def _run_calibrate(args) -> int:
     deps.require("calibrate", **vars(args))  # every missing package/file at once, before any work
     from .pipelines import calibrate
     from .models import load_model
+    from .preflight import check_model_settings
 
+    check_model_settings(args.model, args.target_modules, n_salient=args.n_salient,  # before the weights load
+                         salient_fraction=args.salient_fraction)
     model, tok = load_model(args.model, dtype=args.dtype)
     scores = calibrate(
         model, tok, args.data, metric=args.metric, bits=args.bits, tau=args.tau, rho=args.rho, gamma=args.gamma,
@@ -374,14 +378,42 @@ _INPUT_ERRORS = (ValueError, KeyError, ImportError, FileNotFoundError, FileExist
                  IsADirectoryError, PermissionError)
 
 
+# A value that starts with "-" and is a number: argparse takes "-1e-4" (though not "-1") for a flag,
+# so "--lr -1e-4" would fail with "expected one argument" instead of saying what is wrong with it.
+_NEGATIVE_NUMBER = re.compile(r"-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1e-4`` -> ``--flag=-1e-4``, so that argparse passes the value on to its check."""
+    out: list[str] = []
+    for tok in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and out[-1] != "--"
+                and _NEGATIVE_NUMBER.match(tok)):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+def _check_args(args) -> None:
+    """calibrate/quantize: the parsed flags as their dataclass (salientft.cli_args), which reads each
+    value as its type and checks its bounds, before any work."""
+    from .cli_args import COMMANDS
+
+    if args.command in COMMANDS:
+        cls = COMMANDS[args.command][0]
+        cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        _check_args(args)
         _check_outputs(args)
         return int(args.func(args) or 0)
     except _INPUT_ERRORS as e:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import ClassVar
 
-from .config_base import flag
+from .config_base import ConfigMixin, check_range, coerce_fields, flag
 
 REQUIRED = MISSING  # flag(REQUIRED, help): a field, and a flag, without a default
 
@@ -29,8 +29,11 @@ def _metrics() -> tuple[str, ...]:
 
 
 @dataclass(kw_only=True)
-class CalibrationArgs:
-    """What calibrate and quantize share: the model, the calibration data, k and the metric."""
+class CalibrationArgs(ConfigMixin):
+    """What calibrate and quantize share: the model, the calibration data, k and the metric.
+
+    Built from the parsed flags before any work (``salientft.cli``): every value is read as its
+    field's type and every number checked against its bounds (``_check``)."""
 
     EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("n_salient", "salient_fraction"),)
 
@@ -49,6 +52,25 @@ class CalibrationArgs:
     seed: int = flag(0, "random seed (calibration samples, metric 'random')")
     dtype: str = flag("bf16", "model dtype: bf16, fp16 or fp32")
 
+    def __post_init__(self):
+        coerce_fields(self)
+        self._check()
+
+    def _check(self) -> None:
+        for name in ("samples", "batch_size"):
+            check_range(self, name, min=1, what="must be a positive integer")
+        check_range(self, "seq_len", min=2, what="must be at least 2 tokens")
+        check_range(self, "n_salient", min=0, what="must be >= 0 (0: no salient columns)")
+        check_range(self, "salient_fraction", min=0, max=1)
+        check_range(self, "seed", min=0, max=2**32 - 1)
+        from .models import resolve_dtype
+
+        resolve_dtype(self.dtype)
+        if isinstance(self.target_modules, str):
+            from .targets import compile_target_regex
+
+            compile_target_regex(self.target_modules)
+
 
 @dataclass(kw_only=True)
 class CalibrateArgs(CalibrationArgs):
@@ -64,6 +86,13 @@ class CalibrateArgs(CalibrationArgs):
     stats_output: str | None = flag(None, "also save the activation statistics (.safetensors)")
     plot: str | None = flag(None, "PNG summary of the scores")
 
+    def _check(self) -> None:
+        super()._check()
+        check_range(self, "bits", min=2, max=16)
+        from .saliency import resolve_metric
+
+        resolve_metric(self.metric, tau=self.tau, rho=self.rho, gamma=self.gamma)  # before the model loads
+
 
 @dataclass(kw_only=True)
 class QuantizeArgs(CalibrationArgs):
@@ -78,6 +107,14 @@ class QuantizeArgs(CalibrationArgs):
     scores: str | None = flag(None, "precomputed scores file from salientft calibrate")
     no_progress: bool = flag(False, "no progress bars")
     output: str = flag(REQUIRED, "output folder")
+
+    def _check(self) -> None:
+        super()._check()
+        from .quant.model import QuantizeConfig
+
+        QuantizeConfig(bits=self.bits, method=self.method, n_salient=self.n_salient,
+                       salient_fraction=self.salient_fraction, group_size=self.group_size, metric=self.metric,
+                       target_modules=self.target_modules)
 
 
 # subcommand -> (its flags, its line in `salientft --help`, its description in `salientft <name> --help`)

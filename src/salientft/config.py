@@ -17,6 +17,8 @@ from .config_base import (  # noqa: F401  (re-exported)
     PAPER_SALIENT_FRACTION,
     ConfigMixin,
     check_choice,
+    check_range,
+    coerce_fields,
     flag,
     salient_count,
 )
@@ -99,6 +101,7 @@ class TrainConfig(ConfigMixin):
 
     def __post_init__(self):
         n = type(self).__name__
+        coerce_fields(self)  # every field as its declared type: "false" is False, "2e-4" is 0.0002
         check_choice(n, "dtype", self.dtype, ("bf16", "fp32", "fp16"))
         for name in ("batch_size", "grad_accum", "max_length", "lora_r", "calib_samples", "logging_steps"):
             v = getattr(self, name)
@@ -135,7 +138,26 @@ class TrainConfig(ConfigMixin):
             raise ValueError(f"{n}.report_to must name trackers (e.g. 'tensorboard') or be 'none', got {self.report_to!r}")
         if self.data_limit is not None and self.data_limit < 1:
             raise ValueError(f"{n}.data_limit must be positive")
+        self._check_bounds()
+        if isinstance(self.target_modules, str):
+            from .targets import compile_target_regex
+
+            compile_target_regex(self.target_modules)  # a broken regex is refused now, not after the model loads
         self.training_method.validate(self)
+
+    def _check_bounds(self) -> None:
+        """The numeric fields the checks above leave open (types are already checked: finite floats)."""
+        for name in ("weight_decay", "max_grad_norm"):
+            check_range(self, name, min=0, what="must be >= 0")
+        check_range(self, "epochs", min=0, min_open=True, what="must be positive")
+        check_range(self, "seed", min=0, max=2**32 - 1)
+        check_range(self, "noise_bits", min=2, max=16, what="must be an integer in [2, 16]")
+        check_range(self, "lora_alpha", min=0, min_open=True, what="must be positive")
+        check_range(self, "lora_dropout", min=0, max=1, max_open=True)
+        check_range(self, "eval_limit", min=1, what="must be a positive integer")
+        from .deps import tracker_names
+
+        tracker_names(self.report_to)  # an unknown tracker: refused now, with the nearest valid name
 
     @property
     def training_method(self) -> _methods.Method:

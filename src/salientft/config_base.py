@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,252 @@ def _written(text: str, path: str | Path | None) -> str:
     return text
 
 
+# --------------------------------------------------------------------------- typed fields
+
+# The words a bool field accepts from a config file, a flag or the API (case-insensitive), besides
+# true/false themselves and the integers 1/0. Anything else is refused: "false" is False, never truthy.
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+BOOL_WORDS = TRUE_WORDS + FALSE_WORDS
+
+
+class FieldTypeError(ValueError):
+    """A config value that is not of its field's declared type (and cannot be read as one)."""
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if tp is bool:
+        return f"true or false ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)})"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a finite number"
+    if tp is str:
+        return "a string"
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+_NO = object()  # "cannot be read as this type"
+
+
+def _read_as(tp, value):
+    """``value`` as the type ``tp``, or ``_NO``. Numbers come from numbers or numeric strings (YAML
+    reads ``2e-4`` as a string), bools from bools, the integers 1/0 or BOOL_WORDS; an int field
+    refuses a fractional value, a float field a non-finite one, a str field anything but a string."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return value
+    if tp is type(None):
+        return None if value is None else _NO
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        for a in args:  # a value already of one of the types is kept as it is ("3" stays a str in str | int)
+            if _exact(a, value):
+                return _read_as(a, value)
+        for a in args:
+            got = _read_as(a, value)
+            if got is not _NO:
+                return got
+        return _NO
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        return _NO
+    if tp is int:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    return _NO
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        return _NO
+    if tp is float:
+        if isinstance(value, bool):
+            return _NO
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return _NO
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        return _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return _NO
+        value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
+            else list(value)
+        args = typing.get_args(tp)
+        if not args or args[0] is Any:
+            return list(value)
+        items = [_read_as(args[0], v) for v in value]
+        return _NO if any(v is _NO for v in items) else list(items)
+    if origin is dict or tp is dict:
+        return value if isinstance(value, dict) else _NO
+    if isinstance(tp, type):
+        return value if isinstance(value, tp) else _NO
+    return value  # a type form this reader does not know: left to the config's own checks
+
+
+def _exact(tp, value) -> bool:
+    """Is ``value`` already of the (non-union) type ``tp``, with no conversion?"""
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return isinstance(value, tp) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    if tp is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(tp) or tp
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def field_types(cls) -> dict[str, Any]:
+    """The declared type of every dataclass field of ``cls`` (string annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def coerce_field(cls_name: str, name: str, tp, value):
+    """``value`` read as the declared type ``tp`` of the field ``cls_name.name``; a FieldTypeError
+    naming the field, the expected type and the value otherwise."""
+    got = _read_as(tp, value)
+    if got is _NO:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        err = FieldTypeError(f"{cls_name}.{name} must be {_describe(tp)}, got {shown}")
+        err.field = name
+        raise err
+    return got
+
+
+def coerce_fields(obj, only=None) -> None:
+    """Read every field of the dataclass instance ``obj`` (or those named in ``only``) as its declared
+    type, in place (see :func:`coerce_field`). Each config's ``__post_init__`` calls it first, so a
+    config built from YAML, JSON, flags or Python gets the same checks."""
+    types_ = field_types(type(obj))
+    if only is not None:  # some fields only (a subclass of another library's config: its fields are its own)
+        types_ = {f: types_[f] for f in only}
+    name = type(obj).__name__
+    for f, tp in types_.items():
+        value = getattr(obj, f)
+        got = coerce_field(name, f, tp, value)
+        if got is not value:
+            object.__setattr__(obj, f, got)
+
+
+def check_range(obj, name: str, *, min=None, max=None, min_open: bool = False, max_open: bool = False,
+                what: str | None = None) -> None:
+    """Refuse ``obj.name`` outside [min, max] (``min_open``/``max_open``: the bound itself excluded);
+    None (an unset optional field) passes. The message names the field and the allowed range."""
+    v = getattr(obj, name)
+    if v is None:
+        return
+    low_bad = min is not None and (v <= min if min_open else v < min)
+    high_bad = max is not None and (v >= max if max_open else v > max)
+    if low_bad or high_bad:
+        if what is None:
+            parts = []
+            if min is not None:
+                parts.append(("> " if min_open else ">= ") + repr(min))
+            if max is not None:
+                parts.append(("< " if max_open else "<= ") + repr(max))
+            what = "must be " + " and ".join(parts)
+        raise ValueError(f"{type(obj).__name__}.{name} {what}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- YAML
+
+# A config file has tens of values; YAML aliases may repeat a node, but a document whose aliases
+# expand it beyond this many values (a "billion laughs" bomb: 408 bytes -> 10^9 strings) is refused
+# before anything walks it.
+YAML_MAX_NODES = 10_000
+
+
+class YAMLTooLarge(ValueError):
+    """A YAML document whose aliases expand it beyond YAML_MAX_NODES values (or refer to themselves)."""
+
+
+def _expanded_size(root, limit: int) -> int:
+    """Number of nodes of a composed YAML node graph with every alias expanded, stopping past ``limit``."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = (node.value if isinstance(node, yaml.SequenceNode)
+                        else [x for kv in node.value for x in kv])
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > limit:
+                raise YAMLTooLarge(f"its aliases expand it to more than {limit} values")
+            continue
+        if key in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        if key in on_path:
+            raise YAMLTooLarge("an alias refers to the node that contains it (a recursive structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        children = node.value if isinstance(node, yaml.SequenceNode) else [x for kv in node.value for x in kv]
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, *, max_nodes: int = YAML_MAX_NODES):
+    """``yaml.safe_load`` with a bound on alias expansion (:data:`YAML_MAX_NODES`): the node graph
+    is measured after composing, before a single Python object is built. Raises YAMLTooLarge."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            if node is not None:
+                _expanded_size(node, max_nodes)
+            return node
+
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 class ConfigMixin:
-    """to_dict / from_dict / JSON / YAML for a validated dataclass; unknown keys are an error."""
+    """to_dict / from_dict / JSON / YAML for a validated dataclass; unknown keys are an error.
+
+    Field values are read as their declared types (:func:`coerce_fields`, called by each config's
+    ``__post_init__``): bools from booleans, 1/0 or BOOL_WORDS, numbers from numbers or numeric
+    strings, finite floats, strings only from strings; the error names the field.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,11 +302,9 @@ class ConfigMixin:
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path):
-        import yaml
-
         p = Path(text_or_path)
         text = p.read_text() if "\n" not in str(text_or_path) and p.is_file() else str(text_or_path)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(load_yaml(text) or {})
 
 
 def check_choice(cls_name: str, name: str, value, choices) -> None:

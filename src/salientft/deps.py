@@ -33,6 +33,27 @@ EXTRAS = {
     "tensorboard": "tensorboard",
 }
 PLOTS_INSTALL = "pip install 'salientft[plots]'"
+# The experiment trackers the Trainer knows (transformers' INTEGRATION_TO_CALLBACK; a test keeps the
+# two equal): name -> (the module it imports, the package that provides it; None: nothing to install).
+# Only these names are suggested for installation: a typo is never turned into a pip command.
+TRACKERS = {
+    "azure_ml": ("azureml.core", "azureml-core"),
+    "clearml": ("clearml", "clearml"),
+    "codecarbon": ("codecarbon", "codecarbon"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "dagshub": ("dagshub", "dagshub"),
+    "dvclive": ("dvclive", "dvclive"),
+    "flyte": ("flytekit", "flytekit"),
+    "kubeflow": (None, None),
+    "mlflow": ("mlflow", "mlflow"),
+    "neptune": ("neptune", "neptune"),
+    "swanlab": ("swanlab", "swanlab"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "trackio": ("trackio", "trackio"),
+    "wandb": ("wandb", "wandb"),
+}
+# --report-to values that name no tracker: "none" (the default) and "all" (every installed one).
+TRACKER_WORDS = ("none", "all")
 COMMANDS = ("train", "calibrate", "quantize", "eval", "compare")
 
 
@@ -130,15 +151,38 @@ def _train(s: dict) -> list[Requirement]:
     return out + _trackers(s.get("report_to"))
 
 
+def tracker_names(report_to) -> list[str]:
+    """The tracker names of ``--report-to`` (comma-separated), each checked against :data:`TRACKERS`;
+    an unknown name is a ValueError naming the nearest valid one (never an install command)."""
+    import difflib
+
+    names = [n.strip() for n in str(report_to or "none").split(",") if n.strip()]
+    valid = sorted(TRACKERS) + list(TRACKER_WORDS)
+    for name in names:
+        if name not in valid:
+            near = difflib.get_close_matches(name.lower(), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"--report-to: unknown tracker {name!r}; {hint}valid: {', '.join(valid)}")
+    if len(names) > 1 and set(names) & set(TRACKER_WORDS):
+        raise ValueError(f"--report-to {report_to}: 'none' and 'all' stand alone, not in a list of trackers")
+    return [n for n in names if n not in TRACKER_WORDS]
+
+
 def _trackers(report_to) -> list[Requirement]:
-    """The experiment trackers of ``--report-to`` (the Trainer imports them when training starts)."""
+    """The experiment trackers of ``--report-to`` (the Trainer imports them when training starts);
+    only known trackers (:data:`TRACKERS`) get an install command; unknown names are refused by
+    :func:`tracker_names` (TrainConfig does it first)."""
     out = []
-    for name in (report_to or "none").split(","):
-        name = name.strip()
-        if name and name not in ("none", "all") and not module_available(name):
+    try:
+        names = tracker_names(report_to)
+    except ValueError:
+        return out  # TrainConfig reports it
+    for name in names:
+        module, package = TRACKERS[name]
+        if module is not None and not module_available(module):
             extra = EXTRAS.get(name)
             out.append(Requirement(name, f"--report-to {report_to}", extra=extra,
-                                   command=None if extra else f"pip install {name}"))
+                                   command=None if extra else f"pip install {package}"))
     return out
 
 
@@ -245,4 +289,4 @@ def require(command: str, /, **settings) -> None:
 
 
 __all__ = ["Requirement", "MissingRequirements", "missing_for", "require", "install_commands",
-           "format_missing", "module_available", "PLOTS_INSTALL", "EXTRAS"]
+           "format_missing", "module_available", "PLOTS_INSTALL", "EXTRAS", "TRACKERS", "tracker_names"]

@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .config_base import GMT_DEFAULT_RATIO, ConfigMixin, check_choice
+from .config_base import GMT_DEFAULT_RATIO, ConfigMixin, check_choice, coerce_fields
 
 # Embeddings and the output head are not masked by default; docs/gmt.md says why. They are found by
 # role, not by name (GPT-NeoX's embed_in, OPT's embed_positions have names of their own):
@@ -81,6 +81,9 @@ class GMTConfig(ConfigMixin):
 
     def __post_init__(self):
         n = type(self).__name__
+        if self.exclude is None:
+            self.exclude = []
+        coerce_fields(self)  # every field as its declared type (config_base)
         c = self.global_cache_mb
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"{n}.global_cache_mb must be a non-negative integer (MiB), got {c!r}")

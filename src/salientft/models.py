@@ -130,6 +130,58 @@ def _is_salientft_quantized(folder: Path) -> bool:
         return False
 
 
+def _local_config_dir(name_or_path: str) -> Path | None:
+    """The folder holding a model's config.json and tokenizer without loading anything: the embedded
+    preset's converted cache (None until converted), a local folder, else None (a hub id)."""
+    if name_or_path == EMBEDDED_MODEL:
+        target = converted_model_dir()
+        return target if (target / "config.json").is_file() else None
+    p = Path(str(name_or_path))
+    return p if (p / "config.json").is_file() else None
+
+
+def load_tokenizer(name_or_path: str = EMBEDDED_MODEL, *, trust_remote_code: bool = False):
+    """The tokenizer :func:`load_model` would return, without the weights (None when it cannot be had
+    without loading them: the embedded preset before its first conversion). A hub id is asked of
+    the hub (its cache when offline)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == TINY_MODEL:
+        tok = tiny_tokenizer()
+    else:
+        folder = _local_config_dir(name_or_path)
+        if folder is None and (name_or_path == EMBEDDED_MODEL or Path(str(name_or_path)).exists()):
+            return None
+        tok = AutoTokenizer.from_pretrained(str(folder or name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_skeleton(name_or_path: str = EMBEDDED_MODEL, *, trust_remote_code: bool = False):
+    """The model's modules on the ``meta`` device (their names and shapes, no weights, no memory), built
+    from its config alone; None when that config cannot be had without loading (the embedded preset
+    before its conversion, a folder from ``salientft quantize``, a config this transformers cannot
+    build). Used to refuse settings before the weights load (``salientft.preflight``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path == TINY_MODEL:
+        with torch.device("meta"):
+            return tiny_random_llama()
+    folder = _local_config_dir(name_or_path)
+    if folder is None and (name_or_path == EMBEDDED_MODEL or Path(str(name_or_path)).exists()):
+        return None
+    if folder is not None and _is_salientft_quantized(folder):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(folder or name_or_path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 (offline, remote code not allowed, ...): load_model says it
+        log.debug("no model skeleton of %s before loading: %s", name_or_path, e)
+        return None
+
+
 def load_model(
     name_or_path: str = EMBEDDED_MODEL,
     dtype="bf16",

@@ -117,6 +117,10 @@ def quantize_pretrained(
     cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
     check_writable(output, kind="dir", flag="--output")
+    from .preflight import check_model_settings
+
+    check_model_settings(model_name, target_modules, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction,
+                         quantized=True)  # targets and k on the model's skeleton, before the weights load
     model, tok = load_model(model_name, dtype=dtype)
     before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
     scores = load_scores(scores_path) if scores_path is not None else None

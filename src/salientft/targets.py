@@ -36,6 +36,15 @@ def block_list_name(model: nn.Module) -> str:
     return best
 
 
+def compile_target_regex(pattern: str) -> re.Pattern:
+    """``target_modules`` given as a regular expression, compiled; a ValueError naming it otherwise."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"target_modules regex {pattern!r} is not a valid regular expression ({e}); "
+                         "fix it, or give module names as 'q_proj,v_proj'") from None
+
+
 def find_target_modules(
     model: nn.Module, target_modules: str | Iterable[str] | None = None
 ) -> dict[str, nn.Module]:
@@ -56,7 +65,7 @@ def find_target_modules(
             raise ValueError("no linear layer found inside the transformer blocks")
         return out
     if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
+        pattern = compile_target_regex(target_modules)
         matched = {n: m for n, m in named.items() if n and pattern.fullmatch(n)}
         if not matched:
             raise ValueError(f"target_modules regex {target_modules!r} matches no module name")

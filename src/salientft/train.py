@@ -380,18 +380,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
 
+    # What the model's config, its tokenizer and the data can refuse, before any weight loads.
+    from .preflight import check_train
+
+    ready = check_train(config, train_convs, held_convs, tokenizer=tokenizer, model=model)
     set_seed(config.seed)
     method = config.training_method
     if model is None:
         model, tokenizer = load_model(method.base_source(config), dtype=method.master_dtype(config),
                                       trust_remote_code=config.trust_remote_code)
-    train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
-                                          packing=config.packing)
-    try:
-        held_ds = (dataset_from_conversations(held_convs, tokenizer, max_length=config.max_length)
-                   if held_convs else None)
-    except (ValueError, KeyError):
-        held_ds = None
+    train_ds, held_ds = ready.train_ds, ready.held_ds
+    if train_ds is None:  # no tokenizer could be had without the model: tokenized now
+        train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
+                                              packing=config.packing)
+        try:
+            held_ds = (dataset_from_conversations(held_convs, tokenizer, max_length=config.max_length)
+                       if held_convs else None)
+        except (ValueError, KeyError):
+            held_ds = None
     collator = ChatCollator(tokenizer)
     result: dict = {"method": config.method, "model": config.model, "data": config.data}
     if config.eval_before:
@@ -573,21 +579,27 @@ def resolve_train_config(config_file: str | None, flags: dict) -> TrainConfig:
     if config_file:
         import yaml
 
+        from .config_base import YAMLTooLarge, load_yaml
+
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"--config {config_file}: no such file")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except YAMLTooLarge as e:
+            raise ValueError(f"--config {config_file} is refused: {e}; write the values out") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ValueError(f"--config {config_file} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {config_file} must hold a mapping of TrainConfig fields")
+    from_file = set(values) - set(flags)
     values.update(flags)
     try:
         return TrainConfig.from_dict(values)
     except ValueError as e:
-        if config_file and not set(values) <= {f.name for f in dataclasses.fields(TrainConfig)}:
-            raise ValueError(f"--config {config_file}: {e}") from None  # the file's unknown fields
+        if config_file and (not set(values) <= {f.name for f in dataclasses.fields(TrainConfig)}
+                            or getattr(e, "field", None) in from_file):
+            raise ValueError(f"--config {config_file}: {e}") from None  # the file's unknown or mistyped fields
         raise
 
 

@@ -34,6 +34,50 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+# Bytes per token assumed for a tokenizer whose vocabulary cannot be listed.
+UNKNOWN_TOKEN_BYTES = 1024
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token of ``tokenizer`` covers: the longest
+    vocabulary entry as written (a byte-level or SentencePiece entry is never shorter than the text
+    it stands for). Computed once per tokenizer."""
+    cached = getattr(tokenizer, "_salientft_longest_token_bytes", None)
+    if cached is None:
+        try:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        except (AttributeError, TypeError):  # not a transformers tokenizer: a generous bound instead
+            return UNKNOWN_TOKEN_BYTES
+        cached = max((len(p.encode("utf-8")) for p in pieces if isinstance(p, str)), default=1)
+        try:
+            tokenizer._salientft_longest_token_bytes = cached
+        except AttributeError:  # a tokenizer that takes no attributes: measured again next time
+            pass
+    return max(int(cached), 1)
+
+
+def cap_conversation(conv: list[dict], max_bytes: int) -> list[dict]:
+    """``conv`` with its message contents cut, in order, to ``max_bytes`` UTF-8 bytes in all (a cut
+    content ends on a whole character; the turns after it are dropped). Text beyond the cap cannot
+    reach the first ``max_length`` tokens when ``max_bytes`` = max_length x the longest token's
+    bytes, so truncating tokens afterwards gives the same example, and a 50 MB record costs the
+    tokenizer at most ``max_bytes`` per rendered text, not its whole size."""
+    out, left = [], max_bytes
+    for m in conv:
+        content = m["content"]
+        if 4 * len(content) > left:  # may be over the budget: measure it in bytes
+            raw = content.encode("utf-8")
+            if len(raw) > left:
+                out.append({**m, "content": raw[:left].decode("utf-8", errors="ignore")})
+                return out
+            n = len(raw)
+        else:
+            n = len(content.encode("utf-8")) if not content.isascii() else len(content)
+        out.append(m)
+        left -= n
+    return out
+
+
 def _is_blank(tokenizer, token_id: int) -> bool:
     return tokenizer.decode([token_id]).strip() == ""
 
@@ -80,10 +124,13 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     chat_template = chat_template_for(tokenizer)
-    examples, dropped, truncated = [], 0, 0
+    examples, dropped, truncated, need = [], 0, 0, None
     conversations = list(conversations)
+    max_bytes = None if max_length is None else max_length * longest_token_bytes(tokenizer)
     for b in range(0, len(conversations), batch_size):
         chunk = conversations[b: b + batch_size]
+        if max_bytes is not None:  # bytes beyond the window never reach the tokenizer
+            chunk = [cap_conversation(c, max_bytes) for c in chunk]
         text_groups = [_conversation_texts(tokenizer, c, chat_template) for c in chunk]
         flat = [t for g in text_groups for t in g]
         flat_ids = _encode(tokenizer, flat)  # one batched (Rust) call per chunk
@@ -94,19 +141,23 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
             ex = _labels_from_ids(tokenizer, ids, texts, f"conversation {b + j}")
             if max_length is not None and len(ex["input_ids"]) > max_length:
                 truncated += 1
+                first = next((i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX), None)
                 ex = {k: v[:max_length] for k, v in ex.items()}
+                if first is not None and first >= max_length:  # --max-length first + 1 would keep a token
+                    need = first + 1 if need is None else min(need, first + 1)
             if drop_empty and all(x == IGNORE_INDEX for x in ex["labels"]):
                 dropped += 1
                 continue
             examples.append(ex)
     if truncated:
         logger.info("truncated %d of %d conversations to max_length=%s", truncated, len(conversations), max_length)
-    if dropped:
-        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
-                       "to max_length=%s", dropped, len(conversations), max_length)
+    hint = f"; --max-length {need} would keep the shortest of them" if need is not None else ""
     if not examples:
         raise ValueError(f"no examples left: all {len(conversations)} conversations lost their assistant "
-                         f"tokens (max_length={max_length} too small, or the data is empty)")
+                         f"tokens (max_length={max_length} too small, or the data is empty){hint}")
+    if dropped:
+        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
+                       "to max_length=%s%s", dropped, len(conversations), max_length, hint)
     if packing:
         if max_length is None:
             raise ValueError("packing needs a max_length (the row length)")

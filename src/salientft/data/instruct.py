@@ -128,8 +128,24 @@ def read_jsonl(path) -> list[list[dict]]:
                                 "or hf:NAME for a Hugging Face dataset")
     if path.is_dir():
         raise IsADirectoryError(f"data file {path} is a directory; pass a .jsonl file")
-    convs = [record_to_conversation(record, where) for where, record in iter_jsonl(path)]
-    return convs
+    kind = _TABLE_FORMATS.get(path.suffix.lower())
+    if kind is not None:
+        raise ValueError(f"data file {path} is {kind}; salientft reads JSONL: {JSONL_FORMAT} (convert it, e.g. "
+                         "with pandas: read it, then df.to_json('train.jsonl', orient='records', lines=True))")
+    try:
+        return [record_to_conversation(record, where) for where, record in iter_jsonl(path)]
+    except ValueError as e:
+        if f"{path}:1: invalid JSON" in str(e):  # not JSONL at all: say what is expected
+            raise ValueError(f"{e}; a data file is JSONL: {JSONL_FORMAT}") from None
+        raise
+
+
+# What a data file must hold, for messages that refuse another format.
+JSONL_FORMAT = ('one JSON object per line, with a "messages" list of {"role", "content"} turns or '
+                '"prompt" and "response" strings')
+# Table formats a user may pass as --data, refused with JSONL_FORMAT (read as JSONL they fail on line 1).
+_TABLE_FORMATS = {".csv": "CSV", ".tsv": "TSV (tab-separated)", ".parquet": "Parquet", ".xlsx": "an Excel sheet",
+                  ".xls": "an Excel sheet", ".arrow": "Arrow"}
 
 
 def _hf_row_to_conversation(row: dict, where: str) -> list[dict]:

@@ -56,7 +56,22 @@ def load_run(path: str | Path) -> dict:
         "paper_avg": report.get("paper_avg"), "metrics": metrics,
         "samples_file": str(samples) if samples.is_file() else None,
         "subset": report.get("subset"), "limit": report.get("limit"),
+        "dtype": report.get("dtype"), "logprob_dtype": report.get("logprob_dtype"),
     }
+
+
+def precision_note(runs: Sequence[dict]) -> str | None:
+    """A note when the runs were evaluated in different precisions (bf16 vs fp32 model weights, or
+    log-probabilities summed in the model's dtype vs float32): their differences then mix the method
+    with the numerics (bf16 alone moves accuracies by a few items, docs/testing.md)."""
+    for key, what in (("dtype", "model dtypes"), ("logprob_dtype", "log-probability dtypes")):
+        seen = {r["name"]: r.get(key) for r in runs if r.get(key)}
+        if len(set(seen.values())) > 1:
+            listing = ", ".join(f"{name}: {v}" for name, v in seen.items())
+            return (f"(note: these runs were evaluated with different {what} ({listing}); part of their "
+                    "differences comes from the precision, not the method: evaluate them with the same --dtype "
+                    "and --logprob-dtype)")
+    return None
 
 
 def read_samples(path: str | Path) -> dict[str, dict[int, dict]]:
@@ -174,6 +189,9 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
         if any(key in r["metrics"] for r in runs):
             lines.append(f"| {label} | " + " | ".join(_human(r["metrics"].get(key), unit) for r in runs) + " |")
     out = {"table": "\n".join(lines), "runs": runs, "tasks": tasks, "pairs": [], "notes": []}
+    note = precision_note(runs)
+    if note:
+        out["notes"].append(note)
     if len(runs) >= 2 and not missing:
         samples = [read_samples(r["samples_file"]) for r in runs]
         for r, smp in zip(runs, samples):

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config_base import NOISE_MODES, ConfigMixin, check_choice, flag, salient_count
+from ..config_base import NOISE_MODES, ConfigMixin, check_choice, check_range, coerce_fields, flag, salient_count
 
 
 @dataclass
@@ -43,6 +43,7 @@ class GiftConfig(ConfigMixin):
 
     def __post_init__(self):
         n = type(self).__name__
+        coerce_fields(self)  # every field as its declared type (config_base)
         if self.n_salient is not None and self.salient_fraction is not None:
             raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
         if self.n_salient is not None:
@@ -68,6 +69,7 @@ class GiftConfig(ConfigMixin):
             raise ValueError(f"{n}.metric must be a metric name such as 'gift'")
         if not isinstance(self.seed, int):
             raise ValueError(f"{n}.seed must be an integer")
+        check_range(self, "seed", min=0, max=2**32 - 1)
         if not isinstance(self.keep_noise, bool):
             raise ValueError(f"{n}.keep_noise must be true or false, got {self.keep_noise!r}")
         if self.keep_noise and self.noise != "weight":

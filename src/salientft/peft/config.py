@@ -9,7 +9,7 @@ import torch
 from peft.config import PeftConfig
 
 from ..adapter_format import PEFT_TYPE
-from ..config_base import NOISE_MODES, salient_count
+from ..config_base import NOISE_MODES, coerce_fields, salient_count
 from ..gift.config import SETTINGS, GiftConfig, gift_field
 
 
@@ -59,6 +59,9 @@ class GiftSWConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        # GIFT-SW's own fields as their declared types (an adapter_config.json's "false" is false);
+        # PeftConfig's fields are PEFT's to check
+        coerce_fields(self, only=_OWN_FIELDS)
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if self.target_modules is None:  # GiftConfig's default: every linear layer of the blocks
@@ -116,3 +119,7 @@ class GiftSWConfig(PeftConfig):
                 "or use metric='magnitude' or 'random'"
             )
         return layer_scores(module_name, weight, self.metric, seed=self.seed)
+
+
+# The fields GiftSWConfig declares itself (type-checked in __post_init__), not PeftConfig's.
+_OWN_FIELDS = tuple(GiftSWConfig.__annotations__)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
-from ..config_base import ConfigMixin, salient_count
+from ..config_base import ConfigMixin, coerce_fields, salient_count
 from ..ops.salient import complement
 from ..targets import block_list_name, find_target_modules, linear_weight, set_module
 from .gptq import gptq_quantize, rtn_quantize
@@ -57,6 +57,7 @@ class QuantizeConfig(ConfigMixin):
 
     def __post_init__(self):
         n = type(self).__name__
+        coerce_fields(self)  # every field as its declared type (config_base)
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"{n}.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if self.method not in METHODS:
