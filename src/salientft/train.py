@@ -531,22 +531,48 @@ def _training_arguments(device: torch.device, **kwargs):
     a GPU: exactly that GPU (``cuda:N`` as asked), never the Trainer's own choice of cuda:0 with
     every other visible GPU under ``nn.DataParallel``; several processes (torchrun): the
     Trainer's ``cuda:<LOCAL_RANK>``, which ``resolve_device`` gives too."""
+    return _run_arguments_class()(use_cpu=device.type == "cpu", salientft_device=str(device), **kwargs)
+
+
+_RUN_ARGUMENTS = None
+
+
+def _run_arguments_class():
+    """``RunArguments``: TrainingArguments pinned to ``salientft_device``; built on first use (it
+    imports transformers) and reachable as ``salientft.train.RunArguments``, so the Trainer's
+    ``training_args.bin`` pickles and loads back."""
+    global _RUN_ARGUMENTS
+    if _RUN_ARGUMENTS is not None:
+        return _RUN_ARGUMENTS
     from functools import cached_property
 
     from accelerate.utils import DistributedType
     from transformers import TrainingArguments
 
+    @dataclasses.dataclass
     class RunArguments(TrainingArguments):
+        salientft_device: str | None = dataclasses.field(
+            default=None, metadata={"help": "the run's device (salientft.devices.resolve_device)"})
+
         @cached_property
         def _setup_devices(self):
             chosen = TrainingArguments._setup_devices.func(self)
+            device = torch.device(self.salientft_device) if self.salientft_device else chosen
             if device.type != "cuda" or self.distributed_state.distributed_type != DistributedType.NO:
                 return chosen
             torch.cuda.set_device(device)  # accelerate's "cuda" (where it places the model) is this one
             self._n_gpu = 1
             return device
 
-    return RunArguments(use_cpu=device.type == "cpu", **kwargs)
+    RunArguments.__module__, RunArguments.__qualname__ = __name__, "RunArguments"
+    _RUN_ARGUMENTS = RunArguments
+    return RunArguments
+
+
+def __getattr__(name):
+    if name == "RunArguments":
+        return _run_arguments_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fsdp_config(config: TrainConfig) -> dict:
