@@ -227,3 +227,17 @@ def test_no_phase_computes_off_the_device(device, tiny_tok):
         evaluate(model, tok, ["piqa"], limit=2, progress=False)
         merge_gift(model)
     assert not watch.off, watch.off[:10]
+
+
+@pytest.mark.parametrize("value,says", [("meta", "'meta' is not a device"), ("auto", "name the device"),
+                                        ("cuda:99", "cuda:99: ")])
+def test_the_suite_refuses_a_device_it_cannot_use(value, says):
+    """SALIENTFT_TEST_DEVICE=meta / auto / an absent GPU: pytest stops before any test, naming the values."""
+    env = {**os.environ, "SALIENTFT_TEST_DEVICE": value}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "test_imports.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    err = done.stdout + done.stderr
+    assert f"SALIENTFT_TEST_DEVICE={value!r} refused" in err and says in err, err
+    assert "set it to cpu (the default), cuda or cuda:N" in err

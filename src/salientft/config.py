@@ -71,7 +71,7 @@ class TrainConfig(ConfigMixin):
     scores: str | None = flag(None, "GIFT-SW: precomputed scores file from salientft calibrate")
     noise: str | None = flag(None, "GIFT-SW's noise: weight, output or none (default: weight for gift-sw, none for salient, full, gmt; full/gmt add it to every weight of the target layers, all still training)")
     noise_bits: int = flag(4, "GIFT-SW, and full/gmt with --noise: quantizer bits whose step sets the noise scale")
-    fp32_salient: bool = flag(False, "GIFT-SW: keep the trainable columns in fp32 (always on with bf16)")
+    fp32_salient: bool = flag(False, "GIFT-SW: keep the trainable columns in fp32 (always on with bf16 and fp16)")
     keep_noise: bool = flag(False, "GIFT-SW, and full/gmt with --noise weight: keep each layer's weight noise for backward, not drawn again (faster; one out x in tensor per layer)")
     calib_samples: int = flag(128, "GIFT-SW: calibration samples for data-dependent metrics")
     target_modules: list[str] | str | None = flag(None, "layers to train (full/gmt: the layers --noise perturbs): 'q_proj,v_proj' or 're:<regex>' (default: all linear layers of the blocks)")
