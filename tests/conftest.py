@@ -54,6 +54,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"CPU only ({why}); {DEVICE_ENV}={TEST_DEVICE}"))
 
 
+def suite_device() -> torch.device:
+    """The suite's device for module-level helpers (``from conftest import suite_device``); tests
+    take the ``device`` fixture."""
+    return TEST_DEVICE
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """The device every test's models and inputs go to (SALIENTFT_TEST_DEVICE, default cpu)."""
