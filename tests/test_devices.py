@@ -241,3 +241,23 @@ def test_the_suite_refuses_a_device_it_cannot_use(value, says):
     err = done.stdout + done.stderr
     assert f"SALIENTFT_TEST_DEVICE={value!r} refused" in err and says in err, err
     assert "set it to cpu (the default), cuda or cuda:N" in err
+
+
+def test_cpu_only_tests_are_skipped_with_their_reason_on_another_device(tmp_path):
+    """With SALIENTFT_TEST_DEVICE=cuda (torch.cuda faked by a plugin loaded before the conftest), a
+    cpu_only test is skipped and says why; an unmarked one runs."""
+    (tmp_path / "fakecuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n"
+                                          "torch.cuda.device_count = lambda: 1\n")
+    (tmp_path / "test_marked.py").write_text(
+        "import pytest\n\n\n@pytest.mark.cpu_only('a CPU kernel')\ndef test_cpu():\n    pass\n\n\n"
+        "def test_any(device):\n    assert str(device) == 'cuda:0'\n")
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())  # the suite's own
+    env = {**os.environ, "SALIENTFT_TEST_DEVICE": "cuda",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "fakecuda", "-p", "no:cacheprovider",
+                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_marked.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "1 passed, 1 skipped" in out and "CPU only (a CPU kernel); SALIENTFT_TEST_DEVICE=cuda:0" in out, out

@@ -318,6 +318,7 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.numerics
+@pytest.mark.cpu_only("processes on the CPU with gloo")
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the same weights."""
     data = jsonl(tmp_path / "d.jsonl", n=32)
