@@ -21,7 +21,7 @@ from salientft import GiftConfig, apply_gift  # noqa: E402
 from salientft.models import tiny_random_llama, tiny_tokenizer  # noqa: E402
 from salientft.peft import GiftSWConfig, preprocess_gift_sw  # noqa: E402
 
-IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]])
+IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]], device=device)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +43,7 @@ def perturb_(model, scale=0.5, seed=1):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(device))
 
 
 def giftsw_layers(model):
@@ -91,7 +91,7 @@ def test_tuner_layer_is_salientft_gift_sw_exactly():
         torch.testing.assert_close(layer.giftsw_weight["default"].grad, plain.salient_weight.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_save_and_reload_in_a_new_process(tmp_path):
+def test_save_and_reload_in_a_new_process(tmp_path, device):
     model = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
     perturb_(model)
     want = logits(model)
@@ -106,7 +106,7 @@ from salientft.models import tiny_random_llama
 m = PeftModel.from_pretrained(tiny_random_llama(seed=0), {str(tmp_path / 'adapter')!r})
 m.eval()
 with torch.no_grad():
-    got = m(input_ids=torch.tensor({IDS.tolist()})).logits.float()
+    got = m(input_ids=torch.tensor({IDS.tolist()}, device=device)).logits.float()
 want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)
 layer = m.base_model.model.model.layers[1].mlp.down_proj
 assert layer.giftsw_noise_std['default'].abs().sum() > 0, 'noise scale did not travel'
@@ -152,7 +152,7 @@ def test_merge_unload_and_disable():
     torch.testing.assert_close(logits(unloaded), base_ref, rtol=0, atol=0)
 
 
-def test_two_adapters_and_set_adapter():
+def test_two_adapters_and_set_adapter(device):
     base_ref = logits(tiny_random_llama(seed=0))
     model = peft.get_peft_model(tiny_random_llama(seed=0), config())
     perturb_(model, seed=1)
@@ -283,7 +283,7 @@ def test_peft_internals_this_relies_on():
     assert isinstance(layer, BaseTunerLayer) and layer.adapter_layer_names == ("giftsw_weight",)
 
 
-def test_trl_sft_trainer_trains_and_saves_a_gift_sw_adapter(tmp_path):
+def test_trl_sft_trainer_trains_and_saves_a_gift_sw_adapter(tmp_path, device):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
