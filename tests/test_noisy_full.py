@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import suite_device
 from salientft import methods
 from salientft.config import TrainConfig
 from salientft.gift.noisy_dense import (
@@ -31,6 +32,7 @@ from salientft.ops.noise import draw_seed, noisy_weight
 from salientft.targets import find_target_modules
 
 OUT, IN = 48, 64
+DEVICE = suite_device()
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32, other summation order only (module docstring)
 
 
@@ -39,7 +41,8 @@ def make_layer(kind="linear", bias=True, std=0.05, noise="weight", keep_noise=Fa
 
     torch.manual_seed(seed)
     base = nn.Linear(IN, OUT, bias=bias) if kind == "linear" else Conv1D(OUT, IN)  # Conv1D: weight (in, out)
-    layer = NoisyLinear(base, torch.linspace(std / 2, std, OUT, device=device), noise=noise, keep_noise=keep_noise)
+    base.to(DEVICE)  # seeded on the CPU: the same weights on every device
+    layer = NoisyLinear(base, torch.linspace(std / 2, std, OUT, device=DEVICE), noise=noise, keep_noise=keep_noise)
     return base, layer
 
 
@@ -50,8 +53,9 @@ def weight_of(layer) -> torch.Tensor:
 def standard_normal(seed: int) -> torch.Tensor:
     """z ~ N(0, 1) that ops.noise draws for ``seed`` on an (OUT, IN) layer: the noisy weight of a
     zero weight with unit scale and no salient column."""
-    zero = torch.zeros(OUT, IN, device=device)
-    return noisy_weight(zero, zero[:, :0], torch.empty(0, dtype=torch.long, device=device), torch.ones(OUT, device=device), seed, torch.float32)
+    zero = torch.zeros(OUT, IN, device=DEVICE)
+    return noisy_weight(zero, zero[:, :0], torch.empty(0, dtype=torch.long, device=DEVICE), torch.ones(OUT, device=DEVICE),
+                        seed, torch.float32)
 
 
 def seed_after(torch_seed: int) -> int:
@@ -166,7 +170,7 @@ def test_output_noise_is_gift_sws_output_noise_over_all_inputs(device):
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.numerics
 def test_full_wraps_gift_sws_targets_with_delta_over_two_over_all_columns(bits):
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     params = {n: p for n, p in model.named_parameters()}
     keys = list(model.state_dict())
     targets = list(find_target_modules(model))  # GIFT-SW's default targets: block linears, no lm_head
@@ -187,7 +191,7 @@ def test_full_wraps_gift_sws_targets_with_delta_over_two_over_all_columns(bits):
 
 
 def test_gmt_wraps_the_chosen_targets_and_plain_layers_restores_them():
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     cfg = TrainConfig(method="gmt", noise="weight", keep_noise=True, target_modules=["q_proj", "down_proj"],
                       model="tiny-random-llama")
     methods.get("gmt").prepare(model, cfg)
@@ -204,7 +208,7 @@ def test_gmt_wraps_the_chosen_targets_and_plain_layers_restores_them():
 
 
 def test_no_noise_by_default():
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     for name in ("full", "gmt"):
         methods.get(name).prepare(model, TrainConfig(method=name, model="tiny-random-llama"))
         assert not noisy_layers(model)
@@ -229,7 +233,7 @@ def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path, tiny_gpt2,
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers.values())
     with plain_layers(model):
         model.save_pretrained(tmp_path / "m")
-    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval().to(device)
     assert type(loaded.transformer.h[0].attn.c_attn) is Conv1D
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, rtol=0, atol=0)
@@ -246,7 +250,7 @@ def run_full(tmp_path: Path, out: str, **kw):
 
     cfg = TrainConfig(model="tiny-random-llama", data=jsonl(tmp_path / "d.jsonl"), output=str(tmp_path / out),
                       method="full", max_steps=3, batch_size=4, max_length=64, dtype="fp32", lr=1e-3,
-                      weight_decay=0.1, warmup_ratio=0.0, eval_before=False, **kw)
+                      weight_decay=0.1, warmup_ratio=0.0, eval_before=False, device=str(DEVICE), **kw)
     model, tok = tiny_random_llama(seed=0, pad_token_id=None), tiny_tokenizer()
     train(cfg, model=model, tokenizer=tok)
     return cfg, model
@@ -273,7 +277,7 @@ def test_a_full_run_with_weight_noise_trains_every_weight_and_saves_a_plain_mode
     _, plain = run_full(tmp_path, "plain")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not noisy_layers(plain)
-    assert (plain.state_dict()[q] - after[q]).abs().max() > 1e-4
+    assert (plain.state_dict()[q].cpu() - after[q]).abs().max() > 1e-4
 
 
 def test_refusals_and_declared_fields():
