@@ -26,7 +26,7 @@ def two_gpus(monkeypatch):
     """torch.cuda as on a machine with two GPUs (nothing is run on them)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    for var in ("WORLD_SIZE", "LOCAL_RANK"):
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -56,6 +56,8 @@ def test_resolution_with_gpus(two_gpus, monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="LOCAL_RANK .*cuda:1"):
         resolve_device("cuda:0")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # accelerate launch --config_file ddp_cpu.yaml
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cuda") == torch.device("cuda", 1)
 
 
 def test_device_is_recorded_by_name():

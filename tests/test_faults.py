@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from salientft._io import TEST_DELAY_ENV, check_writable, remove_temporaries
 from conftest import suite_device
+from salientft._io import TEST_DELAY_ENV, check_writable, remove_temporaries
 from salientft.cli import main
 from salientft.train import COMPLETE_MARKER, complete_checkpoints
 

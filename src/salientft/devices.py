@@ -3,7 +3,8 @@
 Accepted: ``auto`` (CUDA when a CUDA device is available, else the CPU), ``cpu``, ``cuda`` and
 ``cuda:N``. Under torchrun / accelerate launch (``WORLD_SIZE`` > 1) every process uses the GPU of
 its ``LOCAL_RANK`` (``auto`` and ``cuda`` give ``cuda:<LOCAL_RANK>``; ``cuda:N`` is refused unless
-N is that rank's), so one setting serves every rank. A device that is not there (``cuda`` on a
+N is that rank's), so one setting serves every rank; under ``accelerate launch`` with a CPU config
+(``ACCELERATE_USE_CPU``) ``auto`` is the CPU. A device that is not there (``cuda`` on a
 machine without one, an index past the last GPU) is refused with the fix, before a model loads.
 """
 from __future__ import annotations
@@ -41,7 +42,9 @@ def resolve_device(spec="auto", flag: str = "--device") -> torch.device:
     naming the fix, when it is misspelled or absent on this machine."""
     text = check_device_spec(spec, flag)
     world, local_rank = _world()
-    if text == "cpu" or (text == "auto" and not torch.cuda.is_available()):
+    # accelerate launch with a CPU config (use_cpu: true) sets ACCELERATE_USE_CPU: auto follows it
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if text == "cpu" or (text == "auto" and (cpu_launch or not torch.cuda.is_available())):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
