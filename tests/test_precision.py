@@ -110,9 +110,9 @@ def test_fp16_run_trains_fp32_masters_through_the_grad_scaler(tmp_path, device, 
     assert rec.grads == {torch.float32}
     scaler = fp16_like_cuda[-1].scaler
     assert scaler is not None and scaler.is_enabled()
-    # both steps were taken at the initial scale: no overflow skipped one
-    assert scaler.get_scale() == scaler._init_scale and int(scaler._growth_tracker) == 2
-    assert rec.moved > 0
+    if device.type == "cpu":  # our scaler (init 2^10): both steps were taken, none skipped for an overflow
+        assert scaler.get_scale() == scaler._init_scale and int(scaler._growth_tracker) == 2
+    assert rec.moved > 0  # (accelerate's, on a GPU, starts at 2^16 and may skip a first step)
 
 
 def test_the_scaler_refuses_fp16_gradients():
