@@ -11,12 +11,66 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_THREADS = int(os.environ.get("SALIENTFT_TEST_THREADS") or min(2, torch.get_num_threads()))
 torch.set_num_threads(TEST_THREADS)
 
+# SALIENTFT_TEST_DEVICE puts every test's models and inputs on a device (docs/testing.md): cpu (the
+# default), cuda or cuda:N. Anything else (meta, auto, a misspelling, cuda on a machine without one)
+# stops the run before any test: a suite that silently ran elsewhere would prove nothing.
+DEVICE_ENV = "SALIENTFT_TEST_DEVICE"
+
+
+def _test_device() -> torch.device:
+    value = os.environ.get(DEVICE_ENV, "cpu")
+    from salientft.devices import check_device_spec, resolve_device
+
+    try:
+        spec = check_device_spec(value, flag=DEVICE_ENV)
+        if spec == "auto":
+            raise ValueError(f"{DEVICE_ENV}=auto: name the device the suite is to run on (cpu, cuda or cuda:N)")
+        return resolve_device(spec, flag=DEVICE_ENV)
+    except ValueError as e:
+        raise pytest.UsageError(f"{DEVICE_ENV}={value!r} refused ({e}); set it to cpu (the default), cuda or "
+                                "cuda:N, on a machine with that device") from None
+
+
+TEST_DEVICE = torch.device("cpu")  # set from the environment by pytest_configure
+
+
+def pytest_configure(config):
+    global TEST_DEVICE
+    TEST_DEVICE = _test_device()
+
+
+def pytest_report_header(config):
+    return f"salientft test device: {TEST_DEVICE} ({DEVICE_ENV})"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``cpu_only`` (with their reason) when the suite runs on another device."""
+    if TEST_DEVICE.type == "cpu":
+        return
+    for item in items:
+        mark = item.get_closest_marker("cpu_only")
+        if mark is not None:
+            why = mark.args[0] if mark.args else "tests a CPU-only code path"
+            item.add_marker(pytest.mark.skip(reason=f"CPU only ({why}); {DEVICE_ENV}={TEST_DEVICE}"))
+
+
+def suite_device() -> torch.device:
+    """The suite's device for module-level helpers (``from conftest import suite_device``); tests
+    take the ``device`` fixture."""
+    return TEST_DEVICE
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device every test's models and inputs go to (SALIENTFT_TEST_DEVICE, default cpu)."""
+    return TEST_DEVICE
+
 
 @pytest.fixture
-def tiny_model():
+def tiny_model(device):
     from salientft.models import tiny_random_llama
 
-    return tiny_random_llama(seed=0)
+    return tiny_random_llama(seed=0).to(device)
 
 
 @pytest.fixture
@@ -28,7 +82,7 @@ def tiny_gpt2():
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
                      eos_token_id=0)
     torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).eval()
+    return GPT2LMHeadModel(cfg).eval().to(TEST_DEVICE)
 
 
 @pytest.fixture
@@ -43,7 +97,7 @@ def embedded():
     """The embedded SmolLM2-135M in bf16 (converted once into the user cache)."""
     from salientft.models import load_model
 
-    return load_model("smollm2-135m", dtype="bf16")
+    return load_model("smollm2-135m", dtype="bf16", device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -57,4 +111,4 @@ def embedded_fp32():
     """
     from salientft.models import load_model
 
-    return load_model("smollm2-135m", dtype="fp32")
+    return load_model("smollm2-135m", dtype="fp32", device=TEST_DEVICE)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import suite_device
 from salientft.calibration import (
     ActivationStats,
     calibration_batches,
@@ -14,13 +15,15 @@ from salientft.calibration import (
     save_stats,
 )
 
+DEVICE = suite_device()
+
 
 def _batch(ids_rows, pad=0):
     L = max(len(r) for r in ids_rows)
-    ids = torch.full((len(ids_rows), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids_rows), L), dtype=torch.long)
+    ids = torch.full((len(ids_rows), L), pad, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros((len(ids_rows), L), dtype=torch.long, device=DEVICE)
     for i, r in enumerate(ids_rows):
-        ids[i, : len(r)] = torch.tensor(r)
+        ids[i, : len(r)] = torch.tensor(r, device=DEVICE)
         mask[i, : len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -69,11 +72,11 @@ def test_stats_match_reference(tiny_model):
 
 
 @pytest.mark.numerics
-def test_padding_ids_change_nothing(tiny_model):
+def test_padding_ids_change_nothing(tiny_model, device):
     b1 = _batch(_rows(2), pad=0)
     b2 = {k: v.clone() for k, v in b1.items()}
     g = torch.Generator().manual_seed(9)
-    b2["input_ids"][b2["attention_mask"] == 0] = torch.randint(3, 300, ((b2["attention_mask"] == 0).sum(),), generator=g)
+    b2["input_ids"][b2["attention_mask"] == 0] = torch.randint(3, 300, ((b2["attention_mask"] == 0).sum(),), generator=g).to(device)
     assert not torch.equal(b1["input_ids"], b2["input_ids"])
     s1 = collect_activation_stats(tiny_model, [b1], progress=False)
     s2 = collect_activation_stats(tiny_model, [b2], progress=False)
@@ -100,7 +103,7 @@ def test_batching_changes_nothing(tiny_model):
 def test_bf16_model_accumulates_in_high_precision():
     from salientft.models import tiny_random_llama
 
-    m = tiny_random_llama(seed=0, dtype=torch.bfloat16)
+    m = tiny_random_llama(seed=0, dtype=torch.bfloat16).to(DEVICE)
     stats = collect_activation_stats(m, [_batch(_rows(4))], target_modules=["q_proj", "down_proj"], progress=False)
     assert set(stats) == {f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "mlp.down_proj")}
     for s in stats.values():
@@ -142,11 +145,11 @@ def test_stats_save_load_roundtrip(tiny_model, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "s.safetensors"]
 
 
-def test_stats_rejects_bad_batches(tiny_model):
+def test_stats_rejects_bad_batches(tiny_model, device):
     with pytest.raises(ValueError, match="no calibration batches"):
         collect_activation_stats(tiny_model, [], progress=False)
     with pytest.raises(ValueError, match="input_ids"):
-        collect_activation_stats(tiny_model, [{"ids": torch.ones(1, 3, dtype=torch.long)}], progress=False)
+        collect_activation_stats(tiny_model, [{"ids": torch.ones(1, 3, dtype=torch.long, device=device)}], progress=False)
     b = _batch(_rows(7))
     b["attention_mask"].zero_()
     with pytest.raises(ValueError, match="no unmasked token"):

@@ -18,12 +18,12 @@ from salientft.saliency import METRICS
 CALIBRATE_DEFAULTS = {
     "model": "smollm2-135m", "data": "embedded", "metric": "gift", "samples": 128, "seq_len": 512, "batch_size": 8,
     "bits": 4, "tau": None, "rho": None, "gamma": None, "n_salient": None, "salient_fraction": None,
-    "target_modules": None, "seed": 0, "stats_output": None, "plot": None, "dtype": "bf16",
+    "target_modules": None, "seed": 0, "stats_output": None, "plot": None, "dtype": "bf16", "device": "auto",
 }
 QUANTIZE_DEFAULTS = {
     "model": "smollm2-135m", "n_salient": None, "salient_fraction": None, "method": "gptq", "group_size": None,
     "metric": "gift", "scores": None, "data": "embedded", "samples": 128, "seq_len": 512, "batch_size": 8,
-    "target_modules": None, "seed": 0, "dtype": "bf16", "no_progress": False,
+    "target_modules": None, "seed": 0, "dtype": "bf16", "device": "auto", "no_progress": False,
 }
 
 
@@ -78,7 +78,7 @@ def test_quantize_flags_parse_as_before(argv, expected):
 
 def test_the_dataclasses_are_the_flags():
     shared = {"model", "data", "samples", "seq_len", "batch_size", "n_salient", "salient_fraction", "metric",
-              "target_modules", "seed", "dtype"}
+              "target_modules", "seed", "dtype", "device"}
     assert {f.name for f in dataclasses.fields(CalibrationArgs)} == shared
     for cls, argv in ((CalibrateArgs, ["calibrate", "--output", "o"]),
                       (QuantizeArgs, ["quantize", "--output", "o", "--bits", "4"])):

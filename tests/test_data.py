@@ -139,7 +139,7 @@ def test_packing_preserves_labels_and_resets_positions(tiny_tok):
 
 
 @pytest.mark.numerics
-def test_packed_attention_stays_inside_examples(tiny_tok, tiny_model):
+def test_packed_attention_stays_inside_examples(tiny_tok, tiny_model, device):
     """The collator's packed batch (position resets, no attention_mask) gives each example the
     same logits as running it alone: attention does not cross example boundaries."""
     plain = tokenize_conversations(_convs(3), tiny_tok, max_length=256)
@@ -153,7 +153,7 @@ def test_packed_attention_stays_inside_examples(tiny_tok, tiny_model):
         start = 0
         for ex in plain:
             n = len(ex["input_ids"])
-            alone = tiny_model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            alone = tiny_model(input_ids=torch.tensor([ex["input_ids"]], device=device)).logits[0]
             torch.testing.assert_close(out[start:start + n], alone, atol=1e-5, rtol=1e-4)
             start += n
         # and with the plain causal mask it does cross (documented alternative)
@@ -397,7 +397,7 @@ def test_calibration_batches(tiny_tok):
     assert sum(b["input_ids"].shape[0] for b in calibration_batches_from_dataset(ds, 100, 8)) == 20
 
 
-def test_trainer_consumes_packed_dataset_and_collator(tmp_path, tiny_tok, tiny_model):
+def test_trainer_consumes_packed_dataset_and_collator(tmp_path, tiny_tok, tiny_model, device):
     """The HF Trainer accepts the dataset and the collator's batches (incl. use_cache=False)."""
     from transformers import Trainer, TrainingArguments
 

@@ -17,6 +17,8 @@ from salientft.gmt import GradientMask
 
 WORLD = 2
 
+pytestmark = pytest.mark.cpu_only("processes on the CPU with gloo")
+
 
 def _run(worker, *args):
     import torch.multiprocessing as mp

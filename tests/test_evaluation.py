@@ -19,7 +19,7 @@ def _direct_loglik(model, tok, ctx, cont):
     c = tok.encode(ctx)
     w = tok.encode(ctx + cont)
     with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([w])).logits[0].float(), -1)
+        lp = torch.log_softmax(model(torch.tensor([w], device=next(model.parameters()).device)).logits[0].float(), -1)
     return sum(lp[len(c) - 1 + k, w[len(c) + k]].item() for k in range(len(w) - len(c)))
 
 
@@ -144,10 +144,10 @@ def test_tree_packing_shares_the_prefix(tiny_tok):
 
 
 @pytest.mark.numerics
-def test_bf16_model_logprob_rounding(tiny_tok):
+def test_bf16_model_logprob_rounding(tiny_tok, device):
     from salientft.models import tiny_random_llama
 
-    m = tiny_random_llama(seed=0, dtype=torch.bfloat16)
+    m = tiny_random_llama(seed=0, dtype=torch.bfloat16).to(device)
     g = [GROUPS[0]]
     model_dt = LoglikScorer(m, tiny_tok, progress=False, logprob_dtype="model").score(g)[0]
     exact = LoglikScorer(m, tiny_tok, progress=False, logprob_dtype="float32").score(g)[0]
@@ -273,7 +273,7 @@ def test_bad_task_names_list_the_valid_ones(capsys):
     assert "valid tasks: boolq, piqa" in capsys.readouterr().err
 
 
-def test_cli_eval_writes_results_and_table(tmp_path, capsys):
+def test_cli_eval_writes_results_and_table(tmp_path, capsys, device):
     from salientft.cli import main
 
     out = tmp_path / "results.json"
@@ -281,7 +281,7 @@ def test_cli_eval_writes_results_and_table(tmp_path, capsys):
     txt.write_text("hello world, this is a small text for perplexity. " * 4)
     rc = main(["eval", "--model", "tiny-random-llama", "--tasks", "boolq,piqa", "--limit", "2",
                "--batch-size", "2", "--output", str(out), "--perplexity", str(txt), "--ppl-max-length", "64",
-               "--dtype", "fp32", "--no-progress"])
+               "--dtype", "fp32", "--no-progress", "--device", str(device)])
     assert rc == 0
     rep = json.loads(out.read_text())
     assert set(rep["results"]) == {"boolq", "piqa"}
@@ -294,11 +294,11 @@ def test_cli_eval_writes_results_and_table(tmp_path, capsys):
 
 
 @pytest.mark.numerics
-def test_perplexity_matches_direct_computation(tiny_model, tiny_tok, tmp_path):
+def test_perplexity_matches_direct_computation(tiny_model, tiny_tok, tmp_path, device):
     text = "The quick brown fox jumps over the lazy dog. " * 3
     ids = tiny_tok(text)["input_ids"]
     with torch.no_grad():
-        lp = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0].float(), -1)
+        lp = torch.log_softmax(tiny_model(torch.tensor([ids], device=device)).logits[0].float(), -1)
     nll = -sum(lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / (len(ids) - 1)
     full = perplexity(tiny_model, tiny_tok, [text], max_length=512, progress=False)
     assert full["tokens"] == len(ids) - 1 and full["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
@@ -350,13 +350,13 @@ def test_compare_runs_table_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.numerics
-def test_load_for_eval_run_dirs(tmp_path, tiny_model, tiny_tok):
+def test_load_for_eval_run_dirs(tmp_path, tiny_model, tiny_tok, device):
     # merged run: model/ is a full HF folder
     run = tmp_path / "run_full"
     tiny_model.save_pretrained(run / "model")
     tiny_tok.save_pretrained(run / "model")
     (run / "run_config.json").write_text(json.dumps({"model": "tiny-random-llama"}))
-    m, tok, desc = load_for_eval(str(run), dtype="fp32")
+    m, tok, desc = load_for_eval(str(run), dtype="fp32", device=device)
     assert "full model model/" in desc
     sd = tiny_model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
@@ -365,14 +365,14 @@ def test_load_for_eval_run_dirs(tmp_path, tiny_model, tiny_tok):
 
     from salientft.models import tiny_random_llama
 
-    base = tiny_random_llama(seed=0)
+    base = tiny_random_llama(seed=0).to(device)
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     run2 = tmp_path / "run_lora"
     lora.save_pretrained(run2 / "adapter")
     (run2 / "run_config.json").write_text(json.dumps({"model": "tiny-random-llama"}))
-    m2, _, desc2 = load_for_eval(str(run2), dtype="fp32")
+    m2, _, desc2 = load_for_eval(str(run2), dtype="fp32", device=device)
     assert type(m2).__name__.startswith("Peft") and "adapter" in desc2
-    ids = torch.tensor([[5, 6, 7]])
+    ids = torch.tensor([[5, 6, 7]], device=device)
     with torch.no_grad():
         assert torch.allclose(m2(ids).logits, lora.eval()(ids).logits)
     with pytest.raises(FileNotFoundError):
@@ -380,12 +380,12 @@ def test_load_for_eval_run_dirs(tmp_path, tiny_model, tiny_tok):
 
 
 @pytest.mark.numerics
-def test_load_for_eval_gift_adapter_run(tmp_path):
+def test_load_for_eval_gift_adapter_run(tmp_path, device):
     from salientft import GiftConfig, apply_gift, save_adapter
     from salientft.models import tiny_random_llama
 
-    base = tiny_random_llama(seed=0)
-    scores = {n: torch.arange(m.in_features, dtype=torch.float32)
+    base = tiny_random_llama(seed=0).to(device)
+    scores = {n: torch.arange(m.in_features, dtype=torch.float32, device=device)
               for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
     trained = apply_gift(base, GiftConfig(n_salient=4, noise="none"), scores=scores)
     with torch.no_grad():
@@ -395,11 +395,11 @@ def test_load_for_eval_gift_adapter_run(tmp_path):
     run = tmp_path / "run_gift"
     save_adapter(trained, run / "adapter", base_model="tiny-random-llama")
     (run / "run_config.json").write_text(json.dumps({"model": "tiny-random-llama"}))
-    m, _, desc = load_for_eval(str(run), dtype="fp32")
-    ids = torch.tensor([[5, 6, 7, 8]])
+    m, _, desc = load_for_eval(str(run), dtype="fp32", device=device)
+    ids = torch.tensor([[5, 6, 7, 8]], device=device)
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, trained.eval()(ids).logits, atol=1e-5)
-        assert not torch.allclose(m(ids).logits, tiny_random_llama(seed=0)(ids).logits, atol=1e-3)
+        assert not torch.allclose(m(ids).logits, tiny_random_llama(seed=0).to(device)(ids).logits, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- lm-eval parity
@@ -558,14 +558,14 @@ def test_evaluate_on_a_subset(tiny_model, tiny_tok):
 
 
 @pytest.mark.integration
-def test_log_samples_with_the_lm_eval_backend(tmp_path):
+def test_log_samples_with_the_lm_eval_backend(tmp_path, device):
     """lm-eval's logged samples carry no ids, no predictions, and no gold for winogrande: filled from our
     items; the records still reproduce lm-eval's accuracies exactly."""
     from salientft.evaluation import run_eval
 
     out = tmp_path / "r.json"
     rep = run_eval("tiny-random-llama", "winogrande,boolq,piqa", limit=3, backend="lm-eval", dtype="fp32",
-                   output=out, log_samples=True, progress=False)
+                   output=out, log_samples=True, progress=False, device=str(device))
     recs = [json.loads(line) for line in (tmp_path / "r.samples.jsonl").read_text().splitlines()]
     assert json.loads(out.read_text())["results"] == rep["results"]
     for task, res in rep["results"].items():

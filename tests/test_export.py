@@ -24,6 +24,7 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("compressed_tensors")
 
+from conftest import suite_device  # noqa: E402
 import salientft  # noqa: E402
 from salientft import GiftConfig, apply_gift, merge_gift, save_adapter  # noqa: E402
 from salientft.cli import main  # noqa: E402
@@ -34,6 +35,7 @@ from salientft.models import load_model, tiny_random_llama, tiny_tokenizer  # no
 from salientft.quant.model import quantize, quantized_layers, save_quantized  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]])
+DEVICE = suite_device()  # where the exports run (the files do not depend on it)
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 WITHOUT_SALIENTFT = """import sys; sys.modules["salientft"] = None
@@ -135,7 +137,7 @@ def test_run_directory_and_cli(gift, base_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(adapter, run / "adapter")
     (run / "run_config.json").write_text(json.dumps({"model": str(base_dir), "method": "gift-sw"}))
-    assert main(["export", str(run), "--format", "lora", "--output", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run), "--format", "lora", "--output", str(tmp_path / "a"), "--device", str(DEVICE)]) == 0
     out = capsys.readouterr().out
     assert "PeftModel.from_pretrained" in out and "--max-lora-rank 8" in out and "vllm serve" in out
     export_lora(adapter, tmp_path / "b")
@@ -160,7 +162,7 @@ def test_merged_export_is_a_plain_transformers_model(gift, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter, want = gift
-    result = export(adapter, tmp_path / "merged", "merged")
+    result = export(adapter, tmp_path / "merged", "merged", device=DEVICE)
     assert result.format == "merged" and result.ranks == {}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert not any("salient" in n for n, _ in model.named_parameters())
@@ -237,7 +239,7 @@ def test_compressed_tensors_export_reproduces_the_quantized_model(tmp_path, caps
     torch.save(dense, tmp_path / "dense.pt")
 
     out = tmp_path / "ct"
-    assert main(["export", str(folder), "--format", "compressed-tensors", "--output", str(out)]) == 0
+    assert main(["export", str(folder), "--format", "compressed-tensors", "--output", str(out), "--device", str(DEVICE)]) == 0
     printed = capsys.readouterr().out
     assert "CompressedTensorsConfig(dequantize=True)" in printed and "--enable-lora" in printed
     assert f"--lora-modules salient={out / SALIENT_LORA_DIR}" in printed and "--max-lora-rank 8" in printed
@@ -283,7 +285,7 @@ def test_compressed_tensors_8_bit_from_a_recovery_run(tmp_path):
     _quantized(run, name="model", bits=8)
     (run / "run_config.json").write_text(json.dumps({"method": "gift-sw", "quantized": "q", "model": "x"}))
     want = logits(load_model(str(run / "model"), dtype="fp32")[0])
-    export(run, tmp_path / "ct", "compressed-tensors")
+    export(run, tmp_path / "ct", "compressed-tensors", device=DEVICE)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
     model = peft.PeftModel.from_pretrained(base, tmp_path / "ct" / SALIENT_LORA_DIR)
@@ -298,7 +300,7 @@ def test_compressed_tensors_keeps_a_bf16_model_bf16_and_its_steps_fp32(tmp_path)
     model = tiny_random_llama(seed=0, dtype=torch.bfloat16)
     quantize(model, bits=4, method="rtn", n_salient=4, metric="magnitude", progress=False)
     folder = save_quantized(model, tmp_path / "q", tokenizer=tiny_tokenizer())
-    export(folder, tmp_path / "ct", "compressed-tensors")
+    export(folder, tmp_path / "ct", "compressed-tensors", device=DEVICE)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:
         dtypes = {k.rsplit(".", 1)[-1]: f.get_slice(k).get_dtype() for k in f.keys()
                   if k.startswith(("model.layers.0.self_attn.q_proj.", "model.embed_tokens."))}

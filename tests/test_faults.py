@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import suite_device
 from salientft._io import TEST_DELAY_ENV, check_writable, remove_temporaries
 from salientft.cli import main
 from salientft.train import COMPLETE_MARKER, complete_checkpoints
@@ -41,7 +42,7 @@ def train_argv(data: str, out: Path, *extra: str, steps: int = STEPS) -> list[st
     return ["train", "--model", "tiny-random-llama", "--data", data, "--output", str(out), "--method", "gift-sw",
             "--metric", "magnitude", "--n-salient", "4", "--max-steps", str(steps), "--save-steps", "1",
             "--batch-size", "2", "--max-length", "64", "--dtype", "fp32", "--lr", "1e-3", "--warmup-ratio", "0",
-            "--no-eval-before", *extra]
+            "--no-eval-before", "--device", str(suite_device()), *extra]
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:

@@ -10,11 +10,12 @@ from salientft import SalientLinear
 OUT, IN, K = 48, 64, 6
 
 
-def make_layer(noise="none", bias=True, dtype=torch.float32, std=0.05, seed=0, fp32_salient=False):
+def make_layer(noise="none", bias=True, dtype=torch.float32, std=0.05, seed=0, fp32_salient=False,
+               device=torch.device("cpu")):
     torch.manual_seed(seed)
-    base = nn.Linear(IN, OUT, bias=bias).to(dtype)
-    idx = torch.tensor([3, 10, 11, 30, 50, 63])
-    layer = SalientLinear(base, idx, torch.full((OUT,), std), noise=noise, fp32_salient=fp32_salient)
+    base = nn.Linear(IN, OUT, bias=bias).to(dtype).to(device)  # seeded on the CPU: the same weights on every device
+    idx = torch.tensor([3, 10, 11, 30, 50, 63], device=device)
+    layer = SalientLinear(base, idx, torch.full((OUT,), std, device=device), noise=noise, fp32_salient=fp32_salient)
     return base, layer, idx
 
 
@@ -24,8 +25,8 @@ def reference_weight(layer):
     return w
 
 
-def test_shares_base_weight_and_initialises_columns():
-    base, layer, idx = make_layer()
+def test_shares_base_weight_and_initialises_columns(device):
+    base, layer, idx = make_layer(device=device)
     assert layer.weight is base.weight and layer.bias is base.bias
     assert not layer.weight.requires_grad
     assert torch.equal(layer.salient_weight, base.weight[:, idx])
@@ -33,24 +34,28 @@ def test_shares_base_weight_and_initialises_columns():
     assert layer.noise_std.shape == (OUT,)
 
 
-def test_unsorted_indices_are_sorted():
-    base = nn.Linear(IN, OUT)
-    layer = SalientLinear(base, torch.tensor([9, 2, 5]))
+def test_unsorted_indices_are_sorted(device):
+    base = nn.Linear(IN, OUT).to(device)
+    layer = SalientLinear(base, torch.tensor([9, 2, 5], device=device))
     assert layer.salient_idx.tolist() == [2, 5, 9]
     assert torch.equal(layer.salient_weight, base.weight[:, [2, 5, 9]])
 
 
 @pytest.mark.parametrize("noise", ["none", "weight", "output"])
 @pytest.mark.numerics
-def test_eval_equals_linear_with_replaced_columns(noise):
-    base, layer, idx = make_layer(noise=noise)
-    x = torch.randn(3, 5, IN)
+def test_eval_equals_linear_with_replaced_columns(noise, device):
+    base, layer, idx = make_layer(device=device, noise=noise)
+    x = torch.randn(3, 5, IN, device=device)
     layer.eval()
     y0 = layer(x)
     # At init: bit-identical to the base layer. The layer adds x_s @ 0 (exact zeros) and the bias after
     # the GEMM, the base fuses the bias into addmm; both round the same K = 64 dot products once and
     # add the bias once, on any CPU and BLAS (64 is below every GEMM's K-block, so no partial sums).
-    assert torch.equal(y0, base(x))
+    # A GPU may run mm and addmm as different kernels (another split of K): one rounding apart there.
+    if device.type == "cpu":
+        assert torch.equal(y0, base(x))
+    else:
+        torch.testing.assert_close(y0, base(x), rtol=0, atol=1e-6)
     with torch.no_grad():
         layer.salient_weight.add_(torch.randn_like(layer.salient_weight))
     ref = F.linear(x, reference_weight(layer), base.bias)
@@ -59,13 +64,13 @@ def test_eval_equals_linear_with_replaced_columns(noise):
 
 @pytest.mark.parametrize("noise", ["none", "weight"])
 @pytest.mark.numerics
-def test_gradients_match_autograd_reference(noise):
-    base, layer, idx = make_layer(noise=noise, std=0.0 if noise == "none" else 0.05)
+def test_gradients_match_autograd_reference(noise, device):
+    base, layer, idx = make_layer(device=device, noise=noise, std=0.0 if noise == "none" else 0.05)
     layer.train()
     with torch.no_grad():
         layer.salient_weight.add_(0.1 * torch.randn_like(layer.salient_weight))
-    x = torch.randn(4, 7, IN, requires_grad=True)
-    g = torch.randn(4, 7, OUT)
+    x = torch.randn(4, 7, IN, requires_grad=True, device=device)
+    g = torch.randn(4, 7, OUT, device=device)
     torch.manual_seed(123)
     (layer(x) * g).sum().backward()
     # Reference: the same noise draw (same global seed), full weight with autograd.
@@ -105,10 +110,10 @@ class _RecordShapes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("noise", ["none", "weight", "output"])
-def test_backward_never_builds_a_full_weight_gradient_or_keeps_a_weight_copy(noise):
-    base, layer, idx = make_layer(noise=noise)
+def test_backward_never_builds_a_full_weight_gradient_or_keeps_a_weight_copy(noise, device):
+    base, layer, idx = make_layer(device=device, noise=noise)
     layer.train()
-    x = torch.randn(2, 9, IN, requires_grad=True)
+    x = torch.randn(2, 9, IN, requires_grad=True, device=device)
     saved = []
 
     def pack(t):
@@ -135,14 +140,14 @@ def test_backward_never_builds_a_full_weight_gradient_or_keeps_a_weight_copy(noi
 
 
 @pytest.mark.numerics
-def test_weight_noise_std_matches_delta_over_two():
-    std = torch.linspace(0.01, 0.2, OUT)
+def test_weight_noise_std_matches_delta_over_two(device):
+    std = torch.linspace(0.01, 0.2, OUT, device=device)
     torch.manual_seed(0)
-    base = nn.Linear(IN, OUT, bias=False)
-    idx = torch.tensor([1, 2, 3])
+    base = nn.Linear(IN, OUT, bias=False).to(device)
+    idx = torch.tensor([1, 2, 3], device=device)
     layer = SalientLinear(base, idx, std, noise="weight").train()
     j = 20  # a non-salient column
-    x = torch.zeros(1, IN)
+    x = torch.zeros(1, IN, device=device)
     x[0, j] = 1.0
     clean = base.weight[:, j].detach()
     with torch.no_grad():
@@ -150,26 +155,26 @@ def test_weight_noise_std_matches_delta_over_two():
     torch.testing.assert_close(draws.std(0), std, rtol=0.08, atol=0)
     assert draws.mean(0).abs().max() < 4 * std.max() / 3000**0.5 * 2
     # Salient columns get no noise.
-    x = torch.zeros(1, IN)
+    x = torch.zeros(1, IN, device=device)
     x[0, 2] = 1.0
     with torch.no_grad():
         assert torch.equal(layer(x)[0], layer.salient_weight[:, 1])
     # One draw per forward, shared by all tokens: two identical tokens see identical noise.
     with torch.no_grad():
-        y = layer(torch.stack([torch.ones(IN), torch.ones(IN)]))
+        y = layer(torch.stack([torch.ones(IN, device=device), torch.ones(IN, device=device)]))
     # Not torch.equal: two rows of one GEMM need not take the same kernel path on every BLAS. Two
     # different draws would differ by ~std * sqrt(IN) (0.08 to 1.6 here), 1e5 times this tolerance.
     torch.testing.assert_close(y[0], y[1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.numerics
-def test_output_noise_std_matches_delta_times_norm():
-    std = torch.linspace(0.01, 0.2, OUT)
+def test_output_noise_std_matches_delta_times_norm(device):
+    std = torch.linspace(0.01, 0.2, OUT, device=device)
     torch.manual_seed(0)
-    base = nn.Linear(IN, OUT, bias=False)
-    idx = torch.tensor([1, 2, 3])
+    base = nn.Linear(IN, OUT, bias=False).to(device)
+    idx = torch.tensor([1, 2, 3], device=device)
     layer = SalientLinear(base, idx, std, noise="output").train()
-    x = torch.randn(4000, IN)
+    x = torch.randn(4000, IN, device=device)
     with torch.no_grad():
         noise = layer(x) - base(x)
     norm_n = (x.pow(2).sum(-1) - x[:, idx].pow(2).sum(-1)).sqrt()
@@ -177,13 +182,13 @@ def test_output_noise_std_matches_delta_times_norm():
     torch.testing.assert_close(z.std(0), std, rtol=0.08, atol=0)
     # Independent per token: identical tokens see different noise.
     with torch.no_grad():
-        y = layer(torch.ones(2, IN))
+        y = layer(torch.ones(2, IN, device=device))
     assert not torch.equal(y[0], y[1])
 
 
-def test_noise_only_in_training_and_reproducible_under_seed():
-    _, layer, _ = make_layer(noise="weight")
-    x = torch.randn(5, IN)
+def test_noise_only_in_training_and_reproducible_under_seed(device):
+    _, layer, _ = make_layer(device=device, noise="weight")
+    x = torch.randn(5, IN, device=device)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
     layer.train()
@@ -196,19 +201,19 @@ def test_noise_only_in_training_and_reproducible_under_seed():
 
 
 @pytest.mark.numerics
-def test_bf16_base_autocast_and_fp32_salient_copy():
-    base, layer, idx = make_layer(dtype=torch.bfloat16, noise="weight", fp32_salient=True)
+def test_bf16_base_autocast_and_fp32_salient_copy(device):
+    base, layer, idx = make_layer(device=device, dtype=torch.bfloat16, noise="weight", fp32_salient=True)
     assert layer.salient_weight.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
     layer.train()
-    x = torch.randn(3, IN, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(3, IN, dtype=torch.bfloat16, requires_grad=True, device=device)
     y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.salient_weight.grad.dtype == torch.float32
     assert x.grad.dtype == torch.bfloat16
     # fp32 input under bf16 autocast computes in bf16, returns a bf16 output, fp32 input grad.
-    x32 = torch.randn(3, IN, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x32 = torch.randn(3, IN, requires_grad=True, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = layer(x32)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -220,12 +225,12 @@ def test_bf16_base_autocast_and_fp32_salient_copy():
         torch.testing.assert_close(layer(x.detach()).float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_gradient_checkpointing_recomputes_the_same_noise():
+def test_gradient_checkpointing_recomputes_the_same_noise(device):
     from torch.utils.checkpoint import checkpoint
 
-    _, layer, _ = make_layer(noise="weight", std=0.3)
+    _, layer, _ = make_layer(device=device, noise="weight", std=0.3)
     layer.train()
-    x = torch.randn(6, IN, requires_grad=True)
+    x = torch.randn(6, IN, requires_grad=True, device=device)
 
     def run(ckpt):
         layer.salient_weight.grad = None
@@ -242,13 +247,13 @@ def test_gradient_checkpointing_recomputes_the_same_noise():
 
 
 @pytest.mark.numerics
-def test_conv1d_is_supported():
+def test_conv1d_is_supported(device):
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    conv = Conv1D(OUT, IN)  # weight stored (in, out)
-    layer = SalientLinear(conv, torch.tensor([0, 5]), noise="none")
-    x = torch.randn(2, 3, IN)
+    conv = Conv1D(OUT, IN).to(device)  # weight stored (in, out)
+    layer = SalientLinear(conv, torch.tensor([0, 5], device=device), noise="none")
+    x = torch.randn(2, 3, IN, device=device)
     assert torch.equal(layer(x), conv(x)) or torch.allclose(layer(x), conv(x), atol=1e-6)
     assert torch.equal(layer.salient_weight, conv.weight.t()[:, [0, 5]])
     layer.train()
@@ -258,57 +263,57 @@ def test_conv1d_is_supported():
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("threads,keep_noise", [(1, False), (2, False), (2, True)])
-def test_blocked_noise_on_a_wide_layer_matches_the_whole_matrix(monkeypatch, threads, keep_noise):
+def test_blocked_noise_on_a_wide_layer_matches_the_whole_matrix(monkeypatch, threads, keep_noise, device):
     import salientft.ops.noise as L
 
     monkeypatch.setattr(L, "NOISE_BLOCK_ELEMS", 5 * IN)  # force 10 row blocks (the last one short)
     monkeypatch.setattr(L, "_noise_threads", threads)  # drawn in the calling thread or by 2 threads
     assert L.noise_blocks(OUT, IN)[:2] == [(0, 5), (5, 10)] and L.noise_blocks(OUT, IN)[-1] == (45, 48)
-    _, layer, idx = make_layer(noise="weight", std=0.2)
+    _, layer, idx = make_layer(device=device, noise="weight", std=0.2)
     layer.keep_noise = keep_noise  # the noisy weight kept from forward for backward, or drawn again
     layer.train()
-    x = torch.randn(7, IN, requires_grad=True)
+    x = torch.randn(7, IN, requires_grad=True, device=device)
     torch.manual_seed(3)
     y = layer(x)
-    (y * torch.arange(OUT)).sum().backward()
+    (y * torch.arange(OUT, device=device)).sum().backward()
     torch.manual_seed(3)
     seed = int(torch.randint(0, 2**62, (1,)).item())
     w = L.noisy_weight(layer.weight.detach(), layer.salient_weight.detach(), layer.salient_idx, layer.noise_std,
                         seed, torch.float32)
     torch.testing.assert_close(y, F.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, (torch.arange(OUT, dtype=torch.float32) @ w).expand(7, IN), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, (torch.arange(OUT, dtype=torch.float32, device=device) @ w).expand(7, IN), rtol=1e-5, atol=1e-4)
     noise = w - layer.weight.detach()
     assert torch.equal(noise[:, idx], layer.salient_weight.detach() - layer.weight.detach()[:, idx])
     # blocks draw different numbers (no repeated stream)
     assert not torch.allclose(noise[0:5], noise[5:10])
 
 
-def test_bad_indices_rejected():
-    base = nn.Linear(IN, OUT)
+def test_bad_indices_rejected(device):
+    base = nn.Linear(IN, OUT).to(device)
     with pytest.raises(ValueError, match="empty"):
-        SalientLinear(base, torch.tensor([], dtype=torch.long))
+        SalientLinear(base, torch.tensor([], dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="distinct column indices"):
-        SalientLinear(base, torch.tensor([1, IN]))
+        SalientLinear(base, torch.tensor([1, IN], device=device))
     with pytest.raises(ValueError, match="distinct"):
-        SalientLinear(base, torch.tensor([1, 1]))
+        SalientLinear(base, torch.tensor([1, 1], device=device))
     with pytest.raises(TypeError, match="nn.Linear"):
-        SalientLinear(nn.Embedding(3, 4), torch.tensor([0]))
+        SalientLinear(nn.Embedding(3, 4), torch.tensor([0], device=device))
     with pytest.raises(ValueError, match="noise"):
-        SalientLinear(base, torch.tensor([0]), noise="uniform")
+        SalientLinear(base, torch.tensor([0], device=device), noise="uniform")
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "gift"])
-def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric, tiny_gpt2):
+def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric, tiny_gpt2, device):
     """GPT-2's projections are Conv1D: apply_gift (with or without a calibration metric) wraps them,
     the untrained model is unchanged in eval mode, and training reaches every salient column."""
     import salientft as sft
 
     model = tiny_gpt2
-    x = torch.randint(0, 100, (2, 12))
+    x = torch.randint(0, 100, (2, 12), device=device)
     with torch.no_grad():
         want = model(x).logits
     sft.apply_gift(model, sft.GiftConfig(metric=metric, n_salient=4),
-                   calibration=[{"input_ids": torch.randint(0, 100, (2, 16))}])
+                   calibration=[{"input_ids": torch.randint(0, 100, (2, 16), device=device)}])
     layers = [m for m in model.modules() if isinstance(m, SalientLinear)]
     assert len(layers) == 8 and all(m.is_conv1d for m in layers)  # c_attn, c_proj, c_fc, mlp.c_proj x 2
     model.eval()

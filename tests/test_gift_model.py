@@ -10,7 +10,14 @@ from salientft.gift import SalientLinear, gift_layers, noise_std_for
 from salientft.models import tiny_random_llama
 from salientft.quant.grid import quantize_rows
 
-IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+from conftest import suite_device
+
+IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0)).to(suite_device())
+
+
+def tiny(seed=0, **kw):
+    """The tiny model (seeded on the CPU: the same weights everywhere) on the suite's device."""
+    return tiny_random_llama(seed=seed, **kw).to(suite_device())
 
 
 def magnitude_scores(model):
@@ -20,7 +27,7 @@ def magnitude_scores(model):
 
 
 def gift_model(noise="weight", **kw):
-    model = tiny_random_llama(seed=0)
+    model = tiny(seed=0)
     cfg = GiftConfig(n_salient=kw.pop("n_salient", 4), noise=noise, **kw)
     return apply_gift(model, cfg, magnitude_scores(model))
 
@@ -39,7 +46,7 @@ def train_steps(model, n=3, lr=1e-2):
 
 @pytest.mark.numerics
 def test_equal_to_base_at_init_and_only_salient_trainable():
-    base = tiny_random_llama(seed=0).eval()
+    base = tiny(seed=0).eval()
     model = gift_model().eval()
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, base(IDS).logits)
@@ -54,14 +61,14 @@ def test_equal_to_base_at_init_and_only_salient_trainable():
 
 @pytest.mark.numerics
 def test_top_k_follow_scores_and_noise_std_is_half_delta_of_non_salient_columns():
-    model = tiny_random_llama(seed=0)
+    model = tiny(seed=0)
     scores = magnitude_scores(model)
     apply_gift(model, GiftConfig(n_salient=5), scores)
     name, layer = next(iter(gift_layers(model).items()))
     expected = torch.topk(scores[name], 5).indices.sort().values
     assert torch.equal(layer.salient_idx, expected)
     w = layer.weight.detach()
-    keep = torch.ones(w.shape[1], dtype=torch.bool)
+    keep = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     keep[expected] = False
     _, delta, _ = quantize_rows(w[:, keep], 4)
     torch.testing.assert_close(layer.noise_std, delta / 2)
@@ -69,7 +76,7 @@ def test_top_k_follow_scores_and_noise_std_is_half_delta_of_non_salient_columns(
 
 
 def test_training_changes_only_salient_columns():
-    base = tiny_random_llama(seed=0)
+    base = tiny(seed=0)
     model = train_steps(gift_model())
     sd, sd0 = model.state_dict(), base.state_dict()
     assert set(sd0) <= set(sd)  # the original parameter names are kept
@@ -80,10 +87,10 @@ def test_training_changes_only_salient_columns():
 
 
 def test_salient_fraction_and_paper_default():
-    model = apply_gift(tiny_random_llama(seed=0), GiftConfig(salient_fraction=0.25, metric="magnitude"))
+    model = apply_gift(tiny(seed=0), GiftConfig(salient_fraction=0.25, metric="magnitude"))
     ks = {n: m.k for n, m in gift_layers(model).items()}
     assert ks["model.layers.0.self_attn.q_proj"] == 16 and ks["model.layers.0.mlp.down_proj"] == 32
-    model = apply_gift(tiny_random_llama(seed=0), GiftConfig(metric="magnitude"))
+    model = apply_gift(tiny(seed=0), GiftConfig(metric="magnitude"))
     assert all(m.k == max(1, round(m.in_features / 32)) for m in gift_layers(model).values())
 
 
@@ -92,7 +99,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     save_adapter(model, tmp_path / "a")
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    fresh = load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
+    fresh = load_adapter(tiny(seed=0), tmp_path / "a")
     for (n, a), (m, b) in zip(gift_layers(model).items(), gift_layers(fresh).items()):
         assert n == m
         assert torch.equal(a.salient_idx, b.salient_idx)
@@ -106,7 +113,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
 def test_adapter_is_small(tmp_path):
     from salientft.models import load_model
 
-    model, _ = load_model("tiny-random-llama")
+    model, _ = load_model("tiny-random-llama", device=suite_device())
     apply_gift(model, GiftConfig(n_salient=2, metric="magnitude"))
     save_adapter(model, tmp_path / "a")
     size = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
@@ -134,9 +141,9 @@ def test_merge_gives_plain_model_and_unmerge_restores(tmp_path):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     for n, w in expected.items():
-        assert torch.equal(reloaded.get_submodule(n).weight, w)
+        assert torch.equal(reloaded.get_submodule(n).weight, w.cpu())
     back = unmerge_gift(merged)
-    base = tiny_random_llama(seed=0)
+    base = tiny(seed=0)
     for n, l in gift_layers(back).items():
         assert torch.equal(l.weight, base.get_submodule(n).weight)
         assert torch.equal(l.salient_weight, expected[n][:, l.salient_idx])
@@ -146,13 +153,13 @@ def test_merged_fingerprint_refused_and_other_base_refused(tmp_path):
     model = train_steps(gift_model())
     save_adapter(model, tmp_path / "a")
     with pytest.raises(ValueError, match="fingerprint mismatch"):
-        load_adapter(tiny_random_llama(seed=1), tmp_path / "a")
+        load_adapter(tiny(seed=1), tmp_path / "a")
     with pytest.raises(ValueError, match="different base model"):
-        load_adapter(tiny_random_llama(seed=0, hidden_size=32, intermediate_size=64), tmp_path / "a")
+        load_adapter(tiny(seed=0, hidden_size=32, intermediate_size=64), tmp_path / "a")
     with pytest.raises(ValueError, match="different base model"):
-        load_adapter(tiny_random_llama(seed=0, num_hidden_layers=1), tmp_path / "a")
+        load_adapter(tiny(seed=0, num_hidden_layers=1), tmp_path / "a")
     # fingerprint ignores dtype: the bf16 copy of the same base is accepted
-    load_adapter(tiny_random_llama(seed=0, dtype=torch.bfloat16), tmp_path / "a")
+    load_adapter(tiny(seed=0, dtype=torch.bfloat16), tmp_path / "a")
 
 
 def test_corrupt_and_truncated_adapter_files(tmp_path):
@@ -162,19 +169,19 @@ def test_corrupt_and_truncated_adapter_files(tmp_path):
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
+        load_adapter(tiny(seed=0), tmp_path / "a")
     w.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_adapter(tiny_random_llama(seed=0), tmp_path / "a")
+        load_adapter(tiny(seed=0), tmp_path / "a")
     save_adapter(model, tmp_path / "b")
     (tmp_path / "b" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        load_adapter(tiny_random_llama(seed=0), tmp_path / "b")
+        load_adapter(tiny(seed=0), tmp_path / "b")
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="PEFT LORA adapter"):
-        load_adapter(tiny_random_llama(seed=0), tmp_path / "b")
+        load_adapter(tiny(seed=0), tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="not a GIFT-SW adapter"):
-        load_adapter(tiny_random_llama(seed=0), tmp_path / "nothing")
+        load_adapter(tiny(seed=0), tmp_path / "nothing")
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
@@ -196,20 +203,20 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_rejected():
-    m = tiny_random_llama(seed=0)
+    m = tiny(seed=0)
     with pytest.raises(ValueError, match="n_salient must be a positive integer"):
         GiftConfig(n_salient=0)
     with pytest.raises(ValueError, match="larger than .* 64 input features"):
-        apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=65), magnitude_scores(m))
+        apply_gift(tiny(seed=0), GiftConfig(n_salient=65), magnitude_scores(m))
     with pytest.raises(ValueError, match="matches no module"):
-        apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=2, target_modules=["qkv"]), magnitude_scores(m))
+        apply_gift(tiny(seed=0), GiftConfig(n_salient=2, target_modules=["qkv"]), magnitude_scores(m))
     with pytest.raises(ValueError, match="not a linear layer"):
-        apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=2, target_modules=["input_layernorm"]), {})
+        apply_gift(tiny(seed=0), GiftConfig(n_salient=2, target_modules=["input_layernorm"]), {})
     bad = magnitude_scores(m)
     name = next(iter(bad))
     bad[name] = bad[name][:-1]
     with pytest.raises(ValueError, match="63 entries but the layer has 64"):
-        apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=2), bad)
+        apply_gift(tiny(seed=0), GiftConfig(n_salient=2), bad)
     with pytest.raises(ValueError, match="noise must be one of"):
         GiftConfig(noise="uniform")
     with pytest.raises(ValueError, match="not both"):

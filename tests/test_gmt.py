@@ -382,6 +382,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.cpu_only("processes on the CPU with gloo")
 def test_ddp_masks_identical_across_ranks():
     import torch.multiprocessing as mp
 

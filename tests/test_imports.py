@@ -22,7 +22,7 @@ LAYERS = [
     # 1. foundations: file helpers, embedded files and dependency checks, config base, targets,
     #    the tiny tokenizer, shared numeric ops, data
     ["salientft._io", "salientft._packages", "salientft.embedded_files", "salientft.deps", "salientft.adapter_format",
-     "salientft.config_base", "salientft.targets",
+     "salientft.config_base", "salientft.targets", "salientft.devices",
      "salientft.tiny_tokenizer", "salientft.ops", "salientft.ops.*", "salientft.data", "salientft.data.*"],
     # 2. statistics and salience
     ["salientft.calibration", "salientft.saliency"],

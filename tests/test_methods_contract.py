@@ -59,26 +59,30 @@ def workdir(tmp_path_factory):
     return d
 
 
-def config_for(workdir: Path, name: str, quantized: bool, out: Path, extra: dict | None = None) -> TrainConfig:
+def config_for(workdir: Path, name: str, quantized: bool, out: Path, extra: dict | None = None,
+               device=torch.device("cpu")) -> TrainConfig:
     settings = dict(
         model="tiny-random-llama", data=str(workdir / "d.jsonl"), output=str(out), method=name,
         quantized=str(workdir / "q4") if quantized else None, max_steps=2, save_steps=1, batch_size=4,
         max_length=64, dtype="fp32", lr=1e-2, weight_decay=0.1, warmup_ratio=0.0, metric="magnitude",
-        n_salient=4, lora_r=2, eval_before=False,
+        n_salient=4, lora_r=2, eval_before=False, device=str(device),  # the test device, never "auto"
     )
     # a method refuses the others
     return TrainConfig(**methods.get(name, quantized=quantized).only_used(settings), **(extra or {}))
 
 
-def base_for(workdir: Path, quantized: bool):
-    return load_model(str(workdir / "q4"), dtype="fp32") if quantized else fresh_plain_base()
+def base_for(workdir: Path, quantized: bool, device=torch.device("cpu")):
+    if quantized:
+        return load_model(str(workdir / "q4"), dtype="fp32", device=device)
+    model, tok = fresh_plain_base()
+    return model.to(device), tok
 
 
 def logits(model) -> torch.Tensor:
     was = model.training
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=IDS).logits.float()
+        out = model(input_ids=IDS.to(next(model.parameters()).device)).logits.float()
     model.train(was)
     return out
 
@@ -109,8 +113,8 @@ class Recorder:
         return _Recorder()
 
 
-def run(workdir, name, quantized, out, resume=False, extra=None):
-    cfg = config_for(workdir, name, quantized, out, extra)
+def run(workdir, name, quantized, out, resume=False, extra=None, device=torch.device("cpu")):
+    cfg = config_for(workdir, name, quantized, out, extra, device)
     rec = Recorder()
     model, tok = (None, None) if quantized else fresh_plain_base()
     metrics = train(cfg, resume=resume, model=model, tokenizer=tok, callbacks=[rec])
@@ -127,19 +131,21 @@ def decayed(model, tmp_path) -> set[str]:
 
 @pytest.mark.parametrize("name,quantized,extra", CASES)
 @pytest.mark.numerics
-def test_method_contract(workdir, tmp_path, name, quantized, extra):
+def test_method_contract(workdir, tmp_path, name, quantized, extra, device):
     method = methods.get(name, quantized=quantized)
     assert method.name == name and method.quantized == quantized
 
     # 1. two steps, a checkpoint after each
-    cfg, straight, metrics = run(workdir, name, quantized, tmp_path / "straight", extra=extra)
+    cfg, straight, metrics = run(workdir, name, quantized, tmp_path / "straight", extra=extra, device=device)
+    assert metrics["device"]["device"] == str(device)  # train() ran where the test asked, not where it found a GPU
     assert metrics["steps"] == 2
     assert (tmp_path / "straight" / method.output).is_dir()
 
     # 2. resume from the first checkpoint equals the uninterrupted run
     shutil.copytree(tmp_path / "straight" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
     shutil.copy(tmp_path / "straight" / "run_config.json", tmp_path / "resumed")  # the run's settings, compared
-    _, resumed, rmetrics = run(workdir, name, quantized, tmp_path / "resumed", resume=True, extra=extra)
+    _, resumed, rmetrics = run(workdir, name, quantized, tmp_path / "resumed", resume=True, extra=extra,
+                               device=device)
     assert rmetrics["resumed_from"].endswith("checkpoint-1")
     assert straight.end.keys() == resumed.end.keys()
     for n in straight.trainable:
@@ -147,7 +153,7 @@ def test_method_contract(workdir, tmp_path, name, quantized, extra):
     torch.testing.assert_close(resumed.logits, straight.logits, rtol=0, atol=0)
 
     # 3. the output re-attached to a fresh base gives the trained model's logits
-    base, _ = base_for(workdir, quantized)
+    base, _ = base_for(workdir, quantized, device)
     attached = method.attach(base, Path(cfg.output))
     torch.testing.assert_close(logits(attached), straight.logits, rtol=0, atol=1e-5)
 
@@ -155,7 +161,7 @@ def test_method_contract(workdir, tmp_path, name, quantized, extra):
     changed = {n: int((straight.begin[n] != straight.end[n]).sum()) for n in straight.begin}
     moved_frozen = {n: c for n, c in changed.items() if c and n not in straight.trainable}
     assert not moved_frozen, f"frozen parameters changed: {moved_frozen}"
-    undecayed = straight.trainable - decayed(method.prepare(base_for(workdir, quantized)[0], cfg), tmp_path)
+    undecayed = straight.trainable - decayed(method.prepare(base_for(workdir, quantized, device)[0], cfg), tmp_path)
     stuck = {n: int((~straight.had_grad[n]).sum()) for n in undecayed}
     stuck = {n: c for n, c in stuck.items() if c}
     if method.mask_config(cfg) is None:

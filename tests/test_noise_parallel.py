@@ -71,6 +71,7 @@ def test_block_rows_follow_the_device_type():
 
 
 @pytest.mark.numerics
+@pytest.mark.cpu_only("the CPU noise's thread pool")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_thread_count_does_not_change_outputs_or_gradients(small_blocks, autocast):
     layer = make_layer()
@@ -87,6 +88,7 @@ def test_thread_count_does_not_change_outputs_or_gradients(small_blocks, autocas
 
 
 @pytest.mark.numerics
+@pytest.mark.cpu_only("the CPU noise's thread pool")
 def test_noisy_weight_is_the_same_for_any_thread_count_and_dtype(small_blocks):
     torch.manual_seed(1)
     w, sw = torch.randn(OUT, IN), torch.randn(OUT, 3)
@@ -108,6 +110,7 @@ def test_noisy_weight_is_the_same_for_any_thread_count_and_dtype(small_blocks):
     assert abs(z[:, keep].std().item() - 1) < 0.05 and abs(z[:, keep].mean().item()) < 0.05
 
 
+@pytest.mark.cpu_only("the CPU noise's thread pool")
 def test_chunks_group_whole_blocks_by_shape_only(small_blocks):
     chunks = N.noise_chunks(OUT, IN)
     assert [len(c) for c in chunks] == [3, 3, 3, 3, 2]  # WAVE_ELEMS = 3 blocks, whatever the threads
@@ -176,6 +179,7 @@ def test_kept_noise_under_gradient_checkpointing():
             assert torch.equal(a, b)
 
 
+@pytest.mark.cpu_only("the CPU noise's thread pool")
 def test_thread_setting_is_checked(monkeypatch):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="positive integer"):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import suite_device
 from salientft import methods
 from salientft.config import TrainConfig
 from salientft.gift.noisy_dense import (
@@ -31,6 +32,7 @@ from salientft.ops.noise import draw_seed, noisy_weight
 from salientft.targets import find_target_modules
 
 OUT, IN = 48, 64
+DEVICE = suite_device()
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32, other summation order only (module docstring)
 
 
@@ -39,7 +41,8 @@ def make_layer(kind="linear", bias=True, std=0.05, noise="weight", keep_noise=Fa
 
     torch.manual_seed(seed)
     base = nn.Linear(IN, OUT, bias=bias) if kind == "linear" else Conv1D(OUT, IN)  # Conv1D: weight (in, out)
-    layer = NoisyLinear(base, torch.linspace(std / 2, std, OUT), noise=noise, keep_noise=keep_noise)
+    base.to(DEVICE)  # seeded on the CPU: the same weights on every device
+    layer = NoisyLinear(base, torch.linspace(std / 2, std, OUT, device=DEVICE), noise=noise, keep_noise=keep_noise)
     return base, layer
 
 
@@ -50,8 +53,9 @@ def weight_of(layer) -> torch.Tensor:
 def standard_normal(seed: int) -> torch.Tensor:
     """z ~ N(0, 1) that ops.noise draws for ``seed`` on an (OUT, IN) layer: the noisy weight of a
     zero weight with unit scale and no salient column."""
-    zero = torch.zeros(OUT, IN)
-    return noisy_weight(zero, zero[:, :0], torch.empty(0, dtype=torch.long), torch.ones(OUT), seed, torch.float32)
+    zero = torch.zeros(OUT, IN, device=DEVICE)
+    return noisy_weight(zero, zero[:, :0], torch.empty(0, dtype=torch.long, device=DEVICE), torch.ones(OUT, device=DEVICE),
+                        seed, torch.float32)
 
 
 def seed_after(torch_seed: int) -> int:
@@ -62,9 +66,9 @@ def seed_after(torch_seed: int) -> int:
 
 @pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True)])
 @pytest.mark.numerics
-def test_train_forward_adds_the_seeded_noise_and_eval_is_the_plain_layer(kind, bias):
+def test_train_forward_adds_the_seeded_noise_and_eval_is_the_plain_layer(kind, bias, device):
     base, layer = make_layer(kind, bias)
-    x = torch.randn(3, 5, IN)
+    x = torch.randn(3, 5, IN, device=device)
     layer.train()
     torch.manual_seed(7)
     y = layer(x)
@@ -74,7 +78,7 @@ def test_train_forward_adds_the_seeded_noise_and_eval_is_the_plain_layer(kind, b
     ref = F.linear(x, w + layer.noise_std[:, None] * z, layer.bias)
     torch.testing.assert_close(y, ref, **TOL)
     # the same through the reference noisy weight of ops.noise with an empty salient index
-    empty = torch.empty(0, dtype=torch.long)
+    empty = torch.empty(0, dtype=torch.long, device=device)
     torch.testing.assert_close(y, F.linear(x, noisy_weight(w, w[:, :0], empty, layer.noise_std, seed_after(7),
                                                            torch.float32), layer.bias), **TOL)
     plain = base(x)
@@ -91,16 +95,16 @@ def test_train_forward_adds_the_seeded_noise_and_eval_is_the_plain_layer(kind, b
 @pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True)])
 @pytest.mark.parametrize("keep_noise", [False, True])
 @pytest.mark.numerics
-def test_gradients_match_autograd_through_the_explicit_noisy_weight(kind, bias, keep_noise):
+def test_gradients_match_autograd_through_the_explicit_noisy_weight(kind, bias, keep_noise, device):
     _, layer = make_layer(kind, bias, std=0.3, keep_noise=keep_noise)
     layer.train()
-    x = torch.randn(4, 7, IN, requires_grad=True)
-    g = torch.randn(4, 7, OUT)
+    x = torch.randn(4, 7, IN, requires_grad=True, device=device)
+    g = torch.randn(4, 7, OUT, device=device)
     torch.manual_seed(123)
     (layer(x) * g).sum().backward()
 
     # Reference: autograd through W + noise with the same noise (same torch seed), all in fp32.
-    empty = torch.empty(0, dtype=torch.long)
+    empty = torch.empty(0, dtype=torch.long, device=device)
     w0 = weight_of(layer)
     noise = noisy_weight(w0, w0[:, :0], empty, layer.noise_std, seed_after(123), torch.float32) - w0
     w_ref = w0.clone().requires_grad_(True)
@@ -118,25 +122,25 @@ def test_gradients_match_autograd_through_the_explicit_noisy_weight(kind, bias, 
     assert (x.grad - g @ w0).abs().max() > 1e-2
 
 
-def test_keep_noise_gives_bit_identical_outputs_and_gradients():
+def test_keep_noise_gives_bit_identical_outputs_and_gradients(device):
     results = []
     for keep in (False, True):
         _, layer = make_layer(std=0.2, keep_noise=keep)
         layer.train()
-        x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1), requires_grad=True).to(device)
         torch.manual_seed(9)
         y = layer(x)
-        (y * torch.arange(OUT)).sum().backward()
+        (y * torch.arange(OUT, device=device)).sum().backward()
         results.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("keep_noise", [False, True])
-def test_backward_keeps_no_out_by_in_tensor_unless_keep_noise(keep_noise):
+def test_backward_keeps_no_out_by_in_tensor_unless_keep_noise(keep_noise, device):
     base, layer = make_layer(std=0.1, keep_noise=keep_noise)
     layer.train()
-    x = torch.randn(2, 9, IN, requires_grad=True)
+    x = torch.randn(2, 9, IN, requires_grad=True, device=device)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
@@ -148,14 +152,14 @@ def test_backward_keeps_no_out_by_in_tensor_unless_keep_noise(keep_noise):
 
 
 @pytest.mark.numerics
-def test_output_noise_is_gift_sws_output_noise_over_all_inputs():
+def test_output_noise_is_gift_sws_output_noise_over_all_inputs(device):
     base, layer = make_layer(noise="output", std=0.2)
-    x = torch.randn(3, 4, IN)
+    x = torch.randn(3, 4, IN, device=device)
     layer.train()
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
-    xi = torch.randn(3, 4, OUT)
+    xi = torch.randn(3, 4, OUT, device=device)
     ref = base(x) + xi * x.norm(dim=-1, keepdim=True) * layer.noise_std
     torch.testing.assert_close(y, ref, **TOL)
     assert (y - base(x)).abs().max() > 1e-2
@@ -166,7 +170,7 @@ def test_output_noise_is_gift_sws_output_noise_over_all_inputs():
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.numerics
 def test_full_wraps_gift_sws_targets_with_delta_over_two_over_all_columns(bits):
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     params = {n: p for n, p in model.named_parameters()}
     keys = list(model.state_dict())
     targets = list(find_target_modules(model))  # GIFT-SW's default targets: block linears, no lm_head
@@ -187,7 +191,7 @@ def test_full_wraps_gift_sws_targets_with_delta_over_two_over_all_columns(bits):
 
 
 def test_gmt_wraps_the_chosen_targets_and_plain_layers_restores_them():
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     cfg = TrainConfig(method="gmt", noise="weight", keep_noise=True, target_modules=["q_proj", "down_proj"],
                       model="tiny-random-llama")
     methods.get("gmt").prepare(model, cfg)
@@ -204,19 +208,19 @@ def test_gmt_wraps_the_chosen_targets_and_plain_layers_restores_them():
 
 
 def test_no_noise_by_default():
-    model = tiny_random_llama(seed=0)
+    model = tiny_random_llama(seed=0).to(DEVICE)
     for name in ("full", "gmt"):
         methods.get(name).prepare(model, TrainConfig(method=name, model="tiny-random-llama"))
         assert not noisy_layers(model)
 
 
 @pytest.mark.numerics
-def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path, tiny_gpt2):
+def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path, tiny_gpt2, device):
     from transformers import GPT2LMHeadModel
     from transformers.pytorch_utils import Conv1D
 
     model = tiny_gpt2
-    x = torch.randint(0, 100, (2, 12))
+    x = torch.randint(0, 100, (2, 12), device=device)
     with torch.no_grad():
         want = model(x).logits
     apply_dense_noise(model)
@@ -229,7 +233,7 @@ def test_gpt2_conv1d_layers_are_wrapped_and_saved_as_conv1d(tmp_path, tiny_gpt2)
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers.values())
     with plain_layers(model):
         model.save_pretrained(tmp_path / "m")
-    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval().to(device)
     assert type(loaded.transformer.h[0].attn.c_attn) is Conv1D
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, rtol=0, atol=0)
@@ -246,7 +250,7 @@ def run_full(tmp_path: Path, out: str, **kw):
 
     cfg = TrainConfig(model="tiny-random-llama", data=jsonl(tmp_path / "d.jsonl"), output=str(tmp_path / out),
                       method="full", max_steps=3, batch_size=4, max_length=64, dtype="fp32", lr=1e-3,
-                      weight_decay=0.1, warmup_ratio=0.0, eval_before=False, **kw)
+                      weight_decay=0.1, warmup_ratio=0.0, eval_before=False, device=str(DEVICE), **kw)
     model, tok = tiny_random_llama(seed=0, pad_token_id=None), tiny_tokenizer()
     train(cfg, model=model, tokenizer=tok)
     return cfg, model
@@ -273,7 +277,7 @@ def test_a_full_run_with_weight_noise_trains_every_weight_and_saves_a_plain_mode
     _, plain = run_full(tmp_path, "plain")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not noisy_layers(plain)
-    assert (plain.state_dict()[q] - after[q]).abs().max() > 1e-4
+    assert (plain.state_dict()[q].cpu() - after[q]).abs().max() > 1e-4
 
 
 def test_refusals_and_declared_fields():

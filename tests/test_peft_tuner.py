@@ -17,11 +17,13 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from conftest import suite_device  # noqa: E402
 from salientft import GiftConfig, apply_gift  # noqa: E402
 from salientft.models import tiny_random_llama, tiny_tokenizer  # noqa: E402
 from salientft.peft import GiftSWConfig, preprocess_gift_sw  # noqa: E402
 
-IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]])
+DEVICE = suite_device()
+IDS = torch.tensor([[5, 17, 33, 81, 120, 7, 64, 99, 3, 42]], device=DEVICE)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,10 +33,15 @@ def config(**kw):
     return GiftSWConfig(**base)
 
 
+def tiny(seed=0, **kw):
+    """The tiny model (seeded on the CPU: the same weights everywhere) on the suite's device."""
+    return tiny_random_llama(seed=seed, **kw).to(DEVICE)
+
+
 def logits(model, ids=IDS):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(next(model.parameters()).device)).logits.float()
 
 
 def perturb_(model, scale=0.5, seed=1):
@@ -43,7 +50,7 @@ def perturb_(model, scale=0.5, seed=1):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
 def giftsw_layers(model):
@@ -53,7 +60,7 @@ def giftsw_layers(model):
 
 
 def test_get_peft_model_trains_only_the_salient_columns(capsys):
-    base = tiny_random_llama(seed=0)
+    base = tiny(seed=0)
     ref = logits(base)
     model = peft.get_peft_model(base, config())
     layers = giftsw_layers(model)
@@ -69,10 +76,10 @@ def test_get_peft_model_trains_only_the_salient_columns(capsys):
 
 def test_tuner_layer_is_salientft_gift_sw_exactly():
     """Same columns, same noise for the same seed, same outputs and gradients as apply_gift."""
-    a = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
-    b = apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=4, metric="magnitude", noise="weight"),
+    a = peft.get_peft_model(tiny(seed=0), config(noise="weight"))
+    b = apply_gift(tiny(seed=0), GiftConfig(n_salient=4, metric="magnitude", noise="weight"),
                    scores={n: torch.linalg.vector_norm(m.weight.float(), dim=0)
-                           for n, m in tiny_random_llama(seed=0).named_modules()
+                           for n, m in tiny(seed=0).named_modules()
                            if isinstance(m, torch.nn.Linear) and "layers" in n})
     for name, layer in giftsw_layers(a).items():
         plain = b.get_submodule(name.removeprefix("base_model.model."))
@@ -92,13 +99,13 @@ def test_tuner_layer_is_salientft_gift_sw_exactly():
 
 
 def test_save_and_reload_in_a_new_process(tmp_path):
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
+    model = peft.get_peft_model(tiny(seed=0), config(noise="weight"))
     perturb_(model)
     want = logits(model)
     model.save_pretrained(tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "GIFT_SW" and cfg["salient_indices_in_adapter"] is True
-    torch.save(want, tmp_path / "want.pt")
+    torch.save(want.cpu(), tmp_path / "want.pt")  # the check below runs on the CPU
     code = f"""
 import torch, salientft
 from peft import PeftModel
@@ -118,7 +125,7 @@ print((got - want).abs().max().item())
 
 
 def test_auto_peft_model_loads_base_and_adapter(tmp_path):
-    base = tiny_random_llama(seed=0)
+    base = tiny(seed=0)
     base.save_pretrained(tmp_path / "base")
     tiny_tokenizer().save_pretrained(tmp_path / "base")
     from transformers import AutoModelForCausalLM
@@ -132,8 +139,8 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
 
 
 def test_merge_unload_and_disable():
-    base_ref = logits(tiny_random_llama(seed=0))
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config())
+    base_ref = logits(tiny(seed=0))
+    model = peft.get_peft_model(tiny(seed=0), config())
     perturb_(model)
     trained = logits(model)
     assert (trained - base_ref).abs().max() > 1e-2
@@ -148,13 +155,13 @@ def test_merge_unload_and_disable():
     merged = model.merge_and_unload()
     assert not giftsw_layers(merged) and type(merged).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(merged), trained, rtol=0, atol=1e-5)
-    unloaded = peft.get_peft_model(tiny_random_llama(seed=0), config()).unload()
+    unloaded = peft.get_peft_model(tiny(seed=0), config()).unload()
     torch.testing.assert_close(logits(unloaded), base_ref, rtol=0, atol=0)
 
 
 def test_two_adapters_and_set_adapter():
-    base_ref = logits(tiny_random_llama(seed=0))
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config())
+    base_ref = logits(tiny(seed=0))
+    model = peft.get_peft_model(tiny(seed=0), config())
     perturb_(model, seed=1)
     first = logits(model)
     model.add_adapter("second", config(metric="random", n_salient=2))
@@ -175,17 +182,17 @@ def _trainer(model, out, max_steps, tok):
     for r in rows:
         r["labels"] = list(r["input_ids"])
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, save_steps=1, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to="none", use_cpu=True, seed=0, logging_steps=1,
+                             learning_rate=1e-2, report_to="none", use_cpu=DEVICE.type == "cpu", seed=0, logging_steps=1,
                              lr_scheduler_type="constant", disable_tqdm=True)
     return Trainer(model=model, args=args, train_dataset=rows)
 
 
 def test_trainer_saves_and_resumes_a_peft_model(tmp_path):
     tok = tiny_tokenizer()
-    straight = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
+    straight = peft.get_peft_model(tiny(seed=0), config(noise="weight"))
     _trainer(straight, tmp_path / "a", 2, tok).train()
     assert (tmp_path / "a" / "checkpoint-1" / "adapter_model.safetensors").is_file()
-    resumed = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
+    resumed = peft.get_peft_model(tiny(seed=0), config(noise="weight"))
     _trainer(resumed, tmp_path / "b", 2, tok).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
     a = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
@@ -197,7 +204,7 @@ def test_trainer_saves_and_resumes_a_peft_model(tmp_path):
 def test_gradient_checkpointing_recomputes_the_same_noise():
     grads = []
     for checkpointing in (False, True):
-        model = peft.get_peft_model(tiny_random_llama(seed=0), config(noise="weight"))
+        model = peft.get_peft_model(tiny(seed=0), config(noise="weight"))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -210,12 +217,12 @@ def test_gradient_checkpointing_recomputes_the_same_noise():
 
 
 def test_bf16_base_keeps_fp32_trainable_columns_under_autocast():
-    model = peft.get_peft_model(tiny_random_llama(seed=0, dtype=torch.bfloat16), config())
+    model = peft.get_peft_model(tiny(seed=0, dtype=torch.bfloat16), config())
     layer = next(iter(giftsw_layers(model).values()))
     assert layer.get_base_layer().weight.dtype == torch.bfloat16
     assert layer.giftsw_weight["default"].dtype == torch.float32
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         model(input_ids=IDS, labels=IDS).loss.backward()
     assert layer.giftsw_weight["default"].grad.dtype == torch.float32
     assert layer.giftsw_weight["default"].grad.abs().sum() > 0
@@ -223,7 +230,7 @@ def test_bf16_base_keeps_fp32_trainable_columns_under_autocast():
 
 def test_calibration_metrics_need_scores_and_take_them(tmp_path):
     with pytest.raises(ValueError, match="needs calibration statistics: give scores_file"):
-        peft.get_peft_model(tiny_random_llama(seed=0), config(metric="gift"))
+        peft.get_peft_model(tiny(seed=0), config(metric="gift"))
     from salientft import calibration_batches, collect_activation_stats, saliency_scores, save_scores
 
     tok = tiny_tokenizer()
@@ -231,23 +238,23 @@ def test_calibration_metrics_need_scores_and_take_them(tmp_path):
                                   seq_len=32)
     # preprocess on calibration batches == apply_gift on the same batches
     cfg = config(metric="gift")
-    preprocess_gift_sw(tiny_random_llama(seed=0), cfg, batches)
-    tuned = peft.get_peft_model(tiny_random_llama(seed=0), cfg)
-    plain = apply_gift(tiny_random_llama(seed=0), GiftConfig(n_salient=4, metric="gift"), calibration=batches)
+    preprocess_gift_sw(tiny(seed=0), cfg, batches)
+    tuned = peft.get_peft_model(tiny(seed=0), cfg)
+    plain = apply_gift(tiny(seed=0), GiftConfig(n_salient=4, metric="gift"), calibration=batches)
     for name, layer in giftsw_layers(tuned).items():
         assert torch.equal(layer.giftsw_idx["default"],
                            plain.get_submodule(name.removeprefix("base_model.model.")).salient_idx), name
     # a scores file from salientft calibrate
-    base = tiny_random_llama(seed=0)
+    base = tiny(seed=0)
     scores = saliency_scores(base, collect_activation_stats(base, batches), metric="gift")
     save_scores(scores, tmp_path / "s.safetensors")
-    from_file = peft.get_peft_model(tiny_random_llama(seed=0), config(metric="gift", scores_file=str(tmp_path / "s.safetensors")))
+    from_file = peft.get_peft_model(tiny(seed=0), config(metric="gift", scores_file=str(tmp_path / "s.safetensors")))
     for name, layer in giftsw_layers(from_file).items():
         assert torch.equal(layer.giftsw_idx["default"], giftsw_layers(tuned)[name].giftsw_idx["default"])
 
 
 def test_per_layer_k_and_bad_configs():
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config(k_pattern={"down_proj": 9}))
+    model = peft.get_peft_model(tiny(seed=0), config(k_pattern={"down_proj": 9}))
     ks = {n.rsplit(".", 1)[-1]: layer.giftsw_idx["default"].numel() for n, layer in giftsw_layers(model).items()}
     assert ks["down_proj"] == 9 and ks["q_proj"] == 4
     for bad, msg in [(dict(metric="nope"), "metric must be one of"), (dict(noise="loud"), "noise must be one of"),
@@ -256,7 +263,7 @@ def test_per_layer_k_and_bad_configs():
         with pytest.raises(ValueError, match=msg):
             config(**bad)
     with pytest.raises(ValueError, match="larger than"):
-        peft.get_peft_model(tiny_random_llama(seed=0), config(n_salient=1000))
+        peft.get_peft_model(tiny(seed=0), config(n_salient=1000))
 
 
 def test_peft_internals_this_relies_on():
@@ -272,7 +279,7 @@ def test_peft_internals_this_relies_on():
     with pytest.raises(ValueError, match="Unknown PEFT type"):
         register_peft_method(name="gift_sw", config_cls=GiftSWConfig, model_cls=BaseTuner)
     # 2. a persistent BufferDict on a tuner layer is part of the adapter state dict (indices, noise scale)
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config())
+    model = peft.get_peft_model(tiny(seed=0), config())
     prefixes = _get_tuner_state_dict_key_prefixes(model)
     assert any(p.endswith(".giftsw_idx") for p in prefixes) and any(p.endswith(".giftsw_noise_std") for p in prefixes)
     sd = peft.get_peft_model_state_dict(model)
@@ -291,7 +298,7 @@ def test_trl_sft_trainer_trains_and_saves_a_gift_sw_adapter(tmp_path):
     ds = Dataset.from_list([{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(16)])
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=1e-2, report_to="none", use_cpu=True, logging_steps=1, save_strategy="no",
+                         learning_rate=1e-2, report_to="none", use_cpu=DEVICE.type == "cpu", logging_steps=1, save_strategy="no",
                          max_length=64, disable_tqdm=True, bf16=False)  # fp32: the comparison below is exact-ish
     trainer = trl.SFTTrainer(model=tiny_random_llama(seed=0), args=args, train_dataset=ds, processing_class=tok,
                              peft_config=config(noise="weight"))
@@ -301,12 +308,12 @@ def test_trl_sft_trainer_trains_and_saves_a_gift_sw_adapter(tmp_path):
     assert moved and all("giftsw_weight" in n for n in moved)
     trainer.save_model(str(tmp_path / "adapter"))
     want = logits(trainer.model)
-    reloaded = peft.PeftModel.from_pretrained(tiny_random_llama(seed=0), str(tmp_path / "adapter"))
+    reloaded = peft.PeftModel.from_pretrained(tiny(seed=0), str(tmp_path / "adapter"))
     torch.testing.assert_close(logits(reloaded), want, rtol=0, atol=1e-5)
 
 
 def test_fields_trl_writes_modules_to_save_and_trainable_tokens(tmp_path):
-    model = peft.get_peft_model(tiny_random_llama(seed=0), config(modules_to_save=["lm_head"],
+    model = peft.get_peft_model(tiny(seed=0), config(modules_to_save=["lm_head"],
                                                                   trainable_token_indices=[5, 17]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lm_head.modules_to_save" in n for n in names)
@@ -314,7 +321,7 @@ def test_fields_trl_writes_modules_to_save_and_trainable_tokens(tmp_path):
     perturb_(model)
     want = logits(model)
     model.save_pretrained(tmp_path / "a")
-    reloaded = peft.PeftModel.from_pretrained(tiny_random_llama(seed=0), str(tmp_path / "a"))
+    reloaded = peft.PeftModel.from_pretrained(tiny(seed=0), str(tmp_path / "a"))
     torch.testing.assert_close(logits(reloaded), want, rtol=0, atol=1e-5)
 
 

@@ -13,6 +13,9 @@ import torch
 import salientft.ops.philox as P
 
 
+pytestmark = pytest.mark.cpu_only("the CPU noise generator: the numba Philox kernel and its torch fallback")
+
+
 def test_philox_matches_the_published_known_answers():
     """Random123's kat_vectors for philox4x32-10 (counter words, key words -> output words)."""
     cases = [

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from conftest import suite_device
 from salientft.ops import grid
 from salientft.ops.grid import clip_grid, quantize_rows
+
+DEVICE = suite_device()
 
 
 def _ref_row_errors(row: torch.Tensor, bits: int) -> tuple[list[float], list[float]]:
@@ -12,7 +15,7 @@ def _ref_row_errors(row: torch.Tensor, bits: int) -> tuple[list[float], list[flo
     rmax = row.abs().max()
     alphas, errs = [], []
     for i in range(80):
-        p = torch.tensor(1.0 - i / 100, dtype=torch.float64).to(row.dtype)
+        p = torch.tensor(1.0 - i / 100, dtype=torch.float64, device=row.device).to(row.dtype)
         alpha = rmax * p
         delta = alpha / qmax
         e = 0.0
@@ -26,13 +29,13 @@ def _ref_row_errors(row: torch.Tensor, bits: int) -> tuple[list[float], list[flo
 
 def _weights(seed=0, out=24, inp=40):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g)
+    W = (torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g)).to(DEVICE)
     W[2, 5] = 8.0  # an outlier: the clip search must shrink the range
-    W[3] = torch.randn(inp, generator=g).round()  # few distinct values: near-ties
+    W[3] = torch.randn(inp, generator=g).to(DEVICE).round()  # few distinct values: near-ties
     W[4] = 0.0
-    W[5] = torch.zeros(inp)
+    W[5] = torch.zeros(inp, device=DEVICE)
     W[5, 0] = -0.5  # a single non-zero: exact at p = 1
-    W[6] = torch.rand(inp, generator=g) * 1e-30  # tiny but non-zero
+    W[6] = torch.rand(inp, generator=g).to(DEVICE) * 1e-30  # tiny but non-zero
     return W
 
 
@@ -77,13 +80,13 @@ def test_w_q_is_the_rounded_grid(bits):
     assert torch.equal(w_q, expected)
 
 
-def test_zero_rows_get_alpha_one():
-    W = torch.zeros(3, 7)
+def test_zero_rows_get_alpha_one(device):
+    W = torch.zeros(3, 7, device=device)
     W[1, 2] = 0.3
     alpha, delta, w_q = quantize_rows(W, 4)
     assert alpha[0].item() == 1.0 and alpha[2].item() == 1.0
     assert delta[0].item() == pytest.approx(1 / 7)
-    assert torch.equal(w_q[0], torch.zeros(7)) and torch.equal(w_q[2], torch.zeros(7))
+    assert torch.equal(w_q[0], torch.zeros(7, device=device)) and torch.equal(w_q[2], torch.zeros(7, device=device))
     assert alpha[1].item() == pytest.approx(0.3)  # a single value is exact at p = 1
     assert w_q[1, 2].item() == pytest.approx(0.3)
 
@@ -115,7 +118,7 @@ def test_search_memory_is_bounded_by_chunk_elems(monkeypatch):
             return t
 
     monkeypatch.setattr(grid, "torch", _Torch())
-    W = torch.randn(100, 64)
+    W = torch.randn(100, 64)  # the CPU's chunking
     quantize_rows(W, 4, chunk_elems=80 * 64 * 7)
     assert sizes and max(sizes) <= 80 * 64 * 7
     sizes.clear()
@@ -133,12 +136,12 @@ def test_dtypes():
     assert q32.shape == W.shape
 
 
-def test_bad_inputs():
+def test_bad_inputs(device):
     with pytest.raises(ValueError, match="bits"):
-        quantize_rows(torch.randn(2, 3), 1)
+        quantize_rows(torch.randn(2, 3, device=device), 1)
     with pytest.raises(ValueError, match="bits"):
-        quantize_rows(torch.randn(2, 3), 4.0)
+        quantize_rows(torch.randn(2, 3, device=device), 4.0)
     with pytest.raises(ValueError, match="2-D"):
-        quantize_rows(torch.randn(2, 3, 4), 4)
+        quantize_rows(torch.randn(2, 3, 4, device=device), 4)
     with pytest.raises(ValueError, match="floating-point"):
-        quantize_rows(torch.ones(2, 3, dtype=torch.int64), 4)
+        quantize_rows(torch.ones(2, 3, dtype=torch.int64, device=device), 4)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "troubleshooting.md"
@@ -133,6 +134,16 @@ ROWS = [
     ("compare --plot-diffs of a run without its samples file", ["compare", "results.json", "--plot-diffs", "d.png"],
      "--plot-diffs needs two runs or more, each with its samples file; results has none (evaluate with salientft "
      "eval --log-samples"),
+    # devices (the rows run as on a machine without a GPU)
+    ("a misspelled --device", train("--device", "gpu"),
+     "--device 'gpu' is not a device: use auto (CUDA if available, else CPU), cpu, cuda or cuda:N"),
+    ("--device cuda on a machine without a GPU", ["eval", *MODEL, "--tasks", "boolq", "--device", "cuda"],
+     "--device cuda: no CUDA device is available"),
+    ("calibrate on a GPU the machine does not have", ["calibrate", *MODEL, "--output", "s.safetensors",
+                                                      "--device", "cuda:1"],
+     "--device cuda:1: no CUDA device is available"),
+    ("export with a misspelled --device", ["export", "run-full", "--format", "merged", "--output", "m",
+                                           "--device", "cuda0"], "--device 'cuda0' is not a device"),
     # data
     ("--data names a folder", train(data="folder"), "data file folder is a directory; pass a .jsonl file"),
     ("--data names a missing file that does not end in .jsonl", train(data="train.txt"),
@@ -252,6 +263,7 @@ def workdir(tmp_path, monkeypatch):
     import salientft.models
     import salientft.train
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same messages on a GPU machine
     monkeypatch.setattr(salientft.models, "load_model", no_model)
     monkeypatch.setattr(salientft.train, "load_model", no_model)
     return tmp_path

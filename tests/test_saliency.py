@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import suite_device
 from salientft.calibration import ActivationStats
 from salientft.ops.grid import quantize_rows
 from salientft.pipelines import calibrate
@@ -18,6 +19,8 @@ from salientft.saliency import (
     select_salient,
 )
 
+DEVICE = suite_device()
+
 
 def _setup(seed=0):
     """Two layers, random weights and random activations X (tokens x in) kept for the reference."""
@@ -28,10 +31,10 @@ def _setup(seed=0):
     for name, lin in model.items():
         with torch.no_grad():
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
-        x = torch.randn(30, lin.in_features, generator=g) * torch.rand(lin.in_features, generator=g) * 3
+        x = (torch.randn(30, lin.in_features, generator=g) * torch.rand(lin.in_features, generator=g) * 3).to(DEVICE)
         X[name] = x.double()
         stats[name] = ActivationStats(x.abs().amax(0), (x.double() ** 2).sum(0), x.double().abs().sum(0), 30)
-    return model, stats, X
+    return model.to(DEVICE), stats, X  # weights seeded on the CPU: the same on every device
 
 
 def _norm(values, p):
@@ -109,13 +112,14 @@ def test_bits_matter_and_bf16_weights_quantize_in_fp32():
     s2 = saliency_scores(model, stats, "gift", bits=2)
     assert not torch.allclose(s4["a"], s2["a"])
     model16 = nn.ModuleDict({k: nn.Linear(v.in_features, v.out_features).to(torch.bfloat16) for k, v in model.items()})
+    model16.to(DEVICE)
     for k in model:
         with torch.no_grad():
             model16[k].weight.copy_(model[k].weight)
     s16 = saliency_scores(model16, stats, "gift")
     W = model16["a"].weight.float()
     D = W - quantize_rows(W, 4)[2]
-    assert torch.allclose(s16["a"], (D.abs().amax(0).double() * stats["a"].max_abs.double()).float(), rtol=1e-6)
+    assert torch.allclose(s16["a"], (D.abs().amax(0).double() * stats["a"].max_abs.double()).float().cpu(), rtol=1e-6)
 
 
 @pytest.mark.numerics
@@ -130,25 +134,25 @@ def test_random_and_magnitude_need_no_stats(tiny_model):
     assert not torch.equal(r0[names[0]][:64], r0[names[1]][:64])  # layers differ
     m = saliency_scores(tiny_model, None, "magnitude")
     w = tiny_model.model.layers[0].self_attn.q_proj.weight
-    assert torch.allclose(m[names[0]], w.norm(dim=0))
+    assert torch.allclose(m[names[0]], w.norm(dim=0).cpu())  # scores come back on the host
 
 
-def test_select_salient_top_k_and_ties():
-    s = torch.tensor([0.5, 2.0, 1.0, 2.0, 2.0, -1.0])
+def test_select_salient_top_k_and_ties(device):
+    s = torch.tensor([0.5, 2.0, 1.0, 2.0, 2.0, -1.0], device=device)
     assert select_salient(s, 2).tolist() == [1, 3]  # three tie at 2.0: lower indices win
     assert select_salient(s, 4).tolist() == [1, 2, 3, 4]
     assert select_salient(s, 0).tolist() == []
     idx = select_salient(s, 6)
     assert idx.dtype == torch.long and idx.tolist() == list(range(6))
     g = torch.Generator().manual_seed(0)
-    r = torch.rand(100, generator=g)
+    r = torch.rand(100, generator=g).to(device)
     assert set(select_salient(r, 10).tolist()) == set(torch.topk(r, 10).indices.tolist())
     with pytest.raises(ValueError, match="k must be"):
         select_salient(s, 7)
     with pytest.raises(ValueError, match="k must be"):
         select_salient(s, -1)
     with pytest.raises(ValueError, match="NaN"):
-        select_salient(torch.tensor([1.0, float("nan")]), 1)
+        select_salient(torch.tensor([1.0, float("nan")], device=device), 1)
 
 
 def test_bad_metric_arguments_are_rejected():
@@ -171,7 +175,7 @@ def test_bad_metric_arguments_are_rejected():
         "name": "gift", "tau": 2, "rho": "inf", "gamma": 0.5}
 
 
-def test_scores_file_roundtrip_and_corruption(tmp_path):
+def test_scores_file_roundtrip_and_corruption(tmp_path, device):
     model, stats, _ = _setup()
     scores = saliency_scores(model, stats, "gift")
     path = tmp_path / "s.safetensors"

@@ -13,6 +13,8 @@ from salientft.cli import main
 from salientft.config import TrainConfig
 from salientft.train import NonFiniteLossError, complete_checkpoints, load_run, resolve_train_config, train
 
+from conftest import suite_device
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,8 @@ def tiny_config(tmp_path, method, **kw):
     """A tiny run of ``method``: the shared settings it uses (a method refuses the others), then ``kw``."""
     base = dict(model="tiny-random-llama", data=jsonl(tmp_path / "d.jsonl"), output=str(tmp_path / method),
                 method=method, max_steps=3, batch_size=4, max_length=64, dtype="fp32", lr=1e-3,
-                metric="magnitude", n_salient=4, lora_r=2, calib_samples=8, warmup_ratio=0.0)
+                metric="magnitude", n_salient=4, lora_r=2, calib_samples=8, warmup_ratio=0.0,
+                device=str(suite_device()))  # the suite's device, never a GPU train() merely finds
     used = methods.get(method, quantized=kw.get("quantized") is not None).only_used(base)
     return TrainConfig(**{**used, **kw})
 
@@ -331,6 +334,7 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.numerics
+@pytest.mark.cpu_only("processes on the CPU with gloo")
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the same weights."""
     data = jsonl(tmp_path / "d.jsonl", n=32)

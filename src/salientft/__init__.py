@@ -12,6 +12,7 @@ from .gift import (
 from .data.chat import ChatCollator, build_dataset, calibration_batches_from_dataset, tokenize_conversations
 from .data.instruct import heldout_texts, load_conversations
 from .models import load_model
+from .devices import describe_device, resolve_device
 from .ops.grid import quantize_rows
 from .quant.layer import QuantizedSalientLinear
 from .quant.model import QuantizeConfig, load_quantized, prepare_gift_recovery, quantize, save_quantized
@@ -59,6 +60,8 @@ __all__ = [
     "load_conversations",
     "tokenize_conversations",
     "load_model",
+    "resolve_device",
+    "describe_device",
     "quantize_rows",
     "QuantizedSalientLinear",
     "QuantizeConfig",

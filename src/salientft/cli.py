@@ -156,7 +156,7 @@ def _run_calibrate(args) -> int:
 
     check_model_settings(args.model, args.target_modules, n_salient=args.n_salient,  # before the weights load
                          salient_fraction=args.salient_fraction)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     scores = calibrate(
         model, tok, args.data, metric=args.metric, bits=args.bits, tau=args.tau, rho=args.rho, gamma=args.gamma,
         n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
@@ -184,7 +184,7 @@ def _run_quantize(args) -> int:
         method=args.method, group_size=args.group_size, metric=args.metric, data=args.data,
         n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         dtype=args.dtype, scores_path=args.scores, target_modules=args.target_modules,
-        progress=not args.no_progress,
+        progress=not args.no_progress, device=args.device,
     )
     mb = 2 ** 20
     print(f"target layers: {s['before']['target_bytes'] / mb:.2f} MiB -> {s['after']['target_bytes'] / mb:.2f} MiB "
@@ -226,6 +226,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--ppl-max-length", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--ppl-stride", type=int, help="perplexity stride (default: half the window)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="model dtype (default bf16)")
+    _device_flag(p, "where the model loads and is scored")
     p.add_argument("--logprob-dtype", choices=("model", "float32"), default="model",
                    help="'model' sums log-probs in the model dtype like lm-eval's HFLM default; 'float32' is exact")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -244,7 +245,7 @@ def _run_eval(args) -> int:
         output=args.output, backend=args.backend, perplexity_source=args.perplexity,
         ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride, dtype=args.dtype,
         logprob_dtype=args.logprob_dtype, progress=not args.no_progress, check_base=not args.no_check_base,
-        log_samples=args.log_samples, subset=args.subset,
+        log_samples=args.log_samples, subset=args.subset, device=args.device,
     )
     if report["results"]:
         print(results_markdown(report))
@@ -343,15 +344,32 @@ def _add_export(sub) -> None:
                    help="lora/merged: the base model (preset, folder or hub id) when the adapter does not name it, "
                         "or to override the one it names")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    _device_flag(p, "where the model loads, merges and packs (the files written do not depend on it)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args) -> int:
     from .export import export
 
-    result = export(args.source, args.output, args.format, base=args.base, overwrite=args.overwrite)
+    result = export(args.source, args.output, args.format, base=args.base, overwrite=args.overwrite,
+                    device=args.device)
     print(result.instructions())
     return 0
+
+
+def _device_flag(parser, what: str) -> None:
+    """``--device`` of eval and export (train's, calibrate's and quantize's come from their dataclasses)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help=f"{what}: auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default: 'auto')")
+
+
+def _check_device(args) -> None:
+    """Refuse a misspelled --device, or one this machine lacks, before the command does any work (train's,
+    which may also come from --config, is checked first thing in salientft.train.train)."""
+    if getattr(args, "device", None) is not None:
+        from .devices import resolve_device
+
+        resolve_device(args.device)
 
 
 # Output flags checked writable before a command starts. train and eval check their own --output
@@ -414,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _check_args(args)
+        _check_device(args)
         _check_outputs(args)
         return int(args.func(args) or 0)
     except _INPUT_ERRORS as e:

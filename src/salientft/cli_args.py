@@ -51,6 +51,8 @@ class CalibrationArgs(ConfigMixin):
                                                         "(default: all linear layers of the blocks)")
     seed: int = flag(0, "random seed (calibration samples, metric 'random')")
     dtype: str = flag("bf16", "model dtype: bf16, fp16 or fp32")
+    device: str = flag("auto", "where the model loads and every step runs: auto (CUDA if available, else CPU), "
+                               "cpu, cuda or cuda:N")
 
     def __post_init__(self):
         coerce_fields(self)

@@ -22,6 +22,7 @@ from .config_base import (  # noqa: F401  (re-exported)
     flag,
     salient_count,
 )
+from .devices import check_device_spec
 from .gift.config import GiftConfig, gift_field  # noqa: F401  (GiftConfig re-exported)
 from .gmt import GMT_DEFAULT_EXCLUDE, GMTConfig  # noqa: F401  (re-exported)
 
@@ -58,7 +59,8 @@ class TrainConfig(ConfigMixin):
     max_length: int = flag(512, "tokens per sequence (longer chats are truncated)")
     packing: bool = flag(False, "pack several chats into each sequence")
     data_limit: int | None = flag(None, "use only the first N training records")
-    dtype: str = flag("bf16", "bf16 (frozen weights bf16, trainable fp32, bf16 autocast), fp16 or fp32")
+    dtype: str = flag("bf16", "bf16 (frozen weights bf16, trainable fp32, bf16 autocast), fp16 (the same in fp16, with a gradient scaler) or fp32")
+    device: str = flag("auto", "where every phase runs (loading, calibration, training, evaluation): auto (CUDA if available, else CPU), cpu, cuda or cuda:N; under torchrun each process uses its LOCAL_RANK GPU")
     gradient_checkpointing: bool = flag(False, "recompute activations in backward to save memory")
     fsdp: str = flag("", "under torchrun/accelerate launch: shard weights, gradients and optimizer state with FSDP2 per decoder layer: full_shard (re-gather in backward) or shard_grad_op (keep gathered until backward); '' for none (DDP). See docs/distributed.md")
     seed: int = flag(0, "random seed (data order, salient columns of metric 'random', noise)")
@@ -103,6 +105,9 @@ class TrainConfig(ConfigMixin):
         n = type(self).__name__
         coerce_fields(self)  # every field as its declared type: "false" is False, "2e-4" is 0.0002
         check_choice(n, "dtype", self.dtype, ("bf16", "fp32", "fp16"))
+        # the spelling only: whether the device is there is checked where the run starts (train), so a
+        # config can be written on a machine without it
+        self.device = check_device_spec(self.device, flag=f"{n}.device")
         for name in ("batch_size", "grad_accum", "max_length", "lora_r", "calib_samples", "logging_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -192,12 +192,12 @@ def _adapter_source(source, base: str | None) -> _Adapter:
     return _Adapter(path, str(base), stock_name(str(base)))
 
 
-def _trained_model(adapter: _Adapter):
-    """(model, tokenizer, {layer: _Columns}) of the adapter on its base, loaded in fp32."""
+def _trained_model(adapter: _Adapter, device):
+    """(model, tokenizer, {layer: _Columns}) of the adapter on its base, loaded in fp32 on ``device``."""
     from .gift import gift_layers, load_adapter
     from .models import load_model
 
-    model, tok = load_model(adapter.base, dtype="fp32")
+    model, tok = load_model(adapter.base, dtype="fp32", device=device)
     load_adapter(model, adapter.path)
     layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, m.is_conv1d)
               for n, m in gift_layers(model).items()}
@@ -210,8 +210,8 @@ def _one_hot(idx, in_features: int, dtype):
     """(k, in) rows selecting the columns ``idx``: ``A[j, idx[j]] = 1``."""
     import torch
 
-    a = torch.zeros(idx.numel(), in_features, dtype=dtype)
-    a[torch.arange(idx.numel()), idx.cpu()] = 1
+    a = torch.zeros(idx.numel(), in_features, dtype=dtype, device=idx.device)
+    a[torch.arange(idx.numel(), device=idx.device), idx] = 1
     return a
 
 
@@ -257,14 +257,14 @@ def _fan_in_fan_out(layers: dict[str, _Columns]) -> bool:
 
 # --------------------------------------------------------------------------- the formats
 
-def export_lora(source, output, base: str | None = None, *, overwrite: bool = False) -> Exported:
+def export_lora(source, output, base: str | None = None, *, overwrite: bool = False, device="auto") -> Exported:
     """Write a trained GIFT-SW adapter (run dir, salientft or PEFT GIFT-SW adapter) as a PEFT LoRA adapter."""
     import torch
 
     out = _check_output(output, overwrite, source)
     _require("peft", "--format lora")
     adapter = _adapter_source(source, base)
-    _, _, layers = _trained_model(adapter)
+    _, _, layers = _trained_model(adapter, device)
     fan_in_fan_out = _fan_in_fan_out(layers)
     factors = {}
     with torch.no_grad():
@@ -279,13 +279,13 @@ def export_lora(source, output, base: str | None = None, *, overwrite: bool = Fa
     return Exported("lora", out, adapter.stock_base, ranks)
 
 
-def export_merged(source, output, base: str | None = None, *, overwrite: bool = False) -> Exported:
+def export_merged(source, output, base: str | None = None, *, overwrite: bool = False, device="auto") -> Exported:
     """Write the trained columns merged into the base (fp32) as a plain transformers model + tokenizer."""
     from .methods.base import save_plain_model
 
     out = _check_output(output, overwrite, source)
     adapter = _adapter_source(source, base)
-    model, tok, _ = _trained_model(adapter)
+    model, tok, _ = _trained_model(adapter, device)
     from .gift import merge_gift
 
     save_plain_model(merge_gift(model), tok, out)
@@ -356,7 +356,7 @@ def _verify_packed(model, layers: dict, bits: int) -> None:
                                "this compressed-tensors version is not supported by salientft export")
 
 
-def export_compressed_tensors(source, output, *, overwrite: bool = False) -> Exported:
+def export_compressed_tensors(source, output, *, overwrite: bool = False, device="auto") -> Exported:
     """Write a salientft quantized model as compressed-tensors pack-quantized + a salient-column LoRA adapter."""
     import torch
 
@@ -380,7 +380,9 @@ def export_compressed_tensors(source, output, *, overwrite: bool = False) -> Exp
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
 
-    model, tok = load_quantized(folder, return_tokenizer=True)
+    from .devices import resolve_device
+
+    model, tok = load_quantized(folder, device=resolve_device(device), return_tokenizer=True)
     layers = quantized_layers(model)
     _check_representable(source, {n: {"bits": m.bits, "group_size": m.group_size} for n, m in layers.items()})
     _check_linear(model, list(layers))
@@ -413,13 +415,20 @@ def export_compressed_tensors(source, output, *, overwrite: bool = False) -> Exp
     return Exported("compressed-tensors", out, str(out.resolve()), ranks)
 
 
-def export(source, output, format: str, base: str | None = None, *, overwrite: bool = False) -> Exported:
-    """Export ``source`` to ``output`` in ``format`` (one of :data:`FORMATS`); see the module docstring."""
+def export(source, output, format: str, base: str | None = None, *, overwrite: bool = False,
+           device="auto") -> Exported:
+    """Export ``source`` to ``output`` in ``format`` (one of :data:`FORMATS`); see the module docstring.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): where the model loads and the work runs;
+    the files do not depend on it (copies, exact differences and integer packing)."""
+    from .devices import resolve_device
+
+    device = resolve_device(device)  # before any work
     if format == "compressed-tensors":
         if base is not None:
             raise ValueError("--base does not apply to --format compressed-tensors: the quantized model is the base")
-        return export_compressed_tensors(source, output, overwrite=overwrite)
+        return export_compressed_tensors(source, output, overwrite=overwrite, device=device)
     exporters = {"lora": export_lora, "merged": export_merged}
     if format not in exporters:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    return exporters[format](source, output, base, overwrite=overwrite)
+    return exporters[format](source, output, base, overwrite=overwrite, device=device)

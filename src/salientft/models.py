@@ -16,6 +16,7 @@ import torch
 
 from ._io import atomic_dir
 from ._packages import cache_dir, package_dir  # noqa: F401  (cache_dir: re-exported)
+from .devices import resolve_device
 from .embedded_files import GGUF_NAME, MODEL_FILES, converted_model_dir
 from .tiny_tokenizer import TINY_VOCAB_SIZE
 
@@ -194,12 +195,18 @@ def load_model(
     Presets: ``smollm2-135m`` (the embedded SmolLM2-135M-Instruct, converted once from its GGUF)
     and ``tiny-random-llama`` (random, seeded, 2 layers: for smoke tests only). A folder written
     by ``salientft quantize`` loads as its quantized model (``dtype`` does not apply).
+
+    ``device``: None (the CPU, as transformers loads), ``"auto"``, ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` (``salientft.devices.resolve_device``, checked before anything loads). The
+    weights are read straight onto it in ``dtype`` (``device_map``): no full CPU copy first.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device is not None else torch.device("cpu")
     if name_or_path == TINY_MODEL:
-        model = tiny_random_llama(dtype=torch_dtype or torch.float32)
+        # built on the CPU from its seed (the same weights on every device), then moved: it is tiny
+        model = tiny_random_llama(dtype=torch_dtype or torch.float32).to(target)
         tok = tiny_tokenizer()
     else:
         if name_or_path == EMBEDDED_MODEL:
@@ -210,24 +217,24 @@ def load_model(
             if _is_salientft_quantized(p):
                 from .quant.model import load_quantized
 
-                model, tok = load_quantized(p, return_tokenizer=True)
+                model, tok = load_quantized(p, device=target, return_tokenizer=True)
                 if tok is None:
                     raise FileNotFoundError(f"{p} holds a quantized model without a tokenizer")
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
-                return (model.to(device) if device is not None else model), tok
+                return model, tok
             if p.exists() and not (p / "config.json").is_file():
                 raise FileNotFoundError(
                     f"{path} exists but holds no config.json: give a Hugging Face model folder, "
                     f"a hub id, or one of the presets {PRESETS}"
                 )
+        # straight onto the device: transformers reads each safetensors tensor there in the run dtype
+        placement = {"device_map": {"": str(target)}} if target.type != "cpu" else {}
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype if torch_dtype is not None else "auto",
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, **placement,
         )
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if device is not None:
-        model = model.to(device)
     return model, tok

@@ -17,6 +17,7 @@ from .calibration import (
 )
 from . import deps
 from ._io import check_writable
+from .devices import resolve_device
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import in_features_of, resolve_targets
@@ -109,19 +110,24 @@ def quantize_pretrained(
     scores_path=None,
     target_modules=None,
     progress: bool = True,
+    device="auto",
 ) -> dict:
-    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary."""
+    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): the model loads there and calibration,
+    the metric and GPTQ run there."""
     from .models import load_model
     from .quant.model import QuantizeConfig, model_bytes, quantize, save_quantized, target_bytes
 
     cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
+    device = resolve_device(device)
     check_writable(output, kind="dir", flag="--output")
     from .preflight import check_model_settings
 
     check_model_settings(model_name, target_modules, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction,
                          quantized=True)  # targets and k on the model's skeleton, before the weights load
-    model, tok = load_model(model_name, dtype=dtype)
+    model, tok = load_model(model_name, dtype=dtype, device=device)
     before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
     scores = load_scores(scores_path) if scores_path is not None else None
     batches = calibration_batches(tok, data, n_samples, seq_len, batch_size, seed)

@@ -37,6 +37,7 @@ import torch
 from . import methods
 from ._io import atomic_path, check_writable, is_temporary, read_json_object, remove_temporaries, write_json
 from .config import TrainConfig
+from .devices import describe_device, device_name, model_device, resolve_device
 from .gift import trainable_parameters
 from .models import load_model
 
@@ -52,7 +53,8 @@ RUN_FILES = frozenset({RUN_CONFIG, "metrics.json", "loss.png", "adapter", "model
                        "eval_before.samples.jsonl", "eval_after.samples.jsonl"})
 # Settings a --resume may change: they do not touch the training (the evaluation around it, how the
 # folder is spelled). max_steps may also grow; every other difference is refused.
-RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to")  # nothing the weights depend on
+RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to",  # nothing the weights depend on
+                     "device")  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, device)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -278,9 +280,9 @@ def prepare_model(model, config: TrainConfig, train_dataset=None):
 # ----------------------------------------------------------------------------- run
 
 
-def _peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -296,8 +298,10 @@ def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200
     ds = Subset(dataset, range(min(limit, len(dataset))))
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     device = next(model.parameters()).device
+    # summed on the model's device and read once at the end: no host sync per batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collator):
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
@@ -306,10 +310,10 @@ def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200
             lp = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
             )
-            total += float(lp)
-            count += int((labels != -100).sum())
+            total += lp
+            count += (labels != -100).sum()
     model.train(was_training)
-    return total / max(count, 1)
+    return float(total) / max(int(count), 1)
 
 
 def _plot_loss(history: list[dict], path: Path, title: str) -> bool:
@@ -349,7 +353,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     config); ``callbacks``: extra Hugging Face ``TrainerCallback`` objects, run after the method's own.
     """
     extra_callbacks = list(callbacks)
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .data.chat import ChatCollator, dataset_from_conversations
     from .data.instruct import load_conversations
@@ -357,6 +361,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError(f"--fsdp {config.fsdp} shards across processes: launch with torchrun --nproc_per_node N "
                          "or accelerate launch (see docs/distributed.md)")
+    device = resolve_device(config.device)  # misspelled or absent: refused before any work
     if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true", "yes"):
         raise ValueError("fsdp_cpu_ram_efficient_loading is on: the ranks other than 0 would get a model on the meta "
                          "device, but every rank prepares the method (salient columns, noise scale, their "
@@ -386,9 +391,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ready = check_train(config, train_convs, held_convs, tokenizer=tokenizer, model=model)
     set_seed(config.seed)
     method = config.training_method
-    if model is None:
+    if model is None:  # straight onto the run's device: every phase below runs there
         model, tokenizer = load_model(method.base_source(config), dtype=method.master_dtype(config),
-                                      trust_remote_code=config.trust_remote_code)
+                                      trust_remote_code=config.trust_remote_code, device=device)
+    elif model_device(model) != device:
+        log.info("moving the given model to %s (TrainConfig.device %r)", device, config.device)
+        model = model.to(device)
+    log.info("training on %s (%s)", device, device_name(device))
     train_ds, held_ds = ready.train_ds, ready.held_ds
     if train_ds is None:  # no tokenizer could be had without the model: tokenized now
         train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
@@ -399,7 +408,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         except (ValueError, KeyError):
             held_ds = None
     collator = ChatCollator(tokenizer)
-    result: dict = {"method": config.method, "model": config.model, "data": config.data}
+    result: dict = {"method": config.method, "model": config.model, "data": config.data,
+                    "device": describe_device(device)}
     if config.eval_before:
         result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
     eval_before = _evaluate(model, tokenizer, config, out, "eval_before") if config.eval_tasks and config.eval_before else None
@@ -413,7 +423,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     counts = trainable_parameters(model)
     callbacks = method.callbacks(config)
     SalientTrainer, CompleteMarker = _trainer_classes()
-    args = TrainingArguments(
+    args = _training_arguments(
+        device,
         output_dir=str(out),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -436,7 +447,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         fsdp_config=_fsdp_config(config) if config.fsdp else None,
         report_to=_report_to(config.report_to),
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
         logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -455,8 +465,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         )
     if main_process:
         start_run(out, config, clear=clear)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - t0
@@ -476,7 +486,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         "wall_time_s": wall,
         "tokens_seen": trainer.state.num_input_tokens_seen,  # the whole run's, across resumes
         "tokens_per_s": trainer.session_tokens / wall if wall > 0 else None,
-        "peak_memory_bytes": _peak_memory_bytes(),
+        "peak_memory_bytes": _peak_memory_bytes(device),
         "learning_rate": config.learning_rate,
         "resumed_from": str(checkpoint) if checkpoint else None,
     })
@@ -517,11 +527,62 @@ def _unsharded(trainer, config: TrainConfig, train_ds):
         return None
     method = config.training_method
     model, _ = load_model(method.base_source(config), dtype=method.master_dtype(config),
-                          trust_remote_code=config.trust_remote_code)
+                          trust_remote_code=config.trust_remote_code, device=resolve_device(config.device))
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
     model.load_state_dict(state)
     return model
+
+
+def _training_arguments(device: torch.device, **kwargs):
+    """The Trainer's arguments for a run on ``device`` (``devices.resolve_device``).
+
+    The CPU: ``use_cpu``, so the Trainer never moves the model to a GPU it sees. One process on
+    a GPU: exactly that GPU (``cuda:N`` as asked), never the Trainer's own choice of cuda:0 with
+    every other visible GPU under ``nn.DataParallel``; several processes (torchrun): the
+    Trainer's ``cuda:<LOCAL_RANK>``, which ``resolve_device`` gives too."""
+    return _run_arguments_class()(use_cpu=device.type == "cpu", salientft_device=str(device), **kwargs)
+
+
+_RUN_ARGUMENTS = None
+
+
+def _run_arguments_class():
+    """``RunArguments``: TrainingArguments pinned to ``salientft_device``; built on first use (it
+    imports transformers) and reachable as ``salientft.train.RunArguments``, so the Trainer's
+    ``training_args.bin`` pickles and loads back."""
+    global _RUN_ARGUMENTS
+    if _RUN_ARGUMENTS is not None:
+        return _RUN_ARGUMENTS
+    from functools import cached_property
+
+    from accelerate.utils import DistributedType
+    from transformers import TrainingArguments
+
+    @dataclasses.dataclass
+    class RunArguments(TrainingArguments):
+        salientft_device: str | None = dataclasses.field(
+            default=None, metadata={"help": "the run's device (salientft.devices.resolve_device)"})
+
+        @cached_property
+        def _setup_devices(self):
+            chosen = TrainingArguments._setup_devices.func(self)
+            device = torch.device(self.salientft_device) if self.salientft_device else chosen
+            if device.type != "cuda" or self.distributed_state.distributed_type != DistributedType.NO:
+                return chosen
+            torch.cuda.set_device(device)  # accelerate's "cuda" (where it places the model) is this one
+            self._n_gpu = 1
+            return device
+
+    RunArguments.__module__, RunArguments.__qualname__ = __name__, "RunArguments"
+    _RUN_ARGUMENTS = RunArguments
+    return RunArguments
+
+
+def __getattr__(name):
+    if name == "RunArguments":
+        return _run_arguments_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fsdp_config(config: TrainConfig) -> dict:

@@ -60,18 +60,23 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
              batch_size: int = 16, output: str | Path | None = None, backend: str = "native",
              perplexity_source: str | None = None, ppl_max_length: int = 1024, ppl_stride: int | None = None,
              dtype: str = "bf16", logprob_dtype: str = "model", progress: bool = True,
-             check_base: bool = True, log_samples: bool = False, subset: str | None = None) -> dict:
+             check_base: bool = True, log_samples: bool = False, subset: str | None = None,
+             device="auto") -> dict:
     """Load ``model`` (preset, path, hub id or run dir), evaluate, optionally add perplexity, and
     write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only.
     ``output`` is checked writable before the model loads; ``check_base=False`` lets an adapter
     onto a base other than the one it was trained on. ``log_samples=True`` (needs ``output``) also
     writes every item's record to ``samples_path(output)`` (JSON Lines, before the results file).
-    ``subset`` names a fixed seeded item subset (``tasks.SUBSETS``), exclusive with ``limit``."""
+    ``subset`` names a fixed seeded item subset (``tasks.SUBSETS``), exclusive with ``limit``.
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): where the model loads and is scored; checked
+    before anything loads."""
     from .._io import check_writable, write_json
+    from ..devices import resolve_device
     from .loading import load_for_eval
     from .runner import evaluate
     from .tasks import get_subset, parse_tasks
 
+    device = resolve_device(device)
     names = parse_tasks(tasks) if tasks else []
     if not names and not perplexity_source:
         raise ValueError("nothing to do: give --tasks and/or --perplexity FILE|heldout")
@@ -90,7 +95,7 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
         check_writable(output, kind="file", flag="--output")
         if log_samples:
             check_writable(samples_path(output), kind="file", flag="--log-samples")
-    m, tok, desc = load_for_eval(model, adapter=adapter, dtype=dtype, check_base=check_base)
+    m, tok, desc = load_for_eval(model, adapter=adapter, dtype=dtype, device=device, check_base=check_base)
     if names:
         report = evaluate(m, tok, names, limit=limit, batch_size=batch_size, progress=progress,
                           backend=backend, model_name=desc, logprob_dtype=logprob_dtype,

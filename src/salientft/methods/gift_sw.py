@@ -58,11 +58,13 @@ class GiftSW(Method):
                                     "salientft calibrate")
 
     def gift_config(self, config) -> GiftConfig:
-        """The GiftConfig of this run; bf16 keeps the trainable columns in fp32."""
+        """The GiftConfig of this run; a 16-bit run (bf16 or fp16) keeps the trainable columns in fp32:
+        fp16 gradients cannot go through fp16's GradScaler ("Attempting to unscale FP16 gradients"),
+        and a 16-bit AdamW step of 1e-4 on a weight of 0.05 is rounded away."""
         return gift_settings(
             n_salient=config.n_salient, salient_fraction=config.salient_fraction,
             target_modules=config.target_modules, noise=self.noise(config), noise_bits=config.noise_bits,
-            metric=config.metric, seed=config.seed, fp32_salient=config.fp32_salient or config.dtype == "bf16",
+            metric=config.metric, seed=config.seed, fp32_salient=config.fp32_salient or config.dtype in ("bf16", "fp16"),
             keep_noise=config.keep_noise,
         )
 
