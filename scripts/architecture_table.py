@@ -85,9 +85,13 @@ def _reason(report) -> str:
 
 
 def _versions() -> dict:
-    import peft
     import torch
     import transformers
+
+    try:
+        import peft
+    except ImportError:  # the PEFT columns then skip
+        peft = None
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
@@ -98,7 +102,7 @@ def _versions() -> dict:
             commit += "+uncommitted changes in src/ or tests/"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"transformers": transformers.__version__, "torch": torch.__version__, "peft": peft.__version__,
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "peft": peft.__version__ if peft else "not installed",
             "commit": commit}
 
 

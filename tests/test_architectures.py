@@ -43,8 +43,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -436,7 +435,7 @@ def test_merge(fam):
 
 @pytest.mark.numerics
 def test_peft_route(fam):
-    import peft
+    peft = pytest.importorskip("peft")
 
     model, want, folder = fam.peft
     fam.check_trainable(model)
@@ -448,7 +447,7 @@ def test_peft_route(fam):
 
 
 def test_peft_calibrated(fam):
-    import peft
+    peft = pytest.importorskip("peft")
 
     from salientft.peft import GiftSWConfig, preprocess_gift_sw
 
@@ -564,12 +563,14 @@ def _subprocess_verdict(fam, results_errors, what):
 
 @pytest.mark.numerics
 def test_peft_reload_fresh_process(fam, peft_reload):
+    pytest.importorskip("peft")
     r = _subprocess_verdict(fam, peft_reload, "PeftModel.from_pretrained in a new process")
     assert r["diff"] <= TOL and r["merged_diff"] <= TOL, r
 
 
 @pytest.mark.numerics
 def test_lora_export_stock_peft(fam, stock_lora):
+    pytest.importorskip("peft")
     r = _subprocess_verdict(fam, stock_lora, "stock PEFT loading the exported LoRA")
     assert r["salientft_imported"] is False
     assert r["diff"] <= TOL, f"{fam.family.name}: stock PEFT's logits differ from the GIFT-SW model's by {r['diff']}"
@@ -630,6 +631,7 @@ def test_moe_routing_is_far_from_ties(name, root):
     """The tolerance argument above: on IDS, every MoE router of the perturbed ('trained') GIFT-SW and
     PEFT models prefers its chosen experts to the rejected ones by far more than the fp32 differences
     between the merged, adapter and LoRA computations, so those cannot route a token differently."""
+    pytest.importorskip("peft")
     b = built(name, root)
     if b.skip:
         pytest.skip(b.skip)
@@ -655,6 +657,12 @@ def test_every_issue_family_is_in_the_battery():
     assert {f.name for f in FAMILIES} >= {
         "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
         "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "granite", "stablelm", "bloom"}
+
+
+def test_a_family_transformers_lacks_is_skipped_with_its_name(tmp_path):
+    b = Built(Family("futurelm", "FutureLMConfig", "FutureLMForCausalLM", {}, "model.layers", ()), tmp_path)
+    assert b.skip.startswith("futurelm: transformers ") and "FutureLMConfig, FutureLMForCausalLM" in b.skip
+    assert not b.dir.exists()  # nothing built
 
 
 def _table_script():
