@@ -200,12 +200,13 @@ def trainable_count(model) -> int:
 
 @dataclass(frozen=True)
 class Target:
-    """One x W^T of the model: a linear layer (``experts`` = 1) or a fused expert parameter."""
+    """One x W^T of the model: a linear layer, or a fused 3-D expert parameter (``fused``)."""
 
-    name: str  # module name (linear) or parameter name (experts)
-    experts: int
+    name: str  # module name (linear) or parameter name (fused experts)
+    experts: int  # 1 for a linear layer
     out_features: int
     in_features: int
+    fused: bool = False
 
     @property
     def k(self) -> int:
@@ -218,7 +219,7 @@ class Target:
     @property
     def key(self) -> str:
         """Its tensor in the plain model's state dict."""
-        return self.name if self.experts > 1 else f"{self.name}.weight"
+        return self.name if self.fused else f"{self.name}.weight"
 
 
 class Built:
@@ -263,13 +264,13 @@ class Built:
             for s in self.family.experts:
                 name = f"{self.family.blocks}.{i}.{s}"
                 e, o, n = base.get_parameter(name).shape
-                out.append(Target(name, e, o, n))
+                out.append(Target(name, e, o, n, fused=True))
         return out
 
     def weight(self, sd: dict, t: Target) -> torch.Tensor:
         """A target's weight in a plain state dict as [experts, out, in]."""
         w = sd[t.key]
-        if t.experts > 1:
+        if t.fused:
             return w
         return (w.t() if self.family.conv1d else w)[None]
 
@@ -347,7 +348,7 @@ class Built:
         got = trainable_count(model)
         assert got == want, (
             f"{self.family.name}: {got} trainable entries, expected {want} = k columns of every target "
-            f"({len(self.targets)} targets, experts: {[t.name for t in self.targets if t.experts > 1][:2] or 'none'})"
+            f"({len(self.targets)} targets, experts: {[t.name for t in self.targets if t.fused][:2] or 'none'})"
         )
 
 
