@@ -16,7 +16,7 @@ from .calibration import (
     save_stats,
 )
 from . import deps
-from ._io import check_writable
+from .outputs import claim_dir, claim_file, prepare_file
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import in_features_of, resolve_targets
@@ -60,7 +60,7 @@ def calibrate(
     spec = resolve_metric(metric, tau=tau, rho=rho, gamma=gamma)  # fail before any work
     for flag, path in (("--output", output), ("--plot", plot), ("--stats-output", stats_output)):
         if path is not None:
-            check_writable(path, kind="file", flag=flag)
+            claim_file(path, flag=flag)  # writable, and not a file salientft did not write
     targets = resolve_targets(model, target_modules)
     ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
     stats = None
@@ -70,7 +70,7 @@ def calibrate(
         stats = collect_activation_stats(model, batches, list(targets), progress=progress)
         n_tokens = next(iter(stats.values())).count
         if stats_output is not None:
-            save_stats(stats, stats_output)
+            save_stats(stats, prepare_file(stats_output))
     scores = saliency_scores(model, stats, metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed,
                              target_modules=list(targets), progress=progress)
     meta = {
@@ -81,9 +81,9 @@ def calibrate(
     }
     meta.update(metadata or {})
     if output is not None:
-        save_scores(scores, output, meta)
+        save_scores(scores, prepare_file(output), meta)
     if plot is not None:
-        plot_scores(scores, ks, plot, title=f"{spec['name']} salience ({n_tokens} tokens)")
+        plot_scores(scores, ks, prepare_file(plot), title=f"{spec['name']} salience ({n_tokens} tokens)")
     return scores
 
 
@@ -109,14 +109,18 @@ def quantize_pretrained(
     scores_path=None,
     target_modules=None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary."""
+    """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary.
+
+    ``output`` is refused before any work when it holds anything salientft did not write, and
+    when it holds an earlier salientft output unless ``overwrite`` (``salientft.outputs``)."""
     from .models import load_model
     from .quant.model import QuantizeConfig, model_bytes, quantize, save_quantized, target_bytes
 
     cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
-    check_writable(output, kind="dir", flag="--output")
+    claim_dir(output, flag="--output", overwrite=overwrite)
     model, tok = load_model(model_name, dtype=dtype)
     before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
     scores = load_scores(scores_path) if scores_path is not None else None
