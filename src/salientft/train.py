@@ -22,6 +22,7 @@ at the next step boundary and stop with :class:`Interrupted`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -165,8 +166,12 @@ def _check_finite_weights(model, step: int, out: Path) -> None:
 def _nonfinite_advice(out: Path) -> str:
     """What a non-finite loss or weight leaves the user to do; exactly what --resume accepts."""
     where = "from it" if complete_checkpoints(out) else "from step 0"
-    return (f"Continue {where} with a lower learning rate (--resume --lr <lower>) or in full precision "
-            "(--resume --dtype fp32)")
+    try:
+        fp32 = json.loads((out / RUN_CONFIG).read_text()).get("dtype") == "fp32"
+    except (OSError, ValueError, AttributeError):
+        fp32 = False
+    return (f"Continue {where} with a lower learning rate (--resume --lr <lower>)"
+            + ("" if fp32 else " or in full precision (--resume --dtype fp32)"))
 
 
 def _rescale_learning_rate(optimizer, scheduler, factor: float) -> None:
