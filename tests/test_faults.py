@@ -538,7 +538,8 @@ def test_a_killed_folder_write_is_recognised_and_cleaned(tmp_path):
     (killed / "model.safetensors").write_bytes(b"\0" * 1000)
     users = tmp_path / ".q4.mine0000.tmp"
     users.mkdir()
-    claim_dir(tmp_path / "q4")
+    claim_dir(tmp_path / "q4")  # the next start of a write of q4 removes the killed one's folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q4.mine0000.tmp"]
     with output_dir(tmp_path / "q4") as tmp:
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q4.mine0000.tmp", "q4"]
@@ -569,3 +570,29 @@ def test_the_lock_names_its_holder_and_is_taken_over_after_a_kill(tmp_path):
     lock = FolderLock(tmp_path).acquire()
     assert lock.stale_pid == holder.pid
     lock.release()
+
+
+def test_any_command_stops_on_a_full_disk_or_an_interrupt_with_one_line(tmp_path, monkeypatch, capsys):
+    """Beyond train: a write failure from any library is exit 3, SIGINT / SIGTERM outside a training
+    loop is 130 / 143, each with one line and no traceback."""
+    import salientft.cli as cli
+    import salientft.pipelines
+
+    def full_disk(*a, **kw):
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(salientft.pipelines, "save_scores", full_disk)
+    scores = tmp_path / "s.safetensors"
+    assert main(["calibrate", "--model", "tiny-random-llama", "--metric", "magnitude", "--output", str(scores)]) == 3
+    err = capsys.readouterr().err
+    assert "salientft calibrate: stopped: could not write an output (No space left on device)" in err
+    assert "Traceback" not in err and not scores.exists()
+
+    for exc, code, name in ((KeyboardInterrupt, 130, "SIGINT"), (cli._Terminated, 143, "SIGTERM")):
+        def interrupted(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(cli, "_run_compare", interrupted)
+        assert main(["compare", str(tmp_path)]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(f"salientft compare: interrupted by {name}; ") and len(err.strip().splitlines()) == 1

@@ -220,10 +220,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def claim_dir(path: str | os.PathLike, flag: str = "--output", overwrite: bool = False,
               overwrite_flag: str = "--overwrite") -> None:
     """Refuse, before any work, a folder output that cannot be written, that holds anything its
-    manifest does not list, or (without ``overwrite``) that holds an earlier output. Writes nothing."""
+    manifest does not list, or (without ``overwrite``) that holds an earlier output. Otherwise
+    removes what a killed write of the folder left beside it (a hidden temporary folder holding a
+    manifest) and writes nothing."""
     p = Path(path)
     check_writable(p, kind="dir", flag=flag)
     if not p.is_dir() or not any(p.iterdir()):
+        remove_stale(p.parent, only=p.name)  # what a killed write of this folder left (it holds a manifest)
         return
     if listed(p) is None:
         entries = sorted(q.name for q in p.iterdir())
@@ -238,6 +241,7 @@ def claim_dir(path: str | os.PathLike, flag: str = "--output", overwrite: bool =
     if not overwrite:
         raise FileExistsError(f"{flag} {p} holds an earlier output of salientft; replace it with {overwrite_flag} "
                               "or choose another folder")
+    remove_stale(p.parent, only=p.name)
 
 
 @contextmanager

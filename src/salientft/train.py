@@ -180,7 +180,7 @@ def _rescale_learning_rate(optimizer, scheduler, factor: float) -> None:
     the schedule's position. A resume at the same rate changes nothing (factor 1)."""
     if factor == 1.0 or not hasattr(scheduler, "base_lrs"):
         return
-    scheduler.base_lrs = [b * factor for b in base]
+    scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
     for group in optimizer.param_groups:
         group["lr"] *= factor
         if "initial_lr" in group:
@@ -448,7 +448,10 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and 0 < config.max_steps <= _checkpoint_step(checkpoint):
+        _restore_finished(trainer, checkpoint)  # killed during the final save: no step more than asked
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - t0
     if received:
         step = trainer.state.global_step
@@ -500,6 +503,25 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
         raise OutputWriteError(f"could not write the finished run into {out} ({reason}); "
                                f"{last_good(out)}. Free some space, then rerun with --resume") from e
     return result
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json, else its name)."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _restore_finished(trainer, checkpoint: Path) -> None:
+    """Load a checkpoint of the run's last step into the trainer without training: the Trainer
+    would train one more step when resumed at ``max_steps`` (it skips the batches already seen and
+    checks the total only after the next step)."""
+    from transformers import TrainerState
+
+    log.info("%s is the run's last step: writing the outputs without training", checkpoint)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def _signals_to_flag():
