@@ -426,7 +426,7 @@ def test_a_finished_run_is_not_trained_again_and_the_final_save_is_recovered(tmp
 
     longer = train(_config(tmp_path, out, max_steps=4), resume=True)  # a larger --max-steps continues it
     assert longer["steps"] == 4 and not longer.get("already_complete")
-    history = json.loads((out / "run_config.json").read_text())["history"]
+    history = json.loads((out / "run_history.json").read_text())["history"]
     assert [h["event"] for h in history] == ["started", "resumed", "resumed"]
     assert history[-1]["changes"] == ["max_steps: 3 -> 4"] and history[-1]["from_checkpoint"] == "checkpoint-3"
 
@@ -452,7 +452,7 @@ def test_resume_may_lower_the_learning_rate_and_it_is_followed(tmp_path):
     a, b = rates(straight), rates(lowered)
     assert b[1] == a[1] and b[2] == a[2]  # before the resume: the run's own rates
     assert b[3] == pytest.approx(a[3] / 2, rel=1e-12) and b[4] == pytest.approx(a[4] / 2, rel=1e-12)
-    history = json.loads((lowered / "run_config.json").read_text())["history"]
+    history = json.loads((lowered / "run_history.json").read_text())["history"]
     assert history[-1]["changes"] == ["lr: 0.001 -> 0.0005"] and history[-1]["from_checkpoint"] == "checkpoint-2"
     from salientft.config import TrainConfig
 
@@ -482,7 +482,7 @@ def test_a_huge_learning_rate_stops_at_weights_that_were_finite(tmp_path):
                    load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).values()), ckpt
     result = train(_config(tmp_path, out, lr=1e-3), resume=True)  # the advice, followed
     assert result["steps"] == 3 and all(math.isfinite(h["loss"]) for h in result["train_loss"])
-    assert json.loads((out / "run_config.json").read_text())["history"][-1]["changes"] == ["lr: 1e+30 -> 0.001"]
+    assert json.loads((out / "run_history.json").read_text())["history"][-1]["changes"] == ["lr: 1e+30 -> 0.001"]
 
 
 def test_the_data_file_is_compared_by_its_content(tmp_path, monkeypatch):

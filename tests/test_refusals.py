@@ -32,11 +32,11 @@ def _rows(text: str) -> str:
                    for i in range(8)) + text
 
 
-def _run_config(output: str, record: dict | None = None, **settings) -> str:
+def _run_config(output: str, **settings) -> str:
     from salientft.train import resolve_train_config
 
     flags = {"model": "tiny-random-llama", "data": "d.jsonl", "output": output, "max_steps": 2, **settings}
-    return json.dumps({**resolve_train_config(None, flags).to_dict(), **(record or {})})
+    return json.dumps(resolve_train_config(None, flags).to_dict())
 
 
 def _manifest(folder: str, *names: str) -> dict:
@@ -71,9 +71,10 @@ FILES = {
         "run-lr/run_config.json": _run_config("run-lr", lr=0.001),
         **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}, **_manifest("run-lr", "run_config.json", "checkpoint-1")}),
     "run-data/": ("a run whose data file d.jsonl had other contents when it started", {
-        "run-data/run_config.json": _run_config("run-data", record={"data_sha256": "0" * 64}),
+        "run-data/run_config.json": _run_config("run-data"),
+        "run-data/run_history.json": json.dumps({"data_sha256": "0" * 64, "history": []}),
         **{f"run-data/{k}": v for k, v in _CHECKPOINT.items()},
-        **_manifest("run-data", "run_config.json", "checkpoint-1")}),
+        **_manifest("run-data", "run_config.json", "run_history.json", "checkpoint-1")}),
     "legacy/": ("a finished run of a salientft that kept no manifest", {
         "legacy/run_config.json": _run_config("legacy"), "legacy/adapter/adapter_config.json": "{}",
         "legacy/metrics.json": json.dumps({"steps": 2}), **{f"legacy/{k}": v for k, v in _CHECKPOINT.items()}}),

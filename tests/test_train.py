@@ -198,7 +198,7 @@ def test_one_output_folder_holds_one_run(tmp_path):
     train(second, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
         ".salientft-manifest.json", ".salientft.lock", "adapter", "checkpoint-1", "loss.png", "metrics.json",
-        "run_config.json"]
+        "run_config.json", "run_history.json"]
     assert json.loads((out / "run_config.json").read_text())["method"] == "gift-sw"
 
     mine = tmp_path / "mine"
@@ -222,8 +222,8 @@ def test_run_config_is_written_when_training_starts(tmp_path):
             seen["finished"] = (out / "metrics.json").exists()
 
     train(cfg, callbacks=[Look()])
-    record = {k: seen["config"].pop(k) for k in ("data_sha256", "history")}  # the run's record beside its config
     assert seen == {"config": cfg.to_dict(), "finished": False}
+    record = json.loads((Path(cfg.output) / "run_history.json").read_text())  # the run's record beside its config
     assert record["data_sha256"] == hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
     assert [h["event"] for h in record["history"]] == ["started"]
 

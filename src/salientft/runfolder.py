@@ -12,9 +12,10 @@ may change, the lock held while the run writes, and the record of the run.
   salientft that kept no manifest (*legacy*: it has ``run_config.json`` and no manifest) is
   recognised by the names that salientft wrote (``LEGACY_RUN_FILES``, ``checkpoint-<step>``): a
   ``--resume`` adopts them into a new manifest; ``--overwrite`` deletes nothing and lists them.
-- **The record of the run**: ``run_config.json`` holds the TrainConfig, the data file's SHA-256
-  (``data_sha256``; a resume with a changed file is refused, however its path is spelled) and
-  ``history``, one entry per start or resume with the settings the resume changed.
+- **The record of the run**: ``run_config.json`` holds the TrainConfig (``TrainConfig.from_json``
+  reads it back); ``run_history.json`` beside it the data file's SHA-256 (``data_sha256``; a resume
+  with a changed file is refused, however its path is spelled) and ``history``, one entry per
+  start or resume with the settings the resume changed (the config then holds the new values).
 - **Resume.** A finished run (``metrics.json``) is not trained again unless ``--max-steps`` grows;
   a resume may lower ``--lr`` and switch ``--dtype`` to fp32 (what a non-finite loss advises).
 """
@@ -36,17 +37,19 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "salientft_complete"
 RUN_CONFIG = "run_config.json"
+RUN_HISTORY = "run_history.json"  # the record of the run beside its config (RUN_RECORD)
 METRICS = "metrics.json"
 # What a salientft without manifests wrote into a run folder (besides checkpoint-<step>/): how a legacy
 # run folder is recognised for --resume, and listed (never deleted) for --overwrite.
-LEGACY_RUN_FILES = frozenset({RUN_CONFIG, METRICS, "loss.png", "adapter", "model", "merged",
+LEGACY_RUN_FILES = frozenset({RUN_CONFIG, RUN_HISTORY, METRICS, "loss.png", "adapter", "model", "merged",
                               "eval_before.json", "eval_after.json", "results.json", "runs",
                               "eval_before.samples.jsonl", "eval_after.samples.jsonl"})
 # Settings a --resume may change: they do not touch the training (the evaluation around it, how the
 # folder is spelled). max_steps may also grow, lr be lowered and dtype become fp32 (RESUME_MAY_ADJUST);
 # every other difference is refused.
 RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to")
-# Keys of run_config.json beside the TrainConfig fields: the record of the run, not settings.
+# What run_history.json holds: the record of the run, not settings (run_config.json stays a TrainConfig
+# that TrainConfig.from_json reads back).
 RUN_RECORD = ("data_sha256", "history")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -267,7 +270,7 @@ def _plan_resume(out: Path, config: TrainConfig, plan: Plan, legacy: bool) -> Pl
                 "older salientft, which wrote it only at the end); start over in another --output")
         raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out}")
     try:
-        stored = read_json_object(stored_path, "the run's TrainConfig")
+        stored = read_run(out)
         refused, plan.adjusted = _compare(stored, config)
     except ValueError as e:
         raise ValueError(f"--resume: {e}; restore it, or start over in another --output") from None
@@ -298,6 +301,15 @@ def _plan_resume(out: Path, config: TrainConfig, plan: Plan, legacy: bool) -> Pl
 # ----------------------------------------------------------------------------- the start
 
 
+def read_run(out: Path) -> dict:
+    """The run's stored config with its record (``data_sha256``, ``history``) when it has one."""
+    stored = read_json_object(Path(out) / RUN_CONFIG, "the run's TrainConfig")
+    if (Path(out) / RUN_HISTORY).is_file():
+        record = read_json_object(Path(out) / RUN_HISTORY, "the run's history")
+        stored.update({k: record[k] for k in RUN_RECORD if k in record})
+    return stored
+
+
 def _record(config: TrainConfig, previous: dict | None, plan: Plan) -> dict:
     history = list((previous or {}).get("history") or []) if plan.resume else []
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": "resumed" if plan.resume else "started"}
@@ -313,7 +325,7 @@ def start_run(out: Path, config: TrainConfig, plan: Plan) -> tuple[outputs.Folde
     release it when the run ends, and the plan checked again under it). Under the lock: the folder
     is checked again (it may have changed while the model loaded), cleared for ``--overwrite``
     (only what its manifest lists), cleaned of what killed writes left (temporaries, checkpoints
-    without their completion marker), and the run is recorded in ``run_config.json``."""
+    without their completion marker), and the run is recorded in ``run_config.json`` and ``run_history.json``."""
     out = Path(out)
     lock = outputs.FolderLock(out).acquire()
     try:
@@ -321,7 +333,7 @@ def start_run(out: Path, config: TrainConfig, plan: Plan) -> tuple[outputs.Folde
             log.info("took over the lock of %s from PID %s, a run that was stopped", out, lock.stale_pid)
         previous = None
         if plan.resume and (out / RUN_CONFIG).is_file():
-            previous = read_json_object(out / RUN_CONFIG, "the run's TrainConfig")
+            previous = read_run(out)
         plan = plan_output(out, config, resume=plan.resume, overwrite=plan.overwrite, locked=True)
         if plan.complete is not None:
             raise FileExistsError(f"--output {out}: another process finished this run while the model loaded")
@@ -339,9 +351,11 @@ def start_run(out: Path, config: TrainConfig, plan: Plan) -> tuple[outputs.Folde
             else:
                 for p in remove_temporaries(folder):
                     log.info("removed %s, left by an interrupted write", p)
-        names = [RUN_CONFIG] + (["runs"] if "tensorboard" in config.report_to else [])
+        names = [RUN_CONFIG, RUN_HISTORY] + (["runs"] if "tensorboard" in config.report_to else [])
         outputs.record(out, *names)
-        write_json(out / RUN_CONFIG, _record(config, previous, plan))
+        run = _record(config, previous, plan)
+        write_json(out / RUN_HISTORY, {k: run[k] for k in RUN_RECORD})
+        write_json(out / RUN_CONFIG, {k: v for k, v in run.items() if k not in RUN_RECORD})
     except BaseException:
         lock.release()
         raise

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from . import methods
 from . import outputs
 from ._io import atomic_path, check_writable, write_json
 from .config import TrainConfig
