@@ -596,3 +596,29 @@ def test_any_command_stops_on_a_full_disk_or_an_interrupt_with_one_line(tmp_path
         assert main(["compare", str(tmp_path)]) == code
         err = capsys.readouterr().err
         assert err.startswith(f"salientft compare: interrupted by {name}; ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_of_an_older_salientft_is_resumed_never_deleted(tmp_path):
+    """A run folder written before manifests (run_config.json, no manifest listing it) is
+    recognised by salientft's names: --resume adopts them into a manifest; --overwrite deletes
+    nothing and lists them; an `eval --output` written into it since does not hide it."""
+    from salientft.outputs import listed, record
+    from salientft.runfolder import plan_output, start_run
+
+    out = tmp_path / "old"
+    cfg = _config(tmp_path, out)
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / COMPLETE_MARKER).write_text("1\n")
+    (out / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "results.json").write_text("{}")
+    record(out, "results.json")  # salientft eval --output old/results.json, by a newer salientft
+    with pytest.raises(FileExistsError, match="older salientft that kept no list of its files, so nothing there is "
+                                              "deleted; these look like a run's: checkpoint-1, results.json, "
+                                              "run_config.json"):
+        plan_output(out, cfg, overwrite=True)
+    plan = plan_output(out, cfg, resume=True)
+    assert plan.adopt == ["checkpoint-1", "results.json", "run_config.json"] and plan.checkpoint == out / "checkpoint-1"
+    lock, plan = start_run(out, cfg, plan)
+    lock.release()
+    assert {"checkpoint-1", "run_config.json", "run_history.json", "results.json"} <= listed(out)
+    assert (out / "checkpoint-1" / COMPLETE_MARKER).is_file()

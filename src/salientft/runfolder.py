@@ -231,8 +231,9 @@ def plan_output(out: Path, config: TrainConfig, *, resume: bool = False, overwri
             raise FileExistsError(f"--output {out} is in use by another salientft process (PID {pid}); wait for it "
                                   "to finish, stop it, or choose another --output")
     manifest = outputs.listed(out)
-    legacy = manifest is None and (out / RUN_CONFIG).is_file()
-    known = set(_legacy_entries(out)) if legacy else (manifest or set())
+    # a run of a salientft without manifests (its folder may since have got one from `eval --output` into it)
+    legacy = (out / RUN_CONFIG).is_file() and RUN_CONFIG not in (manifest or set())
+    known = (manifest or set()) | (set(_legacy_entries(out)) if legacy else set())
     others = outputs.foreign(out, known)
     ours = sorted(p.name for p in out.iterdir() if p.name in known)
     if others and (resume or overwrite or not ours):
