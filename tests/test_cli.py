@@ -23,7 +23,7 @@ CALIBRATE_DEFAULTS = {
 QUANTIZE_DEFAULTS = {
     "model": "smollm2-135m", "n_salient": None, "salient_fraction": None, "method": "gptq", "group_size": None,
     "metric": "gift", "scores": None, "data": "embedded", "samples": 128, "seq_len": 512, "batch_size": 8,
-    "target_modules": None, "seed": 0, "dtype": "bf16", "device": "auto", "no_progress": False,
+    "target_modules": None, "seed": 0, "dtype": "bf16", "device": "auto", "no_progress": False, "overwrite": False,
 }
 
 
@@ -64,10 +64,10 @@ def test_calibrate_flags_parse_as_before(argv, expected):
     (["--output", "q", "--bits", "4"], {"output": "q", "bits": 4}),
     (["--output", "q", "--bits", "3", "--model", "m", "--n-salient", "0", "--method", "rtn", "--group-size", "128",
       "--metric", "magnitude", "--scores", "s", "--data", "d", "--samples", "4", "--seq-len", "32", "--batch-size", "1",
-      "--target-modules", "q_proj", "--seed", "2", "--dtype", "fp16", "--no-progress"],
+      "--target-modules", "q_proj", "--seed", "2", "--dtype", "fp16", "--no-progress", "--overwrite"],
      {"output": "q", "bits": 3, "model": "m", "n_salient": 0, "method": "rtn", "group_size": 128,
       "metric": "magnitude", "scores": "s", "data": "d", "samples": 4, "seq_len": 32, "batch_size": 1,
-      "target_modules": ["q_proj"], "seed": 2, "dtype": "fp16", "no_progress": True}),
+      "target_modules": ["q_proj"], "seed": 2, "dtype": "fp16", "no_progress": True, "overwrite": True}),
     (["--output", "q", "--bits", "2", "--salient-fraction", "0"], {"output": "q", "bits": 2, "salient_fraction": 0.0}),
 ])
 def test_quantize_flags_parse_as_before(argv, expected):

@@ -146,10 +146,14 @@ def test_run_directory_and_cli(gift, base_dir, tmp_path, capsys):
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    # an existing non-empty output is refused (exit 2), replaced with --overwrite
+    # an earlier export is refused (exit 2), replaced with --overwrite; never a folder holding a user's file
     argv = ["export", str(run), "--format", "merged", "--output", str(tmp_path / "a")]
     assert main(argv) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "holds an earlier output of salientft; replace it with --overwrite" in capsys.readouterr().err
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    assert main(argv + ["--overwrite"]) == 2
+    assert "also holds files salientft did not write (notes.txt)" in capsys.readouterr().err
+    (tmp_path / "a" / "notes.txt").unlink()
     assert main(argv + ["--overwrite"]) == 0
     assert (tmp_path / "a" / "config.json").is_file() and not (tmp_path / "a" / "adapter_config.json").exists()
     # the output may not replace the source

@@ -21,8 +21,8 @@ ROOT = "salientft"
 LAYERS = [
     # 1. foundations: file helpers, embedded files and dependency checks, config base, targets,
     #    the tiny tokenizer, shared numeric ops, data
-    ["salientft._io", "salientft._packages", "salientft.embedded_files", "salientft.deps", "salientft.adapter_format",
-     "salientft.config_base", "salientft.targets", "salientft.devices",
+    ["salientft._io", "salientft.outputs", "salientft._packages", "salientft.embedded_files", "salientft.deps",
+     "salientft.adapter_format", "salientft.config_base", "salientft.targets", "salientft.devices",
      "salientft.tiny_tokenizer", "salientft.ops", "salientft.ops.*", "salientft.data", "salientft.data.*"],
     # 2. statistics and salience
     ["salientft.calibration", "salientft.saliency"],
@@ -32,7 +32,8 @@ LAYERS = [
     # 4. the method registry
     ["salientft.methods", "salientft.methods.*", "salientft.peft", "salientft.peft.*"],
     # 5. training, evaluation, the end-to-end pipelines and the export to Hugging Face formats
-    ["salientft.config", "salientft.preflight", "salientft.train", "salientft.evaluation", "salientft.evaluation.*",
+    ["salientft.config", "salientft.preflight", "salientft.runfolder", "salientft.train", "salientft.evaluation",
+     "salientft.evaluation.*",
      "salientft.pipelines", "salientft.pipelines.*", "salientft.export"],
     # 6. the command line (its parser and flag declarations) and the public API
     ["salientft.cli", "salientft.cli_*", "salientft"],

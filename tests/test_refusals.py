@@ -40,6 +40,11 @@ def _run_config(output: str, **settings) -> str:
     return json.dumps(resolve_train_config(None, flags).to_dict())
 
 
+def _manifest(folder: str, *names: str) -> dict:
+    """The manifest salientft keeps in a folder it wrote (salientft.outputs), listing ``names``."""
+    return {f"{folder}/.salientft-manifest.json": json.dumps({"salientft_manifest": 1, "entries": sorted(names)})}
+
+
 _CHECKPOINT = {"checkpoint-1/salientft_complete": "1\n", "checkpoint-1/trainer_state.json": "{}"}
 _BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
     f"{n}: &{n} [{','.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
@@ -58,15 +63,33 @@ FILES = {
     "folder/": ("a folder with one file", {"folder/readme.txt": "not a run\n"}),
     "a-file": ("a plain file", {"a-file": "x\n"}),
     "bad.yaml": ("a config with an unknown field", {"bad.yaml": "method: gift-sw\nbogus_field: 1\n"}),
-    "run-full/": ("a finished full fine-tuning run", {
+    "run-full/": ("a finished full fine-tuning run of 2 steps, without checkpoints (--save-steps 0)", {
         "run-full/run_config.json": _run_config("run-full", method="full"),
-        "run-full/model/config.json": "{}", "run-full/metrics.json": "{}"}),
+        "run-full/model/config.json": "{}", "run-full/metrics.json": json.dumps({"steps": 2}),
+        **_manifest("run-full", "run_config.json", "model", "metrics.json")}),
     "notes/": ("a run's checkpoint beside a file of the user's", {
         "notes/run_config.json": _run_config("notes"), "notes/notes.txt": "mine\n",
-        **{f"notes/{k}": v for k, v in _CHECKPOINT.items()}}),
+        **{f"notes/{k}": v for k, v in _CHECKPOINT.items()}, **_manifest("notes", "run_config.json", "checkpoint-1")}),
     "run-lr/": ("a gift-sw run at --lr 0.001 with one checkpoint", {
         "run-lr/run_config.json": _run_config("run-lr", lr=0.001),
-        **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}}),
+        **{f"run-lr/{k}": v for k, v in _CHECKPOINT.items()}, **_manifest("run-lr", "run_config.json", "checkpoint-1")}),
+    "run-data/": ("a run whose data file d.jsonl had other contents when it started", {
+        "run-data/run_config.json": _run_config("run-data"),
+        "run-data/run_history.json": json.dumps({"data_sha256": "0" * 64, "history": []}),
+        **{f"run-data/{k}": v for k, v in _CHECKPOINT.items()},
+        **_manifest("run-data", "run_config.json", "run_history.json", "checkpoint-1")}),
+    "legacy/": ("a finished run of a salientft that kept no manifest", {
+        "legacy/run_config.json": _run_config("legacy"), "legacy/adapter/adapter_config.json": "{}",
+        "legacy/metrics.json": json.dumps({"steps": 2}), **{f"legacy/{k}": v for k, v in _CHECKPOINT.items()}}),
+    "busy/": ("a run folder whose lock another salientft process holds (the test holds it)", {
+        "busy/run_config.json": _run_config("busy"), **{f"busy/{k}": v for k, v in _CHECKPOINT.items()},
+        **_manifest("busy", "run_config.json", "checkpoint-1")}),
+    "thesis/": ("the user's own folder: thesis.tex and chapters/", {
+        "thesis/thesis.tex": "\\documentclass{article}\n", "thesis/chapters/one.tex": "x\n"}),
+    "q-old/": ("an earlier `salientft quantize` output (its own manifest)", {
+        "q-old/config.json": "{}", **_manifest("q-old", "config.json")}),
+    "mine.json": ("a JSON file of the user's", {"mine.json": "{}\n"}),
+    "r.samples.jsonl": ("a JSONL file of the user's, named like a samples file", {"r.samples.jsonl": "{}\n"}),
     "results.json": ("`salientft eval` results written without --log-samples", {
         "results.json": json.dumps({"results": {"piqa": {"acc": 0.5, "acc_norm": 0.5, "n": 2}}, "paper_avg": None})}),
     "bomb.yaml": ("a 342-byte config whose YAML aliases expand to 10^9 strings (a \"billion laughs\")",
@@ -91,10 +114,24 @@ ROWS = [
      "--output run-full already holds a run (metrics.json, model, run_config.json); continue it with --resume, "
      "replace it with --overwrite, or choose another --output"),
     ("--overwrite on a folder that also holds other files", train("--overwrite", output="notes"),
-     "--overwrite: notes also holds files salientft did not write (notes.txt), so it is not cleared"),
+     "--overwrite: notes holds files salientft did not write (notes.txt), so nothing is written there"),
+    ("--resume in a folder that also holds other files", train("--resume", output="notes"),
+     "--resume: notes holds files salientft did not write (notes.txt)"),
+    ("train into a folder of the user's own files", train(output="thesis"),
+     "--output: thesis holds files salientft did not write (chapters, thesis.tex), so nothing is written there"),
+    ("--overwrite a run written before salientft kept manifests", train("--overwrite", output="legacy"),
+     "--overwrite: legacy was written by an older salientft that kept no list of its files, so nothing there is "
+     "deleted; these look like a run's: adapter, checkpoint-1, metrics.json, run_config.json"),
+    ("train into a folder another salientft process is writing", train("--resume", output="busy"),
+     "--output busy is in use by another salientft process (PID"),
+    ("--resume after the data file changed", train("--resume", output="run-data"),
+     "data: d.jsonl changed since the run started (SHA-256 000000000000... ->"),
+    ("--resume a finished run with a larger --max-steps but no checkpoint",
+     train("--resume", "--method", "full", "--max-steps", "5", output="run-full"),
+     "--resume: the run in run-full is finished (2 steps) and kept no checkpoint to continue from"),
     ("--resume with another learning rate", train("--resume", "--lr", "0.01", output="run-lr"),
      "--resume: the settings differ from the run in run-lr (run_config.json): lr: 0.001 -> 0.01. Resume with the "
-     "run's settings (only --max-steps may grow)"),
+     "run's settings (only --max-steps may grow, --lr be lowered, --dtype become fp32)"),
     ("--resume with a smaller --max-steps and another seed",
      ["train", *MODEL, "--data", "d.jsonl", "--output", "run-lr", "--max-steps", "1", "--seed", "3", "--lr", "0.001",
       "--resume"],
@@ -122,6 +159,23 @@ ROWS = [
      "--stats-output a-file/stats.safetensors: a-file is a file, so no folder can be made inside it"),
     ("quantize --output is a file", ["quantize", *MODEL, "--bits", "4", "--output", "a-file"],
      "--output a-file is a file; give a directory path"),
+    ("quantize --output is a folder of the user's", ["quantize", *MODEL, "--bits", "4", "--output", "thesis"],
+     "--output thesis is not empty and salientft did not write it (no .salientft-manifest.json; it holds chapters, "
+     "thesis.tex); nothing there is replaced"),
+    ("quantize --output holds an earlier quantized model", ["quantize", *MODEL, "--bits", "4", "--output", "q-old"],
+     "--output q-old holds an earlier output of salientft; replace it with --overwrite"),
+    ("export --overwrite onto a folder of the user's", ["export", "run-full", "--format", "merged", "--output",
+                                                         "thesis", "--overwrite"],
+     "--output thesis is not empty and salientft did not write it"),
+    ("eval --output names a file salientft did not write", ["eval", *MODEL, "--tasks", "boolq", "--output", "mine.json"],
+     "--output mine.json already exists and salientft did not write it (it is not in .salientft-manifest.json)"),
+    ("eval --log-samples would replace a file of the user's",
+     ["eval", *MODEL, "--tasks", "boolq", "--output", "r.json", "--log-samples"],
+     "--log-samples r.samples.jsonl already exists and salientft did not write it"),
+    ("calibrate --output names a file salientft did not write", ["calibrate", *MODEL, "--output", "mine.json"],
+     "--output mine.json already exists and salientft did not write it"),
+    ("compare --plot names a file salientft did not write", ["compare", "results.json", "--plot", "mine.json"],
+     "--plot mine.json already exists and salientft did not write it"),
     ("compare --plot is a folder", ["compare", "run-full", "--plot", "folder"],
      "--plot folder is a directory; give a file path"),
     # evaluation items and samples
@@ -254,8 +308,11 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    from salientft.outputs import FolderLock
+
     make_files(tmp_path)
     monkeypatch.chdir(tmp_path)
+    busy = FolderLock(tmp_path / "busy").acquire()  # as a training process would, for the run's life
 
     def no_model(*a, **kw):
         raise AssertionError("a model was loaded before the input was refused")
@@ -266,7 +323,8 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same messages on a GPU machine
     monkeypatch.setattr(salientft.models, "load_model", no_model)
     monkeypatch.setattr(salientft.train, "load_model", no_model)
-    return tmp_path
+    yield tmp_path
+    busy.release()
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -302,8 +360,13 @@ def page() -> str:
         "",
         "Every input below is refused with one line on stderr that names the input and the fix, exit code 2, "
         "and nothing written; all of them are found before a model loads. A training run that stops later "
-        "(a non-finite loss, a checkpoint that cannot be written because the disk is full) exits with code 3 and "
-        "names its last good checkpoint, from which `--resume` continues.",
+        "(a non-finite loss, a checkpoint or output that cannot be written because the disk is full or failed) "
+        "exits with code 3 and names its last good checkpoint, from which `--resume` continues; Ctrl-C (SIGINT) "
+        "and SIGTERM save a checkpoint at the next step boundary and exit with code 130 / 143.",
+        "",
+        "No command replaces or deletes what salientft did not write: each folder it writes into keeps a "
+        "manifest, `.salientft-manifest.json`, of the files and folders salientft wrote there, and `--overwrite` "
+        "removes only those (see the README's \"One output folder, one run\").",
         "",
         "This page is generated from `tests/test_refusals.py`, whose tests run each command and check its "
         "message; after changing a row there, regenerate it with `python tests/test_refusals.py --write`.",

@@ -1,4 +1,5 @@
 """salientft train: every method end to end on the tiny preset, resume, config precedence, errors."""
+import hashlib
 import json
 import os
 import subprocess
@@ -160,6 +161,9 @@ def test_resume_ends_with_the_same_weights(tmp_path):
         target = tmp_path / "b" / p
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     (tmp_path / "b" / "checkpoint-3").mkdir()
+    from salientft.outputs import record
+
+    record(tmp_path / "b", "checkpoint-3")  # a checkpoint's name is recorded before it is written
     assert [p.name for p in complete_checkpoints(tmp_path / "b")] == ["checkpoint-2"]
     result = train(interrupted, resume=True)
     assert result["resumed_from"].endswith("checkpoint-2")
@@ -177,7 +181,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
 
 def test_one_output_folder_holds_one_run(tmp_path):
     """A second run into the folder of another is refused; --overwrite replaces it, and only when
-    everything there is salientft's; the user's own files alone are left alone."""
+    everything there is salientft's (its manifest lists it); a folder of the user's is refused."""
     out = tmp_path / "run"
     train(tiny_config(tmp_path, "full", max_steps=2, save_steps=1, output=str(out)))
     assert (out / "model").is_dir() and len(complete_checkpoints(out)) == 2
@@ -195,14 +199,16 @@ def test_one_output_folder_holds_one_run(tmp_path):
     (out / "notes.txt").unlink()
     train(second, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "checkpoint-1", "loss.png", "metrics.json", "run_config.json"]
+        ".salientft-manifest.json", ".salientft.lock", "adapter", "checkpoint-1", "loss.png", "metrics.json",
+        "run_config.json", "run_history.json"]
     assert json.loads((out / "run_config.json").read_text())["method"] == "gift-sw"
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    train(tiny_config(tmp_path, "salient", max_steps=1, output=str(mine)))
-    assert (mine / "notes.txt").read_text() == "mine" and (mine / "adapter").is_dir()
+    with pytest.raises(FileExistsError, match=r"holds files salientft did not write \(notes.txt\)"):
+        train(tiny_config(tmp_path, "salient", max_steps=1, output=str(mine)))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_run_config_is_written_when_training_starts(tmp_path):
@@ -219,6 +225,9 @@ def test_run_config_is_written_when_training_starts(tmp_path):
 
     train(cfg, callbacks=[Look()])
     assert seen == {"config": cfg.to_dict(), "finished": False}
+    record = json.loads((Path(cfg.output) / "run_history.json").read_text())  # the run's record beside its config
+    assert record["data_sha256"] == hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
+    assert [h["event"] for h in record["history"]] == ["started"]
 
 
 def test_resume_compares_the_settings():
@@ -290,10 +299,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return output
 
     model.lm_head.register_forward_hook(poison)
-    cfg = tiny_config(tmp_path, "full", max_steps=5, save_steps=2)
-    with pytest.raises(NonFiniteLossError, match="loss became nan at step 3.*checkpoint-2"):
+    cfg = tiny_config(tmp_path, "full", max_steps=5, save_steps=1)
+    # the loss of step 3 is computed with checkpoint-2's weights: resuming from it would give the same
+    # loss again whatever the learning rate, so it is deleted and checkpoint-1 is the last good one
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3 \(checkpoint-2, whose weights gave it, "
+                                                 r"was deleted\); the last good checkpoint is .*checkpoint-1\. "
+                                                 r"Continue from it with a lower learning rate \(--resume --lr"):
         train(cfg, model=model, tokenizer=tok)
-    assert [p.name for p in complete_checkpoints(cfg.output)] == ["checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(cfg.output)] == ["checkpoint-1"]
+    assert not (Path(cfg.output) / "checkpoint-2").exists()
 
 
 def test_config_file_and_flag_precedence(tmp_path):

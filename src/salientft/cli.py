@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import re
+import signal
 import sys
 
 from . import deps
@@ -129,7 +130,7 @@ def _method_modules(name: str, quantized: bool) -> tuple[str, ...]:
 
 
 def _run_train(args) -> int:
-    from .train import RunStopped, format_summary, resolve_train_config, train
+    from .train import Interrupted, RunStopped, format_summary, resolve_train_config, train
 
     run_flags = ("config", "resume", "overwrite", "func", "command", "verbose")
     flags = {k: v for k, v in vars(args).items() if k not in run_flags}
@@ -137,9 +138,16 @@ def _run_train(args) -> int:
     deps.require("train", **config.to_dict(), method_modules=_method_modules)  # every missing package/file at once, before any work
     try:
         result = train(config, resume=args.resume, overwrite=getattr(args, "overwrite", False))
+    except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint saved at the step boundary
+        print(f"salientft train: {e}", file=sys.stderr)
+        return 128 + e.signum
     except RunStopped as e:  # a non-finite loss, a checkpoint that could not be written
         print(f"salientft train: stopped: {e}", file=sys.stderr)
         return 3
+    if result.get("already_complete"):
+        print(f"salientft train: the run in {config.output} is already complete ({result.get('steps')} steps); "
+              "nothing was changed. Give a larger --max-steps to train it further", file=sys.stderr)
+        return 0
     print(format_summary(result, config.output))
     return 0
 
@@ -184,7 +192,7 @@ def _run_quantize(args) -> int:
         method=args.method, group_size=args.group_size, metric=args.metric, data=args.data,
         n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         dtype=args.dtype, scores_path=args.scores, target_modules=args.target_modules,
-        progress=not args.no_progress, device=args.device,
+        progress=not args.no_progress, device=args.device, overwrite=args.overwrite,
     )
     mb = 2 ** 20
     print(f"target layers: {s['before']['target_bytes'] / mb:.2f} MiB -> {s['after']['target_bytes'] / mb:.2f} MiB "
@@ -379,19 +387,25 @@ _OUTPUT_FLAGS = {"compare": {"plot": "file"}}
 
 
 def _check_outputs(args) -> None:
-    """Refuse an output path that cannot be written before the command loads anything."""
-    from ._io import check_writable
+    """Refuse, before the command loads anything, an output path that cannot be written or that
+    holds something salientft did not write (salientft.outputs: the one rule of every output)."""
     from .cli_args import COMMANDS
+    from .outputs import claim_dir, claim_file
 
     flags = COMMANDS[args.command][0] if args.command in COMMANDS else None
     outputs = {**_OUTPUT_FLAGS.get(args.command, {}), **getattr(flags, "OUTPUTS", {})}
     for name, kind in outputs.items():
         if getattr(args, name, None) is not None:
-            check_writable(getattr(args, name), kind=kind, flag="--" + name.replace("_", "-"))
+            flag = "--" + name.replace("_", "-")
+            if kind == "dir":
+                claim_dir(getattr(args, name), flag=flag, overwrite=getattr(args, "overwrite", False))
+            else:
+                claim_file(getattr(args, name), flag=flag)
 
 
 # Bad input: one line naming the input and the fix, exit code 2 (the library raises these before
-# any work; a stopped training run is exit code 3, see _run_train).
+# any work). A stopped training run, or any output that cannot be written (a full disk), is exit code 3;
+# SIGINT / SIGTERM are 130 / 143 (see _run_train and main).
 _INPUT_ERRORS = (ValueError, KeyError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError,
                  IsADirectoryError, PermissionError)
 
@@ -430,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         _check_args(args)
         _check_device(args)
@@ -439,6 +454,37 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"salientft {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (_terminate), outside a training loop
+        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"salientft {args.command}: interrupted by {signum.name}; every output is written atomically, so "
+              "nothing is half-written (a training run continues from its last checkpoint with --resume)",
+              file=sys.stderr)
+        return 128 + int(signum)
+    except Exception as e:
+        from .outputs import write_failure
+
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        print(f"salientft {args.command}: stopped: could not write an output ({reason}): {e}", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the command stops the same way (exit code 143)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

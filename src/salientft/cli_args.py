@@ -108,7 +108,8 @@ class QuantizeArgs(CalibrationArgs):
     group_size: int | None = flag(None, "scale per group of columns (default: per row)")
     scores: str | None = flag(None, "precomputed scores file from salientft calibrate")
     no_progress: bool = flag(False, "no progress bars")
-    output: str = flag(REQUIRED, "output folder")
+    output: str = flag(REQUIRED, "output folder (refused if it holds anything salientft did not write)")
+    overwrite: bool = flag(False, "replace an earlier salientft output in --output (only what its manifest lists)")
 
     def _check(self) -> None:
         super()._check()

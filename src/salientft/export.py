@@ -16,7 +16,9 @@ stack and serving engines load without salientft (docs/export.md).
 Accepted sources: a ``salientft train`` run directory or a GIFT-SW adapter folder of either format
 and origin (``lora``, ``merged``; read by ``salientft.gift.read_adapter``); a quantized folder or a
 recovery run (``compressed-tensors``).
-Every output is written atomically; an existing non-empty output is refused unless ``overwrite``.
+Every output is written atomically, with the manifest of a salientft output folder; an existing
+non-empty output is refused when it holds anything salientft did not write, and otherwise unless
+``overwrite`` (``salientft.outputs.claim_dir``).
 """
 from __future__ import annotations
 
@@ -118,16 +120,13 @@ def _require(module: str, what: str):
 
 def _check_output(output, overwrite: bool, source) -> Path:
     """Refuse, before any work, an output that holds files (unless ``overwrite``) or would replace the source."""
-    from ._io import check_writable
+    from .outputs import claim_dir
 
     out = Path(output)
-    check_writable(out, kind="dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; choose another folder or pass --overwrite "
-                              "(overwrite=True) to replace it")
     src, dst = Path(source).resolve(), out.resolve()
     if dst == src or dst in src.parents:
         raise ValueError(f"--output {out} would replace the source {source}; choose another folder")
+    claim_dir(out, flag="--output", overwrite=overwrite)  # nothing salientft did not write is replaced
     return out
 
 
@@ -272,9 +271,9 @@ def export_lora(source, output, base: str | None = None, *, overwrite: bool = Fa
             w = c.weight.float()
             delta = c.columns.float() - w.index_select(1, c.idx)
             factors[name] = (_one_hot(c.idx, w.shape[1], torch.float32), delta)
-    from ._io import atomic_dir
+    from .outputs import output_dir
 
-    with atomic_dir(out) as tmp:
+    with output_dir(out) as tmp:
         ranks = _write_lora(tmp, factors, adapter.stock_base, fan_in_fan_out)
     return Exported("lora", out, adapter.stock_base, ranks)
 
@@ -360,7 +359,8 @@ def export_compressed_tensors(source, output, *, overwrite: bool = False, device
     """Write a salientft quantized model as compressed-tensors pack-quantized + a salient-column LoRA adapter."""
     import torch
 
-    from ._io import atomic_dir, read_json_object
+    from ._io import read_json_object
+    from .outputs import output_dir
     from .quant.model import QUANT_CONFIG_NAME, load_quantized, quantized_layers
     from .targets import set_module
 
@@ -406,7 +406,7 @@ def export_compressed_tensors(source, output, *, overwrite: bool = False, device
     compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
     compressor.compress_model(model)
     _verify_packed(model, layers, bits)
-    with atomic_dir(out) as tmp:
+    with output_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         compressor.update_config(str(tmp))
         if tok is not None:

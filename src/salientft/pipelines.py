@@ -16,8 +16,8 @@ from .calibration import (
     save_stats,
 )
 from . import deps
-from ._io import check_writable
 from .devices import resolve_device
+from .outputs import claim_dir, claim_file, prepare_file
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import in_features_of, resolve_targets
@@ -61,7 +61,7 @@ def calibrate(
     spec = resolve_metric(metric, tau=tau, rho=rho, gamma=gamma)  # fail before any work
     for flag, path in (("--output", output), ("--plot", plot), ("--stats-output", stats_output)):
         if path is not None:
-            check_writable(path, kind="file", flag=flag)
+            claim_file(path, flag=flag)  # writable, and not a file salientft did not write
     targets = resolve_targets(model, target_modules)
     ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
     stats = None
@@ -71,7 +71,7 @@ def calibrate(
         stats = collect_activation_stats(model, batches, list(targets), progress=progress)
         n_tokens = next(iter(stats.values())).count
         if stats_output is not None:
-            save_stats(stats, stats_output)
+            save_stats(stats, prepare_file(stats_output))
     scores = saliency_scores(model, stats, metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed,
                              target_modules=list(targets), progress=progress)
     meta = {
@@ -82,9 +82,9 @@ def calibrate(
     }
     meta.update(metadata or {})
     if output is not None:
-        save_scores(scores, output, meta)
+        save_scores(scores, prepare_file(output), meta)
     if plot is not None:
-        plot_scores(scores, ks, plot, title=f"{spec['name']} salience ({n_tokens} tokens)")
+        plot_scores(scores, ks, prepare_file(plot), title=f"{spec['name']} salience ({n_tokens} tokens)")
     return scores
 
 
@@ -111,18 +111,21 @@ def quantize_pretrained(
     target_modules=None,
     progress: bool = True,
     device="auto",
+    overwrite: bool = False,
 ) -> dict:
     """Load ``model_name``, calibrate, quantize, save to ``output``; return a size summary.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): the model loads there and calibration,
-    the metric and GPTQ run there."""
+    the metric and GPTQ run there. ``output`` is refused before any work when it holds anything
+    salientft did not write, and when it holds an earlier salientft output unless ``overwrite``
+    (``salientft.outputs``)."""
     from .models import load_model
     from .quant.model import QuantizeConfig, model_bytes, quantize, save_quantized, target_bytes
 
     cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
     device = resolve_device(device)
-    check_writable(output, kind="dir", flag="--output")
+    claim_dir(output, flag="--output", overwrite=overwrite)
     from .preflight import check_model_settings
 
     check_model_settings(model_name, target_modules, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction,

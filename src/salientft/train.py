@@ -12,51 +12,37 @@ starts), ``checkpoint-<step>/`` every ``save_steps``, and once the run has finis
 ``metrics.json``: a run is finished when its ``metrics.json`` exists. A checkpoint counts only
 once its ``salientft_complete`` marker is written, so an interrupted save is never resumed from.
 
-One folder, one run: a folder that holds a run is refused unless ``resume`` (the same run: its
-``run_config.json`` must match the new config, see :func:`config_changes`) or ``overwrite`` (the
-folder is cleared first, and only if everything in it is salientft's). Everything that needs no
-model (these checks, the data, a writable folder) is checked before the model loads; when
-training starts, what killed writes left (temporaries, checkpoints without their marker) is
-deleted. A checkpoint that cannot be written (a full disk) stops the run with
-:class:`OutputWriteError`; the previous checkpoints stay intact.
+The run folder's life (one run and one writer per folder, the manifest of what salientft wrote,
+the lock, what a resume may change, the record in ``run_config.json``) is ``salientft.runfolder``;
+everything that needs no model is checked before the model loads. A checkpoint or output that
+cannot be written (a full disk, an I/O error, whatever library raised it) stops the run with
+:class:`OutputWriteError`, the half-written checkpoint deleted; SIGINT/SIGTERM save a checkpoint
+at the next step boundary and stop with :class:`Interrupted`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from . import methods
-from ._io import atomic_path, check_writable, is_temporary, read_json_object, remove_temporaries, write_json
+from . import outputs
+from ._io import atomic_path, check_writable, write_json
 from .config import TrainConfig
 from .devices import describe_device, device_name, model_device, resolve_device
+from .runfolder import (COMPLETE_MARKER, RESUME_MAY_CHANGE, RUN_CONFIG, Plan, complete_checkpoints, config_changes,
+                        discard_checkpoint, last_good, plan_output, start_run)
 from .gift import trainable_parameters
 from .models import load_model
 
 log = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "salientft_complete"
-RUN_CONFIG = "run_config.json"
-# What salientft writes into a run folder (besides checkpoint-<step>/ and atomic-write temporaries),
-# the evaluation results `salientft eval`/`compare` keep beside a run and the Trainer's logging folder
-# (runs/) included; anything else is the user's.
-RUN_FILES = frozenset({RUN_CONFIG, "metrics.json", "loss.png", "adapter", "model", "merged",
-                       "eval_before.json", "eval_after.json", "results.json", "runs",
-                       "eval_before.samples.jsonl", "eval_after.samples.jsonl"})
-# Settings a --resume may change: they do not touch the training (the evaluation around it, how the
-# folder is spelled). max_steps may also grow; every other difference is refused.
-RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to",  # nothing the weights depend on
-                     "device")  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, device)
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
 
 class RunStopped(RuntimeError):
     """Training stopped before the end; the message names the last good checkpoint."""
@@ -70,136 +56,12 @@ class OutputWriteError(RunStopped):
     """A checkpoint or the finished run's outputs could not be written (a full disk, ...)."""
 
 
-# ----------------------------------------------------------------------------- checkpoints
+class Interrupted(RunStopped):
+    """SIGINT or SIGTERM stopped the run at a step boundary (``signum``), after saving a checkpoint."""
 
-
-def _checkpoint_dirs(output: str | Path) -> list[Path]:
-    """Every ``checkpoint-<step>`` folder, complete or not, oldest first."""
-    found = []
-    for p in Path(output).glob("checkpoint-*"):
-        m = _CHECKPOINT.fullmatch(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def complete_checkpoints(output: str | Path) -> list[Path]:
-    """Checkpoint folders of a run that finished saving, oldest first."""
-    return [p for p in _checkpoint_dirs(output) if (p / COMPLETE_MARKER).is_file()]
-
-
-def last_good(output: str | Path) -> str:
-    """``the last good checkpoint is <path>`` (or that none was written), for stop messages."""
-    last = complete_checkpoints(output)
-    return f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-
-
-# ----------------------------------------------------------------------------- the output folder
-
-
-def _is_run_entry(name: str) -> bool:
-    return name in RUN_FILES or bool(_CHECKPOINT.fullmatch(name)) or is_temporary(name)
-
-
-def config_changes(stored: dict, config: TrainConfig) -> list[str]:
-    """``field: old -> new`` for every setting of ``config`` that differs from a run's stored
-    ``run_config.json`` and that a resume may not change (all but RESUME_MAY_CHANGE and a larger
-    ``max_steps``). An unset ``lr`` counts as the method's default, and a field that did not exist
-    when the run was stored counts as its default."""
-    new = config.to_dict()
-    # A field the stored config lacks was added to salientft after that run: it ran with the default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    old = {**{k: defaults[k] for k in new if k not in stored and k in defaults}, **stored}
-    for key, former in TrainConfig.FORMER_DEFAULTS.items():  # a former default means the current one
-        for d in (old, new):
-            if key in d and d[key] == former:
-                d[key] = defaults[key]
-    for d in (old, new):
-        if d.get("lr") is None:
-            try:
-                d["lr"] = methods.get(d.get("method"), quantized=d.get("quantized") is not None).default_lr
-            except (ValueError, TypeError):
-                pass
-    changes = []
-    for key in dict.fromkeys([*old, *new]):
-        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-        if key in RESUME_MAY_CHANGE or a == b:
-            continue
-        if key == "max_steps" and isinstance(a, int) and isinstance(b, int) and 0 < a < b:
-            continue  # a longer run: the schedule then follows the new total
-        changes.append(f"{key}: {a!r} -> {b!r}")
-    return changes
-
-
-def plan_output(out: Path, config: TrainConfig, *, resume: bool = False,
-                overwrite: bool = False) -> tuple[Path | None, bool]:
-    """Check ``--output`` against the run about to start, writing nothing.
-
-    Returns (the checkpoint to resume from or None, whether the folder is to be cleared). Raises
-    when the folder holds another run and neither ``resume`` nor ``overwrite`` is given, when a
-    resume's settings differ from the run's (all differences in one message), and when
-    ``overwrite`` would delete files salientft did not write.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --output and --overwrite replaces it; give one of them")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {out} is a file; give a directory path")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    ours = [n for n in entries if _is_run_entry(n) and not is_temporary(n)]
-    others = [n for n in entries if not _is_run_entry(n)]
-    if resume:
-        stored = out / RUN_CONFIG
-        if not stored.is_file():
-            if complete_checkpoints(out):
-                raise FileNotFoundError(
-                    f"--resume: {out} has checkpoints but no {RUN_CONFIG} to compare the settings with (a run "
-                    "of an older salientft, which wrote it only at the end); start over with --overwrite")
-            raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out}")
-        try:
-            changes = config_changes(read_json_object(stored, "the run's TrainConfig"), config)
-        except ValueError as e:
-            raise ValueError(f"--resume: {e}; restore it, or start over with --overwrite") from None
-        if changes:
-            raise ValueError(
-                f"--resume: the settings differ from the run in {out} ({RUN_CONFIG}): {'; '.join(changes)}. "
-                "Resume with the run's settings (only --max-steps may grow), or start a new run with "
-                "--overwrite or another --output")
-        ckpts = complete_checkpoints(out)
-        if not ckpts:
-            log.warning("--resume: no complete checkpoint in %s yet: the run starts again from step 0", out)
-        return (ckpts[-1] if ckpts else None), False
-    if not ours:  # new, empty, or only the user's own files (left untouched): a fresh start
-        return None, any(is_temporary(n) for n in entries)  # leftovers of no run to resume: deleted
-    if not overwrite:
-        listing = ", ".join(ours[:5]) + (", ..." if len(ours) > 5 else "")
-        raise FileExistsError(
-            f"--output {out} already holds a run ({listing}); continue it with --resume, replace it with "
-            "--overwrite, or choose another --output")
-    if others:
-        listing = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise FileExistsError(
-            f"--overwrite: {out} also holds files salientft did not write ({listing}), so it is not cleared; "
-            "move them away or choose another --output")
-    return None, True
-
-
-def start_run(out: Path, config: TrainConfig, *, clear: bool = False) -> None:
-    """Make ``out`` ready for the training that starts now: clear the previous run (``clear``),
-    delete what killed writes left (temporaries, checkpoints without their completion marker), and
-    record the run's config atomically in ``run_config.json``."""
-    if clear:
-        for p in out.iterdir():
-            if _is_run_entry(p.name):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    complete = set(complete_checkpoints(out))
-    for folder in (out, *_checkpoint_dirs(out)):
-        for p in remove_temporaries(folder):
-            log.info("removed %s, left by an interrupted write", p)
-        if folder != out and folder not in complete:
-            shutil.rmtree(folder)
-            log.info("removed %s, an interrupted checkpoint (no completion marker)", folder)
-    write_json(out / RUN_CONFIG, config.to_dict())
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _is_main_process() -> bool:
@@ -217,8 +79,11 @@ def _trainer_classes():
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    with atomic_path(ckpt / COMPLETE_MARKER) as tmp:
-                        tmp.write_text(f"{state.global_step}\n")
+                    try:
+                        with atomic_path(ckpt / COMPLETE_MARKER) as tmp:
+                            tmp.write_text(f"{state.global_step}\n")
+                    except Exception as e:
+                        raise _checkpoint_write_error(Path(args.output_dir), ckpt, e) from e
             return control
 
     class SalientTrainer(Trainer):
@@ -247,15 +112,22 @@ def _trainer_classes():
             return loss
 
         def _save_checkpoint(self, model, trial):
+            out = Path(self.args.output_dir)
+            folder = out / f"checkpoint-{self.state.global_step}"
+            _check_finite_weights(self.model, self.state.global_step, out)  # never mark non-finite weights good
             try:
+                if self.is_world_process_zero():
+                    outputs.record(out, folder.name)  # before it exists: even a killed write is known as ours
                 super()._save_checkpoint(model, trial)
-            except OSError as e:
-                failed = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-                if failed.is_dir() and not (failed / COMPLETE_MARKER).exists():
-                    shutil.rmtree(failed, ignore_errors=True)  # never resumed from; free what it took
-                raise OutputWriteError(
-                    f"could not write {failed.name} ({e.strerror or e}); {last_good(self.args.output_dir)} "
-                    "and intact. Free some space, then continue with --resume") from e
+            except Exception as e:
+                raise _checkpoint_write_error(out, folder, e) from e
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            wanted = list(getattr(self.lr_scheduler, "base_lrs", []))  # this run's --lr, before the states load
+            super()._load_optimizer_and_scheduler(checkpoint)
+            stored = list(getattr(self.lr_scheduler, "base_lrs", []))
+            if checkpoint is not None and wanted and stored and max(stored) > 0:
+                _rescale_learning_rate(self.optimizer, self.lr_scheduler, max(wanted) / max(stored))
 
         def _save(self, output_dir=None, state_dict=None):
             directory = Path(output_dir or self.args.output_dir)
@@ -267,6 +139,81 @@ def _trainer_classes():
                 super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     return SalientTrainer, CompleteMarker
+
+
+def _checkpoint_write_error(out: Path, folder: Path, e: Exception) -> Exception:
+    """A failed checkpoint write as OutputWriteError when the storage failed (a full disk, an I/O
+    error, whatever library raised it), after deleting the half-written checkpoint; ``e`` as it is
+    otherwise (a bug must not look like a full disk)."""
+    reason = outputs.write_failure(e)
+    if reason is None:
+        return e
+    if folder.is_dir() and not (folder / COMPLETE_MARKER).exists():
+        discard_checkpoint(out, folder)  # never resumed from; free what it took
+    return OutputWriteError(f"could not write {folder.name} ({reason}); {last_good(out)} and intact. Free some space, "
+                            "then continue with --resume")
+
+
+def _check_finite_weights(model, step: int, out: Path) -> None:
+    """Refuse to save a checkpoint whose trainable weights are not all finite (one host sync per
+    checkpoint): the last good checkpoint stays the newest one that can be resumed from."""
+    checks = [torch.isfinite(getattr(p, "to_local", lambda: p)()).all() for p in model.parameters() if p.requires_grad]
+    if checks and not bool(torch.stack(checks).all()):
+        raise NonFiniteLossError(f"the trained weights became non-finite at step {step}; {last_good(out)}. "
+                                 + _nonfinite_advice(out))
+
+
+def _nonfinite_advice(out: Path) -> str:
+    """What a non-finite loss or weight leaves the user to do; exactly what --resume accepts."""
+    where = "from it" if complete_checkpoints(out) else "from step 0"
+    try:
+        fp32 = json.loads((out / RUN_CONFIG).read_text()).get("dtype") == "fp32"
+    except (OSError, ValueError, AttributeError):
+        fp32 = False
+    return (f"Continue {where} with a lower learning rate (--resume --lr <lower>)"
+            + ("" if fp32 else " or in full precision (--resume --dtype fp32)"))
+
+
+def _rescale_learning_rate(optimizer, scheduler, factor: float) -> None:
+    """After a resume's optimizer and scheduler states were loaded: follow a lowered ``--lr``
+    (``factor`` = new / stored; the states hold the learning rate the run started with), keeping
+    the schedule's position. A resume at the same rate changes nothing (factor 1)."""
+    if factor == 1.0 or not hasattr(scheduler, "base_lrs"):
+        return
+    scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+# Test hook (fault injection): "<step>:<SIGINT|SIGTERM>" makes a training process send itself that
+# signal at the end of optimizer step <step>, so a test interrupts it at a known moment. Unset in normal use.
+TEST_SIGNAL_ENV = "SALIENTFT_TEST_SIGNAL"
+
+
+def _signal_callback(received: list):
+    """A Trainer callback that, once SIGINT/SIGTERM was received (``received`` non-empty), saves a
+    checkpoint at the step boundary and stops the training."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    hook = os.environ.get(TEST_SIGNAL_ENV, "")
+    at_step, _, name = hook.partition(":")
+
+    class StopOnSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if at_step and state.global_step == int(at_step):
+                os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+            if received:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnSignal()
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -348,10 +295,42 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """Fine-tune ``config.model`` on ``config.data`` with ``config.method``; returns the metrics.
 
     ``resume``: continue the run in ``config.output`` from its newest complete checkpoint (its
-    settings must match, see :func:`config_changes`); ``overwrite``: replace the run there (see
-    :func:`plan_output`). ``model``/``tokenizer``: an already loaded base (else loaded from the
+    settings must match, see :func:`config_changes`); a finished run is not trained again: its
+    stored metrics are returned with ``already_complete`` set. ``overwrite``: replace the run there
+    (see :func:`plan_output`). ``model``/``tokenizer``: an already loaded base (else loaded from the
     config); ``callbacks``: extra Hugging Face ``TrainerCallback`` objects, run after the method's own.
+
+    The folder's lock is held from the start of the training to the end of the outputs. SIGINT and
+    SIGTERM during the training save a checkpoint at the next step boundary and raise
+    :class:`Interrupted`; a non-finite loss raises :class:`NonFiniteLossError`, after deleting the
+    checkpoint whose weights gave it.
     """
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        try:
+            return _train(config, stack, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer,
+                          callbacks=callbacks)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(_nonfinite_stop(Path(config.output), str(e))) from None
+
+
+def _nonfinite_stop(out: Path, message: str) -> str:
+    """The message of a non-finite loss at step s, once the checkpoint of step s - 1 is deleted:
+    its weights gave that loss (whatever the learning rate, the same batch would give it again)."""
+    m = re.match(r"the training loss became (\S+) at step (\d+)", message)
+    if m is None or not _is_main_process():
+        return message
+    tainted = out / f"checkpoint-{int(m.group(2)) - 1}"
+    gone = ""
+    if tainted.is_dir():
+        discard_checkpoint(out, tainted)
+        gone = f" ({tainted.name}, whose weights gave it, was deleted)"
+    return f"{m.group(0)}{gone}; {last_good(out)}. {_nonfinite_advice(out)}"
+
+
+def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool = False, model=None, tokenizer=None,
+           callbacks=()) -> dict:
     extra_callbacks = list(callbacks)
     from transformers import set_seed
 
@@ -371,10 +350,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     out = Path(config.output)
     main_process = _is_main_process()
     if main_process:
-        checkpoint, clear = plan_output(out, config, resume=resume, overwrite=overwrite)
+        plan = plan_output(out, config, resume=resume, overwrite=overwrite)
+        if plan.complete is not None:  # a finished run: nothing to do, nothing changed
+            log.info("the run in %s is complete (%s steps); train longer with a larger --max-steps", out,
+                     plan.complete.get("steps"))
+            return {**plan.complete, "already_complete": True}
     else:  # the main process checks and prepares the folder; the others only find the checkpoint
         ckpts = complete_checkpoints(out) if resume else []
-        checkpoint, clear = (ckpts[-1] if ckpts else None), False
+        plan = Plan(resume=resume, checkpoint=ckpts[-1] if ckpts else None)
+    checkpoint = plan.checkpoint
     train_convs = load_conversations(config.data, split="train", limit=config.data_limit, seed=config.seed)
     try:
         held_convs = load_conversations(config.data, split="heldout", limit=200, seed=0)  # same items for every seed
@@ -412,7 +396,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     "device": describe_device(device)}
     if config.eval_before:
         result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
-    eval_before = _evaluate(model, tokenizer, config, out, "eval_before") if config.eval_tasks and config.eval_before else None
+    # written once the folder is this run's (start_run, below)
+    eval_before = (_evaluate(model, tokenizer, config, out, "eval_before", write=False)
+                   if config.eval_tasks and config.eval_before else None)
 
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
@@ -464,12 +450,30 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             "configs/accelerate/ddp_cpu.yaml); see docs/distributed.md"
         )
     if main_process:
-        start_run(out, config, clear=clear)
+        lock, plan = start_run(out, config, plan)
+        stack.callback(lock.release)
+        checkpoint = plan.checkpoint
+        if eval_before is not None:
+            _write_evaluation(out, "eval_before", *eval_before)
+    if eval_before is not None:
+        eval_before = eval_before[0]
+    received = stack.enter_context(_signals_to_flag())
+    trainer.add_callback(_signal_callback(received))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and 0 < config.max_steps <= _checkpoint_step(checkpoint):
+        _restore_finished(trainer, checkpoint)  # killed during the final save: no step more than asked
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - t0
+    if received:
+        step = trainer.state.global_step
+        saved = out / f"checkpoint-{step}"
+        name = "SIGINT" if received[0] == 2 else "SIGTERM" if received[0] == 15 else f"signal {received[0]}"
+        where = (f"{saved.name} is saved" if (saved / COMPLETE_MARKER).is_file() else last_good(out))
+        raise Interrupted(f"interrupted by {name} after step {step}: {where}; continue the run with --resume "
+                          "(the same command and settings)", received[0])
     model = trainer.model
     if trainer.is_fsdp_enabled:  # every rank takes part in the gather
         model = _unsharded(trainer, config, train_ds)
@@ -501,14 +505,71 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             result["eval_before"] = eval_before
         result["eval_after"] = _evaluate(model, tokenizer, config, out, "eval_after")
     try:
+        outputs.record(out, method.output, *(["merged"] if config.merge else []), "loss.png", "metrics.json")
         method.save_final(model, tokenizer, config, out)
         if history:
             _plot_loss(history, out / "loss.png", f"{config.method} on {config.model}")
         write_json(out / "metrics.json", result)  # last: marks the run finished
-    except OSError as e:
-        raise OutputWriteError(f"could not write the finished run into {out} ({e.strerror or e}); "
+    except Exception as e:
+        reason = outputs.write_failure(e)
+        if reason is None:
+            raise
+        raise OutputWriteError(f"could not write the finished run into {out} ({reason}); "
                                f"{last_good(out)}. Free some space, then rerun with --resume") from e
     return result
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json, else its name)."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _restore_finished(trainer, checkpoint: Path) -> None:
+    """Load a checkpoint of the run's last step into the trainer without training: the Trainer
+    would train one more step when resumed at ``max_steps`` (it skips the batches already seen and
+    checks the total only after the next step)."""
+    from transformers import TrainerState
+
+    log.info("%s is the run's last step: writing the outputs without training", checkpoint)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def _signals_to_flag():
+    """While the training runs: SIGINT and SIGTERM append their number to the yielded list instead
+    of stopping the process (the StopOnSignal callback then saves and stops at the step boundary);
+    a second signal stops at once. Outside the main thread (no signal handlers there) nothing changes."""
+    import signal
+    import threading
+    from contextlib import contextmanager
+
+    @contextmanager
+    def handlers():
+        received: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield received
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            if received:  # a second signal: stop now (the checkpoints on disk stay intact)
+                raise KeyboardInterrupt
+            received.append(signum)
+            log.warning("received %s: saving a checkpoint at the end of this step, then stopping "
+                        "(send it again to stop at once)", signal.Signals(signum).name)
+
+        for s in previous:
+            signal.signal(s, on_signal)
+        try:
+            yield received
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    return handlers()
 
 
 def _unsharded(trainer, config: TrainConfig, train_ds):
@@ -605,21 +666,31 @@ def _report_to(value: str):
     return "none" if names in ([], ["none"]) else names
 
 
-def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str) -> dict:
+def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str, write: bool = True):
     """Evaluate, and write ``<name>.json`` and its per-item ``<name>.samples.jsonl`` into the run
-    folder (each atomically), so that ``salientft compare`` pairs two runs item by item."""
+    folder (each atomically), so that ``salientft compare`` pairs two runs item by item.
+    ``write=False``: return (report, records) for :func:`_write_evaluation` later."""
     from .evaluation import evaluate
-    from .evaluation.cli_api import sample_records, samples_path, write_samples
+    from .evaluation.cli_api import sample_records
 
     report = evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit, subset=config.eval_subset,
                       return_items=True)
     records = sample_records(report)
     for res in report["results"].values():
         res.pop("items", None)
+    if not write:
+        return report, records
     if _is_main_process():
-        report["samples"] = write_samples(samples_path(out / f"{name}.json"), records).name
-        write_json(out / f"{name}.json", report)
+        _write_evaluation(out, name, report, records)
     return report
+
+
+def _write_evaluation(out: Path, name: str, report: dict, records: list) -> None:
+    from .evaluation.cli_api import samples_path, write_samples
+
+    outputs.record(out, f"{name}.json", samples_path(out / f"{name}.json").name)
+    report["samples"] = write_samples(samples_path(out / f"{name}.json"), records).name
+    write_json(out / f"{name}.json", report)
 
 
 def load_run(run_dir: str | Path, dtype="bf16"):
@@ -631,7 +702,8 @@ def load_run(run_dir: str | Path, dtype="bf16"):
 
 
 __all__ = ["train", "prepare_model", "load_run", "complete_checkpoints", "RunStopped", "NonFiniteLossError",
-           "OutputWriteError", "heldout_loss", "plan_output", "start_run", "config_changes", "last_good"]
+           "OutputWriteError", "Interrupted", "heldout_loss", "plan_output", "start_run", "config_changes", "last_good",
+           "RESUME_MAY_CHANGE", "RUN_CONFIG", "COMPLETE_MARKER"]
 
 
 def resolve_train_config(config_file: str | None, flags: dict) -> TrainConfig:

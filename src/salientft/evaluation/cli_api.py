@@ -64,14 +64,15 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
              device="auto") -> dict:
     """Load ``model`` (preset, path, hub id or run dir), evaluate, optionally add perplexity, and
     write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only.
-    ``output`` is checked writable before the model loads; ``check_base=False`` lets an adapter
+    ``output`` (and the samples file) is checked before the model loads: writable, and not a file
+    salientft did not write (``salientft.outputs``); ``check_base=False`` lets an adapter
     onto a base other than the one it was trained on. ``log_samples=True`` (needs ``output``) also
     writes every item's record to ``samples_path(output)`` (JSON Lines, before the results file).
     ``subset`` names a fixed seeded item subset (``tasks.SUBSETS``), exclusive with ``limit``.
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): where the model loads and is scored; checked
     before anything loads."""
-    from .._io import check_writable, write_json
     from ..devices import resolve_device
+    from ..outputs import claim_file, prepare_file, write_json
     from .loading import load_for_eval
     from .runner import evaluate
     from .tasks import get_subset, parse_tasks
@@ -92,9 +93,9 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
             raise ValueError(f"--subset runs on the native backend only (the {backend} backend takes the first "
                              "--limit items); drop --backend or --subset")
     if output is not None:
-        check_writable(output, kind="file", flag="--output")
+        claim_file(output, flag="--output")  # refused if it holds a file salientft did not write
         if log_samples:
-            check_writable(samples_path(output), kind="file", flag="--log-samples")
+            claim_file(samples_path(output), flag="--log-samples")
     m, tok, desc = load_for_eval(model, adapter=adapter, dtype=dtype, device=device, check_base=check_base)
     if names:
         report = evaluate(m, tok, names, limit=limit, batch_size=batch_size, progress=progress,
@@ -116,7 +117,7 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
         for res in report["results"].values():
             res.pop("items", None)
         report["samples"] = samples_path(output).name
-        write_samples(samples_path(output), records)
+        write_samples(prepare_file(samples_path(output)), records)
     if output is not None:
         write_json(output, report)
     return report

@@ -143,7 +143,7 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
     draws them as a forest plot PNG; ``output`` writes the whole comparison as JSON (atomically).
     Runs evaluated on different subsets or items are refused, naming them.
     """
-    from .._io import check_writable
+    from ..outputs import claim_file
 
     if not paths:
         raise ValueError("compare needs at least one run directory or results file")
@@ -153,9 +153,11 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
         deps.require("compare", plot=plot)  # an asked-for plot needs matplotlib: refuse before any work
     if plot_diffs is not None:
         deps.require("compare", plot=plot_diffs)
-        check_writable(plot_diffs, kind="file", flag="--plot-diffs")
+        claim_file(plot_diffs, flag="--plot-diffs")
     if output is not None:
-        check_writable(output, kind="file", flag="--output")
+        claim_file(output, flag="--output")
+    if plot is not None:
+        claim_file(plot, flag="--plot")
     runs = [load_run(p) for p in paths]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # disambiguate same-named runs by their full path
@@ -209,7 +211,7 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
     if plot_diffs is not None:
         out["plot_diffs"] = str(plot_differences(out["pairs"], plot_diffs))
     if output is not None:
-        from .._io import write_json
+        from ..outputs import write_json
 
         write_json(output, {k: v for k, v in out.items() if k != "output"})
         out["output"] = str(output)
@@ -311,11 +313,11 @@ def _save_png(fig, path: str | Path) -> Path:
     """Lay out, write atomically, close."""
     import matplotlib.pyplot as plt
 
-    from .._io import atomic_path
+    from ..outputs import output_file
 
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with output_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path

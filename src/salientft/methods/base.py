@@ -200,10 +200,11 @@ class WholeModelMethod(Method):
 
 
 def save_plain_model(model, tokenizer, directory: Path) -> None:
-    """Write a transformers model and its tokenizer into ``directory``, atomically."""
-    from .._io import atomic_dir
+    """Write a transformers model and its tokenizer into ``directory``, atomically, with the
+    manifest of a salientft output folder (``salientft.outputs``)."""
+    from ..outputs import output_dir
 
-    with atomic_dir(directory) as tmp:
+    with output_dir(directory) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .._io import atomic_dir
+from ..outputs import output_dir
 from ..config_base import ConfigMixin, coerce_fields, salient_count
 from ..ops.salient import complement
 from ..targets import block_list_name, find_target_modules, linear_weight, set_module
@@ -413,7 +413,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, base_model: str | Non
     }
     meta.update(extra or {})
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with output_dir(path) as tmp:  # atomic, with the manifest of a salientft output folder
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         model.config.to_json_file(str(tmp / "config.json"))
         (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
