@@ -139,6 +139,13 @@ def test_gift_run_changes_only_salient_columns_and_merge_writes_plain_model(tmp_
         assert torch.equal(w[:, idx], t[f"{name}.salient_weight"].to(w.dtype))
         changed_any |= not torch.equal(w[:, idx], w0[:, idx])
     assert changed_any
+    # the run's adapter/ is a PEFT GIFT-SW adapter: stock PEFT loads it (salientft imported) as the merged model
+    peft = pytest.importorskip("peft")
+    ids = torch.tensor([[5, 17, 33, 81, 120, 7, 64]])
+    loaded = peft.PeftModel.from_pretrained(tiny_random_llama(seed=0), str(Path(cfg.output) / "adapter")).eval()
+    with torch.no_grad():  # adapter forward vs merged weights: fp32 rounding (~1e-7), a wrong column > 1e-3
+        torch.testing.assert_close(loaded(input_ids=ids).logits, merged.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
 
 
 def _final_salient(out):
