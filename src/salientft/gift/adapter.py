@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
-from ..targets import linear_weight
+from ..targets import target_weight
 from .config import GiftConfig
 from .layer import SalientLinear
 from .model import apply_gift, gift_layers
@@ -59,6 +59,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
         tensors[f"{name}.salient_weight"] = m.salient_weight.detach().cpu().contiguous()
         tensors[f"{name}.noise_std"] = m.noise_std.detach().cpu().contiguous()
         modules[name] = {"in_features": m.in_features, "out_features": m.out_features, "k": m.k}
+        if getattr(m, "num_experts", None) is not None:  # a fused expert projection: tensors per expert
+            modules[name]["experts"] = m.num_experts
     meta = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -103,8 +105,10 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         for key in ("salient_idx", "salient_weight", "noise_std"):
             if f"{name}.{key}" not in tensors:
                 raise ValueError(f"{w_path} lacks {name}.{key}: the adapter is incomplete")
-        sw = tensors[f"{name}.salient_weight"]
-        if tuple(sw.shape) != (shape["out_features"], shape["k"]) or tensors[f"{name}.salient_idx"].numel() != shape["k"]:
+        sw, lead = tensors[f"{name}.salient_weight"], ((shape["experts"],) if "experts" in shape else ())
+        if (tuple(sw.shape) != (*lead, shape["out_features"], shape["k"])
+                or tuple(tensors[f"{name}.salient_idx"].shape)[-1:] != (shape["k"],)
+                or tensors[f"{name}.salient_idx"].numel() != shape["k"] * (lead[0] if lead else 1)):
             raise ValueError(f"{w_path}: {name} tensors do not match the shapes in {CONFIG_NAME}")
     return meta, tensors
 
@@ -118,7 +122,12 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
     meta, tensors = read_adapter(directory)
     config = GiftConfig.from_dict(meta["gift_config"])
     modules = meta["modules"]
-    named = dict(base_model.named_modules())
+    named = {}
+    for n in modules:
+        try:
+            named[n] = target_weight(base_model, n)  # (out, in), or [experts, out, in] of fused experts
+        except (AttributeError, TypeError):
+            pass
     missing = [n for n in modules if n not in named]
     if missing:
         raise ValueError(
@@ -126,14 +135,14 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
             f"which this model does not have (base was {meta.get('base_model')!r})"
         )
     for n, s in modules.items():
-        shape = tuple(linear_weight(named[n]).shape)
-        if shape != (s["out_features"], s["in_features"]):
+        shape = tuple(named[n].shape)
+        if shape != ((s["experts"],) if "experts" in s else ()) + (s["out_features"], s["in_features"]):
             raise ValueError(
                 f"adapter {directory} was saved for a different base model: {n} is {shape} here but "
                 f"({s['out_features']}, {s['in_features']}) in the adapter (base was {meta.get('base_model')!r})"
             )
     if check_base:
-        fp = fingerprint({n: linear_weight(named[n]) for n in modules})
+        fp = fingerprint({n: named[n] for n in modules})
         if fp != meta.get("base_fingerprint"):
             raise ValueError(
                 f"adapter {directory} was trained on different base weights (fingerprint mismatch; "

@@ -1,0 +1,275 @@
+"""GIFT-SW on fused MoE experts (transformers 5's 3-D expert parameters) and the log of what it
+cannot wrap, on tiny random Mixtral, Qwen3-MoE, Qwen2-MoE and gpt-oss ([experts, in, out] with biases).
+
+Floats: comparisons are fp32. At init the GIFT-SW experts run transformers' eager loop with the
+same F.linear per expert plus exact zeros (bit-identical to the eager base); merged vs adapter are
+two different computations (dense merged weight vs W + rank-k correction), ~1e-7 apart, checked at
+1e-5 (a trained column moves logits by > 1e-3); save/load and unmerge are exact (same values).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from salientft import GiftConfig, apply_gift, load_adapter, merge_gift, save_adapter, trainable_parameters  # noqa: E402
+from salientft import unmerge_gift  # noqa: E402
+from salientft.calibration import collect_activation_stats  # noqa: E402
+from salientft.gift import gift_layers  # noqa: E402
+from salientft.gift.experts import ExpertColumns, SalientExperts  # noqa: E402
+from salientft.targets import find_expert_weights  # noqa: E402
+
+V = 64
+IDS = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def _mixtral(**kw):
+    return transformers.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, **kw)
+
+
+def _qwen3_moe(**kw):
+    return transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       num_experts=4, num_experts_per_tok=2, **kw)
+
+
+def _qwen2_moe(**kw):
+    return transformers.Qwen2MoeConfig(vocab_size=V, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+                                       shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, **kw)
+
+
+def _gpt_oss(**kw):
+    return transformers.GptOssConfig(vocab_size=V, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                     num_experts_per_tok=2, layer_types=["full_attention"] * 2, **kw)
+
+
+FAMILIES = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "gpt_oss": _gpt_oss}
+
+
+def tiny(family, eager=True, seed=0):
+    cfg = FAMILIES[family]()
+    if eager:
+        cfg._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():  # gpt-oss initialises its expert biases to zero; make the biased path visible
+        for n, p in model.named_parameters():
+            if n.endswith("_proj_bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def logits(model, ids=IDS):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def experts_of(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SalientExperts)}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_experts_carry_salient_columns_equal_at_init_and_counted(family):
+    base = tiny(family)
+    ref = logits(base)
+    expected = find_expert_weights(base)
+    assert len(expected) == 4  # gate_up_proj and down_proj of both blocks
+    model = apply_gift(tiny(family), GiftConfig(metric="magnitude", n_salient=3))
+    assert torch.equal(logits(model), ref)  # the same eager matmuls plus exact zeros
+    layers = gift_layers(model)
+    cols = {n: c for n, c in layers.items() if isinstance(c, ExpertColumns)}
+    assert set(cols) == set(expected)
+    assert len(experts_of(model)) == 2
+    for c in cols.values():
+        assert c.salient_idx.shape == (4, 3) and c.salient_weight.shape == (4, c.out_features, 3)
+        assert c.noise_std.shape == (4, c.out_features) and (c.noise_std > 0).all()
+    # magnitude: each expert's own top-3 columns by the L2 norm of its (out, in) matrix
+    for name, c in cols.items():
+        w = c.base_weight().detach()
+        for e in range(4):
+            want = torch.topk(w[e].norm(dim=0), 3).indices.sort().values
+            assert torch.equal(c.salient_idx[e], want)
+    counts = trainable_parameters(model)
+    assert counts["trainable"] == sum(c.salient_weight.numel() for c in layers.values())
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["total"] == sum(p.numel() for p in base.parameters())
+    assert sum(c.salient_weight.numel() for c in cols.values()) > counts["trainable"] / 2  # experts dominate
+
+
+def _train_step(model, lr=1e-2, seed=0):
+    model.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_a_training_step_changes_exactly_the_salient_columns_of_the_experts(family):
+    base = tiny(family)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = _train_step(apply_gift(tiny(family), GiftConfig(metric="magnitude", n_salient=3, noise="weight")))
+    cols = {n: (c.salient_idx.clone(), c) for n, c in gift_layers(model).items() if isinstance(c, ExpertColumns)}
+    merge_gift(model)
+    after = dict(model.named_parameters())
+    moved = 0
+    for name, (idx, c) in cols.items():
+        w0, w1 = before[name], after[name].detach()
+        if c._experts.is_transposed:  # [experts, in, out]: compare as [experts, out, in]
+            w0, w1 = w0.transpose(1, 2), w1.transpose(1, 2)
+        changed = w0 != w1
+        allowed = torch.zeros_like(changed)
+        allowed.scatter_(2, idx[:, None, :].expand(-1, w0.shape[1], -1), True)
+        assert not (changed & ~allowed).any(), f"{name}: an entry outside the salient columns moved"
+        moved += int(changed.any(dim=(1, 2)).sum())
+    assert moved >= 4  # experts that received tokens trained
+    for n, p in after.items():  # nothing else (routers, norms, biases, embeddings) moved
+        if n not in cols and not n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) \
+                and "shared_expert." not in n and "shared_expert_gate" not in n:
+            assert torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_save_load_exact_merge_matches_and_unmerge_restores(tmp_path, family):
+    model = _train_step(apply_gift(tiny(family), GiftConfig(metric="magnitude", n_salient=2)))
+    trained = logits(model)
+    save_adapter(model, tmp_path / "a")
+    fresh = load_adapter(tiny(family), tmp_path / "a")
+    for (n, a), (m, b) in zip(gift_layers(model).items(), gift_layers(fresh).items()):
+        assert n == m and torch.equal(a.salient_idx, b.salient_idx) and torch.equal(a.salient_weight, b.salient_weight)
+        assert torch.equal(a.noise_std, b.noise_std)
+    assert torch.equal(logits(fresh), trained)
+    assert (trained - logits(tiny(family))).abs().max() > 1e-3  # the step moved the model
+    merge_gift(fresh, keep_original=True)
+    assert not experts_of(fresh) and type(fresh.model.layers[0].mlp.experts).__name__.endswith("Experts")
+    torch.testing.assert_close(logits(fresh), trained, rtol=0, atol=1e-5)
+    unmerge_gift(fresh)
+    assert torch.equal(logits(fresh), trained)
+    base_sd = tiny(family).state_dict()
+    merge_gift(fresh)
+    merge_gift(model)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, fresh.state_dict()[n])
+    assert set(model.state_dict()) == set(base_sd)
+
+
+def test_load_adapter_refuses_another_base(tmp_path):
+    model = apply_gift(tiny("mixtral"), GiftConfig(metric="magnitude", n_salient=2))
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_adapter(tiny("mixtral", seed=1), tmp_path / "a")
+
+
+def _routing(model):
+    """Record (hidden_states, top_k_index) that each experts module receives."""
+    seen, handles = {}, []
+    for n, m in model.named_modules():
+        if type(m).__name__.endswith("Experts"):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, n=n: seen.setdefault(n, []).append((args[0].detach(), args[1].detach()))))
+    return seen, handles
+
+
+@pytest.mark.numerics
+def test_calibrated_statistics_are_each_experts_own_routed_tokens():
+    """8 experts, top-2, 5 unpadded tokens: at most 10 (expert, token) pairs, so some experts get none."""
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)).float().eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    seen, handles = _routing(model)
+    names = list(find_expert_weights(model))
+    stats = collect_activation_stats(model, [{"input_ids": ids, "attention_mask": mask}], target_modules=[],
+                                     experts=names, progress=False)
+    for h in handles:
+        h.remove()
+    (mod, [(hidden, top)]) = next(iter(seen.items()))
+    keep = mask.reshape(-1).bool()
+    hidden, top = hidden[keep].double(), top[keep]  # padding never counts
+    experts = model.get_submodule(mod)
+    empty = 0
+    for e in range(8):
+        x = hidden[(top == e).any(-1)]
+        gu = x @ experts.gate_up_proj[e].detach().double().T
+        g, u = gu.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(g) * u
+        for proj, inp in (("gate_up_proj", x), ("down_proj", h)):
+            s = stats[f"{mod}.{proj}.{e}"]
+            assert s.count == inp.shape[0]
+            torch.testing.assert_close(s.sum_sq, (inp * inp).sum(0), rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(s.sum_abs, inp.abs().sum(0), rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(s.max_abs.double(), inp.abs().amax(0) if len(inp) else torch.zeros(inp.shape[1],
+                                       dtype=torch.float64), rtol=1e-5, atol=1e-9)
+        empty += x.shape[0] == 0
+    assert empty >= 1  # 5 tokens x top-2 cannot reach all 8 experts: an unrouted expert has zero statistics
+
+
+def test_calibrated_metric_selects_per_expert_columns_from_routed_tokens(caplog):
+    model = tiny("mixtral")
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    with caplog.at_level(logging.WARNING):
+        apply_gift(model, GiftConfig(metric="wanda", n_salient=2), calibration=batches)
+    names = list(find_expert_weights(tiny("mixtral")))
+    stats = collect_activation_stats(tiny("mixtral"), batches, target_modules=[], experts=names, progress=False)
+    for name, c in gift_layers(model).items():
+        if not isinstance(c, ExpertColumns):
+            continue
+        w = c.base_weight().detach().float()
+        for e in range(c.num_experts):
+            s = stats[f"{name}.{e}"]
+            score = (w[e].abs().sum(0).double() * s.sum_sq.sqrt()).float() if s.count else w[e].norm(dim=0)
+            top = torch.topk(score, 2).indices.sort().values
+            assert torch.equal(c.salient_idx[e], top), f"{name} expert {e}"
+
+
+def test_explicit_targets_reach_the_experts_and_a_linear_only_method_names_them():
+    model = apply_gift(tiny("qwen3_moe"), GiftConfig(metric="magnitude", n_salient=2, target_modules=["down_proj"]))
+    assert set(gift_layers(model)) == {f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)}
+    model = apply_gift(tiny("qwen3_moe"), GiftConfig(metric="magnitude", n_salient=2, target_modules=["experts"]))
+    assert len(gift_layers(model)) == 4
+    from salientft.targets import find_target_modules
+
+    with pytest.raises(ValueError, match="fused MoE experts"):
+        find_target_modules(tiny("qwen3_moe"), ["experts"])
+
+
+def test_uncovered_layers_are_named_in_the_log_with_parameter_counts(caplog):
+    with caplog.at_level(logging.WARNING, logger="salientft"):
+        apply_gift(tiny("mixtral"), GiftConfig(metric="magnitude", n_salient=2))
+    text = caplog.text
+    assert "model.layers.*.mlp.gate.weight (MixtralTopKRouter): 2 x 128 parameters" in text
+    caplog.clear()
+    from salientft.models import tiny_random_llama
+
+    with caplog.at_level(logging.WARNING, logger="salientft"):
+        apply_gift(tiny_random_llama(seed=0), GiftConfig(metric="magnitude", n_salient=2))
+    assert "cannot wrap" not in caplog.text
+
+
+def test_gmt_masks_the_3d_expert_gradients():
+    from salientft.gmt import GradientMask
+
+    model = tiny("mixtral").train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    mask = GradientMask(model, ratio=0.5, exclude=[])
+    mask.apply_()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert name in {n for n, _ in mask.params}
+    g0, g1 = before[name].abs(), model.get_parameter(name).grad
+    kept = g1 != 0
+    assert 0.4 < kept.float().mean() < 0.6
+    assert g0[kept].min() >= g0[~kept].max()  # the largest gradients of the 3-D tensor are the ones kept
