@@ -152,7 +152,7 @@ def uncovered_weights(model: nn.Module, targets: Iterable[str]) -> dict[str, tup
     return out
 
 
-def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Module]:
+def resolve_targets(model: nn.Module, target_modules=None, *, experts: bool = False) -> dict[str, nn.Module]:
     """Target layers by name. Exact full module names are taken as they are (they need only an
     input width, :func:`in_features_of`, so layers already replaced by another module type still work);
     anything else goes through :func:`find_target_modules`."""
@@ -169,7 +169,7 @@ def resolve_targets(model: nn.Module, target_modules=None) -> dict[str, nn.Modul
                 out[n] = named[n]
             return out
         target_modules = names
-    return find_target_modules(model, target_modules)
+    return find_target_modules(model, target_modules, experts=experts)
 
 
 def in_features_of(module: nn.Module) -> int:

@@ -155,13 +155,6 @@ def expert_layers(model: nn.Module) -> dict[str, ExpertColumns]:
             for p, c in m.salient.items()}
 
 
-def expert_noise_std(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """[experts, out] Delta_i / 2 of every expert (``noise_std_for`` on each expert's matrix)."""
-    from .model import noise_std_for
-
-    return torch.stack([noise_std_for(weight[e], salient_idx[e], bits) for e in range(weight.shape[0])])
-
-
 def expert_scores(model: nn.Module, names, metric: str, stats=None, *, bits: int = 4, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """[experts, in] salience of every fused expert projection in ``names`` (``<experts>.<proj>``).
@@ -173,7 +166,7 @@ def expert_scores(model: nn.Module, names, metric: str, stats=None, *, bits: int
     """
     from ..saliency import STATLESS_METRICS, layer_scores, resolve_metric
 
-    spec = resolve_metric(metric)
+    spec = resolve_metric(metric) if isinstance(metric, str) else metric
     out, unrouted = {}, []
     for name in names:
         module, _, proj = name.rpartition(".")

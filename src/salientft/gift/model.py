@@ -12,7 +12,7 @@ from ..ops.grid import quantize_rows
 from ..saliency import STATLESS_METRICS, select_salient
 from ..targets import find_expert_weights, find_target_modules, linear_weight, set_module, target_weight, uncovered_weights
 from .config import GiftConfig
-from .experts import (ExpertColumns, SalientExperts, expert_noise_std, expert_scores, gather_columns, scatter_columns_,
+from .experts import (ExpertColumns, SalientExperts, expert_scores, gather_columns, scatter_columns_,
                       select_expert_columns, wrap_experts)
 from .layer import SalientLinear
 
@@ -113,9 +113,15 @@ def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> Expe
             raise ValueError(f"no salient indices given for target {name!r}")
         idx = torch.as_tensor(salient_idx[name], dtype=torch.long)
     else:
-        if name not in scores:
+        if name not in scores and f"{name}.0" in scores:  # a scores file: one (in,) row per expert
+            rows = [scores.get(f"{name}.{e}") for e in range(n_exp)]
+            if any(r is None for r in rows):
+                raise ValueError(f"the scores lack some experts of {name!r}; recompute them for this model")
+            score = torch.stack([torch.as_tensor(r).detach().float().flatten() for r in rows])
+        elif name not in scores:
             raise ValueError(f"no scores for target {name!r}; scores cover {len(scores)} modules")
-        score = torch.as_tensor(scores[name]).detach().float()
+        else:
+            score = torch.as_tensor(scores[name]).detach().float()
         if tuple(score.shape) != (n_exp, in_f):
             raise ValueError(f"scores for {name!r} have shape {tuple(score.shape)}, the fused experts need "
                              f"[experts={n_exp}, in={in_f}]; recompute the scores for this model")
@@ -126,7 +132,7 @@ def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> Expe
     if noise_std is not None and name in noise_std:
         std = torch.as_tensor(noise_std[name], dtype=torch.float32, device=w.device)
     else:
-        std = expert_noise_std(w.detach(), idx, config.noise_bits)
+        std = torch.stack([noise_std_for(w[e].detach(), idx[e], config.noise_bits) for e in range(n_exp)])
     return ExpertColumns(module, proj, idx, std, noise=config.noise, fp32_salient=config.fp32_salient,
                          keep_noise=config.keep_noise)
 
