@@ -303,3 +303,51 @@ def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_
     col = gift_layers(gifted)[name]
     for e in range(4):
         assert torch.equal(col.salient_idx[e], select_salient(scores[f"{name}.{e}"], 2))  # the same selection
+
+
+@pytest.mark.numerics
+def test_lora_export_of_expert_columns_loads_in_stock_peft_without_salientft(tmp_path):
+    """The exported LoRA (PEFT target_parameters for the experts, rank k per expert, k differing between
+    gate_up_proj (in 32: k 4) and down_proj (in 24: k 3)) gives the trained model's logits in a process
+    that cannot import salientft; fp32, different code paths (W + B A vs W + rank-k correction): 1e-5."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft")
+    from salientft.export import export_lora
+    from salientft.models import load_model, tiny_tokenizer
+
+    base_dir = tmp_path / "base"
+    tiny("mixtral", eager=False).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model, _ = load_model(str(base_dir), dtype="fp32")
+    apply_gift(model, GiftConfig(salient_fraction=1 / 8, metric="magnitude", noise="none"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in filter(lambda p: p.requires_grad, model.parameters()):
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.5)
+    want = logits(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(base_dir))
+    export_lora(tmp_path / "adapter", tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == sorted(find_expert_weights(tiny("mixtral")))
+    torch.save(want, tmp_path / "want.pt")
+    code = f"""import sys; sys.modules["salientft"] = None
+import json, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r}).eval()
+with torch.no_grad():
+    got = model(input_ids=torch.tensor({IDS.tolist()})).logits
+want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)
+ranks = {{n: m.lora_A["default"].weight.shape[0] for n, m in model.named_modules()
+         if type(m).__name__ == "ParamWrapper"}}
+print(json.dumps({{"diff": (got - want).abs().max().item(), "ranks": sorted(ranks.values())}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["ranks"] == [12, 12, 16, 16]  # experts (4) x k: 3 for down_proj, 4 for gate_up_proj
+    assert got["diff"] <= 1e-5
