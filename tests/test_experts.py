@@ -351,3 +351,18 @@ print(json.dumps({{"diff": (got - want).abs().max().item(), "ranks": sorted(rank
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["ranks"] == [12, 12, 16, 16]  # experts (4) x k: 3 for down_proj, 4 for gate_up_proj
     assert got["diff"] <= 1e-5
+
+
+def test_peft_route_names_the_experts_it_leaves_and_refuses_to_target_them(caplog):
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    with caplog.at_level(logging.WARNING, logger="salientft"):
+        model = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=2,
+                                                                   task_type="CAUSAL_LM"))
+    assert "model.layers.*.mlp.experts.down_proj (MixtralExperts): 2 x 3,072 parameters" in caplog.text
+    assert "salientft.apply_gift" in caplog.text
+    assert "q_proj" not in caplog.text  # wrapped layers are covered
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    with pytest.raises(TypeError, match="fused MoE experts.*salientft.apply_gift"):
+        peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=2, target_modules=["experts"]))

@@ -133,21 +133,20 @@ def target_weight(model: nn.Module, name: str):
 
 def uncovered_weights(model: nn.Module, targets: Iterable[str]) -> dict[str, tuple[str, int]]:
     """Weights inside the transformer blocks that none of ``targets`` holds: parameter name ->
-    (its module's type, its number of entries). ``targets`` are linear module names (their
-    ``weight``) and fused expert projections (the parameter itself). Only parameters with two or
+    (its module's type, its number of entries). ``targets`` are module names (everything inside
+    them counts as covered) and fused expert projections (the parameter itself). Only parameters with two or
     more dimensions count: norms' scales and biases (any name ending in ``bias``) are not weights
     that compute x W^T; embeddings are never targets."""
-    covered = set()
-    for t in targets:
-        covered.update((t, f"{t}.weight"))
+    covered = set(targets)
     prefix = block_list_name(model) + "."
     out = {}
     for mod_name, module in model.named_modules():
         if not mod_name.startswith(prefix) or isinstance(module, nn.Embedding):
             continue
+        inside = mod_name in covered or any(mod_name.startswith(t + ".") for t in covered)  # a target's own tensors
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}"
-            if p.dim() >= 2 and full not in covered and not p_name.endswith("bias"):
+            if p.dim() >= 2 and not inside and full not in covered and not p_name.endswith("bias"):
                 out[full] = (type(module).__name__, p.numel())
     return out
 

@@ -137,10 +137,13 @@ def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> Expe
                          keep_noise=config.keep_noise)
 
 
-def warn_uncovered(model: nn.Module, targets) -> None:
+def warn_uncovered(model: nn.Module, targets, hint: str = "") -> None:
     """Log, never skip silently, the weights inside the blocks that no GIFT-SW layer covers (module
     types salientft cannot wrap: a custom router, a convolution, ...), grouped by name pattern."""
-    left = uncovered_weights(model, targets)
+    try:
+        left = uncovered_weights(model, targets)
+    except ValueError:  # no transformer blocks found: nothing to compare against
+        return
     if not left:
         return
     groups: dict[tuple[str, str], list[int]] = {}
@@ -150,8 +153,8 @@ def warn_uncovered(model: nn.Module, targets) -> None:
     lines = [f"{pattern} ({kind}): {len(sizes)} x {sizes[0]:,} parameters" for (pattern, kind), sizes in groups.items()]
     log.warning(
         "GIFT-SW cannot wrap %d weight tensors inside the transformer blocks (%s parameters, %.2f%% of the model); "
-        "they stay frozen: %s", len(left), f"{sum(n for _, n in left.values()):,}",
-        100 * sum(n for _, n in left.values()) / max(total, 1), "; ".join(lines),
+        "they stay frozen%s: %s", len(left), f"{sum(n for _, n in left.values()):,}",
+        100 * sum(n for _, n in left.values()) / max(total, 1), f" ({hint})" if hint else "", "; ".join(lines),
     )
 
 

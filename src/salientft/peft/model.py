@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ..gift.model import warn_uncovered
+from ..ops.experts import is_fused_experts
 from ..targets import is_linear_like
 from .config import PEFT_TYPE, GiftSWConfig
 from .layer import GiftSWLayer, Linear
@@ -23,6 +25,10 @@ class GiftSWModel(BaseTuner):
             target.update_layer(adapter_name, config, current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if is_fused_experts(base):
+            raise TypeError(f"GIFT-SW's PEFT tuner wraps linear layers; {current_key} holds fused MoE experts "
+                            f"({type(base).__name__}), which salientft.apply_gift / salientft train do train: use that "
+                            "route for them, or target only linear layers here")
         if not is_linear_like(base):
             raise TypeError(f"GIFT-SW targets linear layers; {current_key} is a {type(base).__name__}")
         new = Linear(target, adapter_name, config, current_key)
@@ -32,6 +38,10 @@ class GiftSWModel(BaseTuner):
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, GiftSWLayer)]
+        if self.peft_config[adapter_name].target_modules in (None, "all-linear"):  # not the user's own subset
+                warn_uncovered(model, wrapped, hint="the PEFT route wraps linear layers only; salientft.apply_gift "
+                                                "(salientft train) also trains fused MoE experts")
         # The columns are chosen: a saved adapter carries them, and loading it must not re-select.
         self.peft_config[adapter_name].salient_indices_in_adapter = True
 
