@@ -37,10 +37,12 @@ class GiftSWModel(BaseTuner):
         self._replace_module(parent, target_name, new, target)
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        config = self.peft_config[adapter_name]
+        default = config.target_modules in (None, "all-linear")  # not the user's own subset (PEFT resolves it below)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         wrapped = [n for n, m in model.named_modules() if isinstance(m, GiftSWLayer)]
-        if self.peft_config[adapter_name].target_modules in (None, "all-linear"):  # not the user's own subset
-                warn_uncovered(model, wrapped, hint="the PEFT route wraps linear layers only; salientft.apply_gift "
+        if default:
+            warn_uncovered(model, wrapped, hint="the PEFT route wraps linear layers only; salientft.apply_gift "
                                                 "(salientft train) also trains fused MoE experts")
         # The columns are chosen: a saved adapter carries them, and loading it must not re-select.
         self.peft_config[adapter_name].salient_indices_in_adapter = True
