@@ -366,3 +366,11 @@ def test_peft_route_names_the_experts_it_leaves_and_refuses_to_target_them(caplo
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     with pytest.raises(TypeError, match="fused MoE experts.*salientft.apply_gift"):
         peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=2, target_modules=["experts"]))
+
+
+def test_quantize_names_the_experts_it_leaves_in_16_bits(caplog):
+    from salientft.quant.model import quantize
+
+    with caplog.at_level(logging.WARNING, logger="salientft"):
+        quantize(tiny("mixtral"), bits=4, method="rtn", n_salient=2, metric="magnitude", progress=False)
+    assert "quantize cannot wrap" in caplog.text and "experts.down_proj (MixtralExperts)" in caplog.text

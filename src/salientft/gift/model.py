@@ -137,7 +137,8 @@ def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> Expe
                          keep_noise=config.keep_noise)
 
 
-def warn_uncovered(model: nn.Module, targets, hint: str = "") -> None:
+def warn_uncovered(model: nn.Module, targets, hint: str = "", who: str = "GIFT-SW", fate: str = "they stay frozen"
+                   ) -> None:
     """Log, never skip silently, the weights inside the blocks that no GIFT-SW layer covers (module
     types salientft cannot wrap: a custom router, a convolution, ...), grouped by name pattern."""
     try:
@@ -152,9 +153,9 @@ def warn_uncovered(model: nn.Module, targets, hint: str = "") -> None:
     total = sum(p.numel() for p in model.parameters())
     lines = [f"{pattern} ({kind}): {len(sizes)} x {sizes[0]:,} parameters" for (pattern, kind), sizes in groups.items()]
     log.warning(
-        "GIFT-SW cannot wrap %d weight tensors inside the transformer blocks (%s parameters, %.2f%% of the model); "
-        "they stay frozen%s: %s", len(left), f"{sum(n for _, n in left.values()):,}",
-        100 * sum(n for _, n in left.values()) / max(total, 1), f" ({hint})" if hint else "", "; ".join(lines),
+        "%s cannot wrap %d weight tensors inside the transformer blocks (%s parameters, %.2f%% of the model); "
+        "%s%s: %s", who, len(left), f"{sum(n for _, n in left.values()):,}",
+        100 * sum(n for _, n in left.values()) / max(total, 1), fate, f" ({hint})" if hint else "", "; ".join(lines),
     )
 
 
