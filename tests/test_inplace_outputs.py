@@ -88,3 +88,40 @@ def test_falcon_trains_with_weight_noise_and_gradients_match(monkeypatch, new_ar
     assert got.keys() == ref.keys()
     for n in got:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("noise", ["weight", "none"])
+def test_quantized_and_ste_layers_outputs_are_not_views(noise):
+    from salientft.quant.model import quantize, quantized_layers
+    from salientft.quant.ste import apply_ste
+
+    model = _tiny_falcon(False)
+    quantize(model, bits=4, method="rtn", n_salient=2, metric="magnitude", progress=False)
+    layer = next(iter(quantized_layers(model).values()))
+    layer.set_noise(noise)
+    layer.train()
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    y = layer(x)
+    assert y._base is None
+    y += 1.0
+    y.sum().backward()
+    ste = apply_ste(_tiny_falcon(False), bits=4)
+    from salientft.quant.ste import STELinear
+
+    s = next(m for m in ste.modules() if isinstance(m, STELinear)).train()
+    y = s(torch.randn(2, 3, s.weight.shape[1], requires_grad=True))
+    assert y._base is None
+    y += 1.0
+    y.sum().backward()
+
+
+def test_falcon_trains_on_the_peft_route():
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    model = peft.get_peft_model(_tiny_falcon(True), GiftSWConfig(metric="magnitude", n_salient=3, noise="weight",
+                                                                  task_type="CAUSAL_LM")).train()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
