@@ -267,20 +267,27 @@ def test_uncovered_layers_are_named_in_the_log_with_parameter_counts(caplog):
     assert "cannot wrap" not in caplog.text
 
 
-def test_gmt_masks_the_3d_expert_gradients():
+@pytest.mark.parametrize("granularity", ["tensor", "global"])
+def test_gmt_masks_the_3d_expert_gradients(granularity):
     from salientft.gmt import GradientMask
 
     model = tiny("mixtral").train()
     model(input_ids=IDS, labels=IDS).loss.backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    mask = GradientMask(model, ratio=0.5, exclude=[])
+    mask = GradientMask(model, ratio=0.5, granularity=granularity, exclude=[])
     mask.apply_()
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert name in {n for n, _ in mask.params}
     g0, g1 = before[name].abs(), model.get_parameter(name).grad
     kept = g1 != 0
-    assert 0.4 < kept.float().mean() < 0.6
-    assert g0[kept].min() >= g0[~kept].max()  # the largest gradients of the 3-D tensor are the ones kept
+    assert torch.equal(g1[kept], before[name][kept])  # kept entries untouched
+    if granularity == "tensor":
+        assert 0.4 < kept.float().mean() < 0.6
+        assert g0[kept].min() >= g0[~kept].max()  # the largest gradients of the 3-D tensor are the ones kept
+    else:  # one threshold over every tensor: the 3-D one is cut at the same value as the others
+        everything = torch.cat([g.abs().flatten() for g in before.values()])
+        kept_all = torch.cat([model.get_parameter(n).grad.flatten() != 0 for n in before])
+        assert g0[kept].min() >= everything[~kept_all].max()
 
 
 def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_path):
