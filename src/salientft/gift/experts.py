@@ -81,13 +81,16 @@ class ExpertColumns(SalientLayer):
         """The frozen weight as an [experts, out, in] view."""
         return expert_weight(self._experts, self.proj)
 
-    def project(self, e: int, x: torch.Tensor, seed: int | None) -> torch.Tensor:
-        """Expert ``e``'s output for its tokens ``x``: GIFT-SW's salient matmul on its (out, in) matrix."""
+    def project(self, e: int, x: torch.Tensor, seed: int | None, salient_weight: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Expert ``e``'s output for its tokens ``x``: GIFT-SW's salient matmul on its (out, in) matrix.
+        ``salient_weight``: expert e's (out, k) columns, e.g. from one ``unbind`` per forward (its backward
+        stacks the experts' gradients once, where indexing would add a zero-filled [experts, out, k] per expert)."""
         b = self.bias
         s = None if seed is None else (seed + (e + 1) * SEED_MIX) % (1 << 62)  # one noise draw per expert
         idx, std = self.salient_idx[e], self.noise_std[e]
-        y = salient_linear(x, self.base_weight()[e], self.salient_weight[e], None if b is None else b[e], idx, std,
-                           s, self.keep_noise)
+        sw = self.salient_weight[e] if salient_weight is None else salient_weight
+        y = salient_linear(x, self.base_weight()[e], sw, None if b is None else b[e], idx, std, s, self.keep_noise)
         if self.training and self.noise == "output":
             y = y + output_noise(x, y, idx, std)
         return y
@@ -125,11 +128,12 @@ class SalientExperts(nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         hidden_states, top_k_index, top_k_weights = routing_args(args, kwargs)
         seeds = {p: c.weight_noise_seed() for p, c in self.salient.items()}
+        columns = {p: c.salient_weight.unbind(0) for p, c in self.salient.items()}
         base = self._base
 
         def project(proj: str, e: int, x: torch.Tensor) -> torch.Tensor:
             if proj in self.salient:
-                return self.salient[proj].project(e, x, seeds[proj])
+                return self.salient[proj].project(e, x, seeds[proj], columns[proj][e])
             b = expert_bias(self, proj)
             return torch.nn.functional.linear(x, expert_weight(self, proj)[e], None if b is None else b[e])
 
