@@ -446,3 +446,23 @@ def test_expert_column_gradients_equal_the_dense_gradient_of_those_columns(famil
         torch.testing.assert_close(c.salient_weight.grad, want, rtol=1e-5, atol=1e-8)
         checked += int(want.abs().amax(dim=(1, 2)).gt(0).sum())
     assert checked >= 4
+
+
+def test_expert_weight_noise_is_seeded_per_forward_and_absent_in_eval():
+    model = apply_gift(tiny("qwen3_moe"), GiftConfig(metric="magnitude", n_salient=2, noise="weight",
+                                                     target_modules=["experts"]))  # only experts add noise
+    clean = logits(model)
+    model.train()
+
+    def noisy(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+
+    a, b, c = noisy(5), noisy(5), noisy(6)
+    assert torch.equal(a, b)  # the same seeds: the same noise (same computation)
+    assert (a - c).abs().max() > 1e-4 and (a - clean).abs().max() > 1e-4  # noise is there, fresh per seed
+    assert torch.equal(logits(model), clean)  # eval: no noise
+    cols = [c for c in gift_layers(model).values() if isinstance(c, ExpertColumns)]
+    std = cols[0].noise_std
+    assert not torch.equal(std[0], std[1])  # each expert's own Delta / 2
