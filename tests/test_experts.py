@@ -466,3 +466,19 @@ def test_expert_weight_noise_is_seeded_per_forward_and_absent_in_eval():
     cols = [c for c in gift_layers(model).values() if isinstance(c, ExpertColumns)]
     std = cols[0].noise_std
     assert not torch.equal(std[0], std[1])  # each expert's own Delta / 2
+
+
+def test_expert_columns_refuse_wrong_shapes():
+    experts = tiny("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"salient_idx of gate_up_proj must be \[experts=4, k\]"):
+        ExpertColumns(experts, "gate_up_proj", torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="distinct column indices"):
+        ExpertColumns(experts, "gate_up_proj", torch.tensor([[0, 0]] * 4))
+    with pytest.raises(ValueError, match=r"noise_std of down_proj must be \[experts=4, out\]"):
+        ExpertColumns(experts, "down_proj", torch.tensor([[0, 1]] * 4), torch.zeros(3, 32))
+    model = tiny("mixtral")
+    name = "model.layers.0.mlp.experts.down_proj"
+    scores = {n: torch.rand(4, 32 if n.endswith("gate_up_proj") else 24) for n in find_expert_weights(model)}
+    scores[name] = torch.rand(24)
+    with pytest.raises(ValueError, match=r"need \[experts=4, in=24\]"):
+        apply_gift(model, GiftConfig(n_salient=2, target_modules=["experts"]), scores)

@@ -56,8 +56,10 @@ class ExpertColumns(SalientLayer):
             raise ValueError(f"salient_idx of {proj} must be [experts={self.num_experts}, k], got {tuple(idx.shape)}")
         idx = torch.stack([salient_indices(row, self.in_features, device=w.device) for row in idx])
         self.register_buffer("salient_idx", idx)
-        std = torch.zeros(self.num_experts, self.out_features) if noise_std is None else noise_std
-        std = torch.stack([noise_scale(s, self.out_features, w.device) for s in torch.as_tensor(std)])
+        std = torch.zeros(self.num_experts, self.out_features) if noise_std is None else torch.as_tensor(noise_std)
+        if std.dim() != 2 or std.shape[0] != self.num_experts:
+            raise ValueError(f"noise_std of {proj} must be [experts={self.num_experts}, out], got {tuple(std.shape)}")
+        std = torch.stack([noise_scale(s, self.out_features, w.device) for s in std])
         self.register_buffer("noise_std", std)
         self.noise = noise
         self.keep_noise = bool(keep_noise)
