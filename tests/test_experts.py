@@ -404,7 +404,8 @@ def test_salientft_train_on_a_local_moe_model_trains_its_experts(tmp_path, metho
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(16)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     settings = dict(model=str(folder), data=str(tmp_path / "d.jsonl"), output=str(tmp_path / "run"), method=method,
-                    max_steps=2 if method == "gift-sw" else 1, batch_size=4, max_length=64, dtype="fp32", lr=1e-2, metric="gift", n_salient=2,
+                    max_steps=2 if method == "gift-sw" else 1, batch_size=4, max_length=64, dtype="fp32", lr=1e-2,
+                    metric="gift", n_salient=2,
                     calib_samples=4, warmup_ratio=0.0, mask_ratio=0.5)
     train(TrainConfig(**methods.get(method).only_used(settings)))
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

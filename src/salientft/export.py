@@ -238,8 +238,8 @@ def _write_lora(directory: Path, factors: dict, base_model: str, fan_in_fan_out:
     ``r`` is the largest k, ``lora_alpha = r``, and the layers of another k are listed in
     ``rank_pattern`` with an equal ``alpha_pattern``: the scaling alpha/r is 1 in every layer, so an
     engine that reads only ``r`` and ``lora_alpha`` still applies the update exactly.
-    ``experts`` (fused MoE expert projections: (lora_A, lora_B, k), :func:`_expert_factors`) go in ``target_parameters``;
-    their tensor names (PEFT nests one wrapper per parameter) are PEFT's own, read from a PEFT
+    ``experts`` (fused MoE expert projections: (lora_A, lora_B, k), :func:`_expert_factors`) go in
+    ``target_parameters``; their tensor names (PEFT nests one wrapper per parameter) are PEFT's own, read from a PEFT
     model built over ``model`` (which this merges).
     """
     from peft import LoraConfig
@@ -333,8 +333,9 @@ def export_lora(source, output, base: str | None = None, *, overwrite: bool = Fa
             delta = c.columns.float() - w.index_select(1, c.idx)
             factors[name] = (_one_hot(c.idx, w.shape[1], torch.float32), delta)
     if experts and fan_in_fan_out:
-        raise ValueError("the adapter targets transformers' Conv1D layers and fused MoE experts; PEFT's LoRA cannot "
-                         "hold both (fan_in_fan_out is one flag and target_parameters refuse it): export --format merged")
+        raise ValueError("the adapter targets transformers' Conv1D layers and fused MoE experts; PEFT's LoRA "
+                         "cannot hold both (fan_in_fan_out is one flag and target_parameters refuse it): "
+                         "export --format merged")
     from ._io import atomic_dir
 
     with atomic_dir(out) as tmp:

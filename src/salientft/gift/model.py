@@ -10,7 +10,8 @@ from torch import nn
 
 from ..ops.grid import quantize_rows
 from ..saliency import STATLESS_METRICS, select_salient
-from ..targets import find_expert_weights, find_target_modules, linear_weight, set_module, target_weight, uncovered_weights
+from ..targets import (find_expert_weights, find_target_modules, linear_weight, set_module, target_weight,
+                       uncovered_weights)
 from .config import GiftConfig
 from .experts import (ExpertColumns, SalientExperts, expert_scores, gather_columns, scatter_columns_,
                       select_expert_columns, wrap_experts)
