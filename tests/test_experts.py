@@ -483,3 +483,15 @@ def test_expert_columns_refuse_wrong_shapes():
     scores[name] = torch.rand(24)
     with pytest.raises(ValueError, match=r"need \[experts=4, in=24\]"):
         apply_gift(model, GiftConfig(n_salient=2, target_modules=["experts"]), scores)
+
+
+@pytest.mark.numerics
+def test_apply_gift_keeps_an_eval_model_noise_free():
+    """A model in eval mode (as from_pretrained returns it) stays in eval mode: no weight noise until train()."""
+    base = tiny("mixtral")
+    with torch.no_grad():
+        ref = base(input_ids=IDS).logits
+    model = apply_gift(tiny("mixtral"), GiftConfig(metric="magnitude", n_salient=2, noise="weight"))
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, ref)

@@ -152,6 +152,7 @@ class SalientLinear(SalientLayer):
         with torch.no_grad():
             init = self.base_weight().index_select(1, idx).to(p_dtype).clone()
         self.salient_weight = nn.Parameter(init)
+        self.train(base.training)  # a model in eval mode stays noise-free until model.train()
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as an (out, in) view (Conv1D stores it transposed)."""
