@@ -31,6 +31,7 @@ from torch import nn
 
 from ._io import atomic_path, iter_jsonl, read_safetensors
 from .data.chat import longest_token_bytes
+from .ops.experts import expert_weight
 from .targets import in_features_of, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -149,15 +150,51 @@ def _make_hook(name: str, acc: _Accumulator, state: _HookState):
             rows = flat.shape[0]
             stats = _batch_stats(flat, acc.hessian is not None) if rows else None
             state.last_input, state.last_rows, state.last_batch_stats = x, rows, stats
-        if rows == 0:
-            return
-        m, s2, s1, h = stats
-        torch.maximum(acc.max_abs, m.to(acc.max_abs.device), out=acc.max_abs)
-        acc.sum_sq += s2.to(acc.sum_sq.device)
-        acc.sum_abs += s1.to(acc.sum_abs.device)
-        acc.count += rows
-        if acc.hessian is not None:
-            acc.hessian += h.to(acc.hessian.device)
+        _add_stats(acc, rows, stats)
+
+    return hook
+
+
+def _add_stats(acc: _Accumulator, rows: int, stats) -> None:
+    if rows == 0:
+        return
+    m, s2, s1, h = stats
+    torch.maximum(acc.max_abs, m.to(acc.max_abs.device), out=acc.max_abs)
+    acc.sum_sq += s2.to(acc.sum_sq.device)
+    acc.sum_abs += s1.to(acc.sum_abs.device)
+    acc.count += rows
+    if acc.hessian is not None:
+        acc.hessian += h.to(acc.hessian.device)
+
+
+def _make_experts_hook(name: str, accs: dict[str, _Accumulator], state: _HookState):
+    """Forward hook of a fused experts module (``ops.experts``): the statistics of each expert's own
+    routed (unpadded) tokens, ``<name>.<proj>.<e>``. The routed inputs of ``down_proj`` exist only
+    inside the experts' loop, so the hook runs the loop again on the frozen weights (calibration
+    costs one more experts pass) and records what each projection of each expert receives."""
+    from .ops.experts import frozen_projection, routed_experts_forward, routing_args
+
+    def hook(module, args, kwargs, output):
+        x, top_k_index, top_k_weights = routing_args(args, kwargs)
+        x = x.detach().reshape(-1, x.shape[-1])
+        top_k_index = top_k_index.reshape(x.shape[0], -1)
+        if state.mask is not None:
+            if state.mask.numel() != x.shape[0]:
+                raise ValueError(
+                    f"calibration hook on {name!r}: the experts get {x.shape[0]} token positions but the "
+                    f"attention mask has {state.mask.numel()}; padding exclusion does not support this architecture"
+                )
+            keep = state.mask.reshape(-1).to(x.device)
+            x, top_k_index, top_k_weights = x[keep], top_k_index[keep], top_k_weights.reshape(keep.numel(), -1)[keep]
+        frozen = frozen_projection(module)
+
+        def record(proj: str, e: int, inp: torch.Tensor) -> torch.Tensor:
+            acc = accs.get(f"{name}.{proj}.{e}")
+            if acc is not None and inp.shape[0]:
+                _add_stats(acc, inp.shape[0], _batch_stats(inp, acc.hessian is not None))
+            return frozen(proj, e, inp)
+
+        routed_experts_forward(module, x, top_k_index, top_k_weights, record)
 
     return hook
 
@@ -179,6 +216,7 @@ def collect_activation_stats(
     hessian: bool = False,
     *,
     progress: bool = True,
+    experts: Iterable[str] = (),
 ) -> dict[str, ActivationStats]:
     """One forward pass over ``batches`` (dicts with ``input_ids`` and ``attention_mask``),
     returning module name -> :class:`ActivationStats` for every target layer.
@@ -187,6 +225,9 @@ def collect_activation_stats(
     Hessian in float32) whatever the model dtype; memory does not grow with the token count.
     ``target_modules``: None (every linear layer in the blocks), PEFT-style names, a regex, or
     exact full module names (which may be non-Linear modules with ``in_features``).
+    ``experts``: fused MoE expert projections (``<experts module>.<proj>``, see
+    ``targets.find_expert_weights``), whose statistics are per expert, from that expert's routed
+    tokens only, under ``<experts module>.<proj>.<e>`` (an expert no token reached: count 0, zeros).
     """
     from tqdm.auto import tqdm
 
@@ -198,7 +239,18 @@ def collect_activation_stats(
     state = _HookState()
     accs = {n: _Accumulator(in_features_of(m), device, hessian) for n, m in targets.items()}
     handles = [m.register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True) for n, m in targets.items()]
-    runner = _backbone(model, targets)
+    by_module: dict[str, list[str]] = {}
+    for name in experts:
+        module, _, proj = name.rpartition(".")
+        by_module.setdefault(module, []).append(proj)
+    for module_name, projs in by_module.items():
+        module = model.get_submodule(module_name)
+        for proj in projs:
+            w = expert_weight(module, proj)
+            for e in range(w.shape[0]):
+                accs[f"{module_name}.{proj}.{e}"] = _Accumulator(w.shape[2], device, hessian)
+        handles.append(module.register_forward_hook(_make_experts_hook(module_name, accs, state), with_kwargs=True))
+    runner = _backbone(model, [*targets, *by_module])
     was_training = model.training
     model.eval()
     n_batches = 0

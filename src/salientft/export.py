@@ -198,8 +198,8 @@ def _trained_model(adapter: _Adapter, device):
 
     model, tok = load_model(adapter.base, dtype="fp32", device=device)
     load_adapter(model, adapter.path)
-    layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, m.is_conv1d)
-              for n, m in gift_layers(model).items()}
+    layers = {n: _Columns(m.base_weight(), m.salient_idx, m.salient_weight, getattr(m, "is_conv1d", False))
+              for n, m in gift_layers(model).items()}  # fused experts: [experts, ...] tensors, idx 2-D
     return model.eval(), tok, layers
 
 
@@ -214,21 +214,28 @@ def _one_hot(idx, in_features: int, dtype):
     return a
 
 
-def _write_lora(directory: Path, factors: dict, base_model: str, fan_in_fan_out: bool = False) -> dict[str, int]:
+def _write_lora(directory: Path, factors: dict, base_model: str, fan_in_fan_out: bool = False, *,
+                experts: dict | None = None, model=None) -> dict[str, int]:
     """A PEFT LoRA adapter folder from ``{module name: (lora_A (k, in), lora_B (out, k))}``.
 
     ``r`` is the largest k, ``lora_alpha = r``, and the layers of another k are listed in
     ``rank_pattern`` with an equal ``alpha_pattern``: the scaling alpha/r is 1 in every layer, so an
     engine that reads only ``r`` and ``lora_alpha`` still applies the update exactly.
+    ``experts`` (fused MoE expert projections: (lora_A, lora_B, k), :func:`_expert_factors`) go in
+    ``target_parameters``; their tensor names (PEFT nests one wrapper per parameter) are PEFT's own, read from a PEFT
+    model built over ``model`` (which this merges).
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    experts = experts or {}
     ranks = {n: int(a.shape[0]) for n, (a, _) in factors.items()}
+    ranks.update({n: k for n, (_, _, k) in experts.items()})
     r = max(ranks.values())
     pattern = {n: k for n, k in ranks.items() if k != r}
     config = LoraConfig(
         r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=list(factors),
+        target_parameters=list(experts) or None,
         lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
         base_model_name_or_path=base_model, inference_mode=True,
     )
@@ -238,14 +245,48 @@ def _write_lora(directory: Path, factors: dict, base_model: str, fan_in_fan_out:
     for name, (a, b) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    if experts:
+        tensors.update(_expert_lora_tensors(model, config, experts))
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return ranks
+
+
+def _expert_lora_tensors(model, config, experts: dict) -> dict:
+    """The tensors of the ``target_parameters`` LoRA under PEFT's own names: a stock PEFT model is
+    built over ``model`` (GIFT-SW merged first: only the names are read), its expert wrappers are
+    filled with the factors, and PEFT's state dict of them is returned."""
+    import copy
+
+    import peft
+    import torch
+
+    from .gift import merge_gift
+
+    merge_gift(model)
+    cfg = copy.deepcopy(config)
+    cfg.inference_mode = False
+    pm = peft.get_peft_model(model, cfg)
+    filled = set()
+    with torch.no_grad():
+        for name, m in pm.named_modules():
+            if isinstance(m, peft.tuners.lora.ParamWrapper):
+                path = ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
+                key = f"{path}.{m.parameter_name}"
+                a, b, _ = experts[key]
+                m.lora_A["default"].weight.copy_(a)
+                m.lora_B["default"].weight.copy_(b)
+                filled.add(key)
+    if filled != set(experts):
+        raise RuntimeError(f"PEFT did not wrap the expert parameters {sorted(set(experts) - filled)}")
+    state = peft.get_peft_model_state_dict(pm)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if "lora_" in k and
+            any(k.startswith(f"base_model.model.{n.rpartition('.')[0]}.") for n in experts)}
 
 
 def _fan_in_fan_out(layers: dict[str, _Columns]) -> bool:
     """PEFT's ``fan_in_fan_out`` is one flag per adapter: True for transformers' Conv1D (GPT-2), which
     stores its weight as (in, out). A model mixing Conv1D and Linear targets cannot be described."""
-    kinds = {c.conv1d for c in layers.values()}
+    kinds = {c.conv1d for c in layers.values() if c.idx.dim() == 1}
     if len(kinds) > 1:
         conv = sorted(n for n, c in layers.items() if c.conv1d)
         raise ValueError(f"the adapter targets both Conv1D ({conv[0]}, ...) and nn.Linear layers; a PEFT LoRA "
@@ -263,19 +304,41 @@ def export_lora(source, output, base: str | None = None, *, overwrite: bool = Fa
     out = _check_output(output, overwrite, source)
     _require("peft", "--format lora")
     adapter = _adapter_source(source, base)
-    _, _, layers = _trained_model(adapter, device)
+    model, _, layers = _trained_model(adapter, device)
     fan_in_fan_out = _fan_in_fan_out(layers)
-    factors = {}
+    factors, experts = {}, {}
     with torch.no_grad():
         for name, c in layers.items():
+            if c.idx.dim() == 2:
+                experts[name] = _expert_factors(c)
+                continue
             w = c.weight.float()
             delta = c.columns.float() - w.index_select(1, c.idx)
             factors[name] = (_one_hot(c.idx, w.shape[1], torch.float32), delta)
+    if experts and fan_in_fan_out:
+        raise ValueError("the adapter targets transformers' Conv1D layers and fused MoE experts; PEFT's LoRA "
+                         "cannot hold both (fan_in_fan_out is one flag and target_parameters refuse it): "
+                         "export --format merged")
     from .outputs import output_dir
 
     with output_dir(out) as tmp:
-        ranks = _write_lora(tmp, factors, adapter.stock_base, fan_in_fan_out)
+        ranks = _write_lora(tmp, factors, adapter.stock_base, fan_in_fan_out, experts=experts, model=model)
     return Exported("lora", out, adapter.stock_base, ranks)
+
+
+def _expert_factors(c: _Columns):
+    """PEFT's ``target_parameters`` LoRA factors of a fused expert projection: lora_A (experts * k, in),
+    row e * k + j selecting expert e's column idx[e, j]; lora_B (out, k * experts), column j * experts + e
+    holding that column's change (PEFT reshapes A to (experts, k, in) and B to (out, k, experts))."""
+    import torch
+
+    w = c.weight.float()  # [experts, out, in]
+    n_exp, out_f, in_f = w.shape
+    k = c.idx.shape[1]
+    delta = c.columns.float() - torch.gather(w, 2, c.idx[:, None, :].expand(-1, out_f, -1))  # [experts, out, k]
+    a = torch.zeros(n_exp, k, in_f)
+    a.scatter_(2, c.idx.cpu()[:, :, None], 1.0)
+    return a.reshape(n_exp * k, in_f), delta.permute(1, 2, 0).reshape(out_f, k * n_exp).cpu(), k
 
 
 def export_merged(source, output, base: str | None = None, *, overwrite: bool = False, device="auto") -> Exported:

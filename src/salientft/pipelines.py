@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .outputs import claim_dir, claim_file, prepare_file
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
-from .targets import in_features_of, resolve_targets
+from .targets import find_expert_weights, in_features_of, resolve_targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,18 +62,26 @@ def calibrate(
     for flag, path in (("--output", output), ("--plot", plot), ("--stats-output", stats_output)):
         if path is not None:
             claim_file(path, flag=flag)  # writable, and not a file salientft did not write
-    targets = resolve_targets(model, target_modules)
+    targets = resolve_targets(model, target_modules, experts=True)
+    experts = find_expert_weights(model, target_modules)
     ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
     stats = None
     n_tokens = 0
     if spec["name"] not in STATLESS_METRICS:
         batches = calibration_batches(tokenizer, data, n_samples, seq_len, batch_size, seed)
-        stats = collect_activation_stats(model, batches, list(targets), progress=progress)
-        n_tokens = next(iter(stats.values())).count
+        stats = collect_activation_stats(model, batches, list(targets), progress=progress, experts=list(experts))
+        n_tokens = max(s.count for n, s in stats.items() if n in targets) if targets else 0
         if stats_output is not None:
             save_stats(stats, prepare_file(stats_output))
     scores = saliency_scores(model, stats, metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed,
-                             target_modules=list(targets), progress=progress)
+                             target_modules=list(targets), progress=progress) if targets else {}
+    if experts:  # one (in,) row per expert, "<experts>.<proj>.<e>": apply_gift stacks them
+        from .gift.experts import expert_scores
+
+        for name, rows in expert_scores(model, list(experts), spec, stats, bits=bits, seed=seed).items():
+            for e, row in enumerate(rows):
+                scores[f"{name}.{e}"] = row
+                ks[f"{name}.{e}"] = salient_count(row.numel(), n_salient, salient_fraction, name=name)
     meta = {
         "metric": spec["name"], "tau": spec["tau"], "rho": spec["rho"], "gamma": spec["gamma"], "bits": bits,
         "data": describe_source(data) if not isinstance(data, str) else data, "n_samples": n_samples,

@@ -25,7 +25,7 @@ from torch import nn
 from .._io import atomic_dir
 from ..adapter_format import (CONFIG_NAME, GIFT_SW, GIFT_SW_V1, IMPORT_HINT, LEGACY_FORMAT, PEFT_PREFIX, PEFT_TYPE,
                               TENSOR_NAMES, WEIGHTS_NAME, adapter_kind)
-from ..targets import linear_weight
+from ..targets import target_weight
 from .config import SETTINGS, GiftConfig
 from .layer import SalientLinear
 from .model import apply_gift, gift_layers
@@ -135,8 +135,10 @@ def _read_v1(directory: Path, meta: dict) -> tuple[dict, dict[str, torch.Tensor]
         for key in TENSOR_NAMES:
             if f"{name}.{key}" not in tensors:
                 raise ValueError(f"{w_path} lacks {name}.{key}: the adapter is incomplete")
-        sw = tensors[f"{name}.salient_weight"]
-        if tuple(sw.shape) != (shape["out_features"], shape["k"]) or tensors[f"{name}.salient_idx"].numel() != shape["k"]:
+        sw, lead = tensors[f"{name}.salient_weight"], ((shape["experts"],) if "experts" in shape else ())
+        if (tuple(sw.shape) != (*lead, shape["out_features"], shape["k"])
+                or tuple(tensors[f"{name}.salient_idx"].shape)[-1:] != (shape["k"],)
+                or tensors[f"{name}.salient_idx"].numel() != shape["k"] * (lead[0] if lead else 1)):
             raise ValueError(f"{w_path}: {name} tensors do not match the shapes in {CONFIG_NAME}")
     return meta, tensors
 
@@ -170,11 +172,17 @@ def _read_v2(directory: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]
             if f"{name}.{key}" not in tensors:
                 raise ValueError(f"{w_path} lacks {name}'s {TENSOR_NAMES[key]}: the adapter is incomplete")
         sw, idx = tensors[f"{name}.salient_weight"], tensors[f"{name}.salient_idx"]
-        if sw.dim() != 2 or idx.dim() != 1 or idx.numel() != sw.shape[1] \
-                or tensors[f"{name}.noise_std"].numel() != sw.shape[0]:
+        std = tensors[f"{name}.noise_std"]
+        # a linear layer: (out, k) columns, (k,) indices, (out,) scales; fused MoE experts add a
+        # leading expert dimension to each ([E, out, k], [E, k], [E, out])
+        lead = tuple(sw.shape[:-2])
+        if (sw.dim() not in (2, 3) or tuple(idx.shape) != (*lead, sw.shape[-1])
+                or tuple(std.shape) != (*lead, sw.shape[-2])):
             raise ValueError(f"{w_path}: {name}'s tensors have inconsistent shapes (giftsw_weight "
                              f"{tuple(sw.shape)}, giftsw_idx {tuple(idx.shape)}); the adapter is corrupt")
-        modules[name] = {"in_features": None, "out_features": sw.shape[0], "k": sw.shape[1]}
+        modules[name] = {"in_features": None, "out_features": sw.shape[-2], "k": sw.shape[-1]}
+        if lead:
+            modules[name]["experts"] = lead[0]
     try:
         settings = GiftConfig(**{k: cfg[k] for k in SETTINGS if k in cfg}).to_dict()
     except (ValueError, TypeError) as e:
@@ -191,12 +199,12 @@ def _checked(w_path, tensors: dict[str, torch.Tensor], modules) -> dict[str, tor
         idx, sw = tensors[f"{name}.salient_idx"], tensors[f"{name}.salient_weight"]
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"{w_path}: {name}'s indices are {idx.dtype}, not integers; the adapter is corrupt")
-        idx = idx.long()
-        if torch.unique(idx).numel() != idx.numel():
+        idx = idx.long()  # (k,), or [experts, k] of fused experts: each row on its own
+        ordered, order = torch.sort(idx, dim=-1)
+        if idx.shape[-1] > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any()):
             raise ValueError(f"{w_path}: {name} lists a salient column twice; the adapter is corrupt")
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            order = torch.argsort(idx)
-            idx, sw = idx[order], sw.index_select(1, order)
+        if not torch.equal(ordered, idx):
+            idx, sw = ordered, torch.take_along_dim(sw, order.unsqueeze(-2), dim=-1)
         for key, t in (("salient_weight", sw), ("noise_std", tensors[f"{name}.noise_std"])):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{w_path}: {name}'s {key} holds NaN or infinite values (a diverged training?); "
@@ -236,7 +244,12 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
     meta, tensors = read_adapter(directory)
     config = GiftConfig.from_dict(meta["gift_config"])
     modules = meta["modules"]
-    named = dict(base_model.named_modules())
+    named = {}
+    for n in modules:
+        try:
+            named[n] = target_weight(base_model, n)  # (out, in), or [experts, out, in] of fused experts
+        except (AttributeError, TypeError):
+            pass
     missing = [n for n in modules if n not in named]
     if missing:
         raise ValueError(
@@ -244,10 +257,12 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
             f"which this model does not have (base was {meta.get('base_model')!r})"
         )
     for n, s in modules.items():
-        shape = tuple(linear_weight(named[n]).shape)
-        in_f = s["in_features"] if s["in_features"] is not None else shape[1]
+        shape = tuple(named[n].shape)  # (out, in), or [experts, out, in] of fused experts
+        lead = (s["experts"],) if "experts" in s else ()
+        in_f = s["in_features"] if s["in_features"] is not None else shape[-1]
         top = int(tensors[f"{n}.salient_idx"].max())
-        if shape != (s["out_features"], in_f) or top >= shape[1] or int(tensors[f"{n}.salient_idx"].min()) < 0:
+        if (shape != (*lead, s["out_features"], in_f) or top >= shape[-1]
+                or int(tensors[f"{n}.salient_idx"].min()) < 0):
             raise ValueError(
                 f"adapter {directory} was saved for a different base model: {n} is {shape} here but "
                 f"({s['out_features']}, {s['in_features'] or f'> {top}'}) in the adapter "
@@ -257,7 +272,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
         log.warning("adapter %s records no base fingerprint (written by an earlier salientft's PEFT route): "
                     "the base weights cannot be checked", directory)
     elif check_base:
-        fp = fingerprint({n: linear_weight(named[n]) for n in modules})
+        fp = fingerprint({n: named[n] for n in modules})
         if fp != meta.get("base_fingerprint"):
             raise ValueError(
                 f"adapter {directory} was trained on different base weights (fingerprint mismatch; "

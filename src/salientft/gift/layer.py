@@ -56,9 +56,7 @@ class _SalientMatmul(torch.autograd.Function):
             y = F.linear(xd, w, None) + F.linear(x_s, delta, None)
         else:
             keep = bool(keep_noise) and ctx.needs_input_grad[0]  # nothing to keep it for otherwise
-            y, kept = noisy_forward(xd.reshape(-1, xd.shape[-1]), weight, salient_weight, idx, noise_std, seed,
-                                    dtype, keep=keep)
-            y = y.view(*xd.shape[:-1], weight.shape[0])
+            y, kept = noisy_forward(xd, weight, salient_weight, idx, noise_std, seed, dtype, keep=keep)
         if bias is not None:
             y = y + bias.to(dtype)
         # kept: the noisy weight (keep_noise) or None; a saved tensor, so autograd frees it after backward
@@ -154,6 +152,7 @@ class SalientLinear(SalientLayer):
         with torch.no_grad():
             init = self.base_weight().index_select(1, idx).to(p_dtype).clone()
         self.salient_weight = nn.Parameter(init)
+        self.train(base.training)  # a model in eval mode stays noise-free until model.train()
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as an (out, in) view (Conv1D stores it transposed)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import types
 from typing import Mapping
 
@@ -10,8 +11,11 @@ from torch import nn
 
 from ..ops.grid import quantize_rows
 from ..saliency import STATLESS_METRICS, select_salient
-from ..targets import find_target_modules, linear_weight, set_module
+from ..targets import (find_expert_weights, find_target_modules, linear_weight, set_module, target_weight,
+                       uncovered_weights)
 from .config import GiftConfig
+from .experts import (ExpertColumns, SalientExperts, expert_scores, gather_columns, scatter_columns_,
+                      select_expert_columns, wrap_experts)
 from .layer import SalientLinear
 
 log = logging.getLogger(__name__)
@@ -57,11 +61,14 @@ def apply_gift(
     Returns the model.
     """
     config = config or GiftConfig()
-    if any(isinstance(m, SalientLinear) for m in model.modules()):
+    if any(isinstance(m, (SalientLinear, SalientExperts)) for m in model.modules()):
         raise ValueError("this model already has GIFT-SW layers; merge_gift() it or load a fresh base")
-    targets = find_target_modules(model, config.target_modules)
+    targets = find_target_modules(model, config.target_modules, experts=True)
+    expert_targets = find_expert_weights(model, config.target_modules)
+    if config.target_modules is None:
+        warn_uncovered(model, [*targets, *expert_targets])
     if salient_idx is None and scores is None:
-        scores = _compute_scores(model, config, calibration, targets)
+        scores = _compute_scores(model, config, calibration, targets, expert_targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in targets.items():
@@ -84,13 +91,16 @@ def apply_gift(
         layer = SalientLinear(module, idx, std, noise=config.noise, fp32_salient=config.fp32_salient,
                               keep_noise=config.keep_noise)
         set_module(model, name, layer)
+    wrap_experts(model, {name: _expert_columns(model, name, config, scores, salient_idx, noise_std)
+                         for name in expert_targets})
     model.salientft_gift_config = config
     if hasattr(type(model), "save_pretrained") and "save_pretrained" not in vars(model):
         model.save_pretrained = types.MethodType(_save_pretrained_refused, model)
     counts = trainable_parameters(model)
     log.info(
-        "GIFT-SW on %d layers: %s trainable of %s parameters (%.3f%%)",
-        len(targets), f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["fraction"],
+        "GIFT-SW on %d layers%s: %s trainable of %s parameters (%.3f%%)",
+        len(targets), f" and {len(expert_targets)} fused expert projections" if expert_targets else "",
+        f"{counts['trainable']:,}", f"{counts['total']:,}", 100 * counts["fraction"],
     )
     return model
 
@@ -112,7 +122,65 @@ def _save_pretrained_refused(model, *args, **kwargs):
     return type(model).save_pretrained(model, *args, **kwargs)
 
 
-def _compute_scores(model, config, calibration, targets):
+def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> ExpertColumns:
+    """The ExpertColumns of the fused projection ``name``: [experts, k] columns from ``salient_idx``
+    or the per-expert top-k of ``scores`` ([experts, in]), the noise scale per expert."""
+    module_name, _, proj = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    w = target_weight(model, name)
+    n_exp, _, in_f = w.shape
+    if salient_idx is not None:
+        if name not in salient_idx:
+            raise ValueError(f"no salient indices given for target {name!r}")
+        idx = torch.as_tensor(salient_idx[name], dtype=torch.long)
+    else:
+        if name not in scores and f"{name}.0" in scores:  # a scores file: one (in,) row per expert
+            rows = [scores.get(f"{name}.{e}") for e in range(n_exp)]
+            if any(r is None for r in rows):
+                raise ValueError(f"the scores lack some experts of {name!r}; recompute them for this model")
+            score = torch.stack([torch.as_tensor(r).detach().float().flatten() for r in rows])
+        elif name not in scores:
+            raise ValueError(f"no scores for target {name!r}; scores cover {len(scores)} modules")
+        else:
+            score = torch.as_tensor(scores[name]).detach().float()
+        if tuple(score.shape) != (n_exp, in_f):
+            raise ValueError(f"scores for {name!r} have shape {tuple(score.shape)}, the fused experts need "
+                             f"[experts={n_exp}, in={in_f}]; recompute the scores for this model")
+        if not torch.isfinite(score).all():
+            raise ValueError(f"scores for {name!r} contain NaN or infinite values")
+        idx = select_expert_columns(score, config.k_for(in_f, name))
+    idx = idx.to(w.device)
+    if noise_std is not None and name in noise_std:
+        std = torch.as_tensor(noise_std[name], dtype=torch.float32, device=w.device)
+    else:
+        std = torch.stack([noise_std_for(w[e].detach(), idx[e], config.noise_bits) for e in range(n_exp)])
+    return ExpertColumns(module, proj, idx, std, noise=config.noise, fp32_salient=config.fp32_salient,
+                         keep_noise=config.keep_noise)
+
+
+def warn_uncovered(model: nn.Module, targets, hint: str = "", who: str = "GIFT-SW", fate: str = "they stay frozen"
+                   ) -> None:
+    """Log, never skip silently, the weights inside the blocks that no GIFT-SW layer covers (module
+    types salientft cannot wrap: a custom router, a convolution, ...), grouped by name pattern."""
+    try:
+        left = uncovered_weights(model, targets)
+    except ValueError:  # no transformer blocks found: nothing to compare against
+        return
+    if not left:
+        return
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name, (kind, numel) in left.items():
+        groups.setdefault((re.sub(r"\.\d+\.", ".*.", name), kind), []).append(numel)
+    total = sum(p.numel() for p in model.parameters())
+    lines = [f"{pattern} ({kind}): {len(sizes)} x {sizes[0]:,} parameters" for (pattern, kind), sizes in groups.items()]
+    log.warning(
+        "%s cannot wrap %d weight tensors inside the transformer blocks (%s parameters, %.2f%% of the model); "
+        "%s%s: %s", who, len(left), f"{sum(n for _, n in left.values()):,}",
+        100 * sum(n for _, n in left.values()) / max(total, 1), fate, f" ({hint})" if hint else "", "; ".join(lines),
+    )
+
+
+def _compute_scores(model, config, calibration, targets, expert_targets=()):
     from ..saliency import saliency_scores
 
     if config.metric in STATLESS_METRICS:
@@ -125,13 +193,25 @@ def _compute_scores(model, config, calibration, targets):
             )
         from ..calibration import collect_activation_stats
 
-        stats = collect_activation_stats(model, calibration, target_modules=list(targets))
-    return saliency_scores(model, stats, metric=config.metric, bits=4, seed=config.seed,
-                           target_modules=list(targets))
+        stats = collect_activation_stats(model, calibration, target_modules=list(targets),
+                                         experts=list(expert_targets))
+    scores = saliency_scores(model, stats, metric=config.metric, bits=4, seed=config.seed,
+                             target_modules=list(targets)) if targets else {}
+    if expert_targets:
+        scores.update(expert_scores(model, list(expert_targets), config.metric, stats, bits=4, seed=config.seed))
+    return scores
 
 
-def gift_layers(model: nn.Module) -> dict[str, SalientLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
+def gift_layers(model: nn.Module) -> dict[str, SalientLinear | ExpertColumns]:
+    """Every GIFT-SW layer by target name, in model order: SalientLinear by module name, fused
+    expert projections (ExpertColumns) by ``<experts module>.<proj>``."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, SalientLinear):
+            out[n] = m
+        elif isinstance(m, SalientExperts):
+            out.update({f"{n}.{p}": c for p, c in m.salient.items()})
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, float]:
@@ -162,16 +242,23 @@ def merge_gift(model: nn.Module, keep_original: bool = False) -> nn.Module:
         raise ValueError("model has no GIFT-SW layers to merge")
     saved = {}
     for name, layer in layers.items():
+        expert = isinstance(layer, ExpertColumns)
         if keep_original:
             saved[name] = {
                 "idx": layer.salient_idx.clone(),
-                "original": layer.base_weight().index_select(1, layer.salient_idx).clone(),
+                "original": (gather_columns(layer.base_weight(), layer.salient_idx) if expert
+                             else layer.base_weight().index_select(1, layer.salient_idx)).clone(),
                 "noise_std": layer.noise_std.clone(),
                 "noise": layer.noise,
-                "fp32": layer.salient_weight.dtype != layer.weight.dtype,
+                "fp32": layer.salient_weight.dtype != layer.base_weight().dtype,
+                "experts": expert,
             }
         layer.merged_weight_()
-        set_module(model, name, layer.to_base())
+        if not expert:
+            set_module(model, name, layer.to_base())
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SalientExperts):
+            set_module(model, name, m.to_base())
     if keep_original:
         model.salientft_unmerge = saved
     elif hasattr(model, "salientft_unmerge"):
@@ -188,7 +275,18 @@ def unmerge_gift(model: nn.Module) -> nn.Module:
     saved = getattr(model, "salientft_unmerge", None)
     if not saved:
         raise ValueError("nothing to unmerge: call merge_gift(model, keep_original=True) first")
+    columns = {}
     for name, s in saved.items():
+        if s.get("experts"):
+            w = target_weight(model, name)
+            trained = gather_columns(w, s["idx"]).clone()
+            scatter_columns_(w, s["idx"], s["original"])
+            module_name, _, proj = name.rpartition(".")
+            col = ExpertColumns(model.get_submodule(module_name), proj, s["idx"], s["noise_std"], noise=s["noise"],
+                                fp32_salient=s["fp32"])
+            col.salient_weight.data.copy_(trained.to(col.salient_weight.dtype))
+            columns[name] = col
+            continue
         base = model.get_submodule(name)
         w = linear_weight(base)
         trained = w.index_select(1, s["idx"]).clone()
@@ -196,6 +294,7 @@ def unmerge_gift(model: nn.Module) -> nn.Module:
         layer = SalientLinear(base, s["idx"], s["noise_std"], noise=s["noise"], fp32_salient=s["fp32"])
         layer.salient_weight.data.copy_(trained.to(layer.salient_weight.dtype))
         set_module(model, name, layer)
+    wrap_experts(model, columns)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in gift_layers(model).values():

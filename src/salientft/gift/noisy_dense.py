@@ -61,8 +61,7 @@ class _NoisyDenseMatmul(torch.autograd.Function):
         xd = x.to(dtype)
         idx, none = _no_columns(weight)
         keep = bool(keep_noise) and ctx.needs_input_grad[0]  # nothing to keep it for otherwise
-        y, kept = noisy_forward(xd.reshape(-1, xd.shape[-1]), weight, none, idx, noise_std, seed, dtype, keep=keep)
-        y = y.view(*xd.shape[:-1], weight.shape[0])
+        y, kept = noisy_forward(xd, weight, none, idx, noise_std, seed, dtype, keep=keep)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.save_for_backward(xd if ctx.needs_input_grad[1] else None, weight, noise_std, kept)

@@ -295,17 +295,22 @@ def noisy_weight(weight, salient_weight, idx, noise_std, seed, dtype, out=None):
     return out
 
 
-def noisy_forward(x2, weight, salient_weight, idx, noise_std, seed, dtype, keep=False):
-    """(x2 (tokens, in) @ (W + noise)^T, kept), one chunk of rows of the noisy weight at a time.
+def noisy_forward(x, weight, salient_weight, idx, noise_std, seed, dtype, keep=False):
+    """(x (..., in) @ (W + noise)^T, kept), one chunk of rows of the noisy weight at a time.
 
+    The output (..., out) is allocated in its final shape, never a view of a flat buffer: an
+    autograd Function that returned a view could not be modified in place by the model (Falcon
+    adds the attention output into the MLP output with ``+=``).
     ``kept`` is None, or with ``keep`` the whole (out, in) noisy weight in ``dtype``, to pass to
     :func:`noisy_input_grad` instead of drawing the noise again.
     """
-    y = torch.empty(x2.shape[0], weight.shape[0], device=x2.device, dtype=dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=dtype)
+    y2 = y.view(-1, weight.shape[0])
     kept = torch.empty(weight.shape, device=weight.device, dtype=dtype) if keep else None
     for r0, r1, blk in noisy_row_blocks(weight, salient_weight, idx, noise_std, seed, dtype, out=kept,
                                         draw_into_out=True):
-        torch.mm(x2, blk.t(), out=y[:, r0:r1])
+        torch.mm(x2, blk.t(), out=y2[:, r0:r1])
     return y, kept
 
 

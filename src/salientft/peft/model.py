@@ -7,6 +7,8 @@ import warnings
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..gift.adapter import fingerprint
+from ..gift.model import warn_uncovered
+from ..ops.experts import is_fused_experts
 from ..targets import find_target_modules, is_linear_like
 from .config import PEFT_TYPE, GiftSWConfig
 from .layer import GiftSWLayer, Linear
@@ -26,6 +28,10 @@ class GiftSWModel(BaseTuner):
             target.update_layer(adapter_name, config, current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if is_fused_experts(base):
+            raise TypeError(f"GIFT-SW's PEFT tuner wraps linear layers; {current_key} holds fused MoE experts "
+                            f"({type(base).__name__}), which salientft.apply_gift / salientft train do train: use that "
+                            "route for them, or target only linear layers here")
         if not is_linear_like(base):
             raise TypeError(f"GIFT-SW targets linear layers; {current_key} is a {type(base).__name__}")
         new = Linear(target, adapter_name, config, current_key)
@@ -35,6 +41,7 @@ class GiftSWModel(BaseTuner):
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         config = self.peft_config[adapter_name]
+        default = config.target_modules in (None, "all-linear")  # not the user's own subset
         if config.target_modules == "all-linear":
             # salientft's default set, not PEFT's "every linear but the output layer": the linear layers
             # of the transformer blocks (OPT-350m's project_in/project_out are outside them).
@@ -53,6 +60,10 @@ class GiftSWModel(BaseTuner):
                 warnings.warn(f"GIFT-SW adapter {adapter_name!r} was trained on other base weights than these "
                               "(base fingerprint mismatch): load the base it was trained from, not a merged or "
                               "other fine-tuned copy", stacklevel=2)
+        if default:
+            wrapped = [n for n, m in model.named_modules() if isinstance(m, GiftSWLayer)]
+            warn_uncovered(model, wrapped, hint="the PEFT route wraps linear layers only; salientft.apply_gift "
+                                                "(salientft train) also trains fused MoE experts")
         # The columns are chosen: a saved adapter carries them, and loading it must not re-select.
         config.salient_indices_in_adapter = True
 

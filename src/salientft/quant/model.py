@@ -242,6 +242,10 @@ def quantize(
 
     resolve_metric(metric)
     targets = find_target_modules(model, target_modules)
+    if target_modules is None:
+        from ..gift.model import warn_uncovered
+
+        warn_uncovered(model, targets, who="quantize", fate="they stay in their 16-bit dtype")
     ks = {n: cfg.k_for(linear_weight(m).shape[1], n) for n, m in targets.items()}
     if scores is not None:
         missing = [n for n in targets if ks[n] > 0 and n not in scores]
