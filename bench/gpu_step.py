@@ -595,8 +595,16 @@ def main(argv=None) -> int:
         ap.error("--out OUTDIR is required")
     if args.check_report:
         return check_report(args.check_report, Path(args.out), args.dry_run)
+    threads = torch.get_num_threads()
     if args.dry_run and not args.device:
         torch.set_num_threads(1)  # tiny models: one thread is fastest, and kind to a shared CI machine
+    try:
+        return run(args, ap)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, ap) -> int:
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
     args.budget_s = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else 170.0)
     args.rounds = args.rounds or (3 if args.dry_run else 7)

@@ -20,7 +20,7 @@ if [ -z "$PY" ]; then
 fi
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 MAX_MIB=${GPU_WHEELS_MAX_MIB:-60}
-LIST=scripts/gpu_wheels.txt
+LIST=${GPU_WHEELS_LIST:-scripts/gpu_wheels.txt}
 
 # name -> name==version: the list's own pin, else requirements/ci.txt's, else an error.
 specs=()
