@@ -415,8 +415,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             cache.seed_from(os.environ.get("SALIENTFT_MEASURE_SEED"))
             base_fp = cache.model_fingerprint(model)
         result["heldout_loss_before"] = heldout_loss(model, held_ds, collator, fingerprint=base_fp)
-    eval_before = (_evaluate(model, tokenizer, config, out, "eval_before", fingerprint=base_fp)
-                   if config.eval_tasks and config.eval_before else None)
+    # measured now (on the unchanged base), written once the folder is ready (start_run clears it)
+    before = (_measure_eval(model, tokenizer, config, fingerprint=base_fp)
+              if config.eval_tasks and config.eval_before else None)
+    eval_before = before[0] if before else None
 
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
@@ -469,6 +471,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         )
     if main_process:
         start_run(out, config, clear=clear)
+        if before:
+            _write_eval(out, "eval_before", *before)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -560,11 +564,18 @@ def _report_to(value: str):
 
 def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str, fingerprint: str | None = None) -> dict:
     """Evaluate, and write ``<name>.json`` and its per-item ``<name>.samples.jsonl`` into the run
-    folder (each atomically), so that ``salientft compare`` pairs two runs item by item.
-    ``fingerprint`` (of the model, ``evaluation.cache``): read the report from the measure cache
-    when the same model was evaluated the same way before (``"from_cache": true`` in it)."""
+    folder (each atomically), so that ``salientft compare`` pairs two runs item by item."""
+    report, records = _measure_eval(model, tokenizer, config, fingerprint)
+    _write_eval(out, name, report, records)
+    return report
+
+
+def _measure_eval(model, tokenizer, config: TrainConfig, fingerprint: str | None = None) -> tuple[dict, list]:
+    """(report, per-item records) of the run's evaluation. ``fingerprint`` (of the model,
+    ``evaluation.cache``): read them from the measure cache when the same model was evaluated the
+    same way before (``"from_cache": true`` in the report)."""
     from .evaluation import evaluate
-    from .evaluation.cli_api import sample_records, samples_path, write_samples
+    from .evaluation.cli_api import sample_records
 
     def run():
         report = evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit, subset=config.eval_subset,
@@ -584,11 +595,16 @@ def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str, finge
         measured, hit = cache.cached("eval", fields, run)
         if hit:
             measured["report"]["from_cache"] = True
-    report, records = measured["report"], measured["records"]
+    return measured["report"], measured["records"]
+
+
+def _write_eval(out: Path, name: str, report: dict, records: list) -> None:
+    """``<name>.json`` and its per-item ``<name>.samples.jsonl`` in the run folder (main process)."""
+    from .evaluation.cli_api import samples_path, write_samples
+
     if _is_main_process():
         report["samples"] = write_samples(samples_path(out / f"{name}.json"), records).name
         write_json(out / f"{name}.json", report)
-    return report
 
 
 def load_run(run_dir: str | Path, dtype="bf16"):
