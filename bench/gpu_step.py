@@ -29,7 +29,7 @@ side by a ``TorchDispatchMode`` counting the ops that synchronize on CUDA (``SYN
 latter is the issue's measure and also runs in the CPU dry run.
 
 Budget: ``--budget-s`` seconds for the whole benchmark. Four phases (each model's main group, then
-its GMT group) share what is left; a method is skipped by name when its estimated cost no longer
+its GMT group) share what is left (3 : 2); a method is skipped by name when its estimated cost no longer
 fits, the rounds shrink to what fits (at least 3, else the group's timing is skipped), and every
 skip is recorded with its reason. The reports are rewritten after each phase, so a killed run
 leaves its finished part.
@@ -95,6 +95,7 @@ GROUPS = {
     "gmt": ("full-acc8", "gmt-acc8"),
 }
 WARMUP = 2
+PHASE_WEIGHT = {"main": 3, "gmt": 2}  # a group's share of the budget: the main group builds 8 methods
 MIN_ROUNDS = 3
 DENSE = ("full", "gmt")  # bench/step.py variants whose master weights are fp32
 
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for gpu_step.json and gpu_step.md (required)")
     ap.add_argument("--dry-run", action="store_true", help="on CPU with tiny models (seconds): exercises the code")
     ap.add_argument("--device", default=None, help="default: cuda (--dry-run: cpu)")
-    ap.add_argument("--budget-s", type=float, default=None, help="seconds for the whole benchmark (default 170, dry run 120)")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds for the whole benchmark (default 150, dry run 120)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds at most (default 7, dry run 3)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -606,7 +607,7 @@ def main(argv=None) -> int:
 
 def run(args, ap) -> int:
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
-    args.budget_s = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else 170.0)
+    args.budget_s = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else 150.0)
     args.rounds = args.rounds or (3 if args.dry_run else 7)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -637,8 +638,10 @@ def run(args, ap) -> int:
     for i, (model_name, group) in enumerate(phases):
         shape = shapes[model_name]
         result["models"].setdefault(model_name, {"shape": shape, "methods": {}})
-        # this phase's share: what is left, split evenly over the phases still to run
-        phase_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(phases) - i)
+        # this phase's share of what is left, by weight over the phases still to run (what a phase
+        # leaves unspent goes to the next ones)
+        share = PHASE_WEIGHT[group] / sum(PHASE_WEIGHT[g] for _, g in phases[i:])
+        phase_deadline = time.perf_counter() + (deadline - time.perf_counter()) * share
         gen = torch.Generator(device=args.device).manual_seed(0)
         batch = torch.randint(3, shape["vocab_size"], tuple(result["tokens"]), device=args.device, generator=gen)
         print(f"[gpu_step] {model_name} {group}", file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@
 #
 # Settings (environment): PYTHON (default python3: the one with the CUDA torch), GPU_CHECK_WHEELS
 # (default wheels/gpu), GPU_CHECK_SITE (where the wheels are installed, default a temporary folder),
-# GPU_CHECK_SUITE_S (default 120) and GPU_CHECK_BENCH_S (default 130): each phase's time limit;
+# GPU_CHECK_SUITE_S (default 110) and GPU_CHECK_BENCH_S (default 150): each phase's time limit
+# (with the install, about 4.5 minutes);
 # GPU_CHECK_PYTEST_ARGS (default: -m "not integration", plus -n 4 with pytest-xdist: the embedded
 # SmolLM2 files the integration tests read do not travel); GPU_CHECK_BENCH_ARGS: more arguments
 # for bench/gpu_step.py (e.g. "--models smollm2-shape --methods lora,gift-none").
@@ -35,8 +36,8 @@ for a in "$@"; do
 done
 if [ -z "$out" ]; then echo "gpu_check.sh: OUTDIR missing; $usage" >&2; exit 2; fi
 PY=${PYTHON:-python3}
-SUITE_S=${GPU_CHECK_SUITE_S:-120}
-BENCH_S=${GPU_CHECK_BENCH_S:-130}
+SUITE_S=${GPU_CHECK_SUITE_S:-110}
+BENCH_S=${GPU_CHECK_BENCH_S:-150}
 WHEELS=${GPU_CHECK_WHEELS:-wheels/gpu}
 
 # Preconditions, before any work.
