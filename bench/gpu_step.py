@@ -441,15 +441,16 @@ def write_reports(result: dict, out: Path) -> None:
               "CUDA: warnings of torch.cuda.set_sync_debug_mode in one step.", ""]
     for model_name, res in result["models"].items():
         lines += [f"## {model_name}", "", f"Shape: {json.dumps(res['shape'])}; rounds: {res.get('rounds', {})}",
-                  "", "| method | accum | median ms (q1-q3) | vs LoRA (per round) | peak MB | peak vs LoRA | "
+                  "", "| method | accum | median ms (q1-q3) | per-round ratio | peak MB | peak vs LoRA | "
                   "syncs (CPU-side / CUDA) | trainable |", "|---|---|---|---|---|---|---|---|"]
         ms = res["methods"]
         lora_peak = ms.get("lora", {}).get("peak_mb")
         for m, v in ms.items():
             med = (f"{v['median_ms']:.1f} ({v['q1_ms']:.1f}-{v['q3_ms']:.1f})" if "median_ms" in v else "not timed")
-            ratio = v.get("round_ratio_vs_lora") or v.get("round_ratio_vs_full-acc8")
+            ref = "full-acc8" if v["accum"] > 1 else "lora"
+            ratio = v.get(f"round_ratio_vs_{ref}")
             peak = v.get("peak_mb")
-            lines.append(f"| {m} | {v['accum']} | {med} | {_fmt(ratio)} | {_fmt(peak, '.0f')} | "
+            lines.append(f"| {m} | {v['accum']} | {med} | {_fmt(ratio)}{' vs ' + ref if ratio else ''} | {_fmt(peak, '.0f')} | "
                          f"{_fmt(peak / lora_peak if peak is not None and lora_peak else None)} | "
                          f"{v.get('syncs', '-')} / {v.get('syncs_cuda', '-')} | {v['trainable']:,} |")
         lines.append("")

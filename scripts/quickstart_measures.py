@@ -22,6 +22,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "configs" / "quickstart_measures"
+MANIFEST = "manifest.txt"  # not *.json: SALIENTFT_MEASURE_SEED copies only the entries
+
+
+def code_versions() -> dict:
+    """The measuring code's hashes the shipped entries were keyed with (tests/test_measure_cache.py
+    compares them with the current code: a mismatch means this script must be rerun)."""
+    import inspect
+
+    from salientft.evaluation import cache
+    from salientft.train import heldout_loss
+
+    return {"eval": cache.code_version("eval"), "heldout": cache.code_version("heldout", inspect.getsource(heldout_loss))}
+
+
+def write_manifest(dest: Path, **facts) -> None:
+    import json
+
+    entries = sorted(p.name for p in dest.glob("*.json"))
+    (dest / MANIFEST).write_text(json.dumps({"code": code_versions(), "entries": entries, **facts}, indent=2) + "\n")
 
 
 def main() -> int:
@@ -55,6 +74,10 @@ def main() -> int:
     if DEST.exists():
         shutil.rmtree(DEST)
     shutil.copytree(measures, DEST)
+    import torch
+
+    write_manifest(DEST, model_fingerprint=fp, torch=torch.__version__, heldout_loss=loss,
+                   paper_avg=report["paper_avg"])
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"held-out loss {loss:.4f}, six-task average {report['paper_avg']:.4f}; wrote "
           f"{', '.join(sorted(p.name for p in DEST.iterdir()))} into {DEST.relative_to(ROOT)}")

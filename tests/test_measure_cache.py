@@ -121,3 +121,24 @@ def test_train_reads_its_unchanged_base_from_the_cache(tmp_path, measure_cache, 
     # another limit is another measurement
     train_mod.train(tiny_config(tmp_path, eval_limit=3), overwrite=True)
     assert calls[-2:] == [3, 3]
+
+
+def test_the_quick_starts_shipped_measures_are_current():
+    """configs/quickstart_measures/ was keyed with the current measuring code; else the quick start
+    silently measures its base again (minutes): rerun scripts/quickstart_measures.py and commit it."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("quickstart_measures", root / "scripts" / "quickstart_measures.py")
+    qm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qm)
+    manifest = json.loads((qm.DEST / qm.MANIFEST).read_text())
+    pin = next(line.split("==")[1].strip() for line in (root / "requirements" / "ci.txt").read_text().splitlines()
+               if line.startswith("torch=="))
+    assert manifest["torch"].split("+")[0] == pin, "keyed with another torch than requirements/ci.txt's: rerun " \
+                                                   "scripts/quickstart_measures.py"
+    if torch.__version__.split("+")[0] != pin:
+        pytest.skip(f"torch {torch.__version__} here: the quick start's measures are keyed with torch {pin}")
+    assert manifest["code"] == qm.code_versions(), "stale: rerun scripts/quickstart_measures.py"
+    assert manifest["entries"] == sorted(p.name for p in qm.DEST.glob("*.json"))
+    assert {e.split("-")[0] for e in manifest["entries"]} == {"eval", "heldout"}
