@@ -196,3 +196,14 @@ def test_gpu_wheels_list_never_carries_torch_and_every_name_has_a_version(tmp_pa
     bad.write_text("peft\ntorch==2.11.0\n")
     r = _script("gpu_wheels.sh", str(tmp_path / "wheels"), env={"GPU_WHEELS_LIST": str(bad)}, timeout=60)
     assert r.returncode == 2 and "torch" in r.stderr and not (tmp_path / "wheels").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_reports_a_failed_phase_and_exits_1(tmp_path):
+    out = tmp_path / "gpu"
+    r = _script("gpu_check.sh", "--dry-run", str(out), env={"GPU_CHECK_BENCH_ARGS": "--methods no-such-method"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    phases = {p["phase"]: p for p in json.loads((out / "gpu_check.json").read_text())["phases"]}
+    assert phases["bench"]["status"] == "FAILED" and "bench.log" in phases["bench"]["note"]
+    assert "no-such-method" in (out / "bench.log").read_text()
+    assert "| bench | FAILED |" in (out / "gpu_check.md").read_text()
