@@ -1,7 +1,7 @@
 """Reports of unchanged models, kept: ``salientft train`` measures its base before training (the
 held-out loss and the "before" evaluation), and the same weights measured the same way give the
 same numbers, so a rerun reads them instead of spending minutes recomputing (the quick start:
-about a third of its time on a 2-core CPU).
+about a fifth of its time on a 2-core CPU).
 
 An entry is found only when everything that could change a number matches, hashed into its key:
 
