@@ -200,17 +200,21 @@ def gift_budget(model: nn.Module, config: GiftConfig) -> tuple[int, int, int]:
     return kout, io, max(1, round(kout / io))
 
 
-def build(method: str, model_name: str, dtype: torch.dtype, device: str):
+def build(method: str, model_name: str, dtype: torch.dtype, device: str, base=None, train_dtype: str = "fp32"):
     """(model in train mode, optimizer, info) for one method on a freshly loaded base model.
 
     Every method but the authors' re-implementation is prepared by ``salientft.methods``, as
     ``salientft train`` prepares it, with the benchmark's stand-ins for the costly parts
     (magnitude scores, ``cheap_noise_std``) and LoRA/DoRA at GIFT-SW's trainable count.
+    ``base``: an already built (model, tokenizer) to prepare instead of loading ``model_name``
+    (bench/gpu_step.py builds its large random models once, on the GPU); ``train_dtype``: the
+    TrainConfig dtype the method is prepared for ("bf16": fp32 salient columns, as ``salientft
+    train --dtype bf16``).
     """
     from salientft import methods
     from salientft.config import TrainConfig
 
-    model, tok = load_base(model_name, dtype)
+    model, tok = base if base is not None else load_base(model_name, dtype)
     model.to(device)
     info = {}
     _, _, r = gift_budget(model, GiftConfig())  # paper ratio k = 128/4096 of in_features
@@ -221,7 +225,8 @@ def build(method: str, model_name: str, dtype: torch.dtype, device: str):
     elif method in VARIANTS:
         name, overrides = VARIANTS[method]
         spec = methods.get(name)
-        cfg = TrainConfig(**spec.only_used(dict(method=name, dtype="fp32", lora_r=r, lora_alpha=2 * r)), **overrides)
+        cfg = TrainConfig(**spec.only_used(dict(method=name, dtype=train_dtype, lora_r=r, lora_alpha=2 * r)),
+                          **overrides)
         model = spec.prepare(model, cfg, scores=magnitude_scores(model), noise_std=cheap_noise_std(model))
         mask_config = spec.mask_config(cfg)
     else:

@@ -13,4 +13,8 @@ for a in "$@"; do case "$a" in --resume|--overwrite) fresh=() ;; esac; done
 # would spin meanwhile and take a core from it (docs/results/noise_speed.md). Only the environment
 # of a process can change that, before torch loads; a caller's own setting wins.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# The base model measured before training (held-out loss, six-task evaluation) ships with the
+# repository as measure-cache entries (scripts/quickstart_measures.py): read when their key matches
+# (the same weights, settings, measuring code and torch), else measured as usual (docs/evaluation.md).
+export SALIENTFT_MEASURE_SEED="${SALIENTFT_MEASURE_SEED:-$PWD/configs/quickstart_measures}"
 exec salientft train --config configs/quickstart.yaml "${fresh[@]}" "$@"

@@ -6,6 +6,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests measure afresh: no run reads a base measured by an earlier one (tests/test_measure_cache.py
+# turns the cache on in a folder of its own).
+os.environ.setdefault("SALIENTFT_NO_MEASURE_CACHE", "1")
 # SALIENTFT_TEST_THREADS pins the thread count (scripts/check_determinism.sh runs the numerics tests
 # with 1 and 2 threads); otherwise at most 2, on a shared machine.
 TEST_THREADS = int(os.environ.get("SALIENTFT_TEST_THREADS") or min(2, torch.get_num_threads()))

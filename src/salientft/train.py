@@ -233,15 +233,32 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200) -> float | None:
+def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200,
+                 fingerprint: str | None = None) -> float | None:
     """Mean token loss of ``model`` on (at most ``limit`` examples of) a tokenized dataset.
 
     None when there is no held-out data (a small file can hash every record into training).
+    ``fingerprint``: the model's ``evaluation.cache.model_fingerprint``; given, the loss is read
+    from (or stored in) the measure cache, keyed also by the examples themselves.
     """
     from torch.utils.data import DataLoader, Subset
 
     if dataset is None or len(dataset) == 0:
         return None
+    if fingerprint is not None:
+        import hashlib
+        import inspect
+        import json
+
+        from .evaluation import cache
+
+        n = min(limit, len(dataset))
+        examples = hashlib.sha256(json.dumps([[dataset[i]["input_ids"], dataset[i]["labels"]]
+                                              for i in range(n)]).encode()).hexdigest()
+        fields = {"model": fingerprint, "device": next(model.parameters()).device.type, "examples": examples,
+                  "batch_size": batch_size, "limit": limit, "pad": getattr(collator, "pad_token_id", None),
+                  "code": cache.code_version("heldout", inspect.getsource(heldout_loss))}
+        return cache.cached("heldout", fields, lambda: heldout_loss(model, dataset, collator, batch_size, limit))[0]
     ds = Subset(dataset, range(min(limit, len(dataset))))
     was_training = model.training
     model.eval()
@@ -394,11 +411,18 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
     collator = ChatCollator(tokenizer)
     result: dict = {"method": config.method, "model": config.model, "data": config.data,
                     "device": describe_device(device)}
+    base_fp = None  # the unchanged base is measured once per machine: evaluation/cache.py
     if config.eval_before:
-        result["heldout_loss_before"] = heldout_loss(model, held_ds, collator)
-    # written once the folder is this run's (start_run, below)
-    eval_before = (_evaluate(model, tokenizer, config, out, "eval_before", write=False)
-                   if config.eval_tasks and config.eval_before else None)
+        from .evaluation import cache
+
+        if cache.enabled():
+            cache.seed_from(os.environ.get("SALIENTFT_MEASURE_SEED"))
+            base_fp = cache.model_fingerprint(model)
+        result["heldout_loss_before"] = heldout_loss(model, held_ds, collator, fingerprint=base_fp)
+    # measured now (on the unchanged base), written once the folder is this run's (start_run, below)
+    before = (_measure_eval(model, tokenizer, config, fingerprint=base_fp)
+              if config.eval_tasks and config.eval_before else None)
+    eval_before = before[0] if before else None
 
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
@@ -453,10 +477,8 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
         lock, plan = start_run(out, config, plan)
         stack.callback(lock.release)
         checkpoint = plan.checkpoint
-        if eval_before is not None:
-            _write_evaluation(out, "eval_before", *eval_before)
-    if eval_before is not None:
-        eval_before = eval_before[0]
+        if before:
+            _write_evaluation(out, "eval_before", *before)
     received = stack.enter_context(_signals_to_flag())
     trainer.add_callback(_signal_callback(received))
     if device.type == "cuda":
@@ -666,23 +688,41 @@ def _report_to(value: str):
     return "none" if names in ([], ["none"]) else names
 
 
-def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str, write: bool = True):
+def _evaluate(model, tokenizer, config: TrainConfig, out: Path, name: str, fingerprint: str | None = None) -> dict:
     """Evaluate, and write ``<name>.json`` and its per-item ``<name>.samples.jsonl`` into the run
-    folder (each atomically), so that ``salientft compare`` pairs two runs item by item.
-    ``write=False``: return (report, records) for :func:`_write_evaluation` later."""
-    from .evaluation import evaluate
-    from .evaluation.cli_api import sample_records
-
-    report = evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit, subset=config.eval_subset,
-                      return_items=True)
-    records = sample_records(report)
-    for res in report["results"].values():
-        res.pop("items", None)
-    if not write:
-        return report, records
+    folder (each atomically, main process only), so that ``salientft compare`` pairs two runs item by item."""
+    report, records = _measure_eval(model, tokenizer, config, fingerprint)
     if _is_main_process():
         _write_evaluation(out, name, report, records)
     return report
+
+
+def _measure_eval(model, tokenizer, config: TrainConfig, fingerprint: str | None = None) -> tuple[dict, list]:
+    """(report, per-item records) of the run's evaluation. ``fingerprint`` (of the model,
+    ``evaluation.cache``): read them from the measure cache when the same model was evaluated the
+    same way before (``"from_cache": true`` in the report)."""
+    from .evaluation import evaluate
+    from .evaluation.cli_api import sample_records
+
+    def run():
+        report = evaluate(model, tokenizer, config.eval_tasks, limit=config.eval_limit, subset=config.eval_subset,
+                          return_items=True)
+        records = sample_records(report)
+        for res in report["results"].values():
+            res.pop("items", None)
+        return {"report": report, "records": records}
+
+    if fingerprint is None:
+        measured = run()
+    else:
+        from .evaluation import cache
+
+        fields = {"model": fingerprint, "device": next(model.parameters()).device.type, "tasks": config.eval_tasks,
+                  "limit": config.eval_limit, "subset": config.eval_subset, "code": cache.code_version("eval")}
+        measured, hit = cache.cached("eval", fields, run)
+        if hit:
+            measured["report"]["from_cache"] = True
+    return measured["report"], measured["records"]
 
 
 def _write_evaluation(out: Path, name: str, report: dict, records: list) -> None:
