@@ -858,7 +858,9 @@ def _make_callback_class():
         pre-mask norm, logged as ``grad_norm``), and in ``on_pre_optimizer_step`` masks and clips
         with the original max norm (restored at train end). Per optimizer step it records the
         stats in ``history``; every Trainer log gets ``kept_fraction`` (mean since the last log)
-        and ``mask_threshold`` (global) or ``mask_threshold_median`` (per tensor).
+        and ``mask_threshold`` (global) or ``mask_threshold_median`` (per tensor). On an
+        accelerator the statistics and norms stay on the device until the next log (or train
+        end), then are read at once: ``history`` is complete at each log, not at each step.
 
         Give a GradientMask, or a GMTConfig (the mask is then built on the Trainer's model when
         training starts).
@@ -871,6 +873,7 @@ def _make_callback_class():
             self.config = mask_or_config.config if self.mask is not None else mask_or_config
             self.history: list[dict] = []
             self._since_log: list[dict] = []
+            self._unread: list[tuple[dict, object, object]] = []  # (record, stats, norm) on the device
             self._max_grad_norm = 0.0
             self._snapshot = None
 
@@ -883,33 +886,51 @@ def _make_callback_class():
                 args.max_grad_norm = 0.0
 
         def on_train_end(self, args, state, control, **kwargs):
+            self._read()
             if self._max_grad_norm > 0:
                 args.max_grad_norm = self._max_grad_norm
 
+        def _read(self) -> None:
+            """Complete the records of the steps since the last read: one transfer for all stats
+            (and one for the clipping norms), however many steps and tensors."""
+            if not self._unread:
+                return
+            unread, self._unread = self._unread, []
+            norms = [n for _, _, n in unread if n is not None]
+            norms = iter(torch.stack([n.float() for n in norms]).tolist() if norms else [])
+            for (record, _, norm), stats in zip(unread, resolve_all([s for _, s, _ in unread])):
+                record["kept_fraction"] = stats["kept_fraction"]
+                th = stats["threshold"]
+                if isinstance(th, dict):
+                    record["mask_threshold_median"] = statistics.median(th.values()) if th else 0.0
+                elif th is not None:
+                    record["mask_threshold"] = th
+                if norm is not None:
+                    record["masked_grad_norm"] = next(norms)
+                self.history.append(record)
+                self._since_log.append(record)
+
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            stats = self.mask.apply_()
-            record = {"step": state.global_step + 1, "kept_fraction": stats["kept_fraction"]}
-            th = stats["threshold"]
-            if isinstance(th, dict):
-                record["mask_threshold_median"] = statistics.median(th.values()) if th else 0.0
-            elif th is not None:
-                record["mask_threshold"] = th
+            stats = self.mask._apply_pending()  # no host sync on an accelerator: read at the next log
+            norm = None
             if self._max_grad_norm > 0:
                 params = [p for p in model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.clip_grad_norm_(params, self._max_grad_norm)
                 if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a (replicated) DTensor
                     norm = norm.full_tensor()
-                record["masked_grad_norm"] = float(norm)
+                norm = norm.detach()
             self._snapshot = self.mask.snapshot_(optimizer)
-            self.history.append(record)
-            self._since_log.append(record)
+            self._unread.append(({"step": state.global_step + 1}, stats, norm))
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.mask.restore_(self._snapshot)
             self._snapshot = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is None or "loss" not in logs or not self._since_log:
+            if logs is None or "loss" not in logs:
+                return
+            self._read()
+            if not self._since_log:
                 return
             recs, self._since_log = self._since_log, []
             extra = {}
