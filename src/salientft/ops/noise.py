@@ -61,11 +61,16 @@ ms per chunk (no noise 356 ms; kept 331 ms). Making the blocks entirely in the p
 and added (one pass, no z scratch) gave the same step time (0.99-1.01x) while moving the adds out
 of torch's efficient threads, so it was dropped.
 
-Devices. On CUDA (any non-CPU device) a block is up to 16M weights
-(``DEVICE_NOISE_BLOCK_ELEMS``), so most layers take one draw with the device's generator (small
-blocks would be dominated by kernel launches), and no threads are used. The noise of a seed
-therefore differs between CPU and CUDA (different generators and blocks), as torch's CPU and
-CUDA RNGs do in general; on one device type it depends only on the seed and the layer shape.
+Devices. On CUDA (any non-CPU device) the blocks are the CPU's and so are the numbers: with
+``SALIENTFT_NOISE_GENERATOR=philox`` (the default) a chunk's blocks are drawn together by
+:func:`.philox.philox_normal_keys` in torch ops on the device (keys computed there, passes of
+``DEVICE_PHILOX_PASS`` numbers), chunks are up to ``DEVICE_WAVE_ELEMS`` (one per layer up to
+8192 x 8192), and no threads are used. The noise therefore depends only on the seed and the layer
+shape, on every device and GPU model. ``SALIENTFT_NOISE_GENERATOR=torch`` draws each block with
+the device's ``normal_`` instead, in the fewest balanced blocks of up to
+``DEVICE_NOISE_BLOCK_ELEMS``: torch's CUDA generator derives each element's counter from the
+launch grid, which depends on the SM count, so that noise depends on the seed, the layer shape
+and the GPU model (docs/ARCHITECTURE.md).
 
 Both ``gift.SalientLinear`` and ``quant.QuantizedSalientLinear`` draw their noise here, so a
 seed means the same noise in either.
