@@ -176,3 +176,27 @@ def test_the_counter_sees_what_syncs():
     with counter:
         draw_seed()  # host-only, allowed by name
     assert counter.counts["_local_scalar_dense"] == 1
+
+
+def test_tokens_are_counted_exactly_between_logs(tmp_path, monkeypatch):
+    """The token count read at the logging step (and at the end) is the sum of every consumed
+    batch's attention mask, with logs every 2 steps of 5 (the last step unlogged)."""
+    from salientft.data.chat import ChatCollator
+
+    seen = []
+    real = ChatCollator.__call__
+
+    def recording(self, features):
+        batch = real(self, features)
+        seen.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    monkeypatch.setattr(ChatCollator, "__call__", recording)
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(model="tiny-random-llama", data=str(tmp_path / "d.jsonl"), output=str(tmp_path / "o"),
+                      method="full", max_steps=5, batch_size=2, grad_accum=2, max_length=64, dtype="fp32",
+                      lr=1e-3, warmup_ratio=0.0, eval_before=False, logging_steps=2, save_steps=0)
+    metrics = train(cfg, model=tiny_random_llama(seed=0), tokenizer=tiny_tokenizer())
+    assert metrics["steps"] == 5 and len(seen) >= 10
+    assert metrics["tokens_seen"] == sum(seen[:10]) > 0  # 5 steps x 2 micro-batches (the loader may read ahead)
