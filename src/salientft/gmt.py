@@ -12,7 +12,10 @@ the gradient, and works the same for one tensor or for a global threshold over t
 which holds the same all-reduced gradient, keeps the same entries. Zero gradients are never kept.
 Under FSDP2 (DTensor gradients sharded on dim 0) the histograms are all-reduced across the shards
 and the ties split in rank order, so the kept set is the one of a single process holding the
-full gradients (``GradientMask._apply_sharded``, docs/gmt.md).
+full gradients (``GradientMask._apply_sharded``, docs/gmt.md). On an accelerator the same
+selection runs without host syncs (``GradientMask._apply_device``: histograms by ``index_add_``,
+bins by ``searchsorted``, ties by block counts, statistics read once), since every ``int()`` or
+``nonzero`` of the CPU path would stall the device; docs/gmt.md "Host syncs".
 
 Usage in a plain loop (mask after accumulation, before clipping and the step)::
 
