@@ -131,6 +131,84 @@ def test_global_mixed_dtypes_and_ties_across_tensors(monkeypatch):
     assert c.grad[0] != 0 and (d.grad == 0).all()
 
 
+def _engine_case(seed, dtype, ties, shapes=((37, 11), (1000,), (7,), (64, 129), (3000,))):
+    """Gradients of several scales with exact zeros, and (``ties``) values on a coarse grid."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        g = torch.randn(shape, generator=gen) * 10.0 ** (i % 3 - 1)
+        if ties:
+            g = torch.round(g * 4) / 4
+        g[g.abs() < 0.05] = 0
+        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = g.to(dtype)
+        params.append(p)
+    return params
+
+
+def _both_engines(monkeypatch, dtype, ties, gran, ratio, mode="paper", seed=5):
+    """(host params, host stats, device params, device stats) on the same gradients."""
+    host, dev = _engine_case(seed, dtype, ties), _engine_case(seed, dtype, ties)
+    hs = GradientMask(host, ratio, gran, mode).apply_()
+    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())  # the accelerator's engine, on CPU tensors
+    mask = GradientMask(dev, ratio, gran, mode)
+    ds = mask.apply_()
+    monkeypatch.undo()
+    return host, hs, dev, ds, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("gran", ["tensor", "global"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.97])
+def test_device_engine_equals_host_engine(monkeypatch, dtype, ties, gran, ratio):
+    """The sync-free engine keeps exactly the host engine's entries (ties, zeros, thresholds, counts)."""
+    host, hs, dev, ds, _ = _both_engines(monkeypatch, dtype, ties, gran, ratio)
+    for a, b in zip(host, dev):
+        assert torch.equal(a.grad, b.grad)
+    assert ds == hs
+    if gran == "global" and dtype != torch.float16:  # the threshold is kthvalue's, exactly
+        before = torch.cat([p.grad.flatten() for p in _engine_case(5, dtype, ties)]).float().abs()
+        k = _n_keep(before.numel(), ratio)
+        ref = torch.kthvalue(before, before.numel() - k + 1).values.item()
+        assert ds["threshold"] == ref or (ref == 0 and ds["threshold"] == 0.0)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "global"])
+def test_device_engine_ties_across_blocks_and_deterministic_mode(monkeypatch, gran):
+    """Ties spanning many tie blocks, the cut inside one, histograms in chunks, under
+    ``torch.use_deterministic_algorithms(True)``: same kept set as the host engine."""
+    monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
+    monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            host, hs, dev, ds, _ = _both_engines(monkeypatch, dtype, True, gran, 0.6)
+            monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
+            monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+            assert all(torch.equal(a.grad, b.grad) for a, b in zip(host, dev)) and ds == hs
+    finally:
+        torch.use_deterministic_algorithms(was)
+    p = nn.Parameter(torch.zeros(40))
+    p.grad = torch.tensor([1.0, 2.0] * 20)
+    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    GradientMask([p], ratio=0.75, granularity=gran).apply_()  # keep 10 of the 20 tied 2s: the first ones
+    kept = (p.grad != 0).nonzero().flatten()
+    assert kept.tolist() == list(range(1, 20, 2))
+
+
+def test_device_engine_strict_mode_and_lazy_stats(monkeypatch):
+    """Strict mode records the same masked sets; the stats stay on the device until read."""
+    host, _, dev, _, mask = _both_engines(monkeypatch, torch.float32, True, "tensor", 0.5, mode="strict")
+    assert [m.sum().item() for _, m in mask._masked] == [int((p.grad == 0).sum()) for p in host]
+    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    pending = mask._apply_pending()
+    assert isinstance(pending, gmt._PendingStats)
+    assert gmt.resolve_all([pending, {"x": 1}])[1] == {"x": 1}
+    assert mask.last_stats["step"] == 1 and mask.last_stats["kept"] == pending.resolve()["kept"]
+
+
 def _adamw_setup(ratio, mode, seed=4):
     torch.manual_seed(seed)
     w = nn.Parameter(torch.randn(40, 30))
@@ -293,10 +371,15 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-@pytest.mark.parametrize("granularity, mode", [("tensor", "paper"), ("global", "strict")])
+@pytest.mark.parametrize("granularity, mode, engine", [("tensor", "paper", "host"), ("global", "strict", "host"),
+                                                    ("tensor", "strict", "device"), ("global", "paper", "device")])
 @pytest.mark.numerics
-def test_trainer_callback_masks_after_accumulation_then_clips(tiny_model, tmp_path, granularity, mode):
+def test_trainer_callback_masks_after_accumulation_then_clips(tiny_model, tmp_path, monkeypatch, granularity, mode,
+                                                              engine):
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    if engine == "device":  # the accelerator's engine (stats read at each log), run on CPU tensors
+        monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
 
     from salientft.gmt import GradientMaskCallback
 

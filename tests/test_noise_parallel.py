@@ -52,22 +52,82 @@ def step(layer, x, seed=5, autocast=False):
     return y.detach(), x.grad, layer.salient_weight.grad.clone()
 
 
-def test_block_rows_follow_the_device_type():
+def test_block_rows_follow_the_device_type(monkeypatch):
     assert N.noise_block_rows(4096, 1536, "cpu") == (1 << 18) // 1536 == 170
-    assert N.noise_block_rows(4096, 1536, "cuda") == 4096  # one draw for the whole layer
-    assert N.noise_block_rows(14336, 1024, "cuda") == 14336  # 14.7M weights: still one draw
-    assert N.noise_block_rows(4096, 14336, "cuda") == (1 << 24) // 14336 == 1170  # 58.7M: 4 large blocks
-    assert len(N.noise_blocks(4096, 14336, "cuda")) == 4
-    assert N.noise_block_rows(10, 1 << 20, "cpu") == 1 and N.noise_block_rows(10, 1 << 26, "cuda") == 1
+    assert N.noise_block_rows(10, 1 << 20, "cpu") == 1
     assert N.noise_block_rows(5, 100, "cpu") == 5
-    assert N.noise_block_rows(4096, 1536, "mps") == 4096  # every non-CPU device draws in large blocks
-    assert N.noise_blocks(4096, 1536, "cuda") == [(0, 4096)]
     blocks = N.noise_blocks(4096, 1536, "cpu")
     assert blocks[0] == (0, 170) and blocks[-1] == (4080, 4096) and len(blocks) == 25
-    # chunks (drawn, added and multiplied at once): whole blocks, up to WAVE_ELEMS = 8M weights
+    # SALIENTFT_NOISE_GENERATOR=philox seeds the same blocks on every device: the same noise as on CPU
+    monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", "philox")
+    for dev in ("cuda", "mps"):
+        assert N.noise_blocks(4096, 1536, dev) == blocks and N.noise_blocks(4096, 14336, dev) == N.noise_blocks(4096, 14336)
+    # chunks (drawn, added and multiplied at once): whole blocks, up to WAVE_ELEMS = 8M weights on CPU,
+    # balanced (block counts differ by at most one: no small tail chunk)
     assert N.noise_chunks(4096, 1536) == [blocks]  # 6.3M weights: one chunk
-    assert [len(c) for c in N.noise_chunks(11008, 4096)] == [32] * 5 + [12]  # blocks of 64 rows
-    assert N.noise_chunks(4096, 14336, "cuda") == [[b] for b in N.noise_blocks(4096, 14336, "cuda")]
+    assert [len(c) for c in N.noise_chunks(11008, 4096)] == [29] * 4 + [28] * 2  # 172 blocks of 64 rows
+    # SALIENTFT_NOISE_GENERATOR=torch: torch's normal_ on the device, in the fewest balanced large blocks
+    monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", "torch")
+    assert N.noise_block_rows(4096, 1536, "cuda") == 4096  # one draw for the whole layer
+    assert N.noise_block_rows(14336, 1024, "cuda") == 14336  # 14.7M weights: still one draw
+    assert N.noise_block_rows(4096, 14336, "cuda") == 1024  # 58.7M: 4 equal blocks (not 3 x 1170 + 586)
+    assert N.noise_blocks(4096, 14336, "cuda") == [(r, r + 1024) for r in range(0, 4096, 1024)]
+    assert N.noise_block_rows(10, 1 << 26, "cuda") == 1 and N.noise_block_rows(4096, 1536, "mps") == 4096
+    assert N.noise_chunks(4096, 14336, "cuda") == [N.noise_blocks(4096, 14336, "cuda")]  # one chunk
+    assert N.noise_blocks(4096, 1536, "cpu") == blocks  # the CPU is unaffected
+    monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", "bogus")
+    with pytest.raises(ValueError, match="SALIENTFT_NOISE_GENERATOR='bogus': choose one of philox, torch"):
+        N.noise_blocks(8, 8, "cuda")
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (28672, 8192)])
+def test_device_chunk_plan_of_large_layers_is_a_few_balanced_chunks(monkeypatch, shape):
+    """7B/70B-sized layers on "cuda": one or a few chunks (each one set of launches and one matmul),
+    equal to within one block; the plan is a pure function of the shape and the device type."""
+    for gen in ("philox", "torch"):
+        monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", gen)
+        chunks = N.noise_chunks(*shape, "cuda")
+        sizes = [(c[-1][1] - c[0][0]) * shape[1] for c in chunks]
+        assert len(chunks) <= 4 and max(sizes) <= N.DEVICE_WAVE_ELEMS
+        assert max(len(c) for c in chunks) - min(len(c) for c in chunks) <= 1
+        assert [b for c in chunks for b in c] == N.noise_blocks(*shape, "cuda")
+        rows = [b1 - b0 for b0, b1 in N.noise_blocks(*shape, "cuda")]
+        if gen == "torch":  # balanced blocks too: equal rows, the last one at most (blocks - 1) rows short
+            assert len(set(rows[:-1])) <= 1 and 0 <= rows[0] - rows[-1] < len(rows)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shape", [(OUT, IN), (4097, 64), (300, 1000)])
+def test_device_philox_path_equals_the_cpu_kernel_bit_for_bit(monkeypatch, shape):
+    """The accelerators' noise (torch ops on the device, many blocks per launch, keys computed
+    there) run on CPU tensors: the numba kernel's numbers, for whole layers and tail blocks."""
+    torch.manual_seed(1)
+    out_f, in_f = shape
+    w, sw = torch.randn(out_f, in_f), torch.randn(out_f, 3)
+    idx, std = torch.tensor([2, 9, 50]), torch.rand(out_f)
+    ref = N.noisy_weight(w, sw, idx, std, 123, torch.float32)
+    monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", "philox")
+    monkeypatch.setattr(N, "_HOST_NOISE_DEVICES", ())
+    monkeypatch.setattr(N, "DEVICE_PHILOX_PASS", 5000)  # several passes per chunk
+    assert torch.equal(N.noisy_weight(w, sw, idx, std, 123, torch.float32), ref)
+    z = torch.empty(out_f, in_f)
+    N.draw_noise(z[:7], 5, 0)  # one block
+    ref_z = torch.empty(7, in_f)
+    N.philox_normal_(ref_z, N.block_seed(5, 0))
+    assert torch.equal(z[:7], ref_z)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.numerics
+def test_cuda_noise_equals_the_cpu_noise(monkeypatch):
+    """On a GPU the Philox noise is the CPU's, bit for bit, whatever the GPU model."""
+    monkeypatch.setenv("SALIENTFT_NOISE_GENERATOR", "philox")
+    torch.manual_seed(1)
+    w, sw = torch.randn(4097, 300), torch.randn(4097, 3)
+    idx, std = torch.tensor([2, 9, 50]), torch.rand(4097)
+    ref = N.noisy_weight(w, sw, idx, std, 123, torch.float32)
+    got = N.noisy_weight(w.cuda(), sw.cuda(), idx.cuda(), std.cuda(), 123, torch.float32)
+    assert torch.equal(got.cpu(), ref)
 
 
 @pytest.mark.numerics

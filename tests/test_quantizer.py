@@ -145,3 +145,25 @@ def test_bad_inputs(device):
         quantize_rows(torch.randn(2, 3, 4, device=device), 4)
     with pytest.raises(ValueError, match="floating-point"):
         quantize_rows(torch.ones(2, 3, dtype=torch.int64, device=device), 4)
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (28672, 8192)])
+def test_row_chunks_by_device_few_on_accelerators_balanced_everywhere(shape):
+    """7B/70B-sized layers: CPU chunks keep the cache-sized budget; "cuda" ones are a few large
+    launches; every plan covers the rows once, in chunks within one row of each other."""
+    out_f, in_f = shape
+    assert grid.search_chunk_elems("cpu") == 1 << 20
+    assert grid.search_chunk_elems("cuda") == grid.search_chunk_elems("mps") == grid.DEVICE_SEARCH_CHUNK_ELEMS
+    for dev in ("cpu", "cuda"):
+        budget = grid.search_chunk_elems(dev)
+        chunks = grid.row_chunks(out_f, in_f, budget)
+        rows = [r1 - r0 for r0, r1 in chunks]
+        assert chunks[0][0] == 0 and chunks[-1][1] == out_f and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert max(rows) - min(rows) <= 1  # no small tail chunk
+        assert max(rows) * grid.GRID_POINTS * in_f <= max(budget, grid.GRID_POINTS * in_f)
+        # the fewest chunks the budget allows
+        assert len(chunks) == -(-out_f // max(1, budget // (grid.GRID_POINTS * in_f)))
+    assert len(grid.row_chunks(out_f, in_f, grid.search_chunk_elems("cuda"))) <= 150  # was up to 11008 on CPU sizes
+    assert len(grid.row_chunks(11008, 4096, grid.search_chunk_elems("cuda"))) == 27
+    assert grid.row_chunks(10, 3, 1) == [(i, i + 1) for i in range(10)]  # below one row: one row at a time
+    assert grid.row_chunks(7, 5, 1 << 30) == [(0, 7)]

@@ -12,7 +12,10 @@ the gradient, and works the same for one tensor or for a global threshold over t
 which holds the same all-reduced gradient, keeps the same entries. Zero gradients are never kept.
 Under FSDP2 (DTensor gradients sharded on dim 0) the histograms are all-reduced across the shards
 and the ties split in rank order, so the kept set is the one of a single process holding the
-full gradients (``GradientMask._apply_sharded``, docs/gmt.md).
+full gradients (``GradientMask._apply_sharded``, docs/gmt.md). On an accelerator the same
+selection runs without host syncs (``GradientMask._apply_device``: histograms by ``index_add_``,
+bins by ``searchsorted``, ties by block counts, statistics read once), since every ``int()`` or
+``nonzero`` of the CPU path would stall the device; docs/gmt.md "Host syncs".
 
 Usage in a plain loop (mask after accumulation, before clipping and the step)::
 
@@ -251,6 +254,126 @@ def _shrink_(g: torch.Tensor, w: torch.Tensor, t_bits: int, tie_idx: torch.Tenso
     g.mul_(keep.view(g.shape))
 
 
+# -- the device engine: thresholds without host syncs (CUDA and other accelerators) -------------
+# On an accelerator every ``int(...)``, ``nonzero`` or ``bincount`` of the host engine above
+# stops the device until the queue drains (about 10 per masked tensor). The device engine computes
+# the same thresholds and the same kept set with device-side ops only (histograms by
+# ``index_add_``, bins by ``searchsorted``, ties by block counts); its statistics stay on the
+# device until read (one transfer). See docs/gmt.md "Host syncs".
+_HOST_ENGINE_DEVICES = ("cpu",)  # the host engine is faster there; tests force the device engine
+_TIE_BLOCK = 1 << 12  # tie breaking: ties counted per block of this many entries
+_DETERMINISTIC_HIST_CHUNK = 1 << 22  # bounds index_add_'s sort-based temporaries (deterministic mode)
+
+
+def _use_device_engine(device: torch.device) -> bool:
+    return device.type not in _HOST_ENGINE_DEVICES
+
+
+def _const(v: int, device) -> torch.Tensor:
+    """A (1,) int64 device tensor (a fill, not a host-to-device copy, so no sync)."""
+    return torch.full((1,), v, dtype=torch.int64, device=device)
+
+
+def _abs_bits(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """|w| as ordered int32 bits: fp32's own bits, bf16's bits shifted into the top half."""
+    if w.dtype == torch.float32:
+        return torch.bitwise_and(w.view(torch.int32), 0x7FFFFFFF, out=out)
+    out.copy_(w.view(torch.int16))
+    return out.bitwise_and_(0x7FFF).bitwise_left_shift_(16)
+
+
+def _hist_(hist: torch.Tensor, idx: torch.Tensor) -> None:
+    """``hist += bincount(idx)`` without a host sync (CUDA's bincount reads idx's min and max).
+
+    ``index_add_`` of int64 ones: integer atomics, so the counts are exact in any order. Under
+    deterministic algorithms torch runs it through a sort; chunks bound that sort's temporaries."""
+    n = idx.numel()
+    step = _DETERMINISTIC_HIST_CHUNK if torch.are_deterministic_algorithms_enabled() else max(n, 1)
+    one = torch.ones((), dtype=hist.dtype, device=hist.device)
+    for s in range(0, n, step):
+        part = idx[s:s + step]
+        hist.index_add_(0, part, one.expand(part.numel()))
+
+
+def _kth_bin(cum: torch.Tensor, below: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bin b holding the k-th largest entry, entries in bins above b), as (1,) device tensors,
+    from a histogram's cumulative counts and ``below`` = total - k."""
+    b = torch.searchsorted(cum, below, right=True)
+    return b, cum[-1:] - cum.index_select(0, b)
+
+
+def _select_in_bin(w, a, hi, b, lo_hist, bin_count):
+    """Add to ``lo_hist`` (131072 bins) the low 16 bits of w's entries in top bin ``b``; entries
+    outside go to bins 65536+ (spread by their own low bits: no contention on one counter).
+    bf16 entries have no low bits: the bin's count goes to low value 0."""
+    if w.dtype == torch.float32:
+        lo = torch.bitwise_and(a, 0xFFFF)
+        _hist_(lo_hist, torch.where(hi == b, lo, lo + 0x10000))
+    else:
+        lo_hist[:1] += bin_count
+
+
+def _keep_first_ties(a, t, take, n, eq_buf) -> torch.Tensor:
+    """Boolean keep mask of a flat tensor of |bits| ``a``: every entry above ``t``, and of the
+    entries equal to ``t`` the first ``take`` (rank < take, in flat order); all on the device.
+
+    Ties are counted per block of ``_TIE_BLOCK`` entries; the block holding the cut is found by
+    ``searchsorted`` over the blocks' cumulative counts, and only that block is scanned."""
+    nb = -(-n // _TIE_BLOCK)
+    eq = eq_buf[: nb * _TIE_BLOCK]
+    torch.eq(a, t, out=eq[:n])
+    eq[n:] = False
+    blocks = eq.view(nb, _TIE_BLOCK)
+    cum = blocks.sum(1).cumsum(0)
+    j = torch.searchsorted(cum, take, right=True).clamp_(max=nb - 1)  # the block where the cut falls
+    before = cum.index_select(0, j) - blocks.index_select(0, j).sum(1)
+    row = blocks.index_select(0, j)
+    row &= row.cumsum(1) <= (take - before)
+    ties = blocks & (torch.arange(nb, device=a.device) < j).unsqueeze(1)
+    ties.index_copy_(0, j, row)
+    keep = torch.gt(a, t)
+    keep |= ties.view(-1)[:n]
+    return keep
+
+
+class _PendingStats:
+    """GMT statistics still on the device: ``packed`` (int64) is read with one transfer."""
+
+    def __init__(self, step, names, sizes, packed, per_tensor):
+        self.step, self.names, self.sizes, self.packed, self.per_tensor = step, names, sizes, packed, per_tensor
+
+    def resolve(self, values: list[int] | None = None) -> dict:
+        v = self.packed.tolist() if values is None else values
+        m = len(self.names)
+        if self.per_tensor:  # (threshold bits, kept) per tensor
+            ts, kept = v[0::2], v[1::2]
+            threshold = {n: _bits_to_float(t) for n, t in zip(self.names, ts)}
+        else:  # threshold bits, then kept per tensor
+            kept = v[1:1 + m]
+            threshold = _bits_to_float(v[0])
+        total = sum(self.sizes)
+        k = sum(kept)
+        return {"step": self.step, "kept": k, "total": total, "kept_fraction": k / total,
+                "threshold": threshold, "kept_per_tensor": dict(zip(self.names, kept))}
+
+
+def resolve_all(pending: list) -> list[dict]:
+    """Resolve several statistics (dicts pass through) with one device-to-host transfer."""
+    lazy = [p for p in pending if isinstance(p, _PendingStats)]
+    if not lazy:
+        return list(pending)
+    flat = torch.cat([p.packed for p in lazy]).tolist()
+    out, at = [], 0
+    for p in pending:
+        if isinstance(p, _PendingStats):
+            n = p.packed.numel()
+            out.append(p.resolve(flat[at:at + n]))
+            at += n
+        else:
+            out.append(p)
+    return out
+
+
 def _shards(live) -> list | None:
     """For gradients sharded across ranks (FSDP2 DTensors): per gradient (local shard, process
     group, shard rank, number of shards); None when no gradient is a DTensor.
@@ -319,7 +442,7 @@ class GradientMask:
                 f"(exclude={self.config.exclude}); unfreeze some or narrow exclude"
             )
         self.step_count = 0
-        self.last_stats: dict | None = None
+        self._last: dict | _PendingStats | None = None
         self._applied = False
         self._masked: list[tuple[torch.Tensor, torch.Tensor]] = []  # strict: (param, masked bool)
         self._hi_cache: torch.Tensor | None = None  # global: top 16 bits kept between passes
@@ -370,9 +493,31 @@ class GradientMask:
         return keep, excluded
 
     # -- masking -----------------------------------------------------------------------------
-    @torch.no_grad()
+    @property
+    def last_stats(self) -> dict | None:
+        """The statistics of the last ``apply_()`` (read from the device on first access)."""
+        if isinstance(self._last, _PendingStats):
+            self._last = self._last.resolve()
+        return self._last
+
     def apply_(self) -> dict:
-        """Mask the current gradients in place; returns (and stores in ``last_stats``) the stats."""
+        """Mask the current gradients in place; returns (and stores in ``last_stats``) the stats.
+
+        On an accelerator, reading the statistics is this call's one host sync; the Trainer
+        callback defers it to the logging step (``_apply_pending``)."""
+        self._apply_pending()
+        stats = self.last_stats
+        if log.isEnabledFor(logging.DEBUG):
+            th = stats["threshold"]
+            th = f"{th:.3e}" if isinstance(th, float) else (
+                f"median {statistics.median(th.values()):.3e}" if th else "-")
+            log.debug("GMT step %d: kept %.4f of %d entries, threshold %s",
+                      stats["step"], stats["kept_fraction"], stats["total"], th)
+        return stats
+
+    @torch.no_grad()
+    def _apply_pending(self) -> "dict | _PendingStats":
+        """Mask the gradients in place; the stats as a dict, or still on the device (device engine)."""
         live = []
         for name, p in self.params:
             g = p.grad
@@ -387,19 +532,15 @@ class GradientMask:
             stats = {"step": self.step_count, "kept": 0, "total": 0, "kept_fraction": 0.0, "threshold": None}
         elif shards is not None:
             stats = self._apply_sharded(live, shards)
+        elif _use_device_engine(live[0][2].device):
+            stats = self._apply_device(live)
         elif self.config.granularity == "tensor":
             stats = self._apply_tensor(live)
         else:
             stats = self._apply_global(live)
         self.step_count += 1
         self._applied = True
-        self.last_stats = stats
-        if log.isEnabledFor(logging.DEBUG):
-            th = stats["threshold"]
-            th = f"{th:.3e}" if isinstance(th, float) else (
-                f"median {statistics.median(th.values()):.3e}" if th else "-")
-            log.debug("GMT step %d: kept %.4f of %d entries, threshold %s",
-                      stats["step"], stats["kept_fraction"], stats["total"], th)
+        self._last = stats
         return stats
 
     def _keep_count(self, n: int) -> int:
@@ -513,6 +654,80 @@ class GradientMask:
             "kept_fraction": kept_total / total, "threshold": _bits_to_float(t_bits),
             "kept_per_tensor": kept_per,
         }
+
+    def _apply_device(self, live) -> _PendingStats:
+        """The device engine: the host engines' thresholds and kept set, without a host sync.
+
+        Per tensor (sequentially, in shared buffers): histogram of the top 16 bits of |g|
+        (``index_add_``), the boundary bin by ``searchsorted`` over its cumulative counts, a
+        second histogram of the low 16 bits of that bin's entries (the others are counted in
+        spare bins), the exact K-th value the same way, then the mask with ties kept in position
+        order (``_keep_first_ties``). Global: the histograms are summed over tensors (rows of one
+        (tensors, 32768) table), and the tie budget flows through the tensors in parameter order
+        as a device scalar. Memory: 9 bytes per entry of the largest tensor plus its temporaries;
+        nothing the size of the model, and nothing is concatenated.
+        """
+        n_max = max(g.numel() for _, _, g in live)
+        dev = live[0][2].device
+        a_buf = torch.empty(n_max, dtype=torch.int32, device=dev)
+        hi_buf = torch.empty(n_max, dtype=torch.int32, device=dev)
+        eq_buf = torch.empty(-(-n_max // _TIE_BLOCK) * _TIE_BLOCK, dtype=torch.bool, device=dev)
+        works = [(name, p, g, _work_view(g)) for name, p, g in live]
+        sizes = [w.numel() for *_, w in works]
+        strict = self.config.mode == "strict"
+
+        def bits(w):
+            n = w.numel()
+            a = _abs_bits(w, a_buf[:n])
+            return a, torch.bitwise_right_shift(a, 16, out=hi_buf[:n])
+
+        def threshold(lo_hist, b, above, k):
+            cum = lo_hist[:_LO_BINS].cumsum(0)
+            l, above2 = _kth_bin(cum, cum[-1:] - (k - above))
+            return (b << 16) | l, above + above2
+
+        def mask(p, g, w, a, t, take):
+            keep = _keep_first_ties(a, t, take, w.numel(), eq_buf)
+            kept = keep.sum().view(1)
+            g.masked_fill_(keep.logical_not_().view(g.shape), 0)
+            if strict:
+                self._masked.append((p, g == 0))
+            return kept
+
+        if self.config.granularity == "tensor":
+            out = []
+            for (name, p, g, w), n in zip(works, sizes):
+                k = self._keep_count(n)
+                a, hi = bits(w)
+                hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
+                _hist_(hist, hi)
+                b, above = _kth_bin(hist.cumsum(0), _const(n - k, dev))
+                lo_hist = torch.zeros(2 * _LO_BINS, dtype=torch.int64, device=dev)
+                _select_in_bin(w, a, hi, b, lo_hist, hist.index_select(0, b))
+                t, gt = threshold(lo_hist, b, above, k)
+                take = torch.where(t == 0, 0, k - gt)  # zero gradients are never kept
+                mask(p, g, w, a, t, take)
+                out += [t, gt + take]
+            return _PendingStats(self.step_count, [x[0] for x in works], sizes, torch.cat(out), True)
+        total = sum(sizes)
+        k = self._keep_count(total)
+        hists = torch.zeros(len(works), _HI_BINS, dtype=torch.int64, device=dev)
+        for i, (*_, w) in enumerate(works):
+            _hist_(hists[i], bits(w)[1])
+        b, above = _kth_bin(hists.sum(0).cumsum(0), _const(total - k, dev))
+        lo_hist = torch.zeros(2 * _LO_BINS, dtype=torch.int64, device=dev)
+        for i, (*_, w) in enumerate(works):
+            a, hi = bits(w)
+            _select_in_bin(w, a, hi, b, lo_hist, hists[i].index_select(0, b))
+        t, gt = threshold(lo_hist, b, above, k)
+        remaining = torch.where(t == 0, 0, k - gt)  # ties still to keep, in parameter order
+        out = [t]
+        for name, p, g, w in works:
+            a, _ = bits(w)
+            out.append(mask(p, g, w, a, t, remaining))
+            n = w.numel()
+            remaining = (remaining - eq_buf[:n].sum()).clamp_(min=0)  # eq_buf: this tensor's ties
+        return _PendingStats(self.step_count, [x[0] for x in works], sizes, torch.cat(out), False)
 
     def _apply_sharded(self, live, shards) -> dict:
         """Exact thresholds over gradients sharded on dim 0 across ranks (FSDP2), see docs/gmt.md.
@@ -686,7 +901,9 @@ def _make_callback_class():
         pre-mask norm, logged as ``grad_norm``), and in ``on_pre_optimizer_step`` masks and clips
         with the original max norm (restored at train end). Per optimizer step it records the
         stats in ``history``; every Trainer log gets ``kept_fraction`` (mean since the last log)
-        and ``mask_threshold`` (global) or ``mask_threshold_median`` (per tensor).
+        and ``mask_threshold`` (global) or ``mask_threshold_median`` (per tensor). On an
+        accelerator the statistics and norms stay on the device until the next log (or train
+        end), then are read at once: ``history`` is complete at each log, not at each step.
 
         Give a GradientMask, or a GMTConfig (the mask is then built on the Trainer's model when
         training starts).
@@ -699,6 +916,7 @@ def _make_callback_class():
             self.config = mask_or_config.config if self.mask is not None else mask_or_config
             self.history: list[dict] = []
             self._since_log: list[dict] = []
+            self._unread: list[tuple[dict, object, object]] = []  # (record, stats, norm) on the device
             self._max_grad_norm = 0.0
             self._snapshot = None
 
@@ -711,33 +929,51 @@ def _make_callback_class():
                 args.max_grad_norm = 0.0
 
         def on_train_end(self, args, state, control, **kwargs):
+            self._read()
             if self._max_grad_norm > 0:
                 args.max_grad_norm = self._max_grad_norm
 
+        def _read(self) -> None:
+            """Complete the records of the steps since the last read: one transfer for all stats
+            (and one for the clipping norms), however many steps and tensors."""
+            if not self._unread:
+                return
+            unread, self._unread = self._unread, []
+            norms = [n for _, _, n in unread if n is not None]
+            norms = iter(torch.stack([n.float() for n in norms]).tolist() if norms else [])
+            for (record, _, norm), stats in zip(unread, resolve_all([s for _, s, _ in unread])):
+                record["kept_fraction"] = stats["kept_fraction"]
+                th = stats["threshold"]
+                if isinstance(th, dict):
+                    record["mask_threshold_median"] = statistics.median(th.values()) if th else 0.0
+                elif th is not None:
+                    record["mask_threshold"] = th
+                if norm is not None:
+                    record["masked_grad_norm"] = next(norms)
+                self.history.append(record)
+                self._since_log.append(record)
+
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            stats = self.mask.apply_()
-            record = {"step": state.global_step + 1, "kept_fraction": stats["kept_fraction"]}
-            th = stats["threshold"]
-            if isinstance(th, dict):
-                record["mask_threshold_median"] = statistics.median(th.values()) if th else 0.0
-            elif th is not None:
-                record["mask_threshold"] = th
+            stats = self.mask._apply_pending()  # no host sync on an accelerator: read at the next log
+            norm = None
             if self._max_grad_norm > 0:
                 params = [p for p in model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.clip_grad_norm_(params, self._max_grad_norm)
                 if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a (replicated) DTensor
                     norm = norm.full_tensor()
-                record["masked_grad_norm"] = float(norm)
+                norm = norm.detach()
             self._snapshot = self.mask.snapshot_(optimizer)
-            self.history.append(record)
-            self._since_log.append(record)
+            self._unread.append(({"step": state.global_step + 1}, stats, norm))
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.mask.restore_(self._snapshot)
             self._snapshot = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is None or "loss" not in logs or not self._since_log:
+            if logs is None or "loss" not in logs:
+                return
+            self._read()
+            if not self._since_log:
                 return
             recs, self._since_log = self._since_log, []
             extra = {}

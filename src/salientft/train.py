@@ -96,20 +96,53 @@ def _trainer_classes():
             self.session_tokens = 0  # this process's tokens since train() started
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if "attention_mask" in inputs:
-                n = int(inputs["attention_mask"].sum())
-            else:
-                n = int(inputs["input_ids"].numel())
-            self.session_tokens += n
-            # the run's total: saved in each checkpoint's trainer_state.json, restored by --resume
-            self.state.num_input_tokens_seen += n
+            # Tokens and loss checks accumulate on the device and are read at the next log,
+            # checkpoint or the end (``_read_step_checks``): a read per micro-step would stop an
+            # accelerator twice per micro-step.
+            mask = inputs.get("attention_mask")
+            n = mask.sum() if mask is not None else inputs["input_ids"].numel()
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss).all():
+            d = loss.detach()
+            if getattr(self, "_unread_tokens", None) is None:
+                self._unread_tokens = torch.zeros((), dtype=torch.int64, device=d.device)
+                self._all_finite = torch.ones((), dtype=torch.bool, device=d.device)
+                self._bad_step = torch.zeros((), dtype=torch.int64, device=d.device)
+                self._bad_loss = torch.zeros((), dtype=torch.float32, device=d.device)
+            self._unread_tokens += n
+            finite = torch.isfinite(d).all()
+            first = self._all_finite & ~finite  # the first non-finite loss since the last read
+            self._bad_step = torch.where(first, self.state.global_step + 1, self._bad_step)
+            self._bad_loss = torch.where(first, d.float().sum(), self._bad_loss)
+            self._all_finite &= finite
+            return loss
+
+        def _read_step_checks(self):
+            """Count the tokens since the last read and stop on a non-finite loss (one transfer)."""
+            if getattr(self, "_unread_tokens", None) is None:
+                return
+            tokens, finite, step, bad = torch.stack([
+                self._unread_tokens.double(), self._all_finite.double(), self._bad_step.double(),
+                self._bad_loss.double()]).tolist()
+            self._unread_tokens = None
+            self.session_tokens += int(tokens)
+            # the run's total: saved in each checkpoint's trainer_state.json, restored by --resume
+            self.state.num_input_tokens_seen += int(tokens)
+            if not finite:
                 raise NonFiniteLossError(
-                    f"the training loss became {loss.item()} at step {self.state.global_step + 1}; "
+                    f"the training loss became {bad} at step {int(step)}; "
                     f"{last_good(self.args.output_dir)}. Lower the learning rate (--lr) or use --dtype fp32"
                 )
-            return loss
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate:  # before a checkpoint holds a bad step
+                self._read_step_checks()
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            self._read_step_checks()
+            return out
 
         def _save_checkpoint(self, model, trial):
             out = Path(self.args.output_dir)

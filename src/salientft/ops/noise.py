@@ -61,11 +61,20 @@ ms per chunk (no noise 356 ms; kept 331 ms). Making the blocks entirely in the p
 and added (one pass, no z scratch) gave the same step time (0.99-1.01x) while moving the adds out
 of torch's efficient threads, so it was dropped.
 
-Devices. On CUDA (any non-CPU device) a block is up to 16M weights
-(``DEVICE_NOISE_BLOCK_ELEMS``), so most layers take one draw with the device's generator (small
-blocks would be dominated by kernel launches), and no threads are used. The noise of a seed
-therefore differs between CPU and CUDA (different generators and blocks), as torch's CPU and
-CUDA RNGs do in general; on one device type it depends only on the seed and the layer shape.
+Devices. On CUDA (any non-CPU device) the default, ``SALIENTFT_NOISE_GENERATOR=torch``, draws each
+block with the device's ``normal_``, in the fewest balanced blocks of up to
+``DEVICE_NOISE_BLOCK_ELEMS``: torch's CUDA generator derives each element's counter from the
+launch grid, which depends on the SM count, so that noise depends on the seed, the layer shape,
+the device type and the GPU model (an A100, an H100 SXM and an H100 PCIe differ). With
+``SALIENTFT_NOISE_GENERATOR=philox`` the blocks are the CPU's and so are the numbers: a chunk's
+blocks are drawn together by :func:`.philox.philox_normal_keys` in torch ops on the device (keys
+computed there, passes of ``DEVICE_PHILOX_PASS`` numbers), chunks are up to ``DEVICE_WAVE_ELEMS``,
+and no threads are used; the noise then depends only on the seed and the layer shape, on every
+device and GPU model. Why torch's generator is the default: the project's rule is that the
+counter-based draw may cost at most 5 % of a GPU step, and by estimate (about 250 memory-bound
+integer passes per number, ~30 ms per draw of a 45M-weight layer on an H100 against ~1 ms for its
+matmul at 8K tokens) Philox in plain torch ops costs far more; not yet measured on a GPU
+(``scripts/gpu_check.sh`` times both, docs/gpu.md), and a fused kernel would change the verdict.
 
 Both ``gift.SalientLinear`` and ``quant.QuantizedSalientLinear`` draw their noise here, so a
 seed means the same noise in either.
@@ -79,7 +88,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-from .philox import philox_normal_
+from .philox import philox_normal_, philox_normal_keys
 
 # Row blocks of about this many weights on CPU (1 MB in fp32), each drawn from its own seed by
 # one thread. The block size depends only on the layer shape, so the noise of a given seed is the
@@ -89,9 +98,19 @@ NOISE_BLOCK_ELEMS = 1 << 18
 # layer up to 4096 x 2048): a chunk is drawn (in parallel), added and multiplied at once, so
 # fewer chunks mean fewer switches between drawing and multiplying (module docstring).
 WAVE_ELEMS = 1 << 23
-# On CUDA (and any other non-CPU device): one draw per layer up to 16M weights (64 MB fp32).
+# On CUDA (and any other non-CPU device) with SALIENTFT_NOISE_GENERATOR=torch: blocks of up to
+# 16M weights (64 MB fp32), one normal_ each, balanced (equal rows).
 DEVICE_NOISE_BLOCK_ELEMS = 1 << 24
+# Chunks on an accelerator: up to 64M weights (256 MB of fp32 scratch), so one chunk (one set of
+# launches and one matmul) per layer up to 8192 x 8192 and a few, balanced, beyond.
+DEVICE_WAVE_ELEMS = 1 << 26
+# Numbers per pass of the device Philox (bounds its int64 temporaries, about 40 bytes per number).
+DEVICE_PHILOX_PASS = 1 << 23
 SEED_MIX = 0x9E3779B97F4A7C15
+_SEED_MIX_I64 = SEED_MIX - (1 << 64)  # the same multiplier as a wrapping int64
+NOISE_GENERATORS = ("philox", "torch")
+# Devices whose noise the numba kernel draws (host memory); any other draws with torch ops on it.
+_HOST_NOISE_DEVICES = ("cpu",)
 NOISE_DTYPE = torch.float32  # the dtype z ~ N(0, 1) is drawn in, whatever the compute dtype
 
 _local = threading.local()  # per-thread generators: a torch.Generator is not thread-safe to re-seed
@@ -111,6 +130,29 @@ def _hint_wait_policy() -> None:
                  "noise draws; starting the process with OMP_WAIT_POLICY=PASSIVE made weight-noise steps "
                  "1.1-1.2x faster on a 2-core CPU (docs/results/noise_speed.md)")
     _hinted = True
+
+
+def noise_generator_kind() -> str:
+    """The accelerators' noise generator, ``$SALIENTFT_NOISE_GENERATOR``: "torch" (default: the
+    device's ``normal_``, fast, depends on the GPU model) or "philox" (the CPU's counter-based
+    numbers, the same on every GPU model, slower by estimate; see the module docstring)."""
+    v = os.environ.get("SALIENTFT_NOISE_GENERATOR", "").strip().lower() or "torch"
+    if v not in NOISE_GENERATORS:
+        raise ValueError(f"SALIENTFT_NOISE_GENERATOR={v!r}: choose one of {', '.join(NOISE_GENERATORS)} "
+                         "(or unset it for torch)")
+    return v
+
+
+def _torch_seeded(device_type: str) -> bool:
+    """Whether the noise on ``device_type`` comes from torch's generator (in large blocks)."""
+    return device_type not in _HOST_NOISE_DEVICES and noise_generator_kind() == "torch"
+
+
+def _balanced(n: int, most: int) -> list[int]:
+    """``n`` split into the fewest parts of at most ``most``, sizes differing by at most one."""
+    parts = -(-n // max(1, most))
+    q, r = divmod(n, parts)
+    return [q + (i < r) for i in range(parts)]
 
 
 def noise_generator(device: torch.device) -> torch.Generator:
@@ -137,10 +179,14 @@ def block_seed(seed: int, r0: int) -> int:
 
 
 def noise_block_rows(out_features: int, in_features: int, device_type: str = "cpu") -> int:
-    """Rows per noise block of an (out, in) layer on ``device_type``: ~1 MB blocks on "cpu",
-    one block (up to ``DEVICE_NOISE_BLOCK_ELEMS`` weights) on "cuda" and other devices."""
-    elems = NOISE_BLOCK_ELEMS if device_type == "cpu" else DEVICE_NOISE_BLOCK_ELEMS
-    return max(1, min(out_features, elems // max(1, in_features)))
+    """Rows per noise block (the unit of seeding) of an (out, in) layer on ``device_type``:
+    ~1 MB blocks (``NOISE_BLOCK_ELEMS``) wherever the Philox numbers are drawn (CPU, and every
+    device by default), so a seed means the same noise everywhere; with the "torch" generator on
+    an accelerator, the fewest balanced blocks of at most ``DEVICE_NOISE_BLOCK_ELEMS``."""
+    if _torch_seeded(device_type):
+        most = max(1, min(out_features, DEVICE_NOISE_BLOCK_ELEMS // max(1, in_features)))
+        return _balanced(out_features, most)[0]
+    return max(1, min(out_features, NOISE_BLOCK_ELEMS // max(1, in_features)))
 
 
 def noise_blocks(out_features: int, in_features: int, device_type: str = "cpu") -> list[tuple[int, int]]:
@@ -150,12 +196,21 @@ def noise_blocks(out_features: int, in_features: int, device_type: str = "cpu") 
 
 
 def noise_chunks(out_features: int, in_features: int, device_type: str = "cpu") -> list[list[tuple[int, int]]]:
-    """The noise blocks grouped into chunks of consecutive blocks of at most ``WAVE_ELEMS`` weights
-    (at least one block): the unit that is drawn (in parallel), added to W and multiplied at once.
-    Depends only on the layer shape and the device type, so results do not depend on the thread count."""
+    """The noise blocks grouped into chunks of consecutive blocks: the unit that is drawn (in
+    parallel on CPU, in one set of launches elsewhere), added to W and multiplied at once.
+
+    At most ``WAVE_ELEMS`` weights per chunk on CPU, ``DEVICE_WAVE_ELEMS`` elsewhere (at least one
+    block), in the fewest chunks, balanced: their block counts differ by at most one, so no chunk
+    is a small tail. Depends only on the layer shape and the device type (and the accelerators'
+    generator), so results do not depend on the thread count."""
     blocks = noise_blocks(out_features, in_features, device_type)
-    per = max(1, WAVE_ELEMS // ((blocks[0][1] - blocks[0][0]) * max(1, in_features)))
-    return [blocks[i: i + per] for i in range(0, len(blocks), per)]
+    budget = WAVE_ELEMS if device_type == "cpu" else DEVICE_WAVE_ELEMS
+    per = max(1, budget // ((blocks[0][1] - blocks[0][0]) * max(1, in_features)))
+    chunks, i = [], 0
+    for size in _balanced(len(blocks), per):
+        chunks.append(blocks[i: i + size])
+        i += size
+    return chunks
 
 
 def set_noise_threads(n: int | None) -> None:
@@ -204,11 +259,34 @@ if hasattr(os, "register_at_fork"):
 
 def draw_noise(out: torch.Tensor, seed: int, r0: int) -> torch.Tensor:
     """Fill ``out`` (the noise rows of the block starting at row ``r0``) with N(0, 1) for (seed, r0):
-    on CPU from the Philox generator (:mod:`.philox`), elsewhere from this thread's device generator."""
-    if out.device.type == "cpu":
+    the Philox numbers of the block's key (numba kernel on CPU, torch ops on other devices), or
+    with ``SALIENTFT_NOISE_GENERATOR=torch`` on an accelerator this thread's device generator."""
+    if out.device.type in _HOST_NOISE_DEVICES:
         return philox_normal_(out, block_seed(seed, r0))
-    g = noise_generator(out.device).manual_seed(block_seed(seed, r0))
-    return out.normal_(generator=g)
+    if _torch_seeded(out.device.type):
+        g = noise_generator(out.device).manual_seed(block_seed(seed, r0))
+        return out.normal_(generator=g)
+    return _draw_philox_blocks(out, seed, [(r0, r0 + out.shape[0])])
+
+
+def _draw_philox_blocks(z: torch.Tensor, seed: int, blocks: list[tuple[int, int]]) -> torch.Tensor:
+    """Fill ``z`` (the rows of consecutive ``blocks``) with their Philox numbers, in torch ops on
+    z's device: blocks of equal size together, keys computed there (no host-to-device copy)."""
+    r_first, width = blocks[0][0], z[0].numel() if z.shape[0] else 0
+    rows = blocks[0][1] - blocks[0][0]
+    full = sum(1 for b0, b1 in blocks if b1 - b0 == rows)  # all but possibly the layer's last block
+    runs = [(0, full, rows)] + ([(full, len(blocks), blocks[-1][1] - blocks[-1][0])] if full < len(blocks) else [])
+    flat = z.view(z.shape[0], -1)
+    for j0, j1, r in runs:
+        n = r * width
+        per = max(1, DEVICE_PHILOX_PASS // max(1, n))
+        for a in range(j0, j1, per):
+            b = min(j1, a + per)
+            starts = torch.arange(a, b, dtype=torch.int64, device=z.device) * rows + r_first
+            keys = (starts * _SEED_MIX_I64 + seed) & ((1 << 63) - 1)  # block_seed, wrapping int64
+            row0 = blocks[a][0] - r_first
+            flat[row0: row0 + (b - a) * r].view(b - a, n).copy_(philox_normal_keys(keys, n))
+    return z
 
 
 def drawn_chunks(seed: int, chunks: list[list[tuple[int, int]]], in_features: int, device, threads: int = 1,
@@ -236,7 +314,9 @@ def drawn_chunks(seed: int, chunks: list[list[tuple[int, int]]], in_features: in
         else:
             z = scratch[: (r1 - r0) * in_features].view(r1 - r0, in_features)
         parts = [(z[b0 - r0: b1 - r0], b0) for b0, b1 in chunk]
-        if parallel and len(parts) > 1:
+        if device.type not in _HOST_NOISE_DEVICES and not _torch_seeded(device.type):
+            _draw_philox_blocks(z, seed, chunk)  # the whole chunk in one set of launches
+        elif parallel and len(parts) > 1:
             pool = _thread_pool(threads)
             futures = [pool.submit(draw_noise, part, seed, b0) for part, b0 in parts]
             try:

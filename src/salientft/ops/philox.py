@@ -120,7 +120,11 @@ def philox4x32(c0, c1, c2, c3, key: int) -> tuple[torch.Tensor, ...]:
 
     Products of two 32-bit values wrap in int64; ``>> 32`` then ``& 0xFFFFFFFF`` still gives their
     high word (two's complement), so this matches the kernel's uint64 arithmetic bit for bit."""
-    k0, k1 = split_key(key)
+    return _rounds(c0, c1, c2, c3, *split_key(key))
+
+
+def _rounds(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
+    """The ten Philox rounds; the key words may be ints or int64 tensors (one key per row)."""
     for _ in range(_ROUNDS):
         p0, p1 = c0 * _MUL0, c2 * _MUL1
         c0, c1, c2, c3 = ((p1 >> 32) & _M32) ^ c1 ^ k0, p1 & _M32, ((p0 >> 32) & _M32) ^ c3 ^ k1, p0 & _M32
@@ -173,3 +177,22 @@ def philox_normal_torch(n: int, key: int, groups_per_pass: int = 64) -> torch.Te
         s0 = g0 * GROUP
         out[s0: min(n, s0 + z.numel())] = z[: n - s0]
     return out
+
+
+def philox_normal_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(keys), n): row j holds the first ``n`` numbers of key ``keys[j]``, in torch ops on
+    ``keys``' device: the numba kernel's numbers bit for bit, on any device.
+
+    This is how an accelerator draws GIFT-SW's weight noise (``ops/noise.py``): many blocks in one
+    set of launches, keys computed on the device (no host-to-device copy, so no sync). Every step
+    is an integer op or one IEEE fp32 op (no fused multiply-add across ops; the square root in
+    fp64), so the numbers do not depend on the GPU model, its SM count or the launch grid.
+    ``keys``: int64, values in [0, 2**63)."""
+    k = keys.view(-1, 1)
+    groups = -(-n // GROUP)
+    q = torch.arange(groups * COUNTERS, dtype=torch.int64, device=keys.device).view(1, -1)
+    zero = torch.zeros((), dtype=torch.int64, device=keys.device)
+    w0, w1, w2, w3 = _rounds(q & _M32, q >> 32, zero, zero, k & _M32, k >> 32)
+    planes = [*_gaussians_torch(w0, w1), *_gaussians_torch(w2, w3)]
+    z = torch.stack([p.view(k.shape[0], groups, COUNTERS) for p in planes], dim=2)
+    return z.view(k.shape[0], groups * GROUP)[:, :n]
