@@ -103,6 +103,7 @@ DOC_ANCHOR = re.compile(r"docs/methods\.md#(?P<anchor>[A-Za-z0-9_-]+)")
 UPPER_MD = re.compile(r"(?<![\w/.-])(?P<name>[A-Z][A-Z_]+\.md)\b")
 MD_LINK = re.compile(r"\[(?:[^\]\[]|\[[^\]]*\])*\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 ANCHOR_ID = re.compile(r"""<a\s+(?:id|name)=["']([^"']+)["']""")
+LONG_LINE = 120  # a rewritten code line longer than this is listed for re-wrapping
 FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -342,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
                                                            f"a/{rel}", f"b/{rel}"))
         print(f"{'would rewrite' if args.dry_run else 'rewrote'} {len(changed)} file(s)", file=sys.stderr)
+        for rel, (old, new) in changed.items():  # candidates for re-wrapping by hand
+            before = set(old.splitlines())
+            for i, line in enumerate(new.splitlines(), 1):
+                if len(line) > LONG_LINE and line not in before and not rel.endswith((".md", ".json")):
+                    print(f"note: {rel}:{i}: rewritten line has {len(line)} characters", file=sys.stderr)
         for p in problems:
             print(f"cannot rewrite: {p}", file=sys.stderr)
         if args.dry_run:
