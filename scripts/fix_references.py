@@ -258,31 +258,29 @@ def check(root: Path = ROOT) -> list[Problem]:
         if rel in EXEMPT:
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
-        markdown = rel.endswith(".md")
-        code = _code_mask(text, markdown)
         for i, line in enumerate(text.splitlines(), 1):
-            for m in METHODS_REF.finditer(line):
-                problems.append(Problem(rel, i, "former reference", m.group(0)))
-            if rel != METHODS_DOC:
-                for m in BARE_REF.finditer(line):
-                    problems.append(Problem(rel, i, "section of the former reference", m.group(0)))
-            for m in PRIVATE_REF.finditer(line):
-                problems.append(Problem(rel, i, "file outside the repository", m.group(0)))
-            for m in UPPER_MD.finditer(line):
-                if m.group("name") not in existing_upper and m.group("name") != "METHODS.md":
-                    problems.append(Problem(rel, i, "no such file in the repository", m.group(0)))
-            for m in DOC_ANCHOR.finditer(line):
-                if m.group("anchor") not in anchors(methods_path):
-                    problems.append(Problem(rel, i, "no such anchor in docs/methods.md", m.group(0)))
-            for m in ISSUE_REF.finditer(line):
-                problems.append(Problem(rel, i, "issue-tracker citation", m.group(0)))
-        if markdown:
+            problems += _line_problems(line, rel, i, lambda a: a in anchors(methods_path), existing_upper)
+        if rel.endswith(".md"):
+            code = _code_mask(text, True)
             for m in MD_LINK.finditer(text):
-                if code[m.start()]:
-                    continue
-                problems += _check_link(m.group("target"), path, rel, text.count("\n", 0, m.start()) + 1,
-                                        root, anchors)
+                if not code[m.start()]:
+                    problems += _check_link(m.group("target"), path, rel, text.count("\n", 0, m.start()) + 1,
+                                            root, anchors)
     return problems
+
+
+def _line_problems(line: str, rel: str, i: int, has_anchor, existing_upper: set[str]) -> list[Problem]:
+    """The unresolved references on one line (``has_anchor(a)``: docs/methods.md defines ``a``)."""
+    found = [(m, "former reference") for m in METHODS_REF.finditer(line)]
+    if rel != METHODS_DOC:
+        found += [(m, "section of the former reference") for m in BARE_REF.finditer(line)]
+    found += [(m, "file outside the repository") for m in PRIVATE_REF.finditer(line)]
+    found += [(m, "no such file in the repository") for m in UPPER_MD.finditer(line)
+              if m.group("name") not in existing_upper | {"METHODS.md"}]
+    found += [(m, "no such anchor in docs/methods.md") for m in DOC_ANCHOR.finditer(line)
+              if not has_anchor(m.group("anchor"))]
+    found += [(m, "issue-tracker citation") for m in ISSUE_REF.finditer(line)]
+    return [Problem(rel, i, kind, m.group(0)) for m, kind in found]
 
 
 def _check_link(target: str, path: Path, rel: str, line: int, root: Path, anchors) -> list[Problem]:
