@@ -319,6 +319,41 @@ def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_
     col = gift_layers(gifted)[name]
     for e in range(4):
         assert torch.equal(col.salient_idx[e], select_salient(scores[f"{name}.{e}"], 2))  # the same selection
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    tuned = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="gift", n_salient=2, scores_file=str(out)))
+    holder = tuned.base_model.model.model.layers[1].mlp.experts.holders()["down_proj"]
+    assert torch.equal(holder.giftsw_idx["default"], col.salient_idx)  # the PEFT route reads the same rows
+
+
+def test_peft_preprocess_scores_each_expert_from_its_routed_tokens_as_apply_gift_does():
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig, preprocess_gift_sw
+
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    ref = apply_gift(tiny("qwen2_moe"), GiftConfig(metric="wanda", n_salient=2), calibration=batches)
+    cfg = GiftSWConfig(metric="wanda", n_salient=2, task_type="CAUSAL_LM")
+    base = tiny("qwen2_moe")
+    scores = preprocess_gift_sw(base, cfg, batches)
+    assert scores["model.layers.0.mlp.experts.down_proj"].shape == (4, 24)  # [experts, in]
+    model = peft.get_peft_model(base, cfg)
+    want = gift_layers(ref)
+    got = {}
+    for n, m in model.base_model.model.named_modules():
+        if hasattr(m, "holders"):
+            got.update({f"{n}.{p}": h.giftsw_idx["default"] for p, h in m.holders().items()})
+        elif hasattr(m, "giftsw_idx"):
+            got[n] = m.giftsw_idx["default"]
+    assert set(got) == set(want) and any("shared_expert" in n for n in got)
+    for n, idx in got.items():
+        assert torch.equal(idx, want[n].salient_idx), n
+    with pytest.raises(ValueError, match="matches no linear layer or fused MoE experts"):
+        preprocess_gift_sw(tiny("qwen2_moe"), GiftSWConfig(metric="wanda", n_salient=2, target_modules=["nothing"]),
+                           batches)
+    only = GiftSWConfig(metric="wanda", n_salient=2, target_modules=["experts.gate_up_proj"])
+    assert set(preprocess_gift_sw(tiny("qwen2_moe"), only, batches)) == {
+        f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)}
 
 
 @pytest.mark.numerics
