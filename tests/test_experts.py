@@ -514,6 +514,12 @@ def test_apply_gift_adapter_loads_in_peft_and_peft_adapter_loads_in_salientft(tm
     assert tensors[key + "noise_std"].shape == (4, 48)
     back = load_adapter(tiny("mixtral"), tmp_path / "theirs")  # checks the base fingerprint too
     assert torch.equal(logits(back), logits(theirs))
+    # PEFT's state-dict-driven injection (inject_adapter_in_model(..., state_dict=...)) finds the experts too
+    injected = peft.inject_adapter_in_model(peft.PeftConfig.from_pretrained(str(tmp_path / "theirs")), tiny("mixtral"),
+                                            state_dict={k.removeprefix("base_model.model."): v for k, v in tensors.items()})
+    assert len(_peft_experts(injected)) == 2
+    assert not peft.set_peft_model_state_dict(injected, tensors).unexpected_keys
+    assert torch.equal(logits(injected), logits(theirs))
     with pytest.raises(ValueError, match="different base weights"):
         load_adapter(tiny("mixtral", seed=1), tmp_path / "theirs")
 

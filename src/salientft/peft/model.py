@@ -99,6 +99,13 @@ class GiftSWModel(BaseTuner):
                        (n.rpartition(".") for n in find_expert_weights(model))}
             config.target_modules = {n.removesuffix(".base_layer") for n in find_target_modules(model)} | experts
         self._giftsw_experts = fused_experts_modules(model)
+        if kwargs.get("state_dict") is not None:
+            # PEFT takes a state dict's targets to be the module names before ".giftsw_"; a fused
+            # projection's tensors sit under its parameter's name: name its experts module too (PEFT
+            # reads only the keys).
+            owners = {k.rsplit(f".{PREFIX}", 1)[0].rpartition(".")[0] for k in kwargs["state_dict"]}
+            kwargs["state_dict"] = {**kwargs["state_dict"], **{
+                f"{o}.{PREFIX}experts": None for o in owners if o.removeprefix("_orig_mod.") in self._giftsw_experts}}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, GiftSWLayer)}
         # The base fingerprint, as salientft's own adapters carry it: recorded when the columns are
