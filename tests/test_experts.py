@@ -319,6 +319,41 @@ def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_
     col = gift_layers(gifted)[name]
     for e in range(4):
         assert torch.equal(col.salient_idx[e], select_salient(scores[f"{name}.{e}"], 2))  # the same selection
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    tuned = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="gift", n_salient=2, scores_file=str(out)))
+    holder = tuned.base_model.model.model.layers[1].mlp.experts.holders()["down_proj"]
+    assert torch.equal(holder.giftsw_idx["default"], col.salient_idx)  # the PEFT route reads the same rows
+
+
+def test_peft_preprocess_scores_each_expert_from_its_routed_tokens_as_apply_gift_does():
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig, preprocess_gift_sw
+
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}]
+    ref = apply_gift(tiny("qwen2_moe"), GiftConfig(metric="wanda", n_salient=2), calibration=batches)
+    cfg = GiftSWConfig(metric="wanda", n_salient=2, task_type="CAUSAL_LM")
+    base = tiny("qwen2_moe")
+    scores = preprocess_gift_sw(base, cfg, batches)
+    assert scores["model.layers.0.mlp.experts.down_proj"].shape == (4, 24)  # [experts, in]
+    model = peft.get_peft_model(base, cfg)
+    want = gift_layers(ref)
+    got = {}
+    for n, m in model.base_model.model.named_modules():
+        if hasattr(m, "holders"):
+            got.update({f"{n}.{p}": h.giftsw_idx["default"] for p, h in m.holders().items()})
+        elif hasattr(m, "giftsw_idx"):
+            got[n] = m.giftsw_idx["default"]
+    assert set(got) == set(want) and any("shared_expert" in n for n in got)
+    for n, idx in got.items():
+        assert torch.equal(idx, want[n].salient_idx), n
+    with pytest.raises(ValueError, match="matches no linear layer or fused MoE experts"):
+        preprocess_gift_sw(tiny("qwen2_moe"), GiftSWConfig(metric="wanda", n_salient=2, target_modules=["nothing"]),
+                           batches)
+    only = GiftSWConfig(metric="wanda", n_salient=2, target_modules=["experts.gate_up_proj"])
+    assert set(preprocess_gift_sw(tiny("qwen2_moe"), only, batches)) == {
+        f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)}
 
 
 @pytest.mark.numerics
@@ -369,19 +404,184 @@ print(json.dumps({{"diff": (got - want).abs().max().item(), "ranks": sorted(rank
     assert got["diff"] <= 1e-5
 
 
-def test_peft_route_names_the_experts_it_leaves_and_refuses_to_target_them(caplog):
+def _peft_experts(model):
+    from salientft.peft.layer import Experts
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_peft_route_trains_the_experts_and_logs_only_what_it_cannot_wrap(caplog, family):
+    """Default targets: every expert of every fused projection, k columns each, as apply_gift (gpt-oss:
+    [experts, in, out] with biases); only the router is left (and named)."""
     peft = pytest.importorskip("peft")
     from salientft.peft import GiftSWConfig
 
+    ref = apply_gift(tiny(family), GiftConfig(metric="magnitude", n_salient=3))
     with caplog.at_level(logging.WARNING, logger="salientft"):
+        model = peft.get_peft_model(tiny(family), GiftSWConfig(metric="magnitude", n_salient=3, task_type="CAUSAL_LM"))
+    assert "mlp.router.weight" in caplog.text or "mlp.gate.weight" in caplog.text
+    assert "experts" not in caplog.text  # the experts are covered now
+    layers = _peft_experts(model)
+    assert len(layers) == 2
+    want = {n: c for n, c in gift_layers(ref).items() if isinstance(c, ExpertColumns)}
+    for name, layer in layers.items():
+        name = name.removeprefix("base_model.model.")
+        for proj, holder in layer.holders().items():
+            c = want[f"{name}.{proj}"]  # the same columns, noise scale and initial values as apply_gift's
+            assert torch.equal(holder.giftsw_idx["default"], c.salient_idx)
+            assert torch.equal(holder.giftsw_noise_std["default"], c.noise_std)
+            assert torch.equal(holder.giftsw_weight["default"], c.salient_weight)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".giftsw_weight.default" in n for n in trainable)
+    assert sum(p.numel() for p in trainable.values()) == trainable_parameters(ref)["trainable"]
+    assert torch.equal(logits(model), logits(tiny(family)))  # eager base, same matmuls plus exact zeros
+
+
+@pytest.mark.numerics
+def test_peft_route_expert_gradients_equal_apply_gifts():
+    """One backward without noise: the PEFT layer's per-expert column gradients are apply_gift's (the same
+    per-expert salient matmuls; fp32, summation order may differ only in the attention's autograd)."""
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    ref = apply_gift(tiny("mixtral"), GiftConfig(metric="magnitude", n_salient=3, noise="none")).train()
+    model = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=3, noise="none",
+                                                               task_type="CAUSAL_LM")).train()
+    for m in (ref, model):
+        m(input_ids=IDS, labels=IDS).loss.backward()
+    want = {n: c.salient_weight.grad for n, c in gift_layers(ref).items() if isinstance(c, ExpertColumns)}
+    got = {f"{n.removeprefix('base_model.model.')}.{p}": h.giftsw_weight["default"].grad
+           for n, layer in _peft_experts(model).items() for p, h in layer.holders().items()}
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n].abs().sum() > 0, n
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7)
+
+
+def test_peft_route_targets_experts_by_module_projection_or_parameter_name():
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    def projections(targets, **kw):
         model = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=2,
-                                                                   task_type="CAUSAL_LM"))
-    assert "model.layers.*.mlp.experts.down_proj (MixtralExperts): 2 x 3,072 parameters" in caplog.text
-    assert "salientft.apply_gift" in caplog.text
-    assert "q_proj" not in caplog.text  # wrapped layers are covered
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
-    with pytest.raises(TypeError, match="fused MoE experts.*salientft.apply_gift"):
-        peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=2, target_modules=["experts"]))
+                                                                   target_modules=targets, **kw))
+        trained = {n.removeprefix("base_model.model.").split(".giftsw_")[0]
+                   for n, p in model.named_parameters() if p.requires_grad}
+        return model, trained
+
+    both = {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")}
+    assert projections(["experts"])[1] == both
+    assert projections(["experts.down_proj"])[1] == {n for n in both if n.endswith("down_proj")}
+    assert projections(["model.layers.1.mlp.experts.gate_up_proj", "q_proj"])[1] == {
+        "model.layers.1.mlp.experts.gate_up_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert projections(r".*\.1\.mlp\.experts\.down_proj")[1] == {"model.layers.1.mlp.experts.down_proj"}
+    assert projections(["experts"], exclude_modules=["down_proj"])[1] == {n for n in both if n.endswith("gate_up_proj")}
+    model, trained = projections(["experts.down_proj"])
+    layer = next(iter(_peft_experts(model).values()))
+    assert not len(layer.holders()["gate_up_proj"].giftsw_weight)  # the untargeted projection runs frozen
+
+
+@pytest.mark.numerics
+def test_apply_gift_adapter_loads_in_peft_and_peft_adapter_loads_in_salientft(tmp_path):
+    """One adapter format for fused experts both ways: <param>.giftsw_idx [E, k], .giftsw_weight [E, out, k],
+    .giftsw_noise_std [E, out] under base_model.model., the base fingerprint included."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from salientft.peft import GiftSWConfig
+
+    torch.manual_seed(3)
+    ours = apply_gift(tiny("mixtral"), GiftConfig(metric="magnitude", n_salient=3))
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny("mixtral"), str(tmp_path / "ours"))
+    assert torch.equal(logits(loaded), logits(ours))  # the same computation, bit for bit
+    torch.testing.assert_close(logits(loaded.merge_and_unload()), logits(ours), rtol=0, atol=1e-5)
+
+    theirs = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=3, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    tensors = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.mlp.experts.gate_up_proj.giftsw_"
+    assert tensors[key + "idx"].shape == (4, 3) and tensors[key + "weight"].shape == (4, 48, 3)
+    assert tensors[key + "noise_std"].shape == (4, 48)
+    back = load_adapter(tiny("mixtral"), tmp_path / "theirs")  # checks the base fingerprint too
+    assert torch.equal(logits(back), logits(theirs))
+    # PEFT's state-dict-driven injection (inject_adapter_in_model(..., state_dict=...)) finds the experts too
+    injected = peft.inject_adapter_in_model(peft.PeftConfig.from_pretrained(str(tmp_path / "theirs")), tiny("mixtral"),
+                                            state_dict={k.removeprefix("base_model.model."): v for k, v in tensors.items()})
+    assert len(_peft_experts(injected)) == 2
+    assert not peft.set_peft_model_state_dict(injected, tensors).unexpected_keys
+    assert torch.equal(logits(injected), logits(theirs))
+    with pytest.raises(ValueError, match="different base weights"):
+        load_adapter(tiny("mixtral", seed=1), tmp_path / "theirs")
+
+
+@pytest.mark.numerics
+def test_peft_route_experts_merge_unmerge_disable_and_two_adapters():
+    peft = pytest.importorskip("peft")
+    from salientft.peft import GiftSWConfig
+
+    base_logits = logits(tiny("mixtral"))
+    model = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=3, target_modules=["experts"]))
+    model.add_adapter("other", GiftSWConfig(metric="random", n_salient=2, seed=5, target_modules=["experts.down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".giftsw_weight." in n:
+                p.add_(0.5 * torch.randn_like(p))
+    assert all(".giftsw_weight.default" in n for n, p in model.named_parameters() if p.requires_grad)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    tuned = logits(model)
+    assert not torch.equal(tuned, base_logits)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), base_logits)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model), tuned, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    model.set_adapter("other")
+    other = logits(model)
+    assert not torch.equal(other, tuned) and not torch.equal(other, base_logits)
+    assert all(".giftsw_weight.other" in n and "down_proj" in n for n, p in model.named_parameters() if p.requires_grad)
+    model.base_model.set_adapter(["default", "other"])  # both: base output plus each adapter's correction
+    assert not torch.equal(logits(model), tuned)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+    assert torch.equal(logits(model), tuned)
+    merged = model.merge_and_unload()
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    torch.testing.assert_close(logits(merged), tuned, rtol=0, atol=1e-5)
+
+
+def test_peft_route_trains_experts_under_weight_noise_and_refuses_a_corrupt_expert_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from salientft.peft import GiftSWConfig
+
+    model = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="magnitude", n_salient=3, task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train_step(model)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".giftsw_weight.default" in n for n in moved)
+    assert any("experts.down_proj" in n for n in moved) and any("experts.gate_up_proj" in n for n in moved)
+    model.save_pretrained(str(tmp_path / "a"))
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.layers.1.mlp.experts.down_proj.giftsw_idx"
+    tensors[key][2, 1] = tensors[key][2, 0]  # expert 2 lists a column twice
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match="experts.down_proj lists a salient column twice"):
+        peft.PeftModel.from_pretrained(tiny("mixtral"), str(tmp_path / "a"))
 
 
 def test_quantize_names_the_experts_it_leaves_in_16_bits(caplog):

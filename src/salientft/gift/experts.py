@@ -88,19 +88,31 @@ class ExpertColumns(SalientLayer):
         """Expert ``e``'s output for its tokens ``x``: GIFT-SW's salient matmul on its (out, in) matrix.
         ``salient_weight``: expert e's (out, k) columns, e.g. from one ``unbind`` per forward (its backward
         stacks the experts' gradients once, where indexing would add a zero-filled [experts, out, k] per expert)."""
-        b = self.bias
-        s = None if seed is None else (seed + (e + 1) * SEED_MIX) % (1 << 62)  # one noise draw per expert
-        idx, std = self.salient_idx[e], self.noise_std[e]
         sw = self.salient_weight[e] if salient_weight is None else salient_weight
-        y = salient_linear(x, self.base_weight()[e], sw, None if b is None else b[e], idx, std, s, self.keep_noise)
-        if self.training and self.noise == "output":
-            y = y + output_noise(x, y, idx, std)
-        return y
+        return expert_matmul(x, e, self.base_weight(), sw, self.bias, self.salient_idx, self.noise_std, seed,
+                             self.keep_noise, self.training and self.noise == "output")
 
     @torch.no_grad()
     def merged_weight_(self) -> None:
         """Write the trained columns into the shared 3-D base weight (in place)."""
         scatter_columns_(self.base_weight(), self.salient_idx, self.salient_weight)
+
+
+def expert_matmul(x: torch.Tensor, e: int, weight: torch.Tensor, salient_weight: torch.Tensor, bias, salient_idx,
+                  noise_std, seed: int | None, keep_noise: bool = False, add_output_noise: bool = False
+                  ) -> torch.Tensor:
+    """Expert ``e``'s GIFT-SW matmul on its routed tokens ``x``: ``gift.layer.salient_linear`` on its (out, in)
+    matrix of ``weight`` [experts, out, in], with its (out, k) ``salient_weight``, its row of ``bias``
+    [experts, out] (or None), ``salient_idx`` [experts, k] and ``noise_std`` [experts, out]. ``seed``: the
+    projection's weight-noise seed of this forward (None: no weight noise); each expert draws its own noise
+    from it. ``add_output_noise``: add the output-noise mode's noise (training only). Shared by
+    :class:`ExpertColumns` and the PEFT route's experts layer."""
+    s = None if seed is None else (seed + (e + 1) * SEED_MIX) % (1 << 62)  # one noise draw per expert
+    idx, std = salient_idx[e], noise_std[e]
+    y = salient_linear(x, weight[e], salient_weight, None if bias is None else bias[e], idx, std, s, keep_noise)
+    if add_output_noise:
+        y = y + output_noise(x, y, idx, std)
+    return y
 
 
 class SalientExperts(nn.Module):
@@ -161,14 +173,16 @@ def expert_layers(model: nn.Module) -> dict[str, ExpertColumns]:
             for p, c in m.salient.items()}
 
 
-def expert_scores(model: nn.Module, names, metric: str, stats=None, *, bits: int = 4, seed: int = 0
-                  ) -> dict[str, torch.Tensor]:
+def expert_scores(model: nn.Module | None, names, metric: str, stats=None, *, bits: int = 4, seed: int = 0,
+                  weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """[experts, in] salience of every fused expert projection in ``names`` (``<experts>.<proj>``).
 
     Each expert is scored as its own layer by ``saliency.layer_scores`` from its own routed
     tokens' statistics (``stats["<experts>.<proj>.<e>"]``, see ``calibration``); the data-free
     metrics read only the weights. An expert that no calibration token reached has all-zero
-    statistics: its columns are scored by weight magnitude instead (logged).
+    statistics: its columns are scored by weight magnitude instead (logged). ``weights``: the
+    [experts, out, in] weight of each name, for a caller whose model no longer holds the experts
+    module under that name (then ``model`` may be None).
     """
     from ..saliency import STATLESS_METRICS, layer_scores, resolve_metric
 
@@ -176,7 +190,7 @@ def expert_scores(model: nn.Module, names, metric: str, stats=None, *, bits: int
     out, unrouted = {}, []
     for name in names:
         module, _, proj = name.rpartition(".")
-        w = expert_weight(model.get_submodule(module), proj)
+        w = weights[name] if weights is not None else expert_weight(model.get_submodule(module), proj)
         rows = []
         for e in range(w.shape[0]):
             st = None if spec["name"] in STATLESS_METRICS else stats.get(f"{name}.{e}")

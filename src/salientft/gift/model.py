@@ -31,6 +31,33 @@ def noise_std_for(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) ->
     return (delta / 2).float()
 
 
+def expert_noise_std(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """[experts, out]: :func:`noise_std_for` of each expert of ``weight`` [experts, out, in] with its own
+    columns ``salient_idx`` [experts, k]."""
+    return torch.stack([noise_std_for(weight[e].detach(), salient_idx[e], bits) for e in range(weight.shape[0])])
+
+
+def expert_score_matrix(name: str, scores: Mapping[str, torch.Tensor], n_experts: int, in_features: int
+                        ) -> torch.Tensor:
+    """The [experts, in] scores of the fused projection ``name``: ``scores[name]`` itself, or the
+    per-expert rows ``scores["<name>.<e>"]`` of a scores file stacked; shape and finiteness checked."""
+    if name not in scores and f"{name}.0" in scores:  # a scores file: one (in,) row per expert
+        rows = [scores.get(f"{name}.{e}") for e in range(n_experts)]
+        if any(r is None for r in rows):
+            raise ValueError(f"the scores lack some experts of {name!r}; recompute them for this model")
+        score = torch.stack([torch.as_tensor(r).detach().float().flatten() for r in rows])
+    elif name not in scores:
+        raise ValueError(f"no scores for target {name!r}; scores cover {len(scores)} modules")
+    else:
+        score = torch.as_tensor(scores[name]).detach().float()
+    if tuple(score.shape) != (n_experts, in_features):
+        raise ValueError(f"scores for {name!r} have shape {tuple(score.shape)}, the fused experts need "
+                         f"[experts={n_experts}, in={in_features}]; recompute the scores for this model")
+    if not torch.isfinite(score).all():
+        raise ValueError(f"scores for {name!r} contain NaN or infinite values")
+    return score
+
+
 def _check_scores(name: str, score: torch.Tensor, in_features: int) -> torch.Tensor:
     score = torch.as_tensor(score).detach().flatten().float()
     if score.numel() != in_features:
@@ -68,7 +95,7 @@ def apply_gift(
     if config.target_modules is None:
         warn_uncovered(model, [*targets, *expert_targets])
     if salient_idx is None and scores is None:
-        scores = _compute_scores(model, config, calibration, targets, expert_targets)
+        scores = compute_scores(model, config, calibration, targets, expert_targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in targets.items():
@@ -134,26 +161,12 @@ def _expert_columns(model, name, config, scores, salient_idx, noise_std) -> Expe
             raise ValueError(f"no salient indices given for target {name!r}")
         idx = torch.as_tensor(salient_idx[name], dtype=torch.long)
     else:
-        if name not in scores and f"{name}.0" in scores:  # a scores file: one (in,) row per expert
-            rows = [scores.get(f"{name}.{e}") for e in range(n_exp)]
-            if any(r is None for r in rows):
-                raise ValueError(f"the scores lack some experts of {name!r}; recompute them for this model")
-            score = torch.stack([torch.as_tensor(r).detach().float().flatten() for r in rows])
-        elif name not in scores:
-            raise ValueError(f"no scores for target {name!r}; scores cover {len(scores)} modules")
-        else:
-            score = torch.as_tensor(scores[name]).detach().float()
-        if tuple(score.shape) != (n_exp, in_f):
-            raise ValueError(f"scores for {name!r} have shape {tuple(score.shape)}, the fused experts need "
-                             f"[experts={n_exp}, in={in_f}]; recompute the scores for this model")
-        if not torch.isfinite(score).all():
-            raise ValueError(f"scores for {name!r} contain NaN or infinite values")
-        idx = select_expert_columns(score, config.k_for(in_f, name))
+        idx = select_expert_columns(expert_score_matrix(name, scores, n_exp, in_f), config.k_for(in_f, name))
     idx = idx.to(w.device)
     if noise_std is not None and name in noise_std:
         std = torch.as_tensor(noise_std[name], dtype=torch.float32, device=w.device)
     else:
-        std = torch.stack([noise_std_for(w[e].detach(), idx[e], config.noise_bits) for e in range(n_exp)])
+        std = expert_noise_std(w, idx, config.noise_bits)
     return ExpertColumns(module, proj, idx, std, noise=config.noise, fp32_salient=config.fp32_salient,
                          keep_noise=config.keep_noise)
 
@@ -180,7 +193,10 @@ def warn_uncovered(model: nn.Module, targets, hint: str = "", who: str = "GIFT-S
     )
 
 
-def _compute_scores(model, config, calibration, targets, expert_targets=()):
+def compute_scores(model, config, calibration, targets, expert_targets=()):
+    """Scores of ``config.metric`` (any config with ``metric`` and ``seed``) for the linear layers
+    ``targets`` ((in,) each) and the fused expert projections ``expert_targets`` ([experts, in]
+    each), collecting the statistics from ``calibration`` when the metric needs them."""
     from ..saliency import saliency_scores
 
     if config.metric in STATLESS_METRICS:

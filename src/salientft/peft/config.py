@@ -15,7 +15,8 @@ from ..gift.config import SETTINGS, GiftConfig, gift_field
 
 @dataclass
 class GiftSWConfig(PeftConfig):
-    """Train the k salient input columns of every targeted linear layer (GIFT-SW, METHODS.md 1).
+    """Train the k salient input columns of every targeted linear layer and, per expert, of every
+    targeted fused MoE expert projection (GIFT-SW, docs/moe.md).
 
     k per layer: ``n_salient``, or ``round(salient_fraction * in_features)``, or the paper's
     128/4096 of ``in_features``; ``k_pattern`` overrides it per layer (keys match a module name
@@ -94,30 +95,57 @@ class GiftSWConfig(PeftConfig):
                 return salient_count(in_features, k, name=module_name)
         return salient_count(in_features, self.n_salient, self.salient_fraction, name=module_name)
 
-    def scores_for(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """(in,) salience of the layer's columns: preprocessed or file scores, else a statistics-free metric."""
-        from ..saliency import STATLESS_METRICS, layer_scores, load_scores
+    def _scores(self) -> Optional[dict]:
+        """The preprocessed scores (``preprocess_gift_sw``), else those of ``scores_file``, else None."""
+        from ..saliency import load_scores
 
         scores = getattr(self, "_salient_scores", None)
         if scores is None and self.scores_file:
             scores = load_scores(self.scores_file)
             object.__setattr__(self, "_salient_scores", scores)
+        return scores
+
+    def _no_scores(self, name: str) -> ValueError:
+        return ValueError(f"the salience scores have no entry for {name!r}; compute them for this model "
+                          "(salientft calibrate, or salientft.peft.preprocess_gift_sw) with the same target modules")
+
+    def _needs_statistics(self) -> ValueError:
+        return ValueError(
+            f"metric {self.metric!r} needs calibration statistics: give scores_file=<salientft calibrate output>, "
+            "call salientft.peft.preprocess_gift_sw(model, config, batches) before get_peft_model, "
+            "or use metric='magnitude' or 'random'"
+        )
+
+    def expert_scores_for(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """[experts, in] salience of a fused expert projection (``name``: the 3-D parameter's full name,
+        ``weight`` its [experts, out, in] view), scored per expert as ``salientft.apply_gift`` does."""
+        from ..gift.experts import expert_scores
+        from ..gift.model import expert_score_matrix
+        from ..saliency import STATLESS_METRICS
+
+        scores = self._scores()
+        if scores is not None:
+            if name not in scores and f"{name}.0" not in scores:
+                raise self._no_scores(name)
+            return expert_score_matrix(name, scores, weight.shape[0], weight.shape[2])
+        if self.metric not in STATLESS_METRICS:
+            raise self._needs_statistics()
+        return expert_scores(None, [name], self.metric, seed=self.seed, weights={name: weight})[name]
+
+    def scores_for(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """(in,) salience of the layer's columns: preprocessed or file scores, else a statistics-free metric."""
+        from ..saliency import STATLESS_METRICS, layer_scores
+
+        scores = self._scores()
         if scores is not None:
             if module_name not in scores:
-                raise ValueError(
-                    f"the salience scores have no entry for {module_name!r}; compute them for this model "
-                    "(salientft calibrate, or salientft.peft.preprocess_gift_sw) with the same target modules"
-                )
+                raise self._no_scores(module_name)
             score = scores[module_name].float().flatten()
             if score.numel() != weight.shape[1]:
                 raise ValueError(f"scores for {module_name!r} have {score.numel()} entries, the layer {weight.shape[1]}")
             return score
         if self.metric not in STATLESS_METRICS:
-            raise ValueError(
-                f"metric {self.metric!r} needs calibration statistics: give scores_file=<salientft calibrate output>, "
-                "call salientft.peft.preprocess_gift_sw(model, config, batches) before get_peft_model, "
-                "or use metric='magnitude' or 'random'"
-            )
+            raise self._needs_statistics()
         return layer_scores(module_name, weight, self.metric, seed=self.seed)
 
 
