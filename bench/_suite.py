@@ -13,7 +13,7 @@ Presets (one per scale, each with its own cache):
 - ``quick`` (``--quick``): the same model, 5 steps, 10 items per task, 1 seed: a sanity run
   (the parts also run fewer variants).
 - ``smoke`` (``--smoke``): the tiny random Llama, 2 steps, 4 items per task, 2 seeds: CI.
-- ``paper500`` (``--paper500``): the refresh of issue 17: 100 steps of 4 chats, the fixed seeded
+- ``paper500`` (``--paper500``): the 500-item refresh: 100 steps of 4 chats, the fixed seeded
   ``paper500`` subset (500 items per task, all of ARC-Challenge's 299), 3 seeds; every record
   keeps each item's outcome so that runs are compared item by item (paired intervals).
 """
@@ -105,7 +105,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true", help="a sanity run on the real model (minutes)")
     g.add_argument("--smoke", action="store_true", help="the tiny random model (seconds; what CI runs)")
     g.add_argument("--paper500", action="store_true",
-                   help="issue 17's refresh: 100 steps, the 500-item subset, per-item outcomes (hours)")
+                   help="the 500-item refresh: 100 steps, the 500-item subset, per-item outcomes (hours)")
     p.add_argument("--out", default=None, help="results folder (default docs/results, or docs/results/quick)")
     p.add_argument("--max-minutes", type=float, default=45.0,
                    help="start no new run after this many minutes; rerun to continue from the cache")

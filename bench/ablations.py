@@ -19,12 +19,12 @@ import _suite as S
 
 SEED = 0
 GROUPS = {
-    "noise": ("GIFT-SW noise (METHODS.md §1.3)", "noise", [
+    "noise": ("GIFT-SW noise (docs/methods.md#gift-noise)", "noise", [
         ("weight", {"method": "gift-sw"}),
         ("output", {"method": "gift-sw", "noise": "output"}),
         ("none", {"method": "salient"}),
     ]),
-    "metric": ("salience metric for the trained columns (§1.2)", "metric", [
+    "metric": ("salience metric for the trained columns (docs/methods.md#sensitivity-metric)", "metric", [
         (m, {"method": "gift-sw"} if m == "gift" else {"method": "gift-sw", "metric": m})
         for m in ("gift", "gift-g2", "owq", "activation", "random")
     ]),

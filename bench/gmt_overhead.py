@@ -39,7 +39,7 @@ from salientft.config_base import GMT_DEFAULT_RATIO  # noqa: E402
 from salientft.gmt import GradientMask  # noqa: E402
 from salientft.models import load_model  # noqa: E402
 
-TARGETS = {1: 0.10, 8: 0.03}  # the overhead targets per accumulation
+TARGETS = {1: 0.10, 8: 0.03}  # GMT's overhead targets per accumulation (docs/gmt.md)
 
 
 def _quartiles(xs):

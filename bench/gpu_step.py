@@ -26,7 +26,7 @@ its extra weights, activations, gradients, optimizer states); the models already
 constant meanwhile, so one process gives clean peaks. Host syncs: one extra step counted twice, by
 CUDA itself (``torch.cuda.set_sync_debug_mode``: every synchronizing call warns) and on the CPU
 side by a ``TorchDispatchMode`` counting the ops that synchronize on CUDA (``SYNC_OPS``); the
-latter is the issue's measure and also runs in the CPU dry run.
+latter is the project's GPU target and also runs in the CPU dry run.
 
 Budget: ``--budget-s`` seconds for the whole benchmark. Four phases (each model's main group, then
 its GMT group) share what is left (3 : 2); a method is skipped by name when its estimated cost no longer
@@ -105,14 +105,14 @@ SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "n
             "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "histc",
             "repeat_interleave", "masked_scatter"}
 
-# The issue's targets (goal, must) and how each is read off the results.
+# The project's GPU targets (goal, must; docs/gpu.md) and how each is read off the results.
 TARGETS = [
     ("GIFT-SW, no noise: step time / LoRA (same trainable count)", 0.78, 1.0, "ratio", ("gift-none", "lora")),
     ("GIFT-SW, no noise: peak memory / LoRA", 0.84, 1.0, "peak", ("gift-none", "lora")),
     ("GIFT-SW, weight noise: step time / LoRA, 4 x 2048 tokens", 1.1, 1.3, "ratio", ("gift-weight", "lora")),
     ("GMT, accumulation 8: step time / full fine-tuning", 1.02, 1.05, "ratio", ("gmt-acc8", "full-acc8")),
     ("host syncs per optimizer step beyond LoRA's (GMT: beyond full FT's; CPU-side count)", 1, 4, "syncs", None),
-    ("weight noise: Philox generator step time / torch's (issue item 5: keep Philox if <= 1.05)", 1.05, 1.05,
+    ("weight noise: Philox generator step time / torch's (keep Philox if <= 1.05)", 1.05, 1.05,
      "ratio", ("gift-weight-philox", "gift-weight-torch")),
 ]
 
@@ -454,7 +454,7 @@ def write_reports(result: dict, out: Path) -> None:
                          f"{_fmt(peak / lora_peak if peak is not None and lora_peak else None)} | "
                          f"{v.get('syncs', '-')} / {v.get('syncs_cuda', '-')} | {v['trainable']:,} |")
         lines.append("")
-    lines += ["## Targets (issue 28)", "", "| model | measure | goal | must | value | verdict |", "|---|---|---|---|---|---|"]
+    lines += ["## Targets", "", "| model | measure | goal | must | value | verdict |", "|---|---|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['model']} | {t['measure']} | {t['goal']} | {t['must']} | {_fmt(t['value'])} | "
                      f"{t['verdict']} |")

@@ -1,6 +1,6 @@
 """Does GIFT-SW's noise help, and at what scale? And does it hurt full fine-tuning?
 
-METHODS.md §1.3: the noise on the frozen weights has the per-row standard deviation Delta_i / 2
+docs/methods.md#gift-noise: the noise on the frozen weights has the per-row standard deviation Delta_i / 2
 of a b-bit quantizer (b = 4 in the paper), and the paper finds that it helps salient-only
 training and hurts full fine-tuning. Our first runs (docs/RESULTS.md, ablations) found no gain at
 4 bits. This part sweeps the scale through the quantizer's bit width (2, 3, 4, 6, 8 bits: from
@@ -110,7 +110,7 @@ def markdown(r: dict, preset) -> list[str]:
                + ", ".join(f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + ")"
                if r["learning_rates"] else "each method's default learning rate")
     lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
-    lines += ["The noise's standard deviation is Delta_i / 2 of a b-bit quantizer of each row (METHODS.md §1.3), "
+    lines += ["The noise's standard deviation is Delta_i / 2 of a b-bit quantizer of each row (docs/methods.md#gift-noise), "
               "so each bit less roughly doubles it (2 bits: 7x the paper's 4-bit noise; 8 bits: 1/18 of it). "
               "`none`: the same training without noise (GIFT-SW: salient-only).", "",
               "| variant | seeds | lr | six-task avg (%) | held-out ppl |", "|---|---|---|---|---|"]

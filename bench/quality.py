@@ -1,6 +1,6 @@
 """Quality at a fixed step budget: GIFT-SW, salient-only, GMT, full fine-tuning, LoRA and DoRA.
 
-The paper's comparison (METHODS.md §1.7) at the scale of a 2-core CPU: the embedded
+The paper's comparison (docs/methods.md#gift-paper-results) at the scale of a 2-core CPU: the embedded
 SmolLM2-135M-Instruct fine-tuned on the embedded instruction mix, every method for the same
 number of steps on the same batches (same seed), LoRA and DoRA at the rank whose trainable count
 is closest to GIFT-SW's, each method at its paper learning rate (GIFT-SW 1e-4, the others 3e-5).
@@ -10,7 +10,7 @@ mean ± std over seeds, and which differences exceed the seed noise.
     .venv/bin/python bench/quality.py            # 6 methods x 3 seeds (about 45 min), docs/results/quality.*
     .venv/bin/python bench/quality.py --quick    # 4 methods, 1 seed, 5 steps, 10 items per task
     .venv/bin/python bench/quality.py --smoke --out /tmp/q   # tiny random model (CI)
-    .venv/bin/python bench/quality.py --paper500 --lr-grid   # issue 17's refresh (hours; resumable)
+    .venv/bin/python bench/quality.py --paper500 --lr-grid   # the 500-item refresh (hours; resumable)
 
 ``--lr-grid``: each method first runs seed 0 at every learning rate of its grid (``LR_GRID``),
 measuring held-out loss only (no six-task evaluation, which takes most of a run); the rate with
@@ -39,7 +39,7 @@ LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e
 MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
 BOOTSTRAP_RESAMPLES = 2000
 # Paired comparisons a paper makes between two methods other than GIFT-SW (first minus second).
-CLAIM_PAIRS = (("gmt", "full", "GMT against the full fine-tuning it modifies (METHODS.md §2.1)"),)
+CLAIM_PAIRS = (("gmt", "full", "GMT against the full fine-tuning it modifies (docs/methods.md#gmt-algorithm)"),)
 TASK_METRIC = S.TASK_METRIC
 
 

@@ -1,7 +1,7 @@
 """Mixed-precision quantization of the embedded SmolLM2-135M: quality and memory at 4, 3 and 2 bits.
 
 For each bit width: RTN, RTN with the salient columns kept in 16 bits, GPTQ without salient
-columns, GPTQ with salient columns (METHODS.md §1.6; 3.1 % of the columns of every layer, chosen
+columns, GPTQ with salient columns (docs/methods.md#quantization-recovery; 3.1 % of the columns of every layer, chosen
 by the GIFT metric at the same bit width). Every model is measured three ways: perplexity on
 held-out text (SciQ support paragraphs, a source used neither for calibration nor for training),
 perplexity on the held-out chats of the instruction mix, and the paper's six-task average; plus
@@ -46,7 +46,7 @@ QUANT = {
     "full": QuantSetting((4, 3, 2), tuple(METHODS), samples=32, seq_len=512, text_tokens=8192),
     "quick": QuantSetting((3,), ("rtn+salient", "gptq+salient"), samples=16, seq_len=256, text_tokens=2048),
     "smoke": QuantSetting((3,), tuple(METHODS), samples=4, seq_len=64, text_tokens=512),
-    # issue 17's refresh: the start points of recovery (and of train-then-quantize), measured on the subset
+    # the 500-item refresh: the start points of recovery (and of train-then-quantize), measured on the subset
     "paper500": QuantSetting((4, 3, 2), ("gptq+salient",), samples=32, seq_len=512, text_tokens=8192),
 }
 

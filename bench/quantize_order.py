@@ -1,4 +1,4 @@
-"""Train with noise, then quantize; or quantize, then train? (METHODS.md §1.6)
+"""Train with noise, then quantize; or quantize, then train? (docs/methods.md#quantization-recovery)
 
 GIFT-SW's noise has a second purpose: a model fine-tuned with the quantization noise should lose
 less when it is quantized afterwards. The paper found "train with noise, then quantize" best at 4
@@ -150,7 +150,7 @@ def evaluated_spec(spec: dict) -> dict:
 
 def quantization_cost(unquantized: dict, recs: dict) -> dict:
     """What quantizing costs each trained model, item by item against the same model unquantized
-    (from quality's cache), and the claim itself: noise's cost minus no-noise's (METHODS.md §1.6, a
+    (from quality's cache), and the claim itself: noise's cost minus no-noise's (docs/methods.md#quantization-recovery, a
     model trained with the noise should lose less). Empty where quality's runs are missing."""
     noisy, plain = (unquantized[label] for label in TRAINED)
     q_noisy, q_plain = (recs[label] for label in TRAINED)

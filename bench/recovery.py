@@ -1,6 +1,6 @@
 """Recovering a quantized model: GIFT-SW on the 16-bit salient columns vs STE vs LoRA.
 
-METHODS.md §1.6: start from the GPTQ + salient-columns model of bench/quantization.py (4, 3 and
+docs/methods.md#quantization-recovery: start from the GPTQ + salient-columns model of bench/quantization.py (4, 3 and
 2 bits) and fine-tune it on the instruction mix for the preset's step budget with
 
 - ``gift-sw``: only the 16-bit salient columns, noise at the 4-bit step on the dequantized rest;
@@ -22,7 +22,7 @@ recovers GIFT-SW with every seed) join the method's row and its paired intervals
     .venv/bin/python bench/recovery.py            # 3 bit widths x 3 methods (about 35 min), docs/results/recovery.*
     .venv/bin/python bench/recovery.py --quick    # 3 bits only
     .venv/bin/python bench/recovery.py --smoke --out /tmp/r   # tiny random model (CI)
-    .venv/bin/python bench/recovery.py --paper500   # issue 17: the 500-item subset, tuned rates (after quality)
+    .venv/bin/python bench/recovery.py --paper500   # the 500-item subset, tuned rates (after quality)
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ GMT (``gmt``) is full fine-tuning whose gradients are masked before every AdamW 
 and lm_head unmasked). The mask runs in an optimizer step pre-hook, so ``train_step`` is the same
 for every method and the masking time is part of the "opt" column.
 
-The authors' approach (METHODS.md §1.8) is re-implemented below (``AuthorsSalientLinear``).
+The authors' approach (docs/methods.md#authors-code) is re-implemented below (``AuthorsSalientLinear``).
 """
 from __future__ import annotations
 
@@ -92,10 +92,10 @@ LR = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
-# The authors' approach, re-implemented from its description (METHODS.md §1.8).
+# The authors' approach, re-implemented from its description (docs/methods.md#authors-code).
 # ----------------------------------------------------------------------------------------------
 class AuthorsSalientLinear(nn.Module):
-    """The public reference code's training layer, as described in METHODS.md §1.8.
+    """The public reference code's training layer, as described in docs/methods.md#authors-code.
 
     The original layer stays alive (its weight is kept), and two pieces are stored next to it:
     the trainable salient columns and a frozen copy of the non-salient columns. Every forward
@@ -181,7 +181,7 @@ def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
 def cheap_noise_std(model: nn.Module, bits: int = 4) -> dict[str, torch.Tensor]:
     """Delta_i / 2 without the clip search: max|W_i| / (2^(b-1)-1) / 2 (the p = 1 grid point).
 
-    The §1.4 MSE clip search (``noise_std_for``) costs seconds per layer on this shared CPU
+    The MSE clip search of docs/methods.md#row-quantizer (``noise_std_for``) costs seconds per layer on this shared CPU
     (minutes per model); the noise scale's value does not change the step time, so the
     benchmark uses this stand-in for every noisy method alike.
     """
@@ -462,7 +462,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"{v.get('round_ratio_vs_lora', float('nan')):.2f}x | {v.get('round_ratio_vs_authors', float('nan')):.2f}x | "
                 f"{v.get('peak_mb', float('nan')):.0f} | {v.get('peak_vs_lora', float('nan')):.2f}x | "
                 f"{v['train_state_mb']:.1f} | {v.get('extra_weights_mb', float('nan')):.1f} | {v['trainable']:,} |")
-        lines += ["", "Targets (issue 2):", ""]
+        lines += ["", "Targets:", ""]
         lines += [f"- {'PASS' if ok else 'MISS'}: {t}" for t, ok in res["targets"].items()]
         lines.append("")
     lines += [f"![step time and peak memory]({path.with_suffix('.png').name})", ""]

@@ -14,7 +14,7 @@ Parts (each at most about 45 minutes on a quiet 2-core CPU; the estimates are me
     .venv/bin/python bench/suite.py --parts quality       # one part
     .venv/bin/python bench/suite.py --quick               # every part, small (about 15 min), docs/results/quick/
     .venv/bin/python bench/suite.py --smoke --out /tmp/s  # tiny random model, about two minutes (CI)
-    .venv/bin/python bench/suite.py --paper500            # issue 17's refresh, docs/results/paper500/ (many hours)
+    .venv/bin/python bench/suite.py --paper500            # the 500-item refresh, docs/results/paper500/ (many hours)
 
 ``--paper500`` runs the parts that take the 500-item subset, in the order they depend on each
 other: quality (with its learning-rate grids, whose choices the others read), recovery,
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")
     g.add_argument("--smoke", action="store_true")
-    g.add_argument("--paper500", action="store_true", help="issue 17's refresh: " + ", ".join(PAPER500_PARTS))
+    g.add_argument("--paper500", action="store_true", help="the 500-item refresh: " + ", ".join(PAPER500_PARTS))
     p.add_argument("--parts", nargs="+", default=None, choices=PARTS)
     p.add_argument("--out", default=None, help="results folder (default docs/results, or docs/results/quick)")
     p.add_argument("--max-minutes", type=float, default=45.0, help="per part: start no new run after this")

@@ -9,7 +9,7 @@
 #   bash scripts/gpu_check.sh --dry-run OUTDIR # on CPU: the benchmark with tiny models (CI runs this)
 #
 # Writes OUTDIR/gpu_check.{md,json} (phases, versions, verdicts), tests.xml (junit) and tests.log
-# (the suite), gpu_step.{md,json} (the benchmark and the targets). Exit code 0 when every
+# (the suite), gpu_step.{md,json} (the benchmark and the project's GPU targets). Exit code 0 when every
 # phase ran and passed, 1 when a test or the benchmark failed (the reports are written anyway),
 # 2 when the machine is not fit for the check (refused before any work).
 #

@@ -515,7 +515,7 @@ def test_recovery_reads_quality_s_chosen_rates_from_the_cache_and_trains_nothing
 def test_train_then_quantize_keeps_the_trained_columns_in_16_bits(tmp_path):
     """bench/quantize_order.py: the columns GIFT-SW trained are the ones GPTQ leaves in 16 bits, whatever
     the salience metric would have chosen, and they start from the trained values (GPTQ then moves
-    them by its error feedback, METHODS.md 1.6, so they are near the trained values, not equal)."""
+    them by its error feedback, docs/methods.md#quantization-recovery, so they are near the trained values, not equal)."""
     import torch
 
     import quantization as Q

@@ -54,7 +54,7 @@ def test_dry_run_measures_every_method_and_evaluates_the_targets(tmp_path):
     measured = {t["measure"] for t in targets if t["value"] is not None}
     assert len(measured) == len(gpu_step.TARGETS) - 1  # all but peak memory (CUDA only)
     md = (tmp_path / "gpu_step.md").read_text()
-    assert "DRY RUN" in md and "| gmt-acc8 | 8 |" in md and "## Targets (issue 28)" in md
+    assert "DRY RUN" in md and "| gmt-acc8 | 8 |" in md and "## Targets" in md
 
 
 def test_a_spent_budget_skips_every_method_by_name(tmp_path):

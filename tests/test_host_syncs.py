@@ -11,7 +11,7 @@ GPU is needed. Where the code picks its path by device, the test runs the accele
 tensors: GMT's device engine (``gmt._HOST_ENGINE_DEVICES`` emptied) and the weight noise's
 device Philox (``noise._HOST_NOISE_DEVICES`` emptied). Host-only reads are not syncs and are
 allowed by name (``HOST_ONLY``). The count must be the same with 2 and 4 layers, and at most
-``BEYOND_LORA`` above LoRA's in the same settings (the issue's target: 1, must: 4).
+``BEYOND_LORA`` above LoRA's in the same settings (the target: 1, must: 4; docs/gpu.md).
 """
 from __future__ import annotations
 

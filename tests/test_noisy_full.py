@@ -181,7 +181,7 @@ def test_full_wraps_gift_sws_targets_with_delta_over_two_over_all_columns(bits):
     layers = noisy_layers(model)
     assert list(layers) == targets and "lm_head" not in layers
     for name, layer in layers.items():
-        _, delta, _ = quantize_rows(weights[name], bits)  # the §1.4 quantizer over every column
+        _, delta, _ = quantize_rows(weights[name], bits)  # the quantizer of docs/methods.md#row-quantizer over every column
         assert torch.equal(layer.noise_std, delta / 2), name
         assert layer.noise == "weight" and not layer.keep_noise
     # same Parameters under the same names, every one trainable; the noise scale is not in the state dict

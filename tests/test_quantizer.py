@@ -1,4 +1,4 @@
-"""quantize_rows against METHODS.md §1.4, checked by a slow per-row, per-candidate loop."""
+"""quantize_rows against docs/methods.md#row-quantizer, checked by a slow per-row, per-candidate loop."""
 import pytest
 import torch
 

@@ -3,7 +3,7 @@
 (The whole ``salientft calibrate`` step, statistics -> salience scores -> file and plot, is
 ``salientft.pipelines.calibrate``.)
 
-The statistics are what the sensitivity metric (METHODS.md §1.2) needs from the activations X_j
+The statistics are what the sensitivity metric (docs/methods.md#sensitivity-metric) needs from the activations X_j
 of every input channel j of every target layer, accumulated in one forward pass with memory
 independent of the number of tokens:
 

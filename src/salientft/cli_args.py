@@ -127,5 +127,5 @@ COMMANDS = {
                   "and optionally a PNG summary."),
     "quantize": (QuantizeArgs, "quantize to 2-8 bits keeping the salient columns in 16 bits (GPTQ or RTN)",
                  "Weight-only symmetric quantization of every target layer; the k salient columns stay 16-bit "
-                 "(METHODS.md 1.6). Writes a folder load_quantized() reads."),
+                 "(docs/methods.md#quantization-recovery). Writes a folder load_quantized() reads."),
 }

@@ -321,14 +321,14 @@ PAPER_SALIENT_FRACTION = 128 / 4096
 # GIFT-SW method, the PEFT tuner and the up-front dependency check all ask this one tuple.
 STATLESS_METRICS = ("magnitude", "random")
 
-# GIFT-SW's noise modes (docs/ARCHITECTURE.md, METHODS.md 1.3): the paper's weight noise, the same
+# GIFT-SW's noise modes (docs/ARCHITECTURE.md, docs/methods.md#gift-noise): the paper's weight noise, the same
 # Gaussian moved to the layer output, and none. A quantized layer supports "weight" and "none".
 NOISE_MODES = ("weight", "output", "none")
 # The modes a quantized layer supports (QuantizedSalientLinear.set_noise): output noise is not
 # implemented there.
 QUANTIZED_NOISE_MODES = tuple(m for m in NOISE_MODES if m != "output")
 
-# GMT's mask ratio when the method is gmt and no ratio is given (METHODS.md 2: 0.5 is within the
+# GMT's mask ratio when the method is gmt and no ratio is given (docs/methods.md#gmt: 0.5 is within the
 # paper's flat region for every task it reports).
 GMT_DEFAULT_RATIO = 0.5
 

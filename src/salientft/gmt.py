@@ -1,4 +1,4 @@
-"""Gradient-Mask Tuning (GMT, METHODS.md §2): before each optimizer step keep only the largest
+"""Gradient-Mask Tuning (GMT, docs/methods.md#gmt): before each optimizer step keep only the largest
 accumulated gradient entries and zero the rest.
 
 The threshold is the K-th largest |g| (K = n - floor(ratio * n)), found exactly by a radix select
@@ -59,7 +59,7 @@ GMT_DEFAULT_EXCLUDE = ("@embeddings", "@output")
 
 @dataclass
 class GMTConfig(ConfigMixin):
-    """GMT: before each optimizer step, zero the smallest accumulated gradients (METHODS.md §2).
+    """GMT: before each optimizer step, zero the smallest accumulated gradients (docs/methods.md#gmt).
 
     ``ratio`` is the fraction of gradient entries zeroed (the paper's mask ratio), in [0, 1).
     ``granularity``: "tensor" (one threshold per parameter tensor) or "global" (one threshold over

@@ -1,8 +1,8 @@
-"""Per-column salience (METHODS.md §1.2) and the choice of the salient columns.
+"""Per-column salience (docs/methods.md#sensitivity-metric) and the choice of the salient columns.
 
 The generalized sensitivity of input column j of a layer with weight W (out, in):
 
-    s_j = ||D_j||_tau * ||X_j||_rho ^ gamma,     D = W - Q_bits(W)   (quantize_rows, §1.4)
+    s_j = ||D_j||_tau * ||X_j||_rho ^ gamma,     D = W - Q_bits(W)   (quantize_rows, docs/methods.md#row-quantizer)
 
 with tau, rho in {1, 2, "inf"} (norm of column j of D over the output rows; norm of channel j's
 activations over the calibration tokens) and gamma in {0.5, 1, 2}. Presets (``METRICS``):

@@ -1,6 +1,6 @@
 """Which modules a method targets: by default every linear layer inside the transformer blocks.
 
-Embeddings, norms and ``lm_head`` are never default targets (METHODS.md §1.1). A user list is
+Embeddings, norms and ``lm_head`` are never default targets (docs/methods.md#gift-targets). A user list is
 matched like PEFT's ``target_modules``: an entry matches a module whose full name equals it or
 ends with ``.<entry>``; a single string is a regular expression matched against full names.
 """

@@ -158,7 +158,7 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 
-# The GIFT-SW paper's six-task average (METHODS.md §1.7): which metric each task contributes.
+# The GIFT-SW paper's six-task average (docs/methods.md#gift-paper-results): which metric each task contributes.
 PAPER_METRICS = {
     "hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
     "boolq": "acc", "winogrande": "acc",

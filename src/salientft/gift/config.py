@@ -10,7 +10,7 @@ from ..config_base import NOISE_MODES, ConfigMixin, check_choice, check_range, c
 
 @dataclass
 class GiftConfig(ConfigMixin):
-    """GIFT-SW: which columns to train and how to perturb the frozen rest (METHODS.md §1).
+    """GIFT-SW: which columns to train and how to perturb the frozen rest (docs/methods.md#gift-sw).
 
     Give ``n_salient`` (k columns in every layer) or ``salient_fraction`` (k = round(f * in),
     at least 1), not both; with neither, the paper's ratio 128/4096 is used.

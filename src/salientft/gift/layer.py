@@ -1,8 +1,8 @@
 """SalientLinear: a linear layer whose k salient input columns are trainable (GIFT-SW).
 
 Why a custom autograd function: the authors' code rebuilt the full weight every step and let
-autograd compute an (out x in) weight gradient only to slice k columns out of it (METHODS.md
-§1.8). Here the frozen weight is shared with the original module (never copied) and backward
+autograd compute an (out x in) weight gradient only to slice k columns out of it
+(docs/methods.md#authors-code). Here the frozen weight is shared with the original module (never copied) and backward
 computes only what training needs: the (out x k) gradient of the salient columns, from the
 k saved input columns, and the input gradient.
 

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def noise_std_for(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """Delta_i / 2 per row, from the §1.4 quantizer at ``bits`` over the non-salient columns only."""
+    """Delta_i / 2 per row, from the quantizer of docs/methods.md#row-quantizer at ``bits`` over the
+    non-salient columns only."""
     keep = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     keep[salient_idx] = False
     if not keep.any():

@@ -1,10 +1,10 @@
 """NoisyLinear: a fully trainable linear layer under GIFT-SW's noise, for dense fine-tuning.
 
-Why it exists: METHODS.md §1.3 reports that the paper's noise helps salient-only training and
+Why it exists: docs/methods.md#gift-noise reports that the paper's noise helps salient-only training and
 hurts full fine-tuning (LLaMA2-7B: 71.97 without, 71.64 with). To reproduce that ablation the
 dense methods (``full``, ``gmt``) can train every weight while each training forward of a target
 layer uses ``W + diag(Delta / 2) * Omega``, Omega ~ N(0, 1) fresh every forward, Delta_i the
-per-row step of the §1.4 quantizer at ``noise_bits`` over all columns (there are no salient
+per-row step of the quantizer of docs/methods.md#row-quantizer at ``noise_bits`` over all columns (there are no salient
 columns), computed once before training by the same function GIFT-SW uses (``noise_std_for``).
 
 Why a custom autograd function: autograd through an explicit ``W + noise`` would keep an

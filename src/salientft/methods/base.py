@@ -44,7 +44,7 @@ class Method:
     name: ClassVar[str]
     quantized: ClassVar[bool] = False
     summary: ClassVar[str] = ""
-    default_lr: ClassVar[float] = 3e-5  # METHODS.md 1.7: the baselines' learning rate on LLaMA2
+    default_lr: ClassVar[float] = 3e-5  # docs/methods.md#gift-paper-results: the baselines' learning rate on LLaMA2
     dense: ClassVar[bool] = False
     accepts_mask: ClassVar[bool] = True
     default_mask_ratio: ClassVar[float | None] = None

@@ -1,9 +1,9 @@
 """Dense fine-tuning: every weight trains, in fp32 master weights. ``gmt`` is the same with
-Gradient-Mask Tuning's mask on by default (METHODS.md 2); the mask itself is a Trainer callback
+Gradient-Mask Tuning's mask on by default (docs/methods.md#gmt); the mask itself is a Trainer callback
 that any method accepting it can run (``--mask-ratio``).
 
 ``--noise weight`` (or ``output``) adds GIFT-SW's noise to GIFT-SW's target layers during
-training, every weight still training (the paper's ablation, METHODS.md 1.3): the targets are
+training, every weight still training (the paper's ablation, docs/methods.md#gift-noise): the targets are
 wrapped in ``gift.noisy_dense.NoisyLinear``, which keeps the original Parameters under their
 names, and the outputs are written with the plain layers swapped back in. Default: no noise.
 """

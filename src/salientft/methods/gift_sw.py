@@ -1,4 +1,4 @@
-"""GIFT-SW (METHODS.md 1): train the k salient input columns of every target layer.
+"""GIFT-SW (docs/methods.md#gift-sw): train the k salient input columns of every target layer.
 
 ``gift-sw`` perturbs the frozen rest with the paper's noise (weight noise by default);
 ``salient`` is the same without noise. A checkpoint holds only the adapter (indices and trained
@@ -37,7 +37,7 @@ def refuse_noise(config) -> None:
 class GiftSW(Method):
     name = "gift-sw"
     summary = "salient columns + noise in the frozen rest (the paper's method)"
-    default_lr = 1e-4  # METHODS.md 1.7
+    default_lr = 1e-4  # docs/methods.md#gift-paper-results
     default_noise = "weight"
     uses = frozenset({"n_salient", "salient_fraction", "metric", "scores", "noise", "noise_bits", "fp32_salient",
                       "calib_samples", "target_modules", "keep_noise"})

@@ -1,4 +1,4 @@
-"""The PEFT baselines: LoRA and DoRA on the same target layers as GIFT-SW (METHODS.md 1.7).
+"""The PEFT baselines: LoRA and DoRA on the same target layers as GIFT-SW (docs/methods.md#gift-paper-results).
 
 The Trainer checkpoints a ``PeftModel`` on its own (adapter weights only); the finished run
 writes the PEFT adapter folder ``adapter/``, which stock ``PeftModel.from_pretrained`` reads.

@@ -1,4 +1,4 @@
-"""Recovery of a model written by ``salientft quantize`` (METHODS.md 1.6) and its baselines.
+"""Recovery of a model written by ``salientft quantize`` (docs/methods.md#quantization-recovery) and its baselines.
 
 ``gift-sw`` / ``salient`` train the 16-bit salient columns the quantization kept (noise on the
 integer columns at the 4-bit step, or none); ``ste`` trains every weight through the fixed-grid

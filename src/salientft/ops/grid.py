@@ -1,4 +1,4 @@
-"""The one symmetric per-row quantizer of METHODS.md §1.4.
+"""The one symmetric per-row quantizer of docs/methods.md#row-quantizer.
 
 It serves three purposes, which is why it lives alone: the quantization error D of the
 sensitivity metric, the noise step Delta of GIFT-SW, and weight quantization itself.

@@ -1,4 +1,4 @@
-"""GIFT-SW's weight noise, drawn in seeded row blocks (METHODS.md §1.3).
+"""GIFT-SW's weight noise, drawn in seeded row blocks (docs/methods.md#gift-noise).
 
 One N(0, 1) draw of shape (out, in) per forward, scaled per row by ``noise_std`` (Delta_i / 2)
 and added to the non-salient columns, shared by all tokens. The draw is made of row blocks,

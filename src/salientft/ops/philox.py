@@ -1,8 +1,8 @@
 """N(0, 1) numbers from Philox4x32-10 and Box-Muller: 2.6x faster than ``torch.normal_`` on CPU.
 
-Why. GIFT-SW's weight noise draws out x in Gaussians per layer, twice per step (METHODS.md §1.3),
+Why. GIFT-SW's weight noise draws out x in Gaussians per layer, twice per step (docs/methods.md#gift-noise),
 and torch's CPU generator (MT19937) costs about 3.4 ns per number per thread, which made the
-noise, not the matmuls, the cost of a step (issue 15, ``ops/noise.py``). This module draws the
+noise, not the matmuls, the cost of a step (``ops/noise.py``). This module draws the
 same distribution at about 1.3 ns per number per thread.
 
 What. A counter-based generator: the number at position i of a block is a pure function of

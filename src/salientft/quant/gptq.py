@@ -1,8 +1,8 @@
 """GPTQ and round-to-nearest for one weight matrix, with k salient columns kept in 16 bits.
 
-METHODS.md §1.6: columns are processed in ascending salience with the k salient columns last,
+docs/methods.md#quantization-recovery: columns are processed in ascending salience with the k salient columns last,
 so GPTQ's error feedback flows into the 16-bit columns, which are never rounded. The scales
-(per row, or per row and group) are fitted once, before GPTQ, by the §1.4 MSE clip search on
+(per row, or per row and group) are fitted once, before GPTQ, by the MSE clip search of docs/methods.md#row-quantizer on
 the integer columns only (``quantize_rows``); groups are runs of ``group_size`` consecutive
 non-salient columns in their original order, so the stored layout does not depend on the order
 GPTQ visited them in.
@@ -158,7 +158,8 @@ def gptq_quantize(
         inv_d = 1.0 / torch.diagonal(U1)
         for i in range(i2 - i1):
             w = W1[i]
-            q = torch.div(w, S_t[i1 + i]).round_().clamp_(qmin, qmax)  # exactly the §1.4 rounding
+            # exactly the rounding of docs/methods.md#row-quantizer
+            q = torch.div(w, S_t[i1 + i]).round_().clamp_(qmin, qmax)
             Q[i1 + i] = q
             err = Err1[i]
             torch.mul(w - q * S_t[i1 + i], inv_d[i], out=err)

@@ -10,7 +10,7 @@ Storage (no full-precision copy of the weight anywhere):
 * ``salient_idx`` (k,) sorted column indices and ``salient_weight`` (out, k), a Parameter in the
   model dtype: the columns GIFT-SW recovery trains;
 * ``noise_std`` float32 (out,): Delta_i/2 of the 4-bit quantizer over the dequantized
-  non-salient weights (METHODS.md §1.6), filled by ``set_noise``; zeros until then.
+  non-salient weights (docs/methods.md#quantization-recovery), filled by ``set_noise``; zeros until then.
 
 Forward dequantizes on the fly. When gradients are needed it goes through ``_QuantSalientMatmul``,
 which re-dequantizes in backward instead of saving the (out, in) weight: autograd would otherwise

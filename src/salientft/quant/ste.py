@@ -1,4 +1,4 @@
-"""Recovery baselines of METHODS.md §1.6: STE training of all weights, and LoRA on the frozen
+"""Recovery baselines of docs/methods.md#quantization-recovery: STE training of all weights, and LoRA on the frozen
 quantized model (through PEFT).
 
 STE: every target weight becomes trainable; the forward uses its fake-quantized value
@@ -112,7 +112,8 @@ def apply_ste(model: nn.Module, bits: int | None = None, group_size: int | None 
 
     On a quantized model (QuantizedSalientLinear layers) the layers' own grid is used and
     ``bits``/``group_size`` must be None or match. On a plain model, ``bits`` is required and the
-    scales come from the §1.4 MSE clip search (per row or per group), with no salient columns.
+    scales come from the MSE clip search of docs/methods.md#row-quantizer (per row or per group),
+    with no salient columns.
     """
     for p in model.parameters():
         p.requires_grad_(False)
