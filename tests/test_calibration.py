@@ -8,7 +8,6 @@ from torch import nn
 
 from conftest import suite_device
 from salientft.calibration import (
-    ActivationStats,
     calibration_batches,
     collect_activation_stats,
     load_stats,

@@ -4,7 +4,6 @@ A CPU machine cannot run on a GPU, so the CUDA side is checked by what can be ch
 resolution rules with ``torch.cuda`` monkeypatched, the arguments the loading and the Trainer get,
 and (on the suite's own device, SALIENTFT_TEST_DEVICE) that no phase computes anywhere else.
 """
-import json
 import os
 import subprocess
 import sys

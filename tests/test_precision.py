@@ -7,7 +7,6 @@ autocast and ``torch.amp.GradScaler("cpu")``, which applies the same rule. On a 
 real scaler runs.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch

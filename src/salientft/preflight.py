@@ -67,8 +67,6 @@ def check_train(config: TrainConfig, train_convs, held_convs=None, *, tokenizer=
     warning that counts them, and if none is left the run is refused here. ``model``: an already
     loaded base (its own modules are checked instead of a skeleton).
     """
-    from .data.chat import dataset_from_conversations
-
     method = config.training_method
     ready = TrainReady()
     used = method.declared()
@@ -86,14 +84,23 @@ def check_train(config: TrainConfig, train_convs, held_convs=None, *, tokenizer=
             log.debug("no tokenizer of %s before loading the model: %s", method.base_source(config), e)
     if tokenizer is None:
         return ready
-    ready.train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
-                                                packing=config.packing)
-    try:
-        ready.held_ds = (dataset_from_conversations(held_convs, tokenizer, max_length=config.max_length)
-                         if held_convs else None)
-    except (ValueError, KeyError):
-        ready.held_ds = None
+    ready.train_ds, ready.held_ds = tokenize_datasets(config, train_convs, held_convs, tokenizer)
     return ready
+
+
+def tokenize_datasets(config, train_convs, held_convs, tokenizer):
+    """(training set, held-out set or None) of a run, tokenized: a held-out split that leaves no
+    trainable token is dropped rather than refused (the run only reports no held-out loss)."""
+    from .data.chat import dataset_from_conversations
+
+    train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
+                                          packing=config.packing)
+    try:
+        held_ds = (dataset_from_conversations(held_convs, tokenizer, max_length=config.max_length)
+                   if held_convs else None)
+    except (ValueError, KeyError):
+        held_ds = None
+    return train_ds, held_ds
 
 
 __all__ = ["check_train", "check_targets", "check_model_settings", "TrainReady"]

@@ -384,7 +384,7 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
     extra_callbacks = list(callbacks)
     from transformers import set_seed
 
-    from .data.chat import ChatCollator, dataset_from_conversations
+    from .data.chat import ChatCollator
     from .data.instruct import load_conversations
 
     if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -420,7 +420,7 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
         log.info("resuming from %s", checkpoint)
 
     # What the model's config, its tokenizer and the data can refuse, before any weight loads.
-    from .preflight import check_train
+    from .preflight import check_train, tokenize_datasets
 
     ready = check_train(config, train_convs, held_convs, tokenizer=tokenizer, model=model)
     set_seed(config.seed)
@@ -434,13 +434,7 @@ def _train(config: TrainConfig, stack, *, resume: bool = False, overwrite: bool 
     log.info("training on %s (%s)", device, device_name(device))
     train_ds, held_ds = ready.train_ds, ready.held_ds
     if train_ds is None:  # no tokenizer could be had without the model: tokenized now
-        train_ds = dataset_from_conversations(train_convs, tokenizer, max_length=config.max_length,
-                                              packing=config.packing)
-        try:
-            held_ds = (dataset_from_conversations(held_convs, tokenizer, max_length=config.max_length)
-                       if held_convs else None)
-        except (ValueError, KeyError):
-            held_ds = None
+        train_ds, held_ds = tokenize_datasets(config, train_convs, held_convs, tokenizer)
     collator = ChatCollator(tokenizer)
     result: dict = {"method": config.method, "model": config.model, "data": config.data,
                     "device": describe_device(device)}
