@@ -8,7 +8,7 @@ import torch
 
 from salientft.evaluation import compare_runs, evaluate, load_for_eval, perplexity, results_markdown
 from salientft.evaluation.scorer import LoglikScorer, PairEncoder, choose
-from salientft.evaluation.tasks import TASKS, Item, hellaswag_preprocess, load_items, parse_tasks
+from salientft.evaluation.tasks import TASKS, hellaswag_preprocess, load_items, parse_tasks
 
 
 def _direct_loglik(model, tok, ctx, cont):
