@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import salientft.gmt as gmt
+import salientft.gmt.select as gmt_select
+import salientft.gmt.strategies as gmt_strategies
 from salientft.config import GMTConfig
 from salientft.gmt import GradientMask
 
@@ -94,7 +96,7 @@ def test_zero_gradients_are_never_kept():
 @pytest.mark.parametrize("cache", [True, False])
 def test_global_threshold_is_one_exact_value(monkeypatch, cache):
     if not cache:  # force the bounded paths that recompute the top bits and the boundary bin
-        monkeypatch.setattr(gmt, "_BOUNDARY_CACHE_NUMEL", 0)
+        monkeypatch.setattr(gmt_strategies, "_BOUNDARY_CACHE_NUMEL", 0)
     shapes = [(50, 40), (333,), (20, 20), (1,)]
     params = _params_with_grads(shapes, seed=3, scales=[1.0, 10.0, 0.1, 5.0])
     before = torch.cat([p.grad.flatten() for p in params])
@@ -150,7 +152,7 @@ def _both_engines(monkeypatch, dtype, ties, gran, ratio, mode="paper", seed=5):
     """(host params, host stats, device params, device stats) on the same gradients."""
     host, dev = _engine_case(seed, dtype, ties), _engine_case(seed, dtype, ties)
     hs = GradientMask(host, ratio, gran, mode).apply_()
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())  # the accelerator's engine, on CPU tensors
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())  # the accelerator's engine, on CPU tensors
     mask = GradientMask(dev, ratio, gran, mode)
     ds = mask.apply_()
     monkeypatch.undo()
@@ -178,21 +180,21 @@ def test_device_engine_equals_host_engine(monkeypatch, dtype, ties, gran, ratio)
 def test_device_engine_ties_across_blocks_and_deterministic_mode(monkeypatch, gran):
     """Ties spanning many tie blocks, the cut inside one, histograms in chunks, under
     ``torch.use_deterministic_algorithms(True)``: same kept set as the host engine."""
-    monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
-    monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+    monkeypatch.setattr(gmt_select, "_TIE_BLOCK", 8)
+    monkeypatch.setattr(gmt_select, "_DETERMINISTIC_HIST_CHUNK", 100)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         for dtype in (torch.bfloat16, torch.float32):
             host, hs, dev, ds, _ = _both_engines(monkeypatch, dtype, True, gran, 0.6)
-            monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
-            monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+            monkeypatch.setattr(gmt_select, "_TIE_BLOCK", 8)
+            monkeypatch.setattr(gmt_select, "_DETERMINISTIC_HIST_CHUNK", 100)
             assert all(torch.equal(a.grad, b.grad) for a, b in zip(host, dev)) and ds == hs
     finally:
         torch.use_deterministic_algorithms(was)
     p = nn.Parameter(torch.zeros(40))
     p.grad = torch.tensor([1.0, 2.0] * 20)
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     GradientMask([p], ratio=0.75, granularity=gran).apply_()  # keep 10 of the 20 tied 2s: the first ones
     kept = (p.grad != 0).nonzero().flatten()
     assert kept.tolist() == list(range(1, 20, 2))
@@ -202,9 +204,9 @@ def test_device_engine_strict_mode_and_lazy_stats(monkeypatch):
     """Strict mode records the same masked sets; the stats stay on the device until read."""
     host, _, dev, _, mask = _both_engines(monkeypatch, torch.float32, True, "tensor", 0.5, mode="strict")
     assert [m.sum().item() for _, m in mask._masked] == [int((p.grad == 0).sum()) for p in host]
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     pending = mask._apply_pending()
-    assert isinstance(pending, gmt._PendingStats)
+    assert isinstance(pending, gmt.stats._PendingStats)
     assert gmt.resolve_all([pending, {"x": 1}])[1] == {"x": 1}
     assert mask.last_stats["step"] == 1 and mask.last_stats["kept"] == pending.resolve()["kept"]
 
@@ -379,7 +381,7 @@ def test_trainer_callback_masks_after_accumulation_then_clips(tiny_model, tmp_pa
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     if engine == "device":  # the accelerator's engine (stats read at each log), run on CPU tensors
-        monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
 
     from salientft.gmt import GradientMaskCallback
 
