@@ -261,6 +261,134 @@ def test_strict_step_does_not_remask_after_clipping_and_handles_bf16():
     assert torch.equal(opt.state[w]["momentum_buffer"][~kept], buf[~kept])
 
 
+class _NormalizedMomentum(torch.optim.Optimizer):
+    """An optimizer whose update of an entry depends on the whole tensor (a momentum normalised by
+    its tensor's norm): strict mode must still give its plain step outside the mask."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(0.9).add_(p.grad)
+                p.add_(buf / (buf.norm() + 1e-8), alpha=-group["lr"])
+
+
+_OPTIMIZERS = {
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, fused=True),
+    "adamw-loop": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, foreach=False),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.1, amsgrad=True),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "normalized": lambda ps: _NormalizedMomentum(ps),
+}
+
+
+def _int_bits(t):
+    return t.detach().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _strict_case(name, dtype=torch.float32):
+    """Parameters (one of them transposed: non-contiguous, like its optimizer state) with an unmasked
+    first step behind them, so every optimizer state entry is non-zero."""
+    gen = torch.Generator().manual_seed(7)
+    params = [nn.Parameter(torch.randn(33, 17, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(50, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(9, 12, generator=gen).to(dtype).t())]
+    opt = _OPTIMIZERS[name](params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype).as_strided(p.shape, p.stride())
+    opt.step()
+    return params, opt, gen
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+@pytest.mark.parametrize("gran", ["tensor", "global"])
+def test_strict_step_is_the_plain_step_outside_the_mask_and_nothing_inside(name, gran):
+    """Strict mode, two steps: every masked entry's weight and per-entry optimizer state keep their
+    exact bits; every other entry (and every scalar state, such as the step count) is bit for bit
+    what the same optimizer's plain step on the masked gradients gives (run on a deep copy)."""
+    import copy
+
+    params, opt, gen = _strict_case(name)
+    mask = GradientMask(params, ratio=0.5, granularity=gran, mode="strict")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+        mask.apply_()
+        masked = [p.grad == 0 for p in params]
+        assert all(m.any() and not m.all() for m in masked)
+        ref_params, ref_opt = copy.deepcopy((params, opt))
+        for r, p in zip(ref_params, params):
+            r.grad = p.grad.clone()
+        ref_opt.step()  # the plain step on the masked gradients
+        before = [(_int_bits(p).clone(), {k: _int_bits(v).clone() for k, v in opt.state[p].items()
+                                          if v.shape == p.shape}) for p in params]
+        mask.step(opt)
+        for p, r, m, (p0, st0) in zip(params, ref_params, masked, before):
+            assert torch.equal(_int_bits(p), torch.where(m, p0, _int_bits(r)))
+            for key, v in opt.state[p].items():
+                want = ref_opt.state[r][key]
+                if key in st0:
+                    want = torch.where(m, st0[key], _int_bits(want))
+                    v = _int_bits(v)
+                assert torch.equal(v, want), key
+        opt.zero_grad()
+
+
+def _held_bytes(obj, references) -> int:
+    """Bytes of the tensors reachable from ``obj`` that are not views of ``references`` (the
+    parameters, gradients and optimizer state it points at): the copies it keeps."""
+    skip = {t.untyped_storage().data_ptr() for t in references}
+    seen, held, stack = set(), {}, [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if torch.is_tensor(x):
+            s = x.untyped_storage()
+            if s.data_ptr() not in skip:
+                held[s.data_ptr()] = s.nbytes()
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "__dict__"):
+            stack.extend(vars(x).values())
+    return sum(held.values())
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+def test_strict_snapshot_holds_only_what_it_restores(ratio):
+    """What strict mode keeps across the step is bounded by what it restores: the masked entries of
+    each parameter and of each optimizer state tensor shaped like it, plus one boolean per entry of
+    the masked tensors (the mask). A full copy of the parameters and moments (12 bytes per entry
+    under fp32 AdamW, against 12 x ratio + 1 here) is over the bound at every ratio below 11/12."""
+    params, opt, gen = _strict_case("adamw-foreach")
+    mask = GradientMask(params, ratio=ratio, mode="strict")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+    mask.apply_()
+    n_masked = [int((p.grad == 0).sum()) for p in params]
+    snapshot = mask.snapshot_(opt)
+    refs = [t for p in params for t in (p, p.grad, *opt.state[p].values())]
+    per_entry = sum(t.element_size() for t in (params[0], opt.state[params[0]]["exp_avg"],
+                                                  opt.state[params[0]]["exp_avg_sq"]))
+    bound = sum(c * per_entry + p.numel() for c, p in zip(n_masked, params))
+    held = _held_bytes(snapshot, refs)
+    assert sum(n_masked) * per_entry <= held <= bound
+    assert snapshot.nbytes == held
+    opt.step()
+    mask.restore_(snapshot)
+    assert _held_bytes(snapshot, refs) == 0  # nothing kept once restored
+
+
 @pytest.mark.numerics
 def test_paper_mode_equals_hand_computed_masked_sgd_step():
     torch.manual_seed(6)
