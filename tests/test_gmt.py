@@ -308,13 +308,16 @@ def _strict_case(name, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", list(_OPTIMIZERS))
-@pytest.mark.parametrize("gran", ["tensor", "global"])
-def test_strict_step_is_the_plain_step_outside_the_mask_and_nothing_inside(name, gran):
+@pytest.mark.parametrize("gran, engine", [("tensor", "host"), ("global", "host"), ("global", "device")])
+def test_strict_step_is_the_plain_step_outside_the_mask_and_nothing_inside(monkeypatch, name, gran, engine):
     """Strict mode, two steps: every masked entry's weight and per-entry optimizer state keep their
     exact bits; every other entry (and every scalar state, such as the step count) is bit for bit
-    what the same optimizer's plain step on the masked gradients gives (run on a deep copy)."""
+    what the same optimizer's plain step on the masked gradients gives (run on a deep copy).
+    ``device``: the accelerator's path (counts read at once, ``nonzero_static``), on CPU tensors."""
     import copy
 
+    if engine == "device":
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     params, opt, gen = _strict_case(name)
     mask = GradientMask(params, ratio=0.5, granularity=gran, mode="strict")
     for _ in range(2):
@@ -364,12 +367,14 @@ def _held_bytes(obj, references) -> int:
     return sum(held.values())
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
-def test_strict_snapshot_holds_only_what_it_restores(ratio):
+@pytest.mark.parametrize("ratio, engine", [(0.3, "host"), (0.5, "host"), (0.9, "host"), (0.5, "device")])
+def test_strict_snapshot_holds_only_what_it_restores(monkeypatch, ratio, engine):
     """What strict mode keeps across the step is bounded by what it restores: the masked entries of
     each parameter and of each optimizer state tensor shaped like it, plus one boolean per entry of
     the masked tensors (the mask). A full copy of the parameters and moments (12 bytes per entry
     under fp32 AdamW, against 12 x ratio + 1 here) is over the bound at every ratio below 11/12."""
+    if engine == "device":
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     params, opt, gen = _strict_case("adamw-foreach")
     mask = GradientMask(params, ratio=ratio, mode="strict")
     for p in params:

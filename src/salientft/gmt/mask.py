@@ -222,7 +222,7 @@ class GradientMask:
         if self.config.mode != "strict":
             return None
         masked, self._masked = self._masked, []
-        return StrictSnapshot(masked, optimizer)
+        return StrictSnapshot(masked, optimizer, host=self.strategy.kind == "host")
 
     @staticmethod
     def restore_(snapshot: StrictSnapshot | None) -> None:
