@@ -6,6 +6,7 @@ accumulated gradient entries and zero the rest, with an exact threshold (docs/gm
   host and device forms.
 - ``strategies.py``: the threshold strategies, one chosen per mask: per tensor or global on the
   host, the device engine (no host sync per tensor), sharded under FSDP2.
+- ``stats.py``: the per-step statistics (kept on the device by the device engine until read).
 - ``mask.py``: ``GradientMask`` (which parameters, apply, step).
 - ``strict.py``: strict mode's compact copy of the masked entries across the optimizer step.
 - ``callback.py``: ``GradientMaskCallback`` for the Hugging Face Trainer, built on first use so
