@@ -125,7 +125,9 @@ class HostGlobal(_Strategy):
         total = sum(w.numel() for *_, w in works)
         k = self.keep_count(total)
         his, hists = self._histograms(works, hi_buf)
-        hist = sum(hists[1:], hists[0].clone())
+        hist = hists[0].clone()
+        for h in hists[1:]:
+            hist += h
         b, above = _top_k_bin(hist, k)
 
         def bounds(i, w):  # the boundary bin's entries of tensor i (positions, low bits)
