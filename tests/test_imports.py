@@ -28,7 +28,7 @@ LAYERS = [
     ["salientft.calibration", "salientft.saliency"],
     # 3. the methods' building blocks and model loading (models loads quantized folders)
     ["salientft.gift", "salientft.gift.*", "salientft.quant", "salientft.quant.*", "salientft.gmt",
-     "salientft.models"],
+     "salientft.gmt.*", "salientft.models"],
     # 4. the method registry
     ["salientft.methods", "salientft.methods.*", "salientft.peft", "salientft.peft.*"],
     # 5. training, evaluation, the end-to-end pipelines and the export to Hugging Face formats
