@@ -164,7 +164,7 @@ def test_exact_bootstrap_is_the_limit_of_every_resample():
 
 @pytest.mark.numerics
 def test_interval_ends_do_not_move_with_the_bootstrap_seed():
-    """The issue's criterion: over 20 bootstrap seeds an interval's ends move by less than 0.05 point.
+    """The criterion: over 20 bootstrap seeds an interval's ends move by less than 0.05 point.
     2,000 Monte-Carlo resamples fail it on a realistic 500-item task and on the six-task average; the
     default (exact) interval has no seed at all, and is what the Monte-Carlo ends scatter around:
     the mean of 20 seeds' ends is within 0.15 point of it (their standard error is about 0.05 point).
