@@ -55,9 +55,9 @@ def test_a_missing_file_or_value_and_a_stale_region_are_named(tmp_path):
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "x.json").write_text(json.dumps({"a": {"b": [0.123, 2.5]}}))
     doc = tmp_path / "README.md"
-    doc.write_text("ok 12.3 %<!-- = docs/results/x.json:a/b/0|100*{:.1f} --> and 2.50x<!-- = docs/results/x.json:a/b/1|{:.2f}x -->\n")
+    doc.write_text("ok 12.3<!-- = docs/results/x.json:a/b/0|100*{:.1f} --> % and 2.50x<!-- = docs/results/x.json:a/b/1|{:.2f}x -->\n")
     assert R.check(tmp_path) == []
-    doc.write_text("bad 12.4 %<!-- = docs/results/x.json:a/b/0|100*{:.1f} -->\n"
+    doc.write_text("bad 12.4<!-- = docs/results/x.json:a/b/0|100*{:.1f} --> %\n"
                    "gone 1<!-- = docs/results/y.json:a|{} -->\n"
                    "no key 1<!-- = docs/results/x.json:a/c|{} -->\n")
     problems = R.check(tmp_path)
