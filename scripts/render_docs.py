@@ -121,12 +121,59 @@ def paired_order(src: Sources) -> str:
     return _paired_rows(rows, ["bits", "comparison"])
 
 
+def _ms(pair, scale: float = 100, digits: int = 1) -> str:
+    """A [mean, std] pair as "mean ± std"."""
+    return f"{scale * pair[0]:.{digits}f} ± {scale * pair[1]:.{digits}f}"
+
+
+QUALITY = "docs/results/paper500/quality.json"
+NOISE = "docs/results/paper500/noise_scale.json"
+TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "winogrande")
+
+
+def quality_methods(src: Sources) -> str:
+    """Section 7.1: each method at its chosen rate, mean ± std over seeds."""
+    base, methods = src.get(QUALITY, "base"), src.get(QUALITY, "methods")
+    lines = ["| method | lr (grid's choice) | seeds | six-task avg (%) | held-out ppl |", "|---|---|---|---|---|",
+             f"| base (no training) | - | - | {100 * base['paper_avg']:.1f} | {base['heldout_ppl']:.1f} |"]
+    lines += [f"| {m} | {r['learning_rate']:g} | {r['n_seeds']} | {_ms(r['paper_avg'])} | {_ms(r['heldout_ppl'], 1, 2)} |"
+              for m, r in methods.items()]
+    return "\n".join(lines)
+
+
+def quality_tasks(src: Sources) -> str:
+    """Section 7.1: per task, mean ± std over seeds, and the base."""
+    base, methods = src.get(QUALITY, "base"), src.get(QUALITY, "methods")
+    lines = ["| method | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+    lines += [f"| {m} | " + " | ".join(_ms(r["tasks"][t]) for t in TASKS) + " |" for m, r in methods.items()]
+    lines.append("| base | " + " | ".join(f"{100 * base['tasks'][t]:.1f}" for t in TASKS) + " |")
+    return "\n".join(lines)
+
+
+NOISE_LABELS = {"gift-sw none": "GIFT-SW columns, no noise (salient)", "gift-sw 4-bit": "4-bit noise (the paper's GIFT-SW)",
+                "full none": "full fine-tuning, no noise", "full 4-bit": "full fine-tuning, 4-bit noise"}
+
+
+def noise_variants(src: Sources) -> str:
+    """Section 7.2: each noise setting, mean ± std over seeds."""
+    base, variants = src.get(NOISE, "base"), src.get(NOISE, "variants")
+    lines = ["| variant | seeds | six-task avg (%) | held-out ppl |", "|---|---|---|---|",
+             f"| base (no training) | - | {100 * base['paper_avg']:.1f} | {base['heldout_ppl']:.1f} |"]
+    for key, r in variants.items():
+        label = NOISE_LABELS.get(key, key.replace("gift-sw ", "") + " noise")
+        lines.append(f"| {label} | {r['n_seeds']} | {_ms(r['paper_avg'])} | {_ms(r['heldout_ppl'], 1, 2)} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "paired-quality": paired_quality,
     "paired-noise": paired_noise,
     "paired-recovery-vs-quantized": lambda s: paired_recovery(s, "paired_vs_quantized", "{} - quantized"),
     "paired-recovery-vs-gift-sw": lambda s: paired_recovery(s, "paired_vs_gift_sw", "{} - gift-sw"),
     "paired-order": paired_order,
+    "quality-methods": quality_methods,
+    "quality-tasks": quality_tasks,
+    "noise-variants": noise_variants,
 }
 
 
