@@ -2,9 +2,11 @@
 
 Two mechanisms, both checked by ``--check`` (and tests/test_doc_figures.py):
 
-- **Rendered regions.** ``<!-- figures:NAME -->`` ... ``<!-- /figures -->`` in README.md or
+- **Rendered regions.** ``<!-- figures:NAME [ARGS] -->`` ... ``<!-- /figures -->`` in README.md or
   docs/*.md is replaced by what renderer NAME (``RENDERERS`` below) makes from the JSON files under
-  ``docs/results/``. ``--check`` fails when a region differs from a fresh rendering.
+  ``docs/results/``; ``table FILE N`` copies the N-th table (from 0) of a report a benchmark script
+  wrote from its JSON (``docs/results/**/*.md``). ``--check`` fails when a region differs from a
+  fresh rendering.
 - **Inline references.** A figure in running text is followed by
   ``<!-- = FILE:PATH|FORMAT -->``: FILE a results file (relative to the repository root), PATH
   the keys (and list indices) to the value, separated by ``/``, FORMAT how it is written:
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REGION = re.compile(r"(<!-- figures:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
+REGION = re.compile(r"(<!-- figures:(?P<name>[\w.-]+)(?: (?P<args>[^>]*?))? -->\n)(?P<body>.*?)(<!-- /figures -->)", re.S)
 REFERENCE = re.compile(r"<!-- = (?P<file>[^:\s]+):(?P<path>[^|]*)\|(?P<fmt>.+?) -->")
 PAIRED = "docs/results/paper500/paired_exact.json"
 
@@ -165,7 +167,30 @@ def noise_variants(src: Sources) -> str:
     return "\n".join(lines)
 
 
+def _tables(text: str) -> list[str]:
+    out, cur = [], []
+    for line in text.split("\n") + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            out.append("\n".join(cur))
+            cur = []
+    return out
+
+
+def report_table(src: Sources, file: str, index: str) -> str:
+    """The ``index``-th table of a report a benchmark script wrote (from its JSON) under docs/results/."""
+    p = src.root / file
+    if not file.startswith("docs/results/") or not p.is_file():
+        raise LookupError(f"{file} does not exist (a report under docs/results/ is expected)")
+    found = _tables(p.read_text())
+    if not index.isdigit() or int(index) >= len(found):
+        raise LookupError(f"{file} has no table {index} (it has {len(found)})")
+    return found[int(index)]
+
+
 RENDERERS = {
+    "table": report_table,
     "paired-quality": paired_quality,
     "paired-noise": paired_noise,
     "paired-recovery-vs-quantized": lambda s: paired_recovery(s, "paired_vs_quantized", "{} - quantized"),
@@ -189,11 +214,11 @@ def render_text(text: str, src: Sources, where: str = "") -> tuple[str, list[str
             problems.append(f"{where}: unknown figures region {name!r} (known: {', '.join(RENDERERS)})")
             return m[0]
         try:
-            body = RENDERERS[name](src)
+            body = RENDERERS[name](src, *(m["args"] or "").split())
         except LookupError as e:
             problems.append(f"{where}: region {name}: {e}")
             return m[0]
-        return f"{m[1]}{body}\n{m[4]}"
+        return f"{m[1]}{body}\n{m[5]}"
 
     return REGION.sub(fill, text), problems
 

@@ -51,6 +51,19 @@ def test_changing_a_results_file_under_a_quoted_figure_turns_the_check_red(tmp_p
     assert problems and all("out of date" not in p for p in problems) and all("quotes" in p for p in problems)
 
 
+def test_a_benchmark_report_changed_under_a_copied_table_turns_the_check_red(tmp_path):
+    root = _copy(tmp_path)
+    report = root / "docs" / "results" / "quantization.md"
+    text = report.read_text()
+    assert "| 3 | gptq+salient | 34.03 |" in text
+    report.write_text(text.replace("| 3 | gptq+salient | 34.03 |", "| 3 | gptq+salient | 34.50 |"))
+    problems = R.check(root)
+    assert any("docs/RESULTS.md: region(s) table out of date" in p for p in problems), problems
+    assert any("docs/quantization.md: region(s) table out of date" in p for p in problems), problems
+    report.unlink()
+    assert any("docs/results/quantization.md does not exist" in p for p in R.check(root))
+
+
 def test_a_missing_file_or_value_and_a_stale_region_are_named(tmp_path):
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "x.json").write_text(json.dumps({"a": {"b": [0.123, 2.5]}}))
