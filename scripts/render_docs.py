@@ -4,8 +4,8 @@ Two mechanisms, both checked by ``--check`` (and tests/test_doc_figures.py):
 
 - **Rendered regions.** ``<!-- figures:NAME [ARGS] -->`` ... ``<!-- /figures -->`` in README.md or
   docs/*.md is replaced by what renderer NAME (``RENDERERS`` below) makes from the JSON files under
-  ``docs/results/``; ``table FILE N`` copies the N-th table (from 0) of a report a benchmark script
-  wrote from its JSON (``docs/results/**/*.md``). ``--check`` fails when a region differs from a
+  ``docs/results/``; ``table FILE N [without NAME...]`` copies the N-th table (from 0) of a report a benchmark
+  script wrote from its JSON (``docs/results/**/*.md``), less the rows named. ``--check`` fails when a region differs from a
   fresh rendering.
 - **Inline references.** A figure in running text is followed by
   ``<!-- = FILE:PATH|FORMAT -->``: FILE a results file (relative to the repository root), PATH
@@ -178,15 +178,21 @@ def _tables(text: str) -> list[str]:
     return out
 
 
-def report_table(src: Sources, file: str, index: str) -> str:
-    """The ``index``-th table of a report a benchmark script wrote (from its JSON) under docs/results/."""
+def report_table(src: Sources, file: str, index: str, *without: str) -> str:
+    """The ``index``-th table of a report a benchmark script wrote (from its JSON) under docs/results/;
+    ``without NAME...`` leaves out the rows whose first cell is NAME (e.g. rows measured before a
+    change to the code they measure)."""
     p = src.root / file
     if not file.startswith("docs/results/") or not p.is_file():
         raise LookupError(f"{file} does not exist (a report under docs/results/ is expected)")
     found = _tables(p.read_text())
     if not index.isdigit() or int(index) >= len(found):
         raise LookupError(f"{file} has no table {index} (it has {len(found)})")
-    return found[int(index)]
+    drop = set(without[1:]) if without[:1] == ("without",) else set()
+    if without and not drop:
+        raise LookupError(f"table {file} {index}: extra arguments must be 'without NAME...', got {' '.join(without)}")
+    rows = [r for r in found[int(index)].split("\n") if r.split("|")[1].strip() not in drop]
+    return "\n".join(rows)
 
 
 RENDERERS = {
