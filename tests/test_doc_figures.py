@@ -89,3 +89,34 @@ def test_a_missing_file_or_value_and_a_stale_region_are_named(tmp_path):
 ])
 def test_formats(fmt, value, want):
     assert R.write_value(value, fmt) == want
+
+
+def _intervals(node, path=()):
+    """Every {diff, lo, hi} entry of a report, by its path."""
+    if isinstance(node, dict):
+        if {"diff", "lo", "hi"} <= set(node):
+            yield path, node
+        for k, v in node.items():
+            yield from _intervals(v, path + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _intervals(v, path + (i,))
+
+
+def test_exact_intervals_belong_to_the_parts_reports():
+    """paired_exact.json (scripts/exact_intervals.py) re-derives the parts' intervals from the same
+    per-item outcomes: every difference is the part's own to the last bit, and every end is within
+    the 2,000-resample Monte-Carlo error of the part's (0.3 point). A part re-run without
+    re-deriving the exact intervals fails here."""
+    exact = json.loads((ROOT / R.PAIRED).read_text())
+    count = 0
+    for part in ("quality", "noise_scale", "recovery", "quantize_order"):
+        report = json.loads((ROOT / "docs" / "results" / "paper500" / f"{part}.json").read_text())
+        for path, e in _intervals(exact[part]):
+            r = report
+            for k in path:
+                r = r[k]
+            assert e["diff"] == r["diff"], (part, path)
+            assert abs(e["lo"] - r["lo"]) < 0.003 and abs(e["hi"] - r["hi"]) < 0.003, (part, path, e, r)
+            count += 1
+    assert count == 84, count  # 42 comparisons, each with its five-task (without BoolQ) interval
