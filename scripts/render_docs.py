@@ -195,6 +195,29 @@ def report_table(src: Sources, file: str, index: str, *without: str) -> str:
     return "\n".join(rows)
 
 
+THROUGHPUT = "docs/results/eval_throughput.json"
+BACKENDS = {"native": "native (tree-packed shared context, token-budget batches)",
+            "native-unshared": "native, one sequence per choice (`share_context=False`)",
+            "lm-eval": "lm-eval 0.4.13 (HFLM on the same model object)"}
+
+
+def eval_throughput(src: Sources) -> str:
+    """docs/evaluation.md: each backend's throughput on the same items, and native / lm-eval."""
+    runs = src.get(THROUGHPUT, "runs")
+    lines = ["| backend | wall s | items / s | items per CPU-second |", "|---|---:|---:|---:|"]
+    for key, label in BACKENDS.items():
+        r = runs[key]
+        n = sum(t["n"] for t in r["results"].values())
+        bold = "**" if key == "native" else ""
+        lines.append(f"| {label} | {r['wall_s']:.1f} | {bold}{r['items_per_s']:.1f}{bold} | {bold}{n / r['cpu_s']:.2f}{bold} |")
+    nat, lm = runs["native"], runs["lm-eval"]
+    per_task = ", ".join(f"{t} {r['items_per_s'] / lm['results'][t]['items_per_s']:.2f}x"
+                         for t, r in nat["results"].items())
+    lines += ["", f"**{nat['items_per_s'] / lm['items_per_s']:.2f}x lm-eval's throughput** (items per second; "
+              f"{lm['cpu_s'] / nat['cpu_s']:.2f}x in CPU time). Per task, native / lm-eval: {per_task}."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "table": report_table,
     "paired-quality": paired_quality,
@@ -205,6 +228,7 @@ RENDERERS = {
     "quality-methods": quality_methods,
     "quality-tasks": quality_tasks,
     "noise-variants": noise_variants,
+    "eval-throughput": eval_throughput,
 }
 
 
