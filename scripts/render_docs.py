@@ -248,6 +248,11 @@ def render_text(text: str, src: Sources, where: str = "") -> tuple[str, list[str
         except LookupError as e:
             problems.append(f"{where}: region {name}: {e}")
             return m[0]
+        old_head, new_head = m["body"].split("\n", 1)[0], body.split("\n", 1)[0]
+        if m["body"].strip() and old_head != new_head:  # a report gained or lost a table: never swap silently
+            problems.append(f"{where}: region {name} {m['args'] or ''}: its first line would change from {old_head!r} "
+                            f"to {new_head!r}; check the region's arguments (a table's index may have moved)")
+            return m[0]
         return f"{m[1]}{body}\n{m[5]}"
 
     return REGION.sub(fill, text), problems

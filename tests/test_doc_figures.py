@@ -60,6 +60,12 @@ def test_a_benchmark_report_changed_under_a_copied_table_turns_the_check_red(tmp
     problems = R.check(root)
     assert any("docs/RESULTS.md: region(s) table out of date" in p for p in problems), problems
     assert any("docs/quantization.md: region(s) table out of date" in p for p in problems), problems
+    # a table inserted before it: the region would copy another table; refused, not swapped silently
+    report.write_text("| provenance | commit |\n|---|---|\n| x | y |\n\n" + text)
+    problems = R.check(root)
+    assert any("its first line would change" in p for p in problems), problems
+    with pytest.raises(SystemExit, match="its first line would change"):
+        R.render(root)
     report.unlink()
     assert any("docs/results/quantization.md does not exist" in p for p in R.check(root))
 
