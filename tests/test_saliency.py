@@ -94,6 +94,21 @@ def test_presets_match_reference(metric):
 
 
 @pytest.mark.numerics
+def test_owq_records_the_gamma_it_computes():
+    """owq's scores are the square of the generalized metric at the (tau, rho, gamma) its spec (and so
+    a scores file's metadata) records: the same ranking, hence the same salient columns."""
+    spec = resolve_metric("owq")
+    assert (spec["tau"], spec["rho"], spec["gamma"]) == (2, 2, 1.0)
+    model, stats, _ = _setup(3)
+    owq = saliency_scores(model, stats, "owq", bits=3)
+    gen = saliency_scores(model, stats, "gift", tau=spec["tau"], rho=spec["rho"], gamma=spec["gamma"], bits=3)
+    for n in owq:
+        assert torch.allclose(owq[n], gen[n].double().pow(2).float(), rtol=1e-4), n
+        k = owq[n].numel() // 4
+        assert torch.equal(select_salient(owq[n], k), select_salient(gen[n], k)), n
+
+
+@pytest.mark.numerics
 def test_gift_presets_are_their_definitions():
     model, stats, X = _setup(2)
     assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(

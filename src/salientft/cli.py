@@ -233,7 +233,9 @@ def _add_eval(sub) -> None:
                    help="also report perplexity on a text file or the held-out instruction split")
     p.add_argument("--ppl-max-length", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--ppl-stride", type=int, help="perplexity stride (default: half the window)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="model dtype (default bf16)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32",
+                   help="model dtype (default fp32: lm-eval's per-item choices; bf16 is faster and moves a few "
+                        "items, docs/evaluation.md)")
     _device_flag(p, "where the model loads and is scored")
     p.add_argument("--logprob-dtype", choices=("model", "float32"), default="model",
                    help="'model' sums log-probs in the model dtype like lm-eval's HFLM default; 'float32' is exact")
@@ -309,8 +311,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--plot-diffs", metavar="PNG",
                    help="write a forest plot of the paired differences and their 95%% intervals here "
                         "(needs every run's samples file)")
-    p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=int, default=None,
+                   help="Monte-Carlo bootstrap resamples (default: none, the exact bootstrap distribution, "
+                        "whose interval does not depend on a seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo resamples (with --resamples; default 0)")
     p.set_defaults(func=_run_compare)
 
 

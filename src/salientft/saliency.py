@@ -10,7 +10,8 @@ activations over the calibration tokens) and gamma in {0.5, 1, 2}. Presets (``ME
 - ``gift``:       tau = rho = inf, gamma = 1:  max_i |D_ij| * max_t |x_tj|   (the paper's choice;
                   tau / rho / gamma may override it: this is the generalized metric)
 - ``gift-g2``:    tau = rho = inf, gamma = 2:  max_i |D_ij| * (max_t |x_tj|)^2 (the authors' config)
-- ``owq``:        sum_t x_tj^2 * ||D_j||_2^2   (OBD / OWQ: Hessian diagonal times squared error)
+- ``owq``:        sum_t x_tj^2 * ||D_j||_2^2   (OBD / OWQ: Hessian diagonal times squared error; the
+                  square of tau = rho = 2, gamma = 1, which is what its scores file records)
 - ``wanda``:      ||W_j||_1 * ||X_j||_2        (pruning error: D replaced by W itself)
 - ``activation``: max_t |x_tj|                 (QUIK / SmoothQuant style)
 - ``magnitude``:  ||W_j||_2                    (no statistics needed)
@@ -37,7 +38,9 @@ GAMMAS = (0.5, 1.0, 2.0)
 _PRESETS = {
     "gift": dict(tau="inf", rho="inf", gamma=1.0),
     "gift-g2": dict(tau="inf", rho="inf", gamma=2.0),
-    "owq": dict(tau=2, rho=2, gamma=2.0),  # exact form computed separately: ||X||_2^2 * ||D||_2^2
+    # computed as ||X_j||_2^2 * ||D_j||_2^2 = (||D_j||_2 * ||X_j||_2)^2: the square of the generalized
+    # metric at tau = rho = 2, gamma = 1, so it ranks exactly like it; recorded as what it ranks like
+    "owq": dict(tau=2, rho=2, gamma=1.0),
     "wanda": dict(tau=1, rho=2, gamma=1.0),  # of W, not D
     "activation": dict(tau=None, rho="inf", gamma=1.0),
     "magnitude": dict(tau=2, rho=None, gamma=None),
