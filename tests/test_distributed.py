@@ -344,6 +344,17 @@ def _init_fsdp_on_cpu(self, *a, fsdp_plugin=None, **kw):
 
 
 st.AcceleratorState.__init__ = _init_fsdp_on_cpu
+
+import accelerate
+_get_state_dict = accelerate.Accelerator.get_state_dict
+
+
+def _marked_get_state_dict(self, *a, **kw):  # the tests look for this line: a whole model was gathered
+    print("salientft-test: full state dict gathered", file=sys.stderr, flush=True)
+    return _get_state_dict(self, *a, **kw)
+
+
+accelerate.Accelerator.get_state_dict = _marked_get_state_dict
 from salientft.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -384,7 +395,8 @@ def _trained(out, method_output: str) -> dict:
 
 
 _TRAINER_CASES = {
-    "gift-sw": ["--method", "gift-sw", "--metric", "magnitude", "--n-salient", "4"],  # weight noise
+    # weight noise; the default metric (gift) calibrates: under torchrun on rank 0 only, scores broadcast
+    "gift-sw": ["--method", "gift-sw", "--n-salient", "4", "--calib-samples", "8"],
     "full": ["--method", "full"],
     "gmt-tensor": ["--method", "gmt", "--mask-granularity", "tensor"],
     "gmt-global": ["--method", "gmt", "--mask-granularity", "global", "--mask-mode", "strict"],
@@ -414,12 +426,16 @@ def test_trainer_fsdp_two_processes_match_one(tmp_path, case):
               "--max-steps", "3", "--dtype", "fp32", "--max-length", "64", "--lr", "1e-3", "--packing",
               "--warmup-ratio", "0"]
     _cli(tmp_path, [*common, "--batch-size", "4", "--save-steps", "2", "--output", str(tmp_path / "one")], 1)
-    _cli(tmp_path, [*common, "--batch-size", "2", "--save-steps", "2", "--fsdp", "full_shard",
-                    "--output", str(tmp_path / "two")], 2)
+    two = _cli(tmp_path, [*common, "--batch-size", "2", "--save-steps", "2", "--fsdp", "full_shard",
+                          "--output", str(tmp_path / "two")], 2)
     # FSDP really ran: accelerate's FSDP checkpoint of the optimizer (DDP/one process: optimizer.pt)
     assert (tmp_path / "two" / "checkpoint-2" / "optimizer.bin").is_file()
     assert (tmp_path / "one" / "checkpoint-2" / "optimizer.pt").is_file()
     kind = methods.get(_TRAINER_CASES[case][1]).output
+    # GIFT-SW's checkpoint is its adapter: no full-model file gathered and written beside it
+    # nor a full state dict gathered, for a checkpoint or at the end (the dense methods need one)
+    assert (tmp_path / "two" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file() == (kind != "adapter")
+    assert ("salientft-test: full state dict gathered" in two.stderr) == (kind != "adapter")
     a, b = _trained(tmp_path / "one", kind), _trained(tmp_path / "two", kind)
     assert a.keys() == b.keys()
     for k in a:

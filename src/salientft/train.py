@@ -72,6 +72,8 @@ def _is_main_process() -> bool:
 def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
+    from .methods.sharding import own_fsdp_checkpoint, without_fsdp_model_file
+
     class CompleteMarker(TrainerCallback):
         """Mark a checkpoint complete once everything in it has been written."""
 
@@ -161,6 +163,17 @@ def _trainer_classes():
             stored = list(getattr(self.lr_scheduler, "base_lrs", []))
             if checkpoint is not None and wanted and stored and max(stored) > 0:
                 _rescale_learning_rate(self.optimizer, self.lr_scheduler, max(wanted) / max(stored))
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # FSDP: a method that writes its own checkpoint (GIFT-SW: the trained columns only) needs
+            # neither the Trainer's full state dict nor its full-model file (methods/sharding.py)
+            self.salientft_own_checkpoint = own_fsdp_checkpoint(self, output_dir, _internal_call)
+            if not self.salientft_own_checkpoint:
+                super().save_model(output_dir, _internal_call)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            with without_fsdp_model_file(getattr(self, "salientft_own_checkpoint", False)):
+                super()._save_optimizer_and_scheduler(output_dir)
 
         def _save(self, output_dir=None, state_dict=None):
             directory = Path(output_dir or self.args.output_dir)

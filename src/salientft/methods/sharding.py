@@ -10,6 +10,7 @@ a parameter, sharded or not (each rank keeps its own rows, no communication).
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -121,6 +122,8 @@ def computed_once(compute, device: torch.device | None = None):
     if dist.get_rank() == 0:
         box[0] = _to_cpu(compute())
     dist.broadcast_object_list(box, src=0)
+    logging.getLogger(__name__).info("computed on rank 0, received on rank %d of %d", dist.get_rank(),
+                                     dist.get_world_size())
     return box[0]
 
 
@@ -130,3 +133,34 @@ def _to_cpu(obj):
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     return obj
+
+
+def own_fsdp_checkpoint(trainer, output_dir, internal: bool) -> bool:
+    """The Trainer's ``save_model`` of a checkpoint under FSDP, when the method writes its own:
+    every rank calls the method's ``save_checkpoint`` (GIFT-SW: the trained columns gathered, rank 0
+    writes the adapter) and the Trainer's own save, which gathers the whole model's state dict
+    first, is skipped (True). False: let the Trainer save (not FSDP, not a checkpoint, or a method
+    that relies on the Trainer's checkpoint)."""
+    if not (internal and trainer.is_fsdp_enabled):
+        return False
+    from pathlib import Path
+
+    return bool(trainer.salientft_method.save_checkpoint(trainer.model, Path(output_dir or trainer.args.output_dir)))
+
+
+@contextmanager
+def without_fsdp_model_file(skip: bool):
+    """While ``skip``: the Trainer's optimizer save under FSDP leaves out ``pytorch_model_fsdp.bin``
+    (accelerate's ``save_fsdp_model``: the whole model gathered and written), which a method that
+    writes and reads its own checkpoint never reads; the optimizer and scheduler are saved as usual."""
+    if not skip:
+        yield
+        return
+    import transformers.trainer as hf_trainer
+
+    saved = hf_trainer.save_fsdp_model
+    hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        hf_trainer.save_fsdp_model = saved
