@@ -440,6 +440,11 @@ def test_trainer_fsdp_two_processes_match_one(tmp_path, case):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    if kind == "adapter":  # the fingerprint taken before sharding is the unsharded base's
+        from salientft.gift import read_adapter
+
+        fps = {read_adapter(tmp_path / run / "adapter")[0]["base_fingerprint"] for run in ("one", "two")}
+        assert len(fps) == 1 and None not in fps
     from salientft.models import tiny_random_llama
 
     base = tiny_random_llama(seed=0).state_dict()

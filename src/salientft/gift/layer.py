@@ -19,6 +19,8 @@ Noise modes (training only; evaluation, generation and merging are noise-free):
   (Delta_i / 2) * ||x_{t,N}||_2 * xi_{t,i}. It draws tokens x out numbers instead of out x in,
   so it pays off only when a micro-batch holds fewer tokens than the layer has input features.
   Tokens get independent noise, so it is a different joint distribution (a separate mode).
+  xi is drawn from a seed and drawn again in backward (``ops.noise.OutputNoise``): backward
+  keeps the layer input and one norm per token, never the (tokens, out) noise.
 * ``"none"`` - salient-only training.
 """
 from __future__ import annotations
