@@ -153,12 +153,12 @@ def without_fsdp_model_file(skip: bool):
     """While ``skip``: the Trainer's optimizer save under FSDP leaves out ``pytorch_model_fsdp.bin``
     (accelerate's ``save_fsdp_model``: the whole model gathered and written), which a method that
     writes and reads its own checkpoint never reads; the optimizer and scheduler are saved as usual."""
-    if not skip:
-        yield
-        return
     import transformers.trainer as hf_trainer
 
-    saved = hf_trainer.save_fsdp_model
+    saved = getattr(hf_trainer, "save_fsdp_model", None)
+    if not skip or saved is None:  # a transformers that saves otherwise: its file is written, still correct
+        yield
+        return
     hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
     try:
         yield
