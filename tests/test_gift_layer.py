@@ -225,10 +225,11 @@ def test_bf16_base_autocast_and_fp32_salient_copy(device):
         torch.testing.assert_close(layer(x.detach()).float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_gradient_checkpointing_recomputes_the_same_noise(device):
+@pytest.mark.parametrize("noise", ["weight", "output"])
+def test_gradient_checkpointing_recomputes_the_same_noise(noise, device):
     from torch.utils.checkpoint import checkpoint
 
-    _, layer, _ = make_layer(device=device, noise="weight", std=0.3)
+    _, layer, _ = make_layer(device=device, noise=noise, std=0.3)
     layer.train()
     x = torch.randn(6, IN, requires_grad=True, device=device)
 
@@ -394,3 +395,27 @@ def test_output_noise_saves_only_the_input_plus_per_token_bytes(dtype, device):
     per_token = k * x.element_size() + 4 + 16  # the salient inputs, the fp32 norm, a little slack
     bound = x.numel() * x.element_size() + tokens * per_token
     assert sum(saved.values()) <= bound, (sum(saved.values()), bound, sorted(saved.items(), key=lambda kv: -kv[1])[:4])
+
+
+@pytest.mark.cpu_only("the noise thread pool")
+def test_output_noise_does_not_depend_on_the_thread_count(monkeypatch):
+    """The output noise's seeded blocks (several here: 600 tokens x 512 outputs) drawn by 1 or 2
+    threads: the same outputs and input gradients, bit for bit."""
+    from salientft.ops import noise as noise_mod
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 512, bias=False)
+    layer = SalientLinear(base, torch.tensor([1, 5, 9]), torch.full((512,), 0.2), noise="output").train()
+    assert len(noise_mod.noise_blocks(600, 512)) > 1
+    runs = []
+    for threads in (1, 2):
+        noise_mod.set_noise_threads(threads)
+        try:
+            x = torch.randn(600, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+            torch.manual_seed(4)
+            y = layer(x)
+            y.pow(2).sum().backward()
+        finally:
+            noise_mod.set_noise_threads(None)
+        runs.append((y.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
