@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
 from ..devices import model_device
+from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
 from ..gift.adapter import attach_columns, column_tensors, remember_base_fingerprint
 from ..gift.model import gift_scores
 from ..saliency import METRICS, STATLESS_METRICS
@@ -73,8 +73,9 @@ class GiftSW(Method):
 
     def prepare(self, model, config, data=None, scores=None, noise_std=None, **_):
         """Salient columns and noise scales on every target, then the base fingerprint, while the
-        weights are whole (before any sharding). Under torchrun the calibration runs on rank 0 only
-        and its scores go to every rank (``sharding.computed_once``): the same columns everywhere."""
+        weights are whole (before any sharding). Under torchrun the calibration and the fingerprint
+        run on rank 0 only and their results go to every rank (``sharding.computed_once``): the same
+        columns everywhere."""
         gcfg = self.gift_config(config)
         if scores is None and config.scores:
             from ..saliency import load_scores
@@ -85,12 +86,13 @@ class GiftSW(Method):
 
             def calibrated():
                 batches = calibration_batches_from_dataset(data, n_samples=config.calib_samples, batch_size=8,
-                                                           seed=config.seed)
+                                                          seed=config.seed)
                 return gift_scores(model, gcfg, batches)
 
             scores = computed_once(calibrated, model_device(model))
         model = apply_gift(model, gcfg, scores, noise_std=noise_std)
-        remember_base_fingerprint(model)
+        # hashed once, by rank 0 (every rank holds the same whole base here), kept on every rank
+        model.salientft_base_fingerprint = computed_once(lambda: remember_base_fingerprint(model), model_device(model))
         return model
 
     def save_checkpoint(self, model, directory: Path) -> bool:
