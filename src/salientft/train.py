@@ -72,6 +72,8 @@ def _is_main_process() -> bool:
 def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
+    from .methods.sharding import own_fsdp_checkpoint, without_fsdp_model_file
+
     class CompleteMarker(TrainerCallback):
         """Mark a checkpoint complete once everything in it has been written."""
 
@@ -161,6 +163,17 @@ def _trainer_classes():
             stored = list(getattr(self.lr_scheduler, "base_lrs", []))
             if checkpoint is not None and wanted and stored and max(stored) > 0:
                 _rescale_learning_rate(self.optimizer, self.lr_scheduler, max(wanted) / max(stored))
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            # FSDP: a method that writes its own checkpoint (GIFT-SW: the trained columns only) needs
+            # neither the Trainer's full state dict nor its full-model file (methods/sharding.py)
+            self.salientft_own_checkpoint = own_fsdp_checkpoint(self, output_dir, _internal_call)
+            if not self.salientft_own_checkpoint:
+                super().save_model(output_dir, _internal_call)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            with without_fsdp_model_file(getattr(self, "salientft_own_checkpoint", False)):
+                super()._save_optimizer_and_scheduler(output_dir)
 
         def _save(self, output_dir=None, state_dict=None):
             directory = Path(output_dir or self.args.output_dir)
@@ -624,20 +637,25 @@ def _signals_to_flag():
 def _unsharded(trainer, config: TrainConfig, train_ds):
     """FSDP: the trained model as one unsharded model on rank 0 (None on the other ranks).
 
-    The full state dict is gathered from the shards once, on rank 0 (a collective); rank 0 then
-    loads the base again, repeats the method's preparation with the run's seed and loads that
-    state into it. Evaluation, the outputs and merges then work on full weights, never on shards
-    (an in-place merge of a DTensor shard raises; a forward of a sharded model on rank 0 alone
-    would wait for the other ranks forever).
+    A method that can (GIFT-SW: ``gather_trained``) gathers only what trained, on every rank;
+    rank 0 loads the base again and attaches it, as a saved adapter is attached (no scores, no
+    calibration, no base weight gathered). Otherwise the full state dict is gathered on rank 0,
+    which loads the base, repeats the method's preparation with the run's seed and loads that
+    state. Evaluation, the outputs and merges then work on full weights, never on shards (an
+    in-place merge of a DTensor shard raises; a forward of a sharded model on rank 0 alone would
+    wait for the other ranks forever).
     """
     from transformers import set_seed
 
-    state = trainer.accelerator.get_state_dict(trainer.model)
+    method = config.training_method
+    trained = method.gather_trained(trainer.model)
+    state = trainer.accelerator.get_state_dict(trainer.model) if trained is None else None
     if not trainer.is_world_process_zero():
         return None
-    method = config.training_method
     model, _ = load_model(method.base_source(config), dtype=method.master_dtype(config),
                           trust_remote_code=config.trust_remote_code, device=resolve_device(config.device))
+    if trained is not None:
+        return method.attach_trained(model, trained)
     set_seed(config.seed)
     model = method.prepare(model, config, train_ds)
     model.load_state_dict(state)

@@ -219,6 +219,13 @@ def compute_scores(model, config, calibration, targets, expert_targets=()):
     return scores
 
 
+def gift_scores(model: nn.Module, config: GiftConfig, calibration=None) -> dict[str, torch.Tensor]:
+    """The salience scores ``apply_gift`` would compute for ``model`` (its targets under ``config``,
+    fused expert projections included), e.g. to compute them once and hand them to other processes."""
+    return compute_scores(model, config, calibration, find_target_modules(model, config.target_modules, experts=True),
+                          find_expert_weights(model, config.target_modules))
+
+
 def gift_layers(model: nn.Module) -> dict[str, SalientLinear | ExpertColumns]:
     """Every GIFT-SW layer by target name, in model order: SalientLinear by module name, fused
     expert projections (ExpertColumns) by ``<experts module>.<proj>``."""
@@ -283,6 +290,8 @@ def merge_gift(model: nn.Module, keep_original: bool = False) -> nn.Module:
     if hasattr(model, "salientft_gift_config"):
         model.salientft_merged_config = model.salientft_gift_config
         del model.salientft_gift_config
+    if hasattr(model, "salientft_base_fingerprint"):  # the base weights now hold the trained columns
+        del model.salientft_base_fingerprint
     return model
 
 

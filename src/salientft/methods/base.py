@@ -146,6 +146,16 @@ class Method:
         """Restore what ``save_checkpoint`` wrote; False: let the Trainer restore its own."""
         return False
 
+    def gather_trained(self, model):
+        """Under FSDP, at the end of training, on every rank (a collective): what rank 0 needs to
+        rebuild the trained model on a freshly loaded base with ``attach_trained``, gathering only
+        what trained; None (the default): the full state dict is gathered and the preparation repeated."""
+        return None
+
+    def attach_trained(self, base, trained):
+        """The trained model on ``base`` from what ``gather_trained`` returned (rank 0)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ outputs
     mergeable: ClassVar[bool] = False  # merge() gives a plain transformers model
 

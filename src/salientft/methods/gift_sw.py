@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
+from ..devices import model_device
 from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
+from ..gift.adapter import attach_columns, column_tensors, remember_base_fingerprint
+from ..gift.model import gift_scores
 from ..saliency import METRICS, STATLESS_METRICS
 from .base import Method, register
-from .sharding import gathered, is_writer, load_full_
+from .sharding import base_fingerprint, computed_once, gathered, is_writer, load_full_
 
 
 def gift_settings(**kwargs) -> GiftConfig:
@@ -69,25 +72,51 @@ class GiftSW(Method):
         )
 
     def prepare(self, model, config, data=None, scores=None, noise_std=None, **_):
+        """Salient columns and noise scales on every target, then the base fingerprint, while the
+        weights are whole (before any sharding). Under torchrun the calibration and the fingerprint
+        run on rank 0 only and their results go to every rank (``sharding.computed_once``): the same
+        columns everywhere."""
         gcfg = self.gift_config(config)
         if scores is None and config.scores:
             from ..saliency import load_scores
 
             scores = load_scores(config.scores)
-        calibration = None
         if scores is None and gcfg.metric not in STATLESS_METRICS:
             from ..data.chat import calibration_batches_from_dataset
 
-            calibration = calibration_batches_from_dataset(data, n_samples=config.calib_samples, batch_size=8,
-                                                           seed=config.seed)
-        return apply_gift(model, gcfg, scores, calibration=calibration, noise_std=noise_std)
+            def calibrated():
+                batches = calibration_batches_from_dataset(data, n_samples=config.calib_samples, batch_size=8,
+                                                          seed=config.seed)
+                return gift_scores(model, gcfg, batches)
+
+            scores = computed_once(calibrated, model_device(model))
+        model = apply_gift(model, gcfg, scores, noise_std=noise_std)
+        # hashed once, by rank 0 (every rank holds the same whole base here), kept on every rank
+        model.salientft_base_fingerprint = computed_once(lambda: remember_base_fingerprint(model), model_device(model))
+        return model
 
     def save_checkpoint(self, model, directory: Path) -> bool:
-        # FSDP2 calls this on every rank: gather the shards together, rank 0 writes
-        with gathered(model):
+        """The adapter only. Under FSDP2 (called on every rank) only the trained columns are
+        gathered; the base fingerprint is the one computed before sharding."""
+        fp = base_fingerprint(model)
+        with gathered(model, trainable_only=True):
             if is_writer():
-                save_adapter(model, Path(directory) / "adapter")
+                save_adapter(model, Path(directory) / "adapter", base_fingerprint=fp)
         return True
+
+    def gather_trained(self, model) -> dict:
+        """Every rank: what rank 0 needs to rebuild the trained model on a fresh base (the adapter's
+        tensors, settings and base fingerprint), gathering only the trained columns."""
+        fp = base_fingerprint(model)
+        with gathered(model, trainable_only=True):
+            tensors = column_tensors(model) if is_writer() else None
+        return {"tensors": tensors, "config": model.salientft_gift_config, "fingerprint": fp}
+
+    def attach_trained(self, base, trained: dict):
+        """The trained model on a freshly loaded ``base``: the gathered columns, indices and noise
+        scales applied as a saved adapter is (no scores, no calibration, no noise scale computed)."""
+        names = sorted({k.rpartition(".")[0] for k in trained["tensors"]})
+        return attach_columns(base, trained["config"], trained["tensors"], names, trained["fingerprint"])
 
     def load_checkpoint(self, model, directory: Path) -> bool:
         adapter = Path(directory) / "adapter"
