@@ -396,6 +396,41 @@ def _mask_settings(method: _methods.Method, flat: dict) -> dict:
     return {f"mask_{k}": v for k, v in values.items()}
 
 
+def resolve_train_config(config_file: str | None, flags: dict) -> TrainConfig:
+    """The run's config: the YAML/JSON file's settings (flat or nested), overridden by the flags given."""
+    values: dict = {}
+    if config_file:
+        values = flat_values(_read_config_file(config_file))
+    from_file = set(values) - set(flags)
+    values.update(flags)
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as e:
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | setting_names() | set(MASK_FLAGS)
+        if config_file and (not set(values) <= known or getattr(e, "field", None) in from_file):
+            raise ValueError(f"--config {config_file}: {e}") from None  # the file's unknown or mistyped fields
+        raise
+
+
+def _read_config_file(config_file: str) -> dict:
+    import yaml
+
+    from .config_base import YAMLTooLarge, load_yaml
+
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {config_file}: no such file")
+    try:
+        values = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except YAMLTooLarge as e:
+        raise ValueError(f"--config {config_file} is refused: {e}; write the values out") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {config_file} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {config_file} must hold a mapping of TrainConfig fields")
+    return values
+
+
 def __getattr__(name):
     # Deprecated module constants, now answered by the registry.
     if name == "METHODS":
