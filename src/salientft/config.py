@@ -176,7 +176,7 @@ class TrainConfig(ConfigMixin):
             return
         if not method.accepts_mask:
             users = [m for m in _methods.names(quantized=method.quantized) if _methods.get(m, method.quantized).accepts_mask]
-            raise ValueError(f"TrainConfig: method {method.name!r} does not take GMT's gradient mask (--mask-ratio); "
+            raise ValueError(f"TrainConfig: method {method.name!r} does not use --mask-ratio (GMT's gradient mask); "
                              f"remove it (--mask-ratio applies to {', '.join(users) or 'no method of this kind'})")
         self.mask = dataclasses.replace(mask or GMTConfig(), **changes)
 
