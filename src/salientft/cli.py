@@ -51,7 +51,7 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
     fields = cls.flag_fields() if hasattr(cls, "flag_fields") else dataclasses.fields(cls)
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
-        ann = str(f.type)
+        ann = _annotation(f.type)
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         kw = {"dest": f.name, "help": _flag_help(f.metadata.get("help", ""), default)}
         if default is dataclasses.MISSING:
@@ -70,6 +70,14 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         else:
             base = ann.split("|")[0].strip()
             add(flag, type=_FLAG_TYPES.get(base, str), **kw)
+
+
+def _annotation(tp) -> str:
+    """A field's type as its annotation reads ("int | None"), whether or not its module postponed
+    annotations (a method declared in a module without ``from __future__ import annotations``)."""
+    if isinstance(tp, str):
+        return tp
+    return tp.__name__ if isinstance(tp, type) and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
 
 
 def _flag_help(text: str, default) -> str:

@@ -159,6 +159,7 @@ class TrainConfig(ConfigMixin):
         flat = {k: values.pop(k) for k in MASK_FLAGS if k in values}
         flat = {k: None if v is None else coerce_field("TrainConfig", k, types[MASK_FLAGS[k][0]], v)
                 for k, v in flat.items()}
+        _check_mask_flags(flat)
         mask = self.mask
         if isinstance(mask, dict):
             mask = GMTConfig.from_dict(mask)
@@ -326,6 +327,18 @@ def setting_default(name: str):
     """The default of the setting ``name`` as its method declares it (``_UNSET`` for none)."""
     f = _setting_fields().get(name)
     return _UNSET if f is None else f.default
+
+
+def _check_mask_flags(flat: dict) -> None:
+    """The --mask-* values as the user gave them, refused under their flag's name (GMTConfig checks
+    its fields again, for a mask built in Python)."""
+    choices = {"mask_granularity": GMTConfig.GRANULARITIES, "mask_mode": GMTConfig.MODES}
+    for k, v in flat.items():
+        if v is not None and k in choices:
+            check_choice("TrainConfig", k, v, choices[k])
+    ratio = flat.get("mask_ratio")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ValueError(f"TrainConfig.mask_ratio must be in [0, 1), got {ratio!r}")
 
 
 def _refuse_other_settings(method: _methods.Method, values: dict) -> None:

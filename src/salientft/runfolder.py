@@ -149,6 +149,10 @@ def _compare(stored: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
     """(refused differences, allowed adjustments), each as ``field: old -> new``. The stored config
     may be the flat ``run_config.json`` of an earlier version: both sides are read as flat settings."""
     old, new = _settings(stored), _settings(config.to_dict())
+    if old.get("mask_ratio") is None or new.get("mask_ratio") is None:  # a mask on one side only: its ratio says it
+        for d in (old, new):
+            for key in [k for k in d if k.startswith("mask_") and k != "mask_ratio"]:
+                del d[key]
     refused, adjusted = [], []
     for key in dict.fromkeys([*old, *new]):
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
