@@ -280,7 +280,7 @@ ROWS = [
     ("--noise with lora", train("--method", "lora", "--noise", "weight"),
      "method 'lora' does not use --noise; remove it (--noise applies to gift-sw, salient, full, gmt)"),
     ("--noise-bits with full fine-tuning but no noise", train("--method", "full", "--noise-bits", "3"),
-     "FullMethodConfig: --noise-bits applies only with GIFT-SW's noise; add --noise weight, or remove it"),
+     "method 'full' reads --noise-bits only with GIFT-SW's noise; add --noise weight, or remove it"),
     ("--quantized names a missing folder", train("--quantized", "q4"),
      "--quantized q4: no such folder; give a folder written by salientft quantize"),
     ("--max-steps 0", train("--max-steps", "0"), "TrainConfig.max_steps must be positive (or -1 to use epochs)"),

@@ -39,6 +39,8 @@ class MethodConfig(ConfigMixin):
     nested YAML form ``method: {name: <method>, <field>: ...}``. ``__post_init__`` reads every
     field as its declared type and calls ``check``: a subclass validates its own fields there."""
 
+    method_name: ClassVar[str] = ""  # the registered method's name (set by ``register``), for messages
+
     def __post_init__(self):
         coerce_fields(self)
         self.check()
@@ -219,6 +221,8 @@ def register(cls: type[Method]) -> type[Method]:
             raise ValueError(f"method {cls.name!r} shares {cls.config_class.__name__} with {other.name!r}; "
                              "give it its own subclass")
     _REGISTRY[key] = cls()
+    if cls.config_class is not MethodConfig:
+        cls.config_class.method_name = cls.name
     return cls
 
 

@@ -35,8 +35,8 @@ class FullMethodConfig(DenseNoiseSettings):
                      if f.name in NOISE_FIELDS and getattr(self, f.name) != f.default]
             if given:
                 flags = ", ".join(_flag(n) for n in given)
-                raise ValueError(f"{type(self).__name__}: {flags} {'applies' if len(given) == 1 else 'apply'} only "
-                                 "with GIFT-SW's noise; "
+                raise ValueError(f"{type(self).__name__}: method {self.method_name!r} reads {flags} only with "
+                                 "GIFT-SW's noise; "
                                  f"add --noise weight, or remove {'it' if len(given) == 1 else 'them'}")
         super().check()
 

@@ -78,11 +78,11 @@ class GiftSWMethodConfig(DenseNoiseSettings):
                                     "salientft calibrate")
 
 
-def refuse_noise(settings: NoiseSettings, method: str = "salient") -> None:
+def refuse_noise(settings: NoiseSettings) -> None:
     """The noise-free GIFT-SW methods refuse a noise mode other than none."""
     if settings.noise not in (None, "none"):
         raise ValueError(
-            f"{type(settings).__name__}: method {method!r} is GIFT-SW without noise; use --method gift-sw "
+            f"{type(settings).__name__}: method {settings.method_name!r} is GIFT-SW without noise; use --method gift-sw "
             f"--noise {settings.noise}"
         )
 
