@@ -168,7 +168,7 @@ class TrainConfig(ConfigMixin):
         on = mask is not None or flat.get("mask_ratio") is not None or method.mask_by_default
         changes = {MASK_FLAGS[k][0]: v for k, v in flat.items() if v is not None}
         if not on:
-            idle = [k for k, v in changes.items() if v != getattr(GMTConfig, k)]
+            idle = [k for k, v in changes.items() if v != _mask_default(k)]
             if idle:
                 raise ValueError(f"TrainConfig: {', '.join(_flag('mask_' + k) for k in idle)} "
                                  f"{'applies' if len(idle) == 1 else 'apply'} only when a gradient mask runs; add "
@@ -242,7 +242,7 @@ class TrainConfig(ConfigMixin):
             mask = self.__dict__.get("mask")
             if mask is not None:
                 return getattr(mask, MASK_FLAGS[name][0])
-            return None if name == "mask_ratio" else getattr(GMTConfig, MASK_FLAGS[name][0])
+            return None if name == "mask_ratio" else _mask_default(MASK_FLAGS[name][0])
         default = setting_default(name)
         if default is not _UNSET:
             return default
@@ -287,7 +287,7 @@ class TrainConfig(ConfigMixin):
         method's settings once (the help prefixed with the methods that read it)."""
         out = [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
         for name, (_, ftype, text) in MASK_FLAGS.items():
-            out.append(_field(name, ftype, getattr(GMTConfig, MASK_FLAGS[name][0]) if name != "mask_ratio" else None,
+            out.append(_field(name, ftype, _mask_default(MASK_FLAGS[name][0]) if name != "mask_ratio" else None,
                               text))
         for name, f in _setting_fields().items():
             users = methods_reading(name, quantized=None)
@@ -339,6 +339,11 @@ def _check_mask_flags(flat: dict) -> None:
     ratio = flat.get("mask_ratio")
     if ratio is not None and not 0 <= ratio < 1:
         raise ValueError(f"TrainConfig.mask_ratio must be in [0, 1), got {ratio!r}")
+
+
+def _mask_default(name: str):
+    """GMTConfig's default of its field ``name`` (a mask built with nothing given)."""
+    return getattr(GMTConfig(), name)
 
 
 def _refuse_other_settings(method: _methods.Method, values: dict) -> None:
@@ -402,8 +407,7 @@ def _mask_settings(method: _methods.Method, flat: dict) -> dict:
     on = isinstance(mask, dict) or flat.get("mask_ratio") is not None or method.mask_by_default
     if not on:
         return {"mask_ratio": None}
-    values = {f.name: getattr(GMTConfig, f.name, None) for f in dataclasses.fields(GMTConfig)}
-    values["exclude"] = list(GMT_DEFAULT_EXCLUDE)
+    values = GMTConfig().to_dict()
     values.update(mask if isinstance(mask, dict) else {})
     values.update({MASK_FLAGS[k][0]: v for k, v in flat.items() if k in MASK_FLAGS and v is not None})
     return {f"mask_{k}": v for k, v in values.items()}
