@@ -1,8 +1,12 @@
 """One training loop for every method, built on the Hugging Face Trainer.
 
-What differs between methods (the dtype of master weights, how the model is made trainable,
-callbacks, checkpoint contents, outputs) is asked of ``salientft.methods``; nothing here
-branches on a method's name. Precision: ``dtype="bf16"`` keeps frozen weights in bf16,
+:func:`train` reads top to bottom as the run's phases, each a short function below it: plan the
+output folder, load the data, load the base, measure it, prepare the method, build the trainer,
+fit, collect the metrics, write the outputs. What differs between methods (the dtype of master
+weights, how the model is made trainable, checkpoint contents, metrics, outputs) is asked of
+``salientft.methods``; nothing here branches on a method's name. The run's add-on, GMT's
+gradient mask (``config.mask``), brings its Trainer callback and its metrics. The Trainer
+subclass, its arguments and the run's stops live in ``salientft.trainer``. Precision: ``dtype="bf16"`` keeps frozen weights in bf16,
 trainable weights in fp32 and computes under bf16 autocast (dense methods keep fp32 master
 weights); ``fp32`` is plain fp32.
 
