@@ -38,6 +38,7 @@ from ._io import atomic_path, check_writable, write_json
 from .config import TrainConfig, resolve_train_config  # noqa: F401  (resolve_train_config re-exported)
 from .devices import describe_device, device_name, model_device, resolve_device
 from .gift import trainable_parameters
+from .methods.addons import addons_of
 from .models import load_model
 from .runfolder import (COMPLETE_MARKER, RESUME_MAY_CHANGE, RUN_CONFIG, Plan, complete_checkpoints,  # noqa: F401
                         config_changes, last_good, plan_output, start_run)
@@ -76,7 +77,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             result, before = _measure_before(config, model, tokenizer, data, device)
             model, counts = _prepare_method(config, model, data)
             trainer = build_trainer(config, model, data.train_ds, data.collator, device,
-                                    callbacks=[*_addon_callbacks(config), *callbacks])
+                                    callbacks=[*(c for a in addons_of(config) for c in a.callbacks()), *callbacks])
             checkpoint = _start(config, out, plan, before, stack)
             wall = fit(trainer, config, checkpoint, stack)
             model = _unsharded(trainer, config, data.train_ds) if trainer.is_fsdp_enabled else trainer.model
@@ -190,23 +191,6 @@ def _prepare_method(config: TrainConfig, model, data: _Data):
     return model, trainable_parameters(model)
 
 
-def _addon_callbacks(config: TrainConfig) -> list:
-    """The Trainer callbacks of the run's add-ons: GMT's gradient mask (``config.mask``)."""
-    if config.mask is None:
-        return []
-    from .gmt import GradientMaskCallback
-
-    return [GradientMaskCallback(config.mask)]
-
-
-def _addon_metrics(config: TrainConfig, log_history: list[dict]) -> dict:
-    """What the run's add-ons add to the metrics: the gradient mask's kept fraction per logged step."""
-    if config.mask is None:
-        return {}
-    return {"kept_fraction": [{"step": h["step"], "kept_fraction": h["kept_fraction"]}
-                              for h in log_history if "kept_fraction" in h]}
-
-
 def _start(config: TrainConfig, out: Path, plan: Plan, before, stack) -> Path | None:
     """Make the folder this run's (the lock, held in ``stack``; ``run_config.json``) on the main
     process, write the evaluation before training; returns the checkpoint to resume from."""
@@ -237,7 +221,7 @@ def _run_metrics(config: TrainConfig, trainer, counts: dict, wall: float, device
         "learning_rate": config.learning_rate,
         "resumed_from": str(checkpoint) if checkpoint else None,
         **config.training_method.metrics(log_history),
-        **_addon_metrics(config, log_history),
+        **{k: v for a in addons_of(config) for k, v in a.metrics(log_history).items()},
     }
 
 
