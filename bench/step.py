@@ -228,7 +228,7 @@ def build(method: str, model_name: str, dtype: torch.dtype, device: str, base=No
         cfg = TrainConfig(**spec.only_used(dict(method=name, dtype=train_dtype, lora_r=r, lora_alpha=2 * r)),
                           **overrides)
         model = spec.prepare(model, cfg, scores=magnitude_scores(model), noise_std=cheap_noise_std(model))
-        mask_config = spec.mask_config(cfg)
+        mask_config = cfg.mask
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     model.train()

@@ -152,7 +152,8 @@ def _config_classes():
 def test_help_describes_every_flag(command, capsys, monkeypatch):
     cls = dict(_config_classes())[command]
     text = _help(command, capsys, monkeypatch)
-    for f in dataclasses.fields(cls):
+    # train's flags: TrainConfig's own fields and every registered method's settings (flag_fields)
+    for f in (cls.flag_fields() if hasattr(cls, "flag_fields") else dataclasses.fields(cls)):
         flag = "--" + f.name.replace("_", "-")
         help_text = " ".join(f.metadata["help"].split())
         assert f"{flag} " in text, flag

@@ -151,7 +151,7 @@ def test_train_config_reads_each_field_as_its_type():
     ("max_grad_norm", -1, "TrainConfig.max_grad_norm must be >= 0, got -1.0"),
     ("epochs", 0, "TrainConfig.epochs must be positive"),
     ("seed", -1, "TrainConfig.seed must be >= 0"),
-    ("noise_bits", 1, "TrainConfig.noise_bits must be an integer in [2, 16]"),
+    ("noise_bits", 1, "GiftSWMethodConfig.noise_bits must be an integer in [2, 16]"),
     ("eval_limit", 0, "TrainConfig.eval_limit must be a positive integer"),
     ("trust_remote_code", "perhaps", "TrainConfig.trust_remote_code must be true or false"),
     ("target_modules", "re:(", "is not a valid regular expression"),
@@ -168,9 +168,9 @@ def test_train_config_refusals(field, value, message):
 def test_lora_bounds():
     from salientft.config import TrainConfig
 
-    with pytest.raises(ValueError, match=r"TrainConfig.lora_alpha must be positive, got 0\.0"):
+    with pytest.raises(ValueError, match=r"LoRAMethodConfig.lora_alpha must be positive, got 0\.0"):
         TrainConfig(method="lora", lora_alpha=0)
-    with pytest.raises(ValueError, match=r"TrainConfig.lora_dropout must be >= 0 and < 1"):
+    with pytest.raises(ValueError, match=r"LoRAMethodConfig.lora_dropout must be >= 0 and < 1"):
         TrainConfig(method="lora", lora_dropout=-0.1)
 
 

@@ -32,7 +32,7 @@ LAYERS = [
     # 4. the method registry
     ["salientft.methods", "salientft.methods.*", "salientft.peft", "salientft.peft.*"],
     # 5. training, evaluation, the end-to-end pipelines and the export to Hugging Face formats
-    ["salientft.config", "salientft.preflight", "salientft.runfolder", "salientft.train", "salientft.evaluation",
+    ["salientft.config", "salientft.preflight", "salientft.runfolder", "salientft.trainer", "salientft.train", "salientft.evaluation",
      "salientft.evaluation.*",
      "salientft.pipelines", "salientft.pipelines.*", "salientft.export"],
     # 6. the command line (its parser and flag declarations) and the public API

@@ -9,7 +9,7 @@ quantization for the recovery methods):
 3. re-attach the finished run's output to a freshly loaded base: same logits as the trained model;
 4. the reported trainable count is exactly the number of parameter entries that changed, and
    nothing outside the trainable parameters changed. The one allowed exception is GMT's mask
-   (a method with ``mask_config``): an entry it masked at every step, in a parameter the Trainer
+   (a run with a gradient mask, ``TrainConfig.mask``): an entry it masked at every step, in a parameter the Trainer
    does not decay (norm weights), cannot move, and is counted as such.
 
 A new method gets this battery by registering. Everything runs in fp32, so equalities are exact
@@ -164,7 +164,7 @@ def test_method_contract(workdir, tmp_path, name, quantized, extra, device):
     undecayed = straight.trainable - decayed(method.prepare(base_for(workdir, quantized, device)[0], cfg), tmp_path)
     stuck = {n: int((~straight.had_grad[n]).sum()) for n in undecayed}
     stuck = {n: c for n, c in stuck.items() if c}
-    if method.mask_config(cfg) is None:
+    if cfg.mask is None:
         assert not stuck, f"trainable entries that never received a gradient: {stuck}"
     assert sum(changed.values()) == metrics["trainable_params"] - sum(stuck.values()) > 0
 
@@ -188,9 +188,9 @@ def test_method_defaults_come_from_the_registry():
     assert TrainConfig(method="lora").learning_rate == 3e-5
     assert methods.get("full").master_dtype(TrainConfig(method="full", dtype="bf16")) == torch.float32
     assert methods.get("gift-sw").master_dtype(TrainConfig(dtype="bf16")) == torch.bfloat16
-    assert methods.get("gmt").mask_config(TrainConfig(method="gmt")).ratio == 0.5
-    assert methods.get("full").mask_config(TrainConfig(method="full")) is None
-    assert methods.get("gift-sw").mask_config(TrainConfig(mask_ratio=0.3)).ratio == 0.3
+    assert TrainConfig(method="gmt").mask.ratio == 0.5
+    assert TrainConfig(method="full").mask is None
+    assert TrainConfig(mask_ratio=0.3).mask.ratio == 0.3
     with pytest.raises(ValueError, match="--mask-ratio applies to"):
         TrainConfig(method="lora", mask_ratio=0.3)
 

@@ -336,7 +336,7 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
                "--metric", "random", "--n-salient", "3", "--max-steps", "2", "--dtype", "fp32", "--max-length", "64"])
     assert rc == 0
     assert "held-out loss" in capsys.readouterr().out
-    assert json.loads((out / "run_config.json").read_text())["n_salient"] == 3
+    assert json.loads((out / "run_config.json").read_text())["method_config"]["n_salient"] == 3  # the method's settings, nested
 
     def err(args):
         rc = main(["train", "--model", "tiny-random-llama", "--max-steps", "1", *args])

@@ -29,6 +29,8 @@ from .pipelines import calibrate, quantize_pretrained
 from . import methods
 from . import peft
 from .config import TrainConfig
+from .methods import (DoRAMethodConfig, FullMethodConfig, GiftSWMethodConfig, GMTMethodConfig, LoRAMethodConfig,
+                      MethodConfig, SalientMethodConfig)
 from .export import export_compressed_tensors, export_lora, export_merged  # (salientft.export stays the module)
 
 from .evaluation import compare_runs, evaluate, load_for_eval, perplexity
@@ -41,6 +43,13 @@ __version__ = "0.1.0"
 __all__ = [
     "methods",
     "TrainConfig",
+    "MethodConfig",
+    "GiftSWMethodConfig",
+    "SalientMethodConfig",
+    "LoRAMethodConfig",
+    "DoRAMethodConfig",
+    "FullMethodConfig",
+    "GMTMethodConfig",
     "quantize_pretrained",
     "export_lora",
     "export_merged",

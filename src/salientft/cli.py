@@ -2,13 +2,15 @@
 
 Each subcommand has one ``_add_<name>(sub)`` function that declares its flags and a handler
 ``_run_<name>(args)`` that calls the library. The flags of train, calibrate and quantize are the
-fields of dataclasses (TrainConfig; salientft.cli_args), each field's help text its --help.
+fields of dataclasses (TrainConfig and every registered method's config; salientft.cli_args), each
+field's help text its --help.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import signal
 import sys
@@ -34,7 +36,8 @@ _FLAG_TYPES = {"str": str, "int": int, "float": float}
 def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = False) -> None:
     """One flag per dataclass field (--kebab-case); its --help is the field's ``help`` metadata and default.
 
-    ``defaults=False`` (train): unset flags stay absent from the namespace so that YAML values
+    ``cls.flag_fields()``, when it has one, gives the fields (TrainConfig: its own and every
+    registered method's settings). ``defaults=False`` (train): unset flags stay absent from the namespace so that YAML values
     survive, and bools are --x/--no-x. ``defaults=True`` (calibrate, quantize): unset flags get
     the field's default, and a bool defaulting to False is a plain switch (--no-progress).
     A field without a default is a required flag; ``choices`` metadata (a sequence, or a callable
@@ -45,9 +48,10 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
     for names in getattr(cls, "EXCLUSIVE", ()):
         group = parser.add_mutually_exclusive_group()
         groups.update(dict.fromkeys(names, group))
-    for f in dataclasses.fields(cls):
+    fields = cls.flag_fields() if hasattr(cls, "flag_fields") else dataclasses.fields(cls)
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
-        ann = str(f.type)
+        ann = _annotation(f.type)
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         kw = {"dest": f.name, "help": _flag_help(f.metadata.get("help", ""), default)}
         if default is dataclasses.MISSING:
@@ -66,6 +70,14 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         else:
             base = ann.split("|")[0].strip()
             add(flag, type=_FLAG_TYPES.get(base, str), **kw)
+
+
+def _annotation(tp) -> str:
+    """A field's type as its annotation reads ("int | None"), whether or not its module postponed
+    annotations (a method declared in a module without ``from __future__ import annotations``)."""
+    if isinstance(tp, str):
+        return tp
+    return tp.__name__ if isinstance(tp, type) and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
 
 
 def _flag_help(text: str, default) -> str:
@@ -110,7 +122,8 @@ def _add_train(sub) -> None:
                                      f"{', '.join(methods.names(quantized=True))} on a quantized model)",
                        description="Fine-tune a model. Every config field is a flag; flags win over --config. "
                                    f"Methods: {listing}.")
-    p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields")
+    p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields, flat (n_salient: 64) or the "
+                                    "method's nested (method: {name: gift-sw, n_salient: 64}); see docs/configuration.md")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its newest complete checkpoint; refused if any "
@@ -130,7 +143,8 @@ def _method_modules(name: str, quantized: bool) -> tuple[str, ...]:
 
 
 def _run_train(args) -> int:
-    from .train import Interrupted, RunStopped, format_summary, resolve_train_config, train
+    from .config import resolve_train_config
+    from .train import Interrupted, RunStopped, train
 
     run_flags = ("config", "resume", "overwrite", "func", "command", "verbose")
     flags = {k: v for k, v in vars(args).items() if k not in run_flags}
@@ -150,6 +164,31 @@ def _run_train(args) -> int:
         return 0
     print(format_summary(result, config.output))
     return 0
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_summary(result: dict, output: str) -> str:
+    """A before/after Markdown table of a finished run."""
+    lines = [
+        f"## {result['method']} on {result['model']} ({result.get('steps', 0)} steps, "
+        f"{result.get('wall_time_s', 0):.0f} s, {result.get('trainable_params', 0):,} trainable parameters)",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| held-out loss | {_fmt(result.get('heldout_loss_before'))} | {_fmt(result.get('heldout_loss_after'))} |",
+    ]
+    before, after = result.get("eval_before") or {}, result.get("eval_after") or {}
+    for task, r in (after.get("results") or {}).items():
+        b = (before.get("results") or {}).get(task, {})
+        key = "acc_norm" if r.get("acc_norm") is not None and task in ("hellaswag", "arc_easy", "arc_challenge", "piqa", "openbookqa") else "acc"
+        lines.append(f"| {task} {key} (n={r.get('n')}) | {_fmt(b.get(key))} | {_fmt(r.get(key))} |")
+    if after.get("paper_avg") is not None:
+        lines.append(f"| paper six-task average | {_fmt(before.get('paper_avg'))} | {_fmt(after.get('paper_avg'))} |")
+    lines += ["", f"Outputs in {output}/ (metrics.json, loss.png, run_config.json)."]
+    return "\n".join(lines)
 
 
 def _add_calibrate(sub) -> None:

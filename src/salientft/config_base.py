@@ -71,71 +71,94 @@ def _read_as(tp, value):
     origin = typing.get_origin(tp)
     if tp is Any or tp is object:
         return value
-    if tp is type(None):
-        return None if value is None else _NO
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        for a in args:  # a value already of one of the types is kept as it is ("3" stays a str in str | int)
-            if _exact(a, value):
-                return _read_as(a, value)
-        for a in args:
-            got = _read_as(a, value)
-            if got is not _NO:
-                return got
-        return _NO
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return value.strip().lower() in TRUE_WORDS
-        return _NO
-    if tp is int:
-        if isinstance(value, bool):
-            return _NO
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    return _NO
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        return _NO
-    if tp is float:
-        if isinstance(value, bool):
-            return _NO
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                return _NO
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        return _NO
-    if tp is str:
-        return value if isinstance(value, str) else _NO
+        return _read_union(typing.get_args(tp), value)
+    reader = _READERS.get(tp)
+    if reader is not None:
+        return reader(value)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple, set, frozenset)):
-            return _NO
-        value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
-            else list(value)
-        args = typing.get_args(tp)
-        if not args or args[0] is Any:
-            return list(value)
-        items = [_read_as(args[0], v) for v in value]
-        return _NO if any(v is _NO for v in items) else list(items)
+        return _read_list(tp, value)
     if origin is dict or tp is dict:
         return value if isinstance(value, dict) else _NO
     if isinstance(tp, type):
         return value if isinstance(value, tp) else _NO
     return value  # a type form this reader does not know: left to the config's own checks
+
+
+def _read_union(args, value):
+    for a in args:  # a value already of one of the types is kept as it is ("3" stays a str in str | int)
+        if _exact(a, value):
+            return _read_as(a, value)
+    for a in args:
+        got = _read_as(a, value)
+        if got is not _NO:
+            return got
+    return _NO
+
+
+def _read_none(value):
+    return None if value is None else _NO
+
+
+def _read_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    return _NO
+
+
+def _read_int(value):
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return _NO
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return _NO
+
+
+def _read_float(value):
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return _NO
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return _NO
+
+
+def _read_str(value):
+    return value if isinstance(value, str) else _NO
+
+
+def _read_list(tp, value):
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return _NO
+    value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
+        else list(value)
+    args = typing.get_args(tp)
+    if not args or args[0] is Any:
+        return list(value)
+    items = [_read_as(args[0], v) for v in value]
+    return _NO if any(v is _NO for v in items) else list(items)
+
+
+_READERS = {type(None): _read_none, bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
 
 
 def _exact(tp, value) -> bool:

@@ -9,8 +9,8 @@ import torch
 from peft.config import PeftConfig
 
 from ..adapter_format import PEFT_TYPE
-from ..config_base import NOISE_MODES, coerce_fields, salient_count
-from ..gift.config import SETTINGS, GiftConfig, gift_field
+from ..config_base import NOISE_MODES, check_range, coerce_fields, salient_count
+from ..gift.config import SETTINGS, GiftConfig, check_noise_settings, check_salient_count, gift_field
 
 
 @dataclass
@@ -69,8 +69,10 @@ class GiftSWConfig(PeftConfig):
             self.target_modules = "all-linear"
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        # GiftConfig validates k, the noise and the metric's form; the metric name is checked here.
-        self.gift_config()
+        # GiftConfig's checks, on these fields (the messages name GiftSWConfig); the metric name here.
+        check_salient_count(self)
+        check_noise_settings(self, self.noise)
+        check_range(self, "seed", min=0, max=2**32 - 1)
         from ..saliency import METRICS
 
         if self.metric not in METRICS:
@@ -82,11 +84,8 @@ class GiftSWConfig(PeftConfig):
                 raise ValueError(f"GiftSWConfig.k_pattern[{key!r}] must be a positive integer, got {k!r}")
 
     def gift_config(self) -> GiftConfig:
-        """The shared settings as a (validated) GiftConfig; its errors name GiftSWConfig."""
-        try:
-            return GiftConfig(**{name: getattr(self, name) for name in SETTINGS})
-        except ValueError as e:
-            raise ValueError(str(e).replace("GiftConfig", "GiftSWConfig")) from None
+        """The shared settings as a GiftConfig (checked already, by ``__post_init__``)."""
+        return GiftConfig(**{name: getattr(self, name) for name in SETTINGS})
 
     def k_for(self, module_name: str, in_features: int) -> int:
         """k of the layer ``module_name`` (``k_pattern`` first, then the config-wide rule)."""
