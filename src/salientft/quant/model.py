@@ -266,6 +266,8 @@ def _quantize_blockwise(model, targets, ks, cfg, batches, scores, seed, blocks, 
         if names:
             cache = list(zip(hidden, calls[i])) if batches else []
             _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores, seed)
+            for n in names:  # the replaced dense layers: no reference left, their memory freed
+                del targets[n]
         if batches and i < last:
             hidden = run_block(block, hidden, calls[i])
         source.release(i, block, keep=True)
