@@ -1,6 +1,6 @@
 """GPTQ and RTN give the same integers whatever the CPU thread count (issue: a 2-bit GPTQ of
 SmolLM2 once differed between 1 and 2 threads because LAPACK's Cholesky blocks its work by the
-thread count; docs/quantization.md#determinism)."""
+thread count; docs/quantization.md#determinism-the-same-integers-for-any-thread-count)."""
 import pytest
 import torch
 
