@@ -189,3 +189,16 @@ def test_cli_sequential_quantize_writes_the_same_model(tmp_path, capsys):
     assert outs[True]["before"] == outs[False]["before"] and outs[True]["after"] == outs[False]["after"]
     a, b = outs["False"], outs["True"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.numerics
+def test_blockwise_statistics_of_gpt2_blocks_called_with_positional_arguments(tiny_gpt2):
+    """GPT-2's model hands its blocks more than the hidden states positionally (and Conv1D layers)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    ref = collect_activation_stats(tiny_gpt2, batches, hessian=True, progress=False)
+    _assert_same_stats(ref, sequential_activation_stats(tiny_gpt2, batches, hessian=True, progress=False))
+    assert len(ref) == 8
