@@ -80,7 +80,7 @@ def test_quantize_a_model_gives_the_same_integers_for_any_thread_count():
 
     def run():
         res = {}
-        for bits, method in ((2, "gptq"), (2, "rtn")):
+        for bits, method in ((2, "gptq"),):  # RTN's integers: the test above (its grid search dominates here)
             model = tiny_random_llama(seed=3, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=512)
             with torch.no_grad():  # outlier input channels, as in a trained LLM
