@@ -19,11 +19,13 @@ CALIBRATE_DEFAULTS = {
     "model": "smollm2-135m", "data": "embedded", "metric": "gift", "samples": 128, "seq_len": 512, "batch_size": 8,
     "bits": 4, "tau": None, "rho": None, "gamma": None, "n_salient": None, "salient_fraction": None,
     "target_modules": None, "seed": 0, "stats_output": None, "plot": None, "dtype": "bf16", "device": "auto",
+    "sequential": False,
 }
 QUANTIZE_DEFAULTS = {
     "model": "smollm2-135m", "n_salient": None, "salient_fraction": None, "method": "gptq", "group_size": None,
     "metric": "gift", "scores": None, "data": "embedded", "samples": 128, "seq_len": 512, "batch_size": 8,
     "target_modules": None, "seed": 0, "dtype": "bf16", "device": "auto", "no_progress": False, "overwrite": False,
+    "sequential": False,
 }
 
 

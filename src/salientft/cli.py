@@ -197,19 +197,18 @@ def _add_calibrate(sub) -> None:
 
 def _run_calibrate(args) -> int:
     deps.require("calibrate", **vars(args))  # every missing package/file at once, before any work
-    from .pipelines import calibrate
-    from .models import load_model
+    from .pipelines import calibrate, open_model
     from .preflight import check_model_settings
 
     check_model_settings(args.model, args.target_modules, n_salient=args.n_salient,  # before the weights load
                          salient_fraction=args.salient_fraction)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok, blocks = open_model(args.model, dtype=args.dtype, device=args.device, sequential=args.sequential)
     scores = calibrate(
         model, tok, args.data, metric=args.metric, bits=args.bits, tau=args.tau, rho=args.rho, gamma=args.gamma,
         n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         target_modules=args.target_modules, n_salient=args.n_salient, salient_fraction=args.salient_fraction,
         output=args.output, plot=args.plot, stats_output=args.stats_output,
-        metadata={"model": args.model, "dtype": args.dtype},
+        metadata={"model": args.model, "dtype": args.dtype}, blocks=blocks,
     )
     print(f"wrote {args.metric} scores of {len(scores)} layers to {args.output}"
           + (f" and a plot to {args.plot}" if args.plot else ""))
@@ -231,7 +230,7 @@ def _run_quantize(args) -> int:
         method=args.method, group_size=args.group_size, metric=args.metric, data=args.data,
         n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         dtype=args.dtype, scores_path=args.scores, target_modules=args.target_modules,
-        progress=not args.no_progress, device=args.device, overwrite=args.overwrite,
+        progress=not args.no_progress, device=args.device, overwrite=args.overwrite, sequential=args.sequential,
     )
     mb = 2 ** 20
     print(f"target layers: {s['before']['target_bytes'] / mb:.2f} MiB -> {s['after']['target_bytes'] / mb:.2f} MiB "

@@ -53,6 +53,9 @@ class CalibrationArgs(ConfigMixin):
     dtype: str = flag("bf16", "model dtype: bf16, fp16 or fp32")
     device: str = flag("auto", "where the model loads and every step runs: auto (CUDA if available, else CPU), "
                                "cpu, cuda or cuda:N")
+    sequential: bool = flag(False, "one decoder block at a time on the device, each read from the model's "
+                                   "safetensors files for its turn (same results; also chosen when the weights "
+                                   "do not fit the device's free memory)")
 
     def __post_init__(self):
         coerce_fields(self)
