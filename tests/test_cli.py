@@ -80,7 +80,7 @@ def test_quantize_flags_parse_as_before(argv, expected):
 
 def test_the_dataclasses_are_the_flags():
     shared = {"model", "data", "samples", "seq_len", "batch_size", "n_salient", "salient_fraction", "metric",
-              "target_modules", "seed", "dtype", "device"}
+              "target_modules", "seed", "dtype", "device", "sequential"}
     assert {f.name for f in dataclasses.fields(CalibrationArgs)} == shared
     for cls, argv in ((CalibrateArgs, ["calibrate", "--output", "o"]),
                       (QuantizeArgs, ["quantize", "--output", "o", "--bits", "4"])):

@@ -467,12 +467,12 @@ def test_peft_route_adapter_with_modules_to_save_is_refused_by_salientft_loader(
 def test_gift_sw_settings_have_one_default_and_one_help():
     import dataclasses
 
-    from salientft.config import TrainConfig
     from salientft.gift.config import SETTINGS
+    from salientft.methods.gift_sw import GiftSWMethodConfig
 
     ours = {f.name: f for f in dataclasses.fields(GiftConfig)}
     theirs = {f.name: f for f in dataclasses.fields(GiftSWConfig)}
-    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    train = {f.name: f for f in dataclasses.fields(GiftSWMethodConfig)}  # the settings of `salientft train`
     for name in (*SETTINGS, "target_modules"):
         assert theirs[name].default == ours[name].default, name
         assert theirs[name].metadata["help"] == ours[name].metadata["help"], name
