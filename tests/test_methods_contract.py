@@ -26,9 +26,11 @@ the weight transposed); a recovery method (``quantized``) runs on their 4-bit RT
 6. prepared on a bf16 base, every trainable tensor is fp32 (a bf16 AdamW step of 1e-4 on a weight of
    0.05 is below half its spacing and would be rounded away) (``test_trainable_tensors_are_fp32_on_a_bf16_base``).
 
-A method that cannot train a Conv1D model must refuse it clearly before any work: list it in
-``CONV1D_REFUSALS`` with the message it gives, and its GPT-2 case checks that refusal instead of the
-battery (``test_a_method_without_conv1d_refuses_it``). Today every registered method supports Conv1D.
+A method that cannot train a Conv1D model must refuse it clearly before training: list it in
+``CONV1D_REFUSALS`` with the message it gives; its GPT-2 case then checks that refusal
+(in ``test_run_writes_its_outputs``) instead of the battery, and no output is written
+(``test_a_method_without_conv1d_is_held_to_its_refusal`` shows it with a throwaway method). Today
+every registered method supports Conv1D.
 
 Everything runs in fp32, so equalities are exact (resume: the same computation repeated) or within
 ``ATOL`` = 1e-5 (re-attaching and merging recompute the same function through other code paths:
@@ -112,12 +114,12 @@ def battery_cases() -> list[Case]:
 
 # fixture name -> which cases it is parametrized with
 SELECTIONS = {
+    "any_case": lambda c: True,
     "case": lambda c: not c.refuses_conv1d,
     "mergeable_case": lambda c: not c.refuses_conv1d and c.training_method.mergeable,
-    "unmergeable_case": lambda c: not c.row and not c.training_method.mergeable,
+    "unmergeable_case": lambda c: not c.row and not c.refuses_conv1d and not c.training_method.mergeable,
     "bf16_case": lambda c: not c.row and not c.refuses_conv1d,
     "gift_case": lambda c: not c.refuses_conv1d and _is_gift(c.training_method),
-    "conv1d_refusal_case": lambda c: c.refuses_conv1d,
 }
 
 
@@ -293,7 +295,15 @@ def battery(workdir, tmp_path_factory, device):
 # ----------------------------------------------------------------------------- the battery
 
 
-def test_run_writes_its_outputs(battery, case, device):
+def test_run_writes_its_outputs(battery, any_case, device, tmp_path):
+    """The run's outputs; for a method listed in CONV1D_REFUSALS, its GPT-2 case checks the refusal."""
+    case = any_case
+    if case.refuses_conv1d:
+        out = tmp_path / "out"
+        with pytest.raises(ValueError, match=CONV1D_REFUSALS[(case.method, case.quantized)]):
+            train(config_for(battery.workdir, case, out, device))
+        assert not (out / case.training_method.output).exists() and not (out / "metrics.json").exists()
+        return
     run = battery.straight(case)
     method = case.training_method
     assert method.name == case.method and method.quantized == case.quantized
@@ -420,14 +430,6 @@ def test_trainable_tensors_are_fp32_on_a_bf16_base(battery, bf16_case, tmp_path)
         saved, _ = load_model(str(tmp_path / "model"))
         assert len(quantized_layers(saved)) == len(quantized_layers(prepared)) > 0
         assert {x.salient_weight.dtype for x in quantized_layers(saved)} == {torch.bfloat16}
-
-
-def test_a_method_without_conv1d_refuses_it(battery, conv1d_refusal_case, tmp_path, device):
-    case = conv1d_refusal_case
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=CONV1D_REFUSALS[(case.method, case.quantized)]):
-        train(config_for(battery.workdir, case, out, device))
-    assert not (out / case.training_method.output).exists()
 
 
 # ----------------------------------------------------------------------------- GIFT-SW's own checks
@@ -568,23 +570,30 @@ class _Session:
     def __init__(self):
         self.collected: list[str] = []
         self.outcomes: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
 
     def pytest_collection_finish(self, session):
         self.collected = [item.nodeid.split("::", 1)[1] for item in session.items]
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
-            self.outcomes[report.nodeid.split("::", 1)[1]] = report.outcome
+            test = report.nodeid.split("::", 1)[1]
+            self.outcomes[test] = report.outcome
+            if report.failed:
+                self.errors[test] = report.longreprtext
 
 
-def nested_pytest(*args) -> _Session:
-    """Run pytest on this file inside this process (the registry as it is now) and record it."""
+def nested_pytest(tmp_path: Path, *args) -> _Session:
+    """Run pytest on this file inside this process (the registry as it is now) and record it; its
+    temporary folders go under ``tmp_path`` (no numbered folder of its own, none of ours pruned)."""
     session = _Session()
-    pytest.main([__file__, "-p", "no:cacheprovider", "-q", "--no-header", "-o", "addopts=", *args], plugins=[session])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    pytest.main([__file__, "-p", "no:cacheprovider", "-q", "--no-header", "-o", "addopts=",
+                 f"--basetemp={tmp_path / 'nested'}", *args], plugins=[session])
     return session
 
 
-def test_a_newly_registered_method_joins_the_battery(throwaway_method):
+def test_a_newly_registered_method_joins_the_battery(throwaway_method, tmp_path):
     """Registering is all it takes: the new name is listed and found, and collecting this file again
     gives it every battery test on both bases; run, it passes them. Unregistered, it is gone."""
     name = throwaway_method.name
@@ -592,7 +601,7 @@ def test_a_newly_registered_method_joins_the_battery(throwaway_method):
     with pytest.raises(ValueError, match="registered twice"):
         methods.register(throwaway_method)
 
-    collected = nested_pytest("--collect-only").collected
+    collected = nested_pytest(tmp_path, "--collect-only").collected
     for base in BASES:
         for test in ("test_run_writes_its_outputs", "test_resume_equals_the_uninterrupted_run",
                      "test_output_reattached_to_a_fresh_base_gives_the_trained_logits",
@@ -601,18 +610,39 @@ def test_a_newly_registered_method_joins_the_battery(throwaway_method):
             assert f"{test}[{name}-{base}]" in collected, (test, base)
     assert not any(f"[{name}" in c for c in collected if c.startswith("test_merged_model"))  # not mergeable
 
-    ran = nested_pytest("-k", f"{name}-llama and not refuses_merge and not fp32").outcomes
-    assert len(ran) == 4 and set(ran.values()) == {"passed"}, ran
+    ran = nested_pytest(tmp_path, "-k", f"{name}-llama and (outputs or reattached or count)").outcomes
+    assert len(ran) == 3 and set(ran.values()) == {"passed"}, ran
 
 
-def test_the_battery_catches_a_method_that_breaks_the_contract(throwaway_method, monkeypatch):
+def test_the_battery_catches_a_method_that_breaks_the_contract(throwaway_method, monkeypatch, tmp_path):
     """The same throwaway method, its ``attach`` forgetting the trained weights: the battery fails it."""
     monkeypatch.setattr(throwaway_method, "attach", lambda self, base, out, check_base=True: base)
-    ran = nested_pytest("-k", f"{throwaway_method.name}-llama and reattached").outcomes
-    assert ran == {f"test_output_reattached_to_a_fresh_base_gives_the_trained_logits[{throwaway_method.name}-llama]":
-                   "failed"}
+    ran = nested_pytest(tmp_path, "-k", f"{throwaway_method.name}-llama and reattached")
+    test = f"test_output_reattached_to_a_fresh_base_gives_the_trained_logits[{throwaway_method.name}-llama]"
+    assert ran.outcomes == {test: "failed"} and "Tensor-likes are not close" in ran.errors[test]
 
 
 def test_unregistered_the_throwaway_method_is_gone():
     assert NormsOnly.name not in methods.names()
     assert all(c.method != NormsOnly.name for c in battery_cases())
+
+
+def test_a_method_without_conv1d_is_held_to_its_refusal(throwaway_method, monkeypatch, tmp_path):
+    """A method listed in CONV1D_REFUSALS: its GPT-2 case leaves the battery and checks the refusal,
+    which passes when the method refuses clearly and fails when it trains the model anyway."""
+    name = throwaway_method.name
+
+    def refuse(self, model, config, data=None, **_):
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise ValueError(f"method {name!r} does not support transformers' Conv1D layers (GPT-2); use a "
+                             "model with nn.Linear layers")
+        return NormsOnly.prepare(self, model, config, data)
+
+    monkeypatch.setitem(CONV1D_REFUSALS, (name, False), r"does not support transformers' Conv1D layers")
+    collected = [c for c in nested_pytest(tmp_path / "a", "--collect-only").collected if f"[{name}-gpt2]" in c]
+    assert collected == [f"test_run_writes_its_outputs[{name}-gpt2]"]
+    # the method trains GPT-2 after all: its refusal check fails
+    trains = nested_pytest(tmp_path / "b", "-k", f"{name}-gpt2")
+    assert trains.outcomes == {collected[0]: "failed"} and "DID NOT RAISE" in trains.errors[collected[0]]
+    monkeypatch.setattr(throwaway_method, "prepare", refuse)
+    assert nested_pytest(tmp_path / "c", "-k", f"{name}-gpt2").outcomes == {collected[0]: "passed"}
