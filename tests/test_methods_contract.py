@@ -154,13 +154,23 @@ def plain_base(base: str):
         return GPT2LMHeadModel(cfg).eval()
 
 
+_BUILT: dict[str, Path] = {}  # the workdir of this process's first session, reused by nested ones
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """The training data and the bases as folders (plain and 4-bit, Llama and GPT-2, fp32; the 4-bit
-    ones also in bf16): a run loads its base the way the CLI does, and ``load_run`` finds it again."""
+    ones also in bf16): a run loads its base the way the CLI does, and ``load_run`` finds it again.
+    Read only, so the sessions the registry tests nest inside this one reuse it."""
+    if "workdir" in _BUILT and _BUILT["workdir"].is_dir():
+        return _BUILT["workdir"]
+    _BUILT["workdir"] = _build_workdir(tmp_path_factory.mktemp("contract"))
+    return _BUILT["workdir"]
+
+
+def _build_workdir(d: Path) -> Path:
     from salientft.quant.model import quantize, save_quantized
 
-    d = tmp_path_factory.mktemp("contract")
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(24)]
     (d / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = tiny_tokenizer()
@@ -593,7 +603,7 @@ def nested_pytest(tmp_path: Path, *args) -> _Session:
     return session
 
 
-def test_a_newly_registered_method_joins_the_battery(throwaway_method, tmp_path):
+def test_a_newly_registered_method_joins_the_battery(throwaway_method, workdir, tmp_path):
     """Registering is all it takes: the new name is listed and found, and collecting this file again
     gives it every battery test on both bases; run, it passes them. Unregistered, it is gone."""
     name = throwaway_method.name
@@ -614,7 +624,7 @@ def test_a_newly_registered_method_joins_the_battery(throwaway_method, tmp_path)
     assert len(ran) == 3 and set(ran.values()) == {"passed"}, ran
 
 
-def test_the_battery_catches_a_method_that_breaks_the_contract(throwaway_method, monkeypatch, tmp_path):
+def test_the_battery_catches_a_method_that_breaks_the_contract(throwaway_method, workdir, monkeypatch, tmp_path):
     """The same throwaway method, its ``attach`` forgetting the trained weights: the battery fails it."""
     monkeypatch.setattr(throwaway_method, "attach", lambda self, base, out, check_base=True: base)
     ran = nested_pytest(tmp_path, "-k", f"{throwaway_method.name}-llama and reattached")
@@ -627,7 +637,7 @@ def test_unregistered_the_throwaway_method_is_gone():
     assert all(c.method != NormsOnly.name for c in battery_cases())
 
 
-def test_a_method_without_conv1d_is_held_to_its_refusal(throwaway_method, monkeypatch, tmp_path):
+def test_a_method_without_conv1d_is_held_to_its_refusal(throwaway_method, workdir, monkeypatch, tmp_path):
     """A method listed in CONV1D_REFUSALS: its GPT-2 case leaves the battery and checks the refusal,
     which passes when the method refuses clearly and fails when it trains the model anyway."""
     name = throwaway_method.name
