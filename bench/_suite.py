@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import this file as a module
 from lib import ROOT  # noqa: E402  bench/lib (puts ROOT/src on sys.path)
 from lib.provenance import provenance  # noqa: E402
-from lib.report import write_report as _write_report  # noqa: E402
+from lib import report as lib_report  # noqa: E402
 
 from salientft._io import write_json  # noqa: E402
 
@@ -376,7 +376,7 @@ def model_metrics(model, tok, preset: Preset) -> dict:
 
 def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:
     """(LoRA rank whose trainable count is closest to GIFT-SW's default, GIFT-SW's count) on ``model_name``."""
-    from step import gift_budget  # bench/step.py: the same matching for the speed benchmark
+    from lib.methods import gift_budget  # bench/lib: the same matching as the speed benchmarks
 
     from salientft.config import GiftConfig
     from salientft.models import load_model
@@ -443,7 +443,7 @@ def fmt(m, s=None, scale=1.0, spec=".1f") -> str:
 def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=None, *, preset: Preset) -> None:
     """``<out>/<name>.json``, ``.md`` and (given ``plot()`` returning a figure) ``.png``, through bench/lib's
     writer, with the provenance block of ``preset`` (its dtype, its seeds)."""
-    _write_report(out / name, result, markdown, plot, dtype=preset.dtype, seed=list(preset.seeds))
+    lib_report.write_report(out / name, result, markdown, plot, dtype=preset.dtype, seed=list(preset.seeds))
 
 
 def base_reference(ax, base: float | None, values: list[float], label: str = "base (no training)") -> bool:

@@ -54,11 +54,10 @@ from _machine import machine_info  # bench/_machine.py
 from _memory import meminfo_bytes, peak_rss_bytes, pin_malloc  # bench/_memory.py
 from lib import RESULTS
 from lib.cli import add_dtype_argument, torch_dtype
-from lib.methods import GMT_RATIO, LR, build, peak_memory, train_step
+from lib.methods import GMT_RATIO, LR, build, peak_memory, step_summary, train_step
 from lib.methods import METHODS as ALL_METHODS
 from lib.models import RANDOM_LLAMAS, make_batch
 from lib.report import write_report
-from lib.stats import median, summarize
 from lib.timing import clock_for, interleave, returned
 
 SEED = 0  # torch.manual_seed before each model is built
@@ -168,14 +167,6 @@ def measure_memory(method: str, hidden: int, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Timing: lib.methods.build + lib.timing.interleave
 # ----------------------------------------------------------------------------------------------
-def step_summary(ts) -> dict:
-    """Median step time (ms), quartiles and the median forward/backward/optimizer parts."""
-    out = summarize([sum(t) * 1000 for t in ts])
-    for i, part in enumerate(("forward_ms", "backward_ms", "optimizer_ms")):
-        out[part] = median(t[i] * 1000 for t in ts)
-    return out
-
-
 def time_keys(keys, args, desc: str) -> dict:
     """{(width, method): step_summary(...) + build info}: build all, then interleave them."""
     dtype = torch_dtype(args.dtype)

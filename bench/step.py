@@ -54,10 +54,10 @@ from _machine import machine_info  # bench/_machine.py
 from _memory import MALLOC_ENV  # bench/_memory.py
 from lib import RESULTS
 from lib.cli import add_dtype_argument, torch_dtype
-from lib.methods import GMT_RATIO, METHODS, build, peak_memory, train_step
+from lib.methods import GMT_RATIO, METHODS, build, peak_memory, step_summary, train_step
 from lib.models import MODELS, batch_shape_for, describe_model, make_batch
 from lib.report import write_report
-from lib.stats import median, round_ratio, summarize
+from lib.stats import round_ratio
 from lib.timing import clock_for, interleave, returned
 
 SEED = 0  # torch.manual_seed before each method is built (its salient columns, LoRA init, noise)
@@ -81,14 +81,6 @@ def measure_memory(method, model_name, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Interleaved timing (lib.timing.interleave)
 # ----------------------------------------------------------------------------------------------
-def step_summary(ts) -> dict:
-    """Median step time (ms), quartiles and the median forward/backward/optimizer parts."""
-    out = summarize([sum(t) * 1000 for t in ts])
-    for i, part in enumerate(("forward_ms", "backward_ms", "optimizer_ms")):
-        out[part] = median(t[i] * 1000 for t in ts)
-    return out
-
-
 def time_methods(model_name: str, methods, args) -> dict:
     dtype = torch_dtype(args.dtype)
     batch_shape = batch_shape_for(model_name, args.quick, (args.batch, args.seq))

@@ -182,6 +182,17 @@ def train_step(model, opt, batch) -> tuple[float, float, float]:
     return t1 - t0, t2 - t1, t3 - t2
 
 
+def step_summary(ts) -> dict:
+    """Of ``train_step``'s readings over rounds: the median step time (ms), its quartiles, every
+    step's time (``step_ms``) and the median forward/backward/optimizer parts."""
+    from .stats import median, summarize
+
+    out = summarize([sum(t) * 1000 for t in ts])
+    for i, part in enumerate(("forward_ms", "backward_ms", "optimizer_ms")):
+        out[part] = median(t[i] * 1000 for t in ts)
+    return out
+
+
 def peak_memory(method: str, model_name: str, dtype: torch.dtype, device: str, batch_shape: tuple[int, int],
                 steps: int) -> dict:
     """What ``method`` adds to a loaded base model's memory over ``steps`` training steps, in THIS
