@@ -1,4 +1,7 @@
-"""Shared machinery of the reproduction benchmarks (quality.py, ablations.py, quantization.py, suite.py).
+"""Shared machinery of the reproduction benchmarks (quality.py, ablations.py, quantization.py,
+recovery.py, noise_scale.py, quantize_order.py, suite.py). No part imports another: the steps two
+parts share (quality's learning-rate grid, quantizing and measuring a model, recovering one) live
+here, and reports go through bench/lib's writer, which records the provenance block.
 
 Why a cache: the suite takes about two hours on a 2-core CPU, longer than anyone sits through.
 Every finished training run is written as one JSON file under ``<out>/runs/<preset>/<key>.json``
