@@ -736,8 +736,8 @@ def recovery_lrs(runs: Runs, rank: int) -> dict | None:
     chosen = chosen_lrs(runs, sorted(set(LR_FROM.values())), rank)
     missing = sorted(m for m, lr in chosen.items() if lr is None)
     if missing:
-        raise SystemExit(f"recovery trains at the learning rates bench/py chose, but the grid of "
-                         f"{', '.join(missing)} is incomplete: run `.venv/bin/python bench/py --{runs.preset.name} "
+        raise SystemExit(f"recovery trains at the learning rates bench/quality.py chose, but the grid of "
+                         f"{', '.join(missing)} is incomplete: run `.venv/bin/python bench/quality.py --{runs.preset.name} "
                          f"--lr-grid --methods {' '.join(missing)}` first")
     return {m: chosen[LR_FROM[m]] for m in RECOVERY_METHODS}
 
