@@ -381,7 +381,7 @@ def test_output_reattached_to_a_fresh_base_gives_the_trained_logits(battery, cas
 @pytest.mark.numerics
 def test_trainable_count_is_the_entries_that_changed(battery, case):
     run = battery.straight(case)
-    rec, method = run.recorder, case.training_method
+    rec = run.recorder
     changed = {n: int((rec.begin[n] != rec.end[n]).sum()) for n in rec.begin}
     moved_frozen = {n: c for n, c in changed.items() if c and n not in rec.trainable}
     assert not moved_frozen, f"frozen parameters changed: {moved_frozen}"
