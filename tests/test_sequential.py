@@ -305,3 +305,28 @@ def test_sequential_calibration_flag_and_config(tmp_path):
         TrainConfig(method="gift-sw", sequential_calibration="sometimes")
     with pytest.raises(ValueError, match="sequential_calibration|sequential-calibration"):
         TrainConfig(method="lora", sequential_calibration=True)  # a setting LoRA does not read
+
+
+def test_train_with_sequential_calibration(tmp_path, monkeypatch):
+    """``salientft train --sequential-calibration``: the run asks the method where to load the base
+    (``Method.base_device``: host memory) and calibrates block by block, then trains."""
+    from salientft.cli import main
+    from salientft.methods import gift_sw
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(16)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked, blocked = [], []
+    base_device, scores = gift_sw.GiftSW.base_device, gift_sw.gift_scores
+    monkeypatch.setattr(gift_sw.GiftSW, "base_device",
+                        lambda self, config, device: asked.append(device) or base_device(self, config, device))
+    monkeypatch.setattr(gift_sw, "gift_scores",
+                        lambda model, gcfg, batches, blocks=None: blocked.append(blocks) or scores(model, gcfg, batches,
+                                                                                                   blocks))
+    rc = main(["train", "--model", "tiny-random-llama", "--data", str(data), "--output", str(tmp_path / "run"),
+               "--method", "gift-sw", "--metric", "gift", "--calib-samples", "8", "--n-salient", "4",
+               "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--dtype", "fp32",
+               "--no-eval-before", "--device", "cpu", "--sequential-calibration"])
+    assert rc == 0 and (tmp_path / "run" / "adapter").is_dir()
+    assert asked == [torch.device("cpu")]
+    assert len(blocked) == 1 and blocked[0] is not None
