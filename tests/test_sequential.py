@@ -282,11 +282,16 @@ def test_gift_sw_calibrates_block_by_block_when_the_base_does_not_fit(tmp_path, 
     forced = TrainConfig(method="gift-sw", model=str(folder), metric="gift", n_salient=4, dtype="fp32",
                          sequential_calibration=False)
     assert method.base_device(forced, gpu) == gpu  # asked all at once: the rule is not consulted
-    # in prepare: a base the run left on the host, for a run on the GPU, is calibrated block by block there
+    # in prepare, the same rule on the model in memory: a base in host memory that does not fit the run's
+    # GPU is calibrated block by block there; one that fits (an API caller's model on the CPU) as before
     monkeypatch.setattr(gift_sw, "resolve_device", lambda spec: gpu)
     host_model = tiny_random_llama(seed=0)
     assert gift_sw._calibration_device(host_model, cfg) == (gpu, True)
     assert gift_sw._calibration_device(host_model, forced) == (torch.device("cpu"), False)
+    monkeypatch.setattr(models, "free_memory", lambda device: 10**12)
+    assert gift_sw._calibration_device(host_model, cfg) == (torch.device("cpu"), False)
+    asked = TrainConfig(method="gift-sw", model=str(folder), metric="gift", n_salient=4, sequential_calibration=True)
+    assert gift_sw._calibration_device(host_model, asked) == (gpu, True)
 
 
 def test_sequential_calibration_flag_and_config(tmp_path):

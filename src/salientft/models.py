@@ -332,12 +332,19 @@ def free_memory(device) -> int | None:
 def needs_blockwise(model_name: str, dtype, device) -> bool:
     """True when ``model_name``'s weights in ``dtype`` (read from its safetensors headers) times
     ``FIT_MARGIN`` exceed the free memory of ``device``; False when either is unknown."""
-    size, free = weight_bytes(model_name, dtype), free_memory(device)
+    return exceeds_free_memory(weight_bytes(model_name, dtype), device, model_name)
+
+
+def exceeds_free_memory(size: int | None, device, what: str = "the model", warn: bool = True) -> bool:
+    """True when ``size`` bytes of weights times ``FIT_MARGIN`` exceed the free memory of ``device``
+    (logged unless ``warn`` is False); False when either is unknown."""
+    free = free_memory(device)
     if size is None or free is None:
         return False
     if size * FIT_MARGIN > free:
-        log.warning("%s: %.2f GiB of weights (x%.2f) exceed the %.2f GiB free on %s: working block by block",
-                    model_name, size / 2**30, FIT_MARGIN, free / 2**30, device)
+        if warn:
+            log.warning("%s: %.2f GiB of weights (x%.2f) exceed the %.2f GiB free on %s: working block by block",
+                        what, size / 2**30, FIT_MARGIN, free / 2**30, device)
         return True
     return False
 

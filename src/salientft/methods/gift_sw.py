@@ -87,14 +87,16 @@ class GiftSWMethodConfig(DenseNoiseSettings):
 
 
 def _calibration_device(model, config) -> tuple[torch.device, bool]:
-    """(where GIFT-SW's calibration runs, whether block by block): the run's device and block by
-    block when asked or when the run left the base in host memory (``GiftSW.base_device``), else
-    the model's device, all at once (``sequential_calibration`` False: always so)."""
+    """(where GIFT-SW's calibration runs, whether block by block): the run's device, block by block,
+    when asked or (unset) when the base is in host memory and does not fit the run's device (the
+    rule of ``GiftSW.base_device``, applied to the model in memory); else the model's device."""
     asked, home = config.method_config.sequential_calibration, model_device(model)
     run = resolve_device(config.device)
-    if asked or (asked is None and home.type == "cpu" and run.type != "cpu"):
-        return run, True
-    return home, False
+    if asked is None and home.type == "cpu" and run.type != "cpu":
+        from ..models import exceeds_free_memory
+
+        asked = exceeds_free_memory(sum(p.numel() * p.element_size() for p in model.parameters()), run, warn=False)
+    return (run, True) if asked else (home, False)
 
 
 def refuse_noise(settings: NoiseSettings) -> None:
