@@ -91,8 +91,10 @@ def _calibration_device(model, config) -> tuple[torch.device, bool]:
     when asked or (unset) when the base is in host memory and does not fit the run's device (the
     rule of ``GiftSW.base_device``, applied to the model in memory); else the model's device."""
     asked, home = config.method_config.sequential_calibration, model_device(model)
+    if asked is False or (asked is None and home.type != "cpu"):
+        return home, False
     run = resolve_device(config.device)
-    if asked is None and home.type == "cpu" and run.type != "cpu":
+    if asked is None and run.type != "cpu":
         from ..models import exceeds_free_memory
 
         asked = exceeds_free_memory(sum(p.numel() * p.element_size() for p in model.parameters()), run, warn=False)
