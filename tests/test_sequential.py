@@ -310,6 +310,11 @@ def test_sequential_calibration_flag_and_config(tmp_path):
         TrainConfig(method="gift-sw", sequential_calibration="sometimes")
     with pytest.raises(ValueError, match="sequential_calibration|sequential-calibration"):
         TrainConfig(method="lora", sequential_calibration=True)  # a setting LoRA does not read
+    # how the scores are computed, not what they are: a resume may change it (as the device)
+    from salientft.train import config_changes
+
+    stored = TrainConfig(method="gift-sw", sequential_calibration=True).to_dict()
+    assert config_changes(stored, TrainConfig(method="gift-sw", sequential_calibration=False)) == []
 
 
 def test_train_with_sequential_calibration(tmp_path, monkeypatch):
