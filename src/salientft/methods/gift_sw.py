@@ -18,7 +18,7 @@ from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift
 from ..gift.adapter import attach_columns, column_tensors, remember_base_fingerprint
 from ..gift.config import check_noise_settings, check_salient_count, check_targets, gift_field
 from ..gift.model import gift_scores
-from ..models import block_source
+from ..models import block_source, exceeds_free_memory, needs_blockwise
 from ..saliency import METRICS, STATLESS_METRICS
 from .base import Method, MethodConfig, merge_field, register, targets_field
 from .sharding import base_fingerprint, computed_once, gathered, is_writer, load_full_
@@ -95,8 +95,6 @@ def _calibration_device(model, config) -> tuple[torch.device, bool]:
         return home, False
     run = resolve_device(config.device)
     if asked is None and run.type != "cpu":
-        from ..models import exceeds_free_memory
-
         asked = exceeds_free_memory(sum(p.numel() * p.element_size() for p in model.parameters()), run, warn=False)
     return (run, True) if asked else (home, False)
 
@@ -145,8 +143,6 @@ class GiftSW(Method):
         asked = config.method_config.sequential_calibration
         if asked is not None:
             return asked
-        from ..models import needs_blockwise
-
         return needs_blockwise(self.base_source(config), self.master_dtype(config), device)
 
     def base_device(self, config, device) -> torch.device:
@@ -158,8 +154,8 @@ class GiftSW(Method):
         """Salient columns and noise scales on every target, then the base fingerprint, while the
         weights are whole (before any sharding). Under torchrun the calibration and the fingerprint
         run on rank 0 only and their results go to every rank (``sharding.computed_once``): the same
-        columns everywhere. A base in host memory with a run device elsewhere (``base_device``), or
-        ``sequential_calibration``, is calibrated block by block on the run's device."""
+        columns everywhere. With ``sequential_calibration``, or unset for a base in host memory that
+        does not fit the run's device (``base_device``), block by block on the run's device."""
         gcfg = self.gift_config(config)
         settings = config.method_config
         device, sequential = _calibration_device(model, config)
@@ -175,8 +171,9 @@ class GiftSW(Method):
                                                           seed=config.seed)
                 if not sequential:
                     return gift_scores(model, gcfg, batches)
+                home = model_device(model)  # inside the block the embeddings are on ``device``
                 with block_source(model, device) as blocks:
-                    return {k: v.to(model_device(model)) for k, v in gift_scores(model, gcfg, batches, blocks).items()}
+                    return {k: v.to(home) for k, v in gift_scores(model, gcfg, batches, blocks).items()}
 
             scores = computed_once(calibrated, device)
         model = apply_gift(model, gcfg, scores, noise_std=noise_std)
