@@ -160,12 +160,12 @@ def test_host_memory_fallback_when_the_files_use_other_names(tmp_path, caplog):
 
 
 def test_open_model_goes_blockwise_when_the_weights_do_not_fit(tmp_path, monkeypatch):
-    import salientft.pipelines as pipelines
+    import salientft.models as models
 
     _, folder = _save(tmp_path)
     model, _, blocks = open_model(str(folder), dtype="fp32", device="cpu")
     assert blocks is None  # fits
-    monkeypatch.setattr(pipelines, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(models, "free_memory", lambda device: 1000)
     model, _, blocks = open_model(str(folder), dtype="fp32", device="cpu")
     assert isinstance(blocks, DiskBlocks)
 
@@ -202,3 +202,141 @@ def test_blockwise_statistics_of_gpt2_blocks_called_with_positional_arguments(ti
     ref = collect_activation_stats(tiny_gpt2, batches, hessian=True, progress=False)
     _assert_same_stats(ref, sequential_activation_stats(tiny_gpt2, batches, hessian=True, progress=False))
     assert len(ref) == 8
+
+
+# ----------------------------------------------------------------------------- GIFT-SW's calibration in train
+
+def _gift_data(n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 200, (16,), generator=g).tolist()} for _ in range(n)]
+
+
+@pytest.mark.numerics
+def test_gift_sw_sequential_calibration_gives_the_all_at_once_scores(monkeypatch):
+    """GIFT-SW's preparation with ``sequential_calibration`` scores one block at a time (the
+    sequential statistics path) and gets the all-at-once scores bit for bit (fp32, CPU), hence
+    the same salient columns and noise scales."""
+    from salientft import methods
+    from salientft.config import TrainConfig
+    from salientft.gift import gift_layers
+    from salientft.methods import gift_sw
+
+    seen = {}
+    plain = gift_sw.gift_scores
+
+    def spy(model, gcfg, batches, blocks=None):
+        out = plain(model, gcfg, batches, blocks)
+        seen[blocks is not None] = {k: v.clone() for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(gift_sw, "gift_scores", spy)
+    prepared = {}
+    for sequential in (False, True):
+        cfg = TrainConfig(method="gift-sw", model="tiny-random-llama", metric="gift", n_salient=4, dtype="fp32",
+                          calib_samples=8, device="cpu", sequential_calibration=sequential)
+        model = methods.get("gift-sw").prepare(tiny_random_llama(seed=0).train(), cfg, _gift_data())
+        prepared[sequential] = {n: (m.salient_idx.clone(), m.noise_std.clone()) for n, m in gift_layers(model).items()}
+    assert seen.keys() == {False, True}  # each path ran once
+    a, b = seen[False], seen[True]
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert prepared[False].keys() == prepared[True].keys()
+    assert all(torch.equal(x, y) for n in prepared[False] for x, y in zip(prepared[False][n], prepared[True][n]))
+
+
+@pytest.mark.numerics
+def test_gift_scores_from_host_or_disk_blocks_equal_the_all_at_once_scores(tmp_path):
+    """The block sources GIFT-SW's calibration takes: blocks in host memory (``HostBlocks``) and
+    blocks read from disk (a model opened lazily, ``DiskBlocks``) give the all-at-once scores."""
+    from salientft.data.chat import calibration_batches_from_dataset
+    from salientft.gift import GiftConfig
+    from salientft.gift.model import gift_scores
+
+    model, folder = _save(tmp_path)
+    gcfg = GiftConfig(n_salient=4, metric="gift")
+    batches = calibration_batches_from_dataset(_gift_data(), n_samples=8, batch_size=4, seed=0)
+    ref = gift_scores(model, gcfg, batches)
+    host = gift_scores(model, gcfg, batches, blocks=HostBlocks(model.model.layers, "cpu"))
+    lazy, _, blocks = open_blockwise(str(folder), dtype="fp32")
+    disk = gift_scores(lazy, gcfg, batches, blocks=blocks)
+    assert ref and ref.keys() == host.keys() == disk.keys()
+    assert all(torch.equal(ref[k], host[k]) and torch.equal(ref[k], disk[k]) for k in ref)
+
+
+def test_gift_sw_calibrates_block_by_block_when_the_base_does_not_fit(tmp_path, monkeypatch):
+    """Unset, ``sequential_calibration`` follows calibrate/quantize's rule (``models.needs_blockwise``):
+    a base that does not fit the run's device is loaded in host memory and calibrated block by
+    block on the run's device; one that fits goes to the device, calibrated all at once."""
+    import salientft.models as models
+    from salientft import methods
+    from salientft.config import TrainConfig
+    from salientft.methods import gift_sw
+
+    _, folder = _save(tmp_path)
+    method = methods.get("gift-sw")
+    gpu = torch.device("cuda", 0)  # only compared: free_memory is patched, nothing runs there
+    cfg = TrainConfig(method="gift-sw", model=str(folder), metric="gift", n_salient=4, dtype="fp32")
+    monkeypatch.setattr(models, "free_memory", lambda device: 10**12)
+    assert method.base_device(cfg, gpu) == gpu
+    monkeypatch.setattr(models, "free_memory", lambda device: 1000)
+    assert method.base_device(cfg, gpu) == torch.device("cpu")
+    forced = TrainConfig(method="gift-sw", model=str(folder), metric="gift", n_salient=4, dtype="fp32",
+                         sequential_calibration=False)
+    assert method.base_device(forced, gpu) == gpu  # asked all at once: the rule is not consulted
+    # in prepare, the same rule on the model in memory: a base in host memory that does not fit the run's
+    # GPU is calibrated block by block there; one that fits (an API caller's model on the CPU) as before
+    monkeypatch.setattr(gift_sw, "resolve_device", lambda spec: gpu)
+    host_model = tiny_random_llama(seed=0)
+    assert gift_sw._calibration_device(host_model, cfg) == (gpu, True)
+    assert gift_sw._calibration_device(host_model, forced) == (torch.device("cpu"), False)
+    monkeypatch.setattr(models, "free_memory", lambda device: 10**12)
+    assert gift_sw._calibration_device(host_model, cfg) == (torch.device("cpu"), False)
+    asked = TrainConfig(method="gift-sw", model=str(folder), metric="gift", n_salient=4, sequential_calibration=True)
+    assert gift_sw._calibration_device(host_model, asked) == (gpu, True)
+
+
+def test_sequential_calibration_flag_and_config(tmp_path):
+    """``--sequential-calibration`` / ``--no-sequential-calibration`` (unset: automatic) is a
+    generated ``salientft train`` flag and a validated TrainConfig setting of GIFT-SW's methods."""
+    from salientft.cli import _build_parser
+    from salientft.config import TrainConfig
+
+    parse = _build_parser().parse_args
+    assert vars(parse(["train", "--sequential-calibration"]))["sequential_calibration"] is True
+    assert vars(parse(["train", "--no-sequential-calibration"]))["sequential_calibration"] is False
+    assert "sequential_calibration" not in vars(parse(["train"]))  # unset: the YAML's value, else automatic
+    assert TrainConfig(method="gift-sw").method_config.sequential_calibration is None
+    assert TrainConfig(method="salient", sequential_calibration="yes").method_config.sequential_calibration is True
+    with pytest.raises(ValueError, match="sequential_calibration"):
+        TrainConfig(method="gift-sw", sequential_calibration="sometimes")
+    with pytest.raises(ValueError, match="sequential_calibration|sequential-calibration"):
+        TrainConfig(method="lora", sequential_calibration=True)  # a setting LoRA does not read
+    # how the scores are computed, not what they are: a resume may change it (as the device)
+    from salientft.train import config_changes
+
+    stored = TrainConfig(method="gift-sw", sequential_calibration=True).to_dict()
+    assert config_changes(stored, TrainConfig(method="gift-sw", sequential_calibration=False)) == []
+
+
+def test_train_with_sequential_calibration(tmp_path, monkeypatch):
+    """``salientft train --sequential-calibration``: the run asks the method where to load the base
+    (``Method.base_device``: host memory) and calibrates block by block, then trains."""
+    from salientft.cli import main
+    from salientft.methods import gift_sw
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(16)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked, blocked = [], []
+    base_device, scores = gift_sw.GiftSW.base_device, gift_sw.gift_scores
+    monkeypatch.setattr(gift_sw.GiftSW, "base_device",
+                        lambda self, config, device: asked.append(device) or base_device(self, config, device))
+    monkeypatch.setattr(gift_sw, "gift_scores",
+                        lambda model, gcfg, batches, blocks=None: blocked.append(blocks) or scores(model, gcfg, batches,
+                                                                                                   blocks))
+    rc = main(["train", "--model", "tiny-random-llama", "--data", str(data), "--output", str(tmp_path / "run"),
+               "--method", "gift-sw", "--metric", "gift", "--calib-samples", "8", "--n-salient", "4",
+               "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--dtype", "fp32",
+               "--no-eval-before", "--device", "cpu", "--sequential-calibration"])
+    assert rc == 0 and (tmp_path / "run" / "adapter").is_dir()
+    assert asked == [torch.device("cpu")]
+    assert len(blocked) == 1 and blocked[0] is not None

@@ -62,7 +62,7 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         if choices is not None:
             kw["choices"] = choices() if callable(choices) else choices
         add = groups.get(f.name, parser).add_argument
-        if ann == "bool":
+        if ann in ("bool", "bool | None"):  # None: unset, the setting's automatic choice
             switch = defaults and default is False
             add(flag, action="store_true" if switch else argparse.BooleanOptionalAction, **kw)
         elif ann.startswith("list[str]"):

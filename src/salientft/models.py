@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ._io import atomic_dir
 from ._packages import cache_dir, package_dir  # noqa: F401  (cache_dir: re-exported)
-from .devices import resolve_device
+from .devices import model_device, resolve_device
 from .embedded_files import GGUF_NAME, MODEL_FILES, converted_model_dir
 from .tiny_tokenizer import TINY_VOCAB_SIZE
 
@@ -306,6 +307,47 @@ def weight_bytes(name_or_path: str, dtype="bf16") -> int | None:
 
 _STORED_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
 
+# Block by block unless the weights fit the device's free memory with this margin (activations,
+# GPTQ's Hessians and temporaries, the allocator's slack): docs/quantization.md#block-by-block. One rule
+# for `salientft calibrate/quantize` (pipelines.open_model) and GIFT-SW's calibration in `train`.
+FIT_MARGIN = 1.25
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on ``device``: the accelerator's free memory, or the host's available memory
+    (``MemAvailable``) for the CPU; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def needs_blockwise(model_name: str, dtype, device) -> bool:
+    """True when ``model_name``'s weights in ``dtype`` (read from its safetensors headers) times
+    ``FIT_MARGIN`` exceed the free memory of ``device``; False when either is unknown."""
+    return exceeds_free_memory(weight_bytes(model_name, dtype), device, model_name)
+
+
+def exceeds_free_memory(size: int | None, device, what: str = "the model", warn: bool = True) -> bool:
+    """True when ``size`` bytes of weights times ``FIT_MARGIN`` exceed the free memory of ``device``
+    (logged unless ``warn`` is False); False when either is unknown."""
+    free = free_memory(device)
+    if size is None or free is None:
+        return False
+    if size * FIT_MARGIN > free:
+        if warn:
+            log.warning("%s: %.2f GiB of weights (x%.2f) exceed the %.2f GiB free on %s: working block by block",
+                        what, size / 2**30, FIT_MARGIN, free / 2**30, device)
+        return True
+    return False
+
 
 class DiskBlocks:
     """The decoder blocks of a model opened by :func:`open_blockwise`, read from its safetensors
@@ -431,6 +473,30 @@ def _to_device_outside(module, name: str, blocks_name: str, device) -> None:
     for b_name, b in list(module._buffers.items()):
         if b is not None:
             module._buffers[b_name] = b.to(device)
+
+
+@contextmanager
+def block_source(model, device):
+    """A block source of ``salientft.calibration`` for a model in memory, to work on ``device``
+    one decoder block at a time while the block lasts: ``ResidentBlocks`` when the model is on
+    ``device`` already; for a model in host memory, ``HostBlocks`` moving one block at a time to
+    ``device`` and back, the modules outside the blocks (embeddings, rotary tables, final norm,
+    head) moved to ``device`` meanwhile and back to the host on exit (the model as it was)."""
+    from .calibration import HostBlocks, ResidentBlocks
+    from .targets import block_list_name
+
+    blocks_name = block_list_name(model)
+    device, home = torch.device(device), model_device(model)
+    if home == device:
+        yield ResidentBlocks(model.get_submodule(blocks_name), device)
+        return
+    for name, module in model.named_children():
+        _to_device_outside(module, name, blocks_name, device)
+    try:
+        yield HostBlocks(model.get_submodule(blocks_name), device)
+    finally:
+        for name, module in model.named_children():
+            _to_device_outside(module, name, blocks_name, home)
 
 
 def _missing_tensors(model, index: dict[str, Path]) -> list[str]:

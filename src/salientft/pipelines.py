@@ -19,51 +19,16 @@ from .calibration import (
 )
 from . import deps
 from .devices import resolve_device
+from .models import FIT_MARGIN, free_memory, needs_blockwise  # noqa: F401 (the fit rule lives in models)
 from .outputs import claim_dir, claim_file, prepare_file
 from .config_base import salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import find_expert_weights, in_features_of, resolve_targets
 
 log = logging.getLogger(__name__)
-# Block by block unless the weights fit the device's free memory with this margin (activations,
-# GPTQ's Hessians and temporaries, the allocator's slack): docs/quantization.md#block-by-block.
-FIT_MARGIN = 1.25
-
-
 # --------------------------------------------------------------------------------------------
 # Opening a model whole or block by block
 # --------------------------------------------------------------------------------------------
-def free_memory(device) -> int | None:
-    """Bytes free on ``device``: the accelerator's free memory, or the host's available memory
-    (``MemAvailable``) for the CPU; None when unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            for line in open("/proc/meminfo"):
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
-def needs_blockwise(model_name: str, dtype, device) -> bool:
-    """True when ``model_name``'s weights in ``dtype`` (read from its safetensors headers) times
-    ``FIT_MARGIN`` exceed the free memory of ``device``; False when either is unknown."""
-    from .models import weight_bytes
-
-    size, free = weight_bytes(model_name, dtype), free_memory(device)
-    if size is None or free is None:
-        return False
-    if size * FIT_MARGIN > free:
-        log.warning("%s: %.2f GiB of weights (x%.2f) exceed the %.2f GiB free on %s: working block by block",
-                    model_name, size / 2**30, FIT_MARGIN, free / 2**30, device)
-        return True
-    return False
-
-
 def open_model(model_name: str, dtype="bf16", device="auto", *, sequential: bool = False):
     """``(model, tokenizer, blocks)``: the whole model on ``device`` (``blocks`` None), or, when
     asked (``sequential``) or when it does not fit (:func:`needs_blockwise`), the model opened by

@@ -49,7 +49,8 @@ LEGACY_RUN_FILES = frozenset({RUN_CONFIG, RUN_HISTORY, METRICS, "loss.png", "ada
 # folder is spelled). max_steps may also grow, lr be lowered and dtype become fp32 (RESUME_MAY_ADJUST);
 # every other difference is refused.
 RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to",  # nothing the weights depend on
-                     "device")  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, devices)
+                     "device",  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, devices)
+                     "sequential_calibration")  # GIFT-SW: the same scores either way (docs/quantization.md)
 # What run_history.json holds: the record of the run, not settings (run_config.json stays a TrainConfig
 # that TrainConfig.from_json reads back).
 RUN_RECORD = ("data_sha256", "history")

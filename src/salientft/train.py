@@ -133,14 +133,16 @@ def _load_data(config: TrainConfig, out: Path, *, model=None, tokenizer=None) ->
 
 
 def _load_base(config: TrainConfig, device: torch.device, model=None, tokenizer=None):
-    """(model, tokenizer) of the base, straight onto the run's device (every phase runs there)."""
+    """(model, tokenizer) of the base, straight onto the run's device (every phase runs there), or where the
+    method keeps it until the Trainer places it (``Method.base_device``: GIFT-SW's block-by-block calibration)."""
     from transformers import set_seed
 
     set_seed(config.seed)
     method = config.training_method
     if model is None:
         model, tokenizer = load_model(method.base_source(config), dtype=method.master_dtype(config),
-                                      trust_remote_code=config.trust_remote_code, device=device)
+                                      trust_remote_code=config.trust_remote_code,
+                                      device=method.base_device(config, device))
     elif model_device(model) != device:
         log.info("moving the given model to %s (TrainConfig.device %r)", device, config.device)
         model = model.to(device)

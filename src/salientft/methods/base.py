@@ -123,6 +123,11 @@ class Method:
         """What to load as the base: the quantized folder when recovering, else the model."""
         return config.quantized or config.model
 
+    def base_device(self, config, device: torch.device) -> torch.device:
+        """Where ``salientft train`` loads the base for a run on ``device``: there (GIFT-SW may keep
+        a base that does not fit in host memory, docs/distributed.md#models-larger-than-one-gpu)."""
+        return device
+
     # ------------------------------------------------------------------ training
     def prepare(self, model, config, data=None, **precomputed):
         """Make a loaded base model trainable the method's way; returns the model to train.

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from ..config_base import NOISE_MODES, check_range, flag
-from ..devices import model_device
+from ..devices import model_device, resolve_device
 from ..gift import GiftConfig, apply_gift, gift_layers, load_adapter, merge_gift, read_adapter, save_adapter
 from ..gift.adapter import attach_columns, column_tensors, remember_base_fingerprint
 from ..gift.config import check_noise_settings, check_salient_count, check_targets, gift_field
 from ..gift.model import gift_scores
+from ..models import block_source, exceeds_free_memory, needs_blockwise
 from ..saliency import METRICS, STATLESS_METRICS
 from .base import Method, MethodConfig, merge_field, register, targets_field
 from .sharding import base_fingerprint, computed_once, gathered, is_writer, load_full_
@@ -67,6 +68,10 @@ class GiftSWMethodConfig(DenseNoiseSettings):
     scores: str | None = flag(None, "precomputed scores file from salientft calibrate")
     fp32_salient: bool = gift_field("fp32_salient")
     calib_samples: int = flag(128, "calibration samples for data-dependent metrics")
+    sequential_calibration: bool | None = flag(
+        None, "calibrate one decoder block at a time, the base left in host memory and each block visiting the "
+              "device for its turn (same scores); default: when the base does not fit the device "
+              "(docs/quantization.md#block-by-block)")
     merge: bool = merge_field()
 
     def check(self) -> None:
@@ -79,6 +84,19 @@ class GiftSWMethodConfig(DenseNoiseSettings):
         if self.scores is not None and not Path(self.scores).is_file():
             raise FileNotFoundError(f"--scores {self.scores}: no such file; give a scores file written by "
                                     "salientft calibrate")
+
+
+def _calibration_device(model, config) -> tuple[torch.device, bool]:
+    """(where GIFT-SW's calibration runs, whether block by block): the run's device, block by block,
+    when asked or (unset) when the base is in host memory and does not fit the run's device (the
+    rule of ``GiftSW.base_device``, applied to the model in memory); else the model's device."""
+    asked, home = config.method_config.sequential_calibration, model_device(model)
+    if asked is False or (asked is None and home.type != "cpu"):
+        return home, False
+    run = resolve_device(config.device)
+    if asked is None and run.type != "cpu":
+        asked = exceeds_free_memory(sum(p.numel() * p.element_size() for p in model.parameters()), run, warn=False)
+    return (run, True) if asked else (home, False)
 
 
 def refuse_noise(settings: NoiseSettings) -> None:
@@ -119,13 +137,28 @@ class GiftSW(Method):
             fp32_salient=s.fp32_salient or config.dtype in ("bf16", "fp16"), keep_noise=s.keep_noise,
         )
 
+    def sequential_calibration(self, config, device) -> bool:
+        """Whether the run calibrates block by block: as asked, else (unset) when the base does not
+        fit ``device`` (``models.needs_blockwise``: the rule of calibrate and quantize)."""
+        asked = config.method_config.sequential_calibration
+        if asked is not None:
+            return asked
+        return needs_blockwise(self.base_source(config), self.master_dtype(config), device)
+
+    def base_device(self, config, device) -> torch.device:
+        """Block by block, the base stays in host memory (blocks visit ``device`` during calibration;
+        the Trainer, or FSDP2 shard by shard, then places it)."""
+        return torch.device("cpu") if self.sequential_calibration(config, device) else device
+
     def prepare(self, model, config, data=None, scores=None, noise_std=None, **_):
         """Salient columns and noise scales on every target, then the base fingerprint, while the
         weights are whole (before any sharding). Under torchrun the calibration and the fingerprint
         run on rank 0 only and their results go to every rank (``sharding.computed_once``): the same
-        columns everywhere."""
+        columns everywhere. With ``sequential_calibration``, or unset for a base in host memory that
+        does not fit the run's device (``base_device``), block by block on the run's device."""
         gcfg = self.gift_config(config)
         settings = config.method_config
+        device, sequential = _calibration_device(model, config)
         if scores is None and settings.scores:
             from ..saliency import load_scores
 
@@ -136,12 +169,16 @@ class GiftSW(Method):
             def calibrated():
                 batches = calibration_batches_from_dataset(data, n_samples=settings.calib_samples, batch_size=8,
                                                           seed=config.seed)
-                return gift_scores(model, gcfg, batches)
+                if not sequential:
+                    return gift_scores(model, gcfg, batches)
+                home = model_device(model)  # inside the block the embeddings are on ``device``
+                with block_source(model, device) as blocks:
+                    return {k: v.to(home) for k, v in gift_scores(model, gcfg, batches, blocks).items()}
 
-            scores = computed_once(calibrated, model_device(model))
+            scores = computed_once(calibrated, device)
         model = apply_gift(model, gcfg, scores, noise_std=noise_std)
         # hashed once, by rank 0 (every rank holds the same whole base here), kept on every rank
-        model.salientft_base_fingerprint = computed_once(lambda: remember_base_fingerprint(model), model_device(model))
+        model.salientft_base_fingerprint = computed_once(lambda: remember_base_fingerprint(model), device)
         return model
 
     def save_checkpoint(self, model, directory: Path) -> bool:
