@@ -477,6 +477,6 @@ def test_calibration_documents_are_capped_by_bytes(tiny_tok, tmp_path):
     doc = tmp_path / "c.txt"
     doc.write_text("salient " * 500_000 + "\n")  # one 4 MB line
     rec = _Recording(tiny_tok)
-    batches = calibration_batches(rec, str(doc), n_samples=4, seq_len=32, batch_size=2, seed=0)
+    batches = calibration_batches(rec, str(doc), calib_samples=4, seq_len=32, batch_size=2, seed=0)
     assert sum(int(b["attention_mask"].sum()) for b in batches) == 4 * 32
     assert 0 < rec.longest <= 4 * 32 * longest_token_bytes(tiny_tok)
