@@ -192,7 +192,7 @@ def test_other_configs_read_types():
 def test_calibrate_and_quantize_flags_are_checked():
     from salientft.cli_args import CalibrateArgs, QuantizeArgs
 
-    CalibrateArgs(output="s.safetensors", samples="16")
+    CalibrateArgs(output="s.safetensors", calib_samples="16")
     with pytest.raises(ValueError, match="CalibrateArgs.seq_len must be at least 2 tokens, got 1"):
         CalibrateArgs(output="s.safetensors", seq_len=1)
     with pytest.raises(ValueError, match="CalibrateArgs.salient_fraction must be >= 0 and <= 1, got 1.5"):
