@@ -360,6 +360,8 @@ def test_cli_quantize_tiny(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["after"]["target_bytes"] < 0.35 * summary["before"]["target_bytes"]
+    assert summary["quantizer"] == "gptq" and summary["calibration"]["calib_samples"] == 4  # the new names
+    assert "method" not in summary and "n_samples" not in summary["calibration"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     m = load_quantized(out)
     assert len(quantized_layers(m)) == 14
