@@ -682,10 +682,10 @@ def quantize_one(preset: Preset, qs: QuantSetting, name: str, bits: int, save: P
     if name == "bf16":
         seconds = 0.0
     else:
-        method, salient = QUANT_METHODS[name]
+        quantizer, salient = QUANT_METHODS[name]
         calib = calibration_batches(tok, calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
         t = time.time()
-        quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, method=method,
+        quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, quantizer=quantizer,
                  calibration=calib, progress=True)
         seconds = time.time() - t
         if save is not None:

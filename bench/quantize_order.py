@@ -77,7 +77,7 @@ def quantized_trained_model(preset: S.Preset, qs: S.QuantSetting, adapter: Path,
         scores[name] = s
     calib = calibration_batches(tok, S.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
     t = time.time()
-    quantize(model, bits, salient_fraction=S.SALIENT_FRACTION, method="gptq", calibration=calib, scores=scores,
+    quantize(model, bits, salient_fraction=S.SALIENT_FRACTION, quantizer="gptq", calibration=calib, scores=scores,
              target_modules=list(meta["modules"]), progress=True)
     return model, tok, time.time() - t
 

@@ -178,7 +178,7 @@ def _build_workdir(d: Path) -> Path:
         plain_base(base).save_pretrained(d / base)
         tok.save_pretrained(d / base)
         model = plain_base(base)
-        quantize(model, bits=4, method="rtn", n_salient=4, metric="magnitude", progress=False)
+        quantize(model, bits=4, quantizer="rtn", n_salient=4, metric="magnitude", progress=False)
         save_quantized(model, d / f"{base}-q4", tokenizer=tok, base_model=str(d / base))
         # as `salientft quantize` writes a bf16 model: 16-bit tensors in bf16 (the integers stay integers)
         save_quantized(model.to(torch.bfloat16), d / f"{base}-q4-bf16", tokenizer=tok, base_model=str(d / base))

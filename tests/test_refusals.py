@@ -251,8 +251,8 @@ ROWS = [
                                                    "--output", "q4"],
      "64 salient columns for 'model.layers.0.self_attn.q_proj', which has only 64 input features: at least one "
      "column must be quantized"),
-    ("calibrate --samples 0", ["calibrate", *MODEL, "--samples", "0", "--output", "s.st"],
-     "CalibrateArgs.samples must be a positive integer, got 0"),
+    ("calibrate --calib-samples 0", ["calibrate", *MODEL, "--calib-samples", "0", "--output", "s.st"],
+     "CalibrateArgs.calib_samples must be a positive integer, got 0"),
     ("calibrate --tau of an unknown norm", ["calibrate", *MODEL, "--tau", "3", "--output", "s.st"],
      "tau must be 1, 2 or 'inf', got '3'"),
     ("quantize --group-size 0", ["quantize", *MODEL, "--bits", "4", "--group-size", "0", "--output", "q4"],

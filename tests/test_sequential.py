@@ -60,7 +60,7 @@ def test_blockwise_calibrate_writes_the_same_scores_and_statistics(tmp_path, met
     model, folder = _save(tmp_path)
     tok = tiny_tokenizer()
     texts = [f"calibration text number {i}: the quick brown fox jumps over the lazy dog." for i in range(12)]
-    common = dict(metric=metric, n_samples=4, seq_len=16, batch_size=2, progress=False)
+    common = dict(metric=metric, calib_samples=4, seq_len=16, batch_size=2, progress=False)
     ref = calibrate(model, tok, texts, stats_output=tmp_path / "a.safetensors", **common)
     lazy, _, blocks = open_model(str(folder), dtype="fp32", device="cpu", sequential=True)
     got = calibrate(lazy, tok, texts, stats_output=tmp_path / "b.safetensors", blocks=blocks, **common)
@@ -180,7 +180,7 @@ def test_cli_sequential_quantize_writes_the_same_model(tmp_path, capsys):
     for flag in ([], ["--sequential"]):
         out = tmp_path / ("seq" if flag else "whole")
         rc = main(["quantize", "--model", str(folder), "--bits", "4", "--n-salient", "4", "--dtype", "fp32",
-                   "--samples", "4", "--seq-len", "16", "--output", str(out), "--no-progress", "--device", "cpu",
+                   "--calib-samples", "4", "--seq-len", "16", "--output", str(out), "--no-progress", "--device", "cpu",
                    *flag])
         assert rc == 0
         outs[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, iter_jsonl, read_safetensors
+from .config_base import renamed_arguments
 from .data.chat import longest_token_bytes
 from .ops.experts import expert_weight
 from .targets import in_features_of, resolve_targets
@@ -455,10 +456,11 @@ def _as_ids(d) -> list[int]:
     return ids
 
 
+@renamed_arguments(n_samples="calib_samples")
 def calibration_batches(
     tokenizer,
     source="embedded",
-    n_samples: int = 128,
+    calib_samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
     seed: int = 0,
@@ -466,17 +468,17 @@ def calibration_batches(
     """Calibration batches: ``[{"input_ids": (B, L) long, "attention_mask": (B, L) long}, ...]``.
 
     The documents of ``source`` are shuffled (seeded), tokenized, joined by EOS into one stream,
-    and cut into ``n_samples`` non-overlapping windows of ``seq_len`` tokens at a random offset,
-    picked at random. If the stream holds fewer than ``n_samples * seq_len`` tokens, every token
+    and cut into ``calib_samples`` non-overlapping windows of ``seq_len`` tokens at a random offset,
+    picked at random. If the stream holds fewer than ``calib_samples * seq_len`` tokens, every token
     is used once instead: full windows plus one shorter last sample (right-padded, masked).
     ``source``: "embedded", a .txt/.jsonl path, a Hugging Face dataset name, or a list of texts,
     of token-id lists / 1-D tensors, or of {"input_ids", optional "attention_mask"} records
     (pre-tokenized; masked positions dropped).
     """
-    for nm, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+    for nm, v in (("calib_samples", calib_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
-    needed = n_samples * seq_len
+    needed = calib_samples * seq_len
     docs = load_documents(source, needed)
     stream = _token_stream(tokenizer, docs, needed, seed)
     if not stream:
@@ -486,12 +488,12 @@ def calibration_batches(
     if T >= needed:
         m = T // seq_len
         offset = int(torch.randint(0, T - m * seq_len + 1, (1,), generator=gen))
-        picks = torch.randperm(m, generator=gen)[:n_samples].tolist()
+        picks = torch.randperm(m, generator=gen)[:calib_samples].tolist()
         samples = [stream[offset + i * seq_len : offset + (i + 1) * seq_len] for i in picks]
     else:
         samples = [stream[i : i + seq_len] for i in range(0, T, seq_len)]
         log.warning(
-            "calibration data %s has %d tokens, fewer than n_samples x seq_len = %d: using %d samples "
+            "calibration data %s has %d tokens, fewer than calib_samples x seq_len = %d: using %d samples "
             "(every token once)", describe_source(source), T, needed, len(samples),
         )
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None

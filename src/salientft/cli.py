@@ -70,6 +70,23 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         else:
             base = ann.split("|")[0].strip()
             add(flag, type=_FLAG_TYPES.get(base, str), **kw)
+            for old in f.metadata.get("old_names", ()):  # hidden: --help shows the current name only
+                parser.add_argument("--" + old.replace("_", "-"), action=_OldFlag, new_flag=flag, dest=f.name,
+                                    type=_FLAG_TYPES.get(base, str), choices=kw.get("choices"),
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+class _OldFlag(argparse.Action):
+    """A field's earlier flag name (docs/configuration.md#names): it sets the field as the current
+    flag does, and says on stderr that the name is deprecated."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kw):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"salientft: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _annotation(tp) -> str:
@@ -205,7 +222,7 @@ def _run_calibrate(args) -> int:
     model, tok, blocks = open_model(args.model, dtype=args.dtype, device=args.device, sequential=args.sequential)
     scores = calibrate(
         model, tok, args.data, metric=args.metric, bits=args.bits, tau=args.tau, rho=args.rho, gamma=args.gamma,
-        n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         target_modules=args.target_modules, n_salient=args.n_salient, salient_fraction=args.salient_fraction,
         output=args.output, plot=args.plot, stats_output=args.stats_output,
         metadata={"model": args.model, "dtype": args.dtype}, blocks=blocks,
@@ -227,9 +244,9 @@ def _run_quantize(args) -> int:
 
     s = quantize_pretrained(
         args.model, args.output, args.bits, n_salient=args.n_salient, salient_fraction=args.salient_fraction,
-        method=args.method, group_size=args.group_size, metric=args.metric, data=args.data,
-        n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-        dtype=args.dtype, scores_path=args.scores, target_modules=args.target_modules,
+        quantizer=args.quantizer, group_size=args.group_size, metric=args.metric, data=args.data,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        dtype=args.dtype, scores=args.scores, target_modules=args.target_modules,
         progress=not args.no_progress, device=args.device, overwrite=args.overwrite, sequential=args.sequential,
     )
     mb = 2 ** 20

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def _written(text: str, path: str | Path | None) -> str:
@@ -301,6 +301,7 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        d = renamed_keys(cls, d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -382,12 +383,64 @@ def salient_count(in_features: int, n_salient: int | None = None, salient_fracti
     return k
 
 
-def flag(default, help: str, *, choices=None):
+def flag(default, help: str, *, choices=None, old_names: tuple[str, ...] = ()):
     """A dataclass field whose ``help`` the command line shows (``salientft <cmd> --help``).
 
     ``default=dataclasses.MISSING`` makes a required field (and a required flag). ``choices``, a
     sequence or a callable returning one (resolved when the flag is declared, so that a choice
     list living in a heavy module need not be imported with the config), limits the flag's values.
+    ``old_names``: the field's earlier names (docs/configuration.md#names), still read from files
+    (:func:`renamed_keys`) and accepted as hidden, deprecated flags.
     """
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if old_names:
+        metadata["old_names"] = tuple(old_names)
     return field(default=default, metadata=metadata)
+
+
+def renamed_keys(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with every field's old name (``old_names`` metadata) replaced by its current name, so
+    that files written before a rename still read; both names at once is an error."""
+    out = dict(d)
+    for f in dataclasses.fields(cls):
+        for old in f.metadata.get("old_names", ()):
+            if old in out:
+                if f.name in out:
+                    raise ValueError(f"{cls.__name__}: {old!r} is the old name of {f.name!r}; give one of them")
+                out[f.name] = out.pop(old)
+    return out
+
+
+def renamed_arguments(**renames: str):
+    """Decorator: the keyword arguments of a public function that were renamed (``old="new"``,
+    docs/configuration.md#names) still work, with a DeprecationWarning; both names at once is an
+    error. An old name given None (unset, as files written before the rename hold it) is dropped."""
+    import functools
+    import warnings
+
+    def wrap(fn):
+        who = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs and kwargs[old] is None:
+                    del kwargs[old]
+                elif old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{who}(): {old}= is the old name of {new}=; give one of them")
+                    warnings.warn(f"{who}(): {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def accept_old_names(cls):
+    """Class decorator (above ``@dataclass``): the constructor also takes every field's earlier
+    names (``old_names`` metadata, :func:`flag`), as :func:`renamed_arguments` does."""
+    renames = {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("old_names", ())}
+    cls.__init__ = renamed_arguments(**renames)(cls.__init__)
+    return cls

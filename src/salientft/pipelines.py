@@ -21,7 +21,7 @@ from . import deps
 from .devices import resolve_device
 from .models import FIT_MARGIN, free_memory, needs_blockwise  # noqa: F401 (the fit rule lives in models)
 from .outputs import claim_dir, claim_file, prepare_file
-from .config_base import salient_count
+from .config_base import renamed_arguments, salient_count
 from .saliency import STATLESS_METRICS, load_scores, plot_scores, resolve_metric, save_scores, saliency_scores
 from .targets import find_expert_weights, in_features_of, resolve_targets
 
@@ -45,6 +45,7 @@ def open_model(model_name: str, dtype="bf16", device="auto", *, sequential: bool
 # --------------------------------------------------------------------------------------------
 # calibrate: model + data -> scores file (+ plot)
 # --------------------------------------------------------------------------------------------
+@renamed_arguments(n_samples="calib_samples")
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -55,7 +56,7 @@ def calibrate(
     tau=None,
     rho=None,
     gamma=None,
-    n_samples: int = 128,
+    calib_samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
     seed: int = 0,
@@ -91,7 +92,7 @@ def calibrate(
     ks = {n: salient_count(in_features_of(m), n_salient, salient_fraction, name=n) for n, m in targets.items()}
     stats, n_tokens = None, 0
     batches = None if spec["name"] in STATLESS_METRICS else calibration_batches(
-        tokenizer, data, n_samples, seq_len, batch_size, seed)
+        tokenizer, data, calib_samples, seq_len, batch_size, seed)
     score = dict(metric=metric, bits=bits, tau=tau, rho=rho, gamma=gamma, seed=seed)
     if blocks is not None:
         stats, scores = _blockwise_scores(model, blocks, batches, targets, experts, spec, score, progress)
@@ -110,7 +111,7 @@ def calibrate(
             ks[name] = salient_count(row.numel(), n_salient, salient_fraction, name=name.rpartition(".")[0])
     meta = {
         "metric": spec["name"], "tau": spec["tau"], "rho": spec["rho"], "gamma": spec["gamma"], "bits": bits,
-        "data": describe_source(data) if not isinstance(data, str) else data, "n_samples": n_samples,
+        "data": describe_source(data) if not isinstance(data, str) else data, "calib_samples": calib_samples,
         "seq_len": seq_len, "tokens": n_tokens, "seed": seed,
         "n_salient": n_salient, "salient_fraction": salient_fraction,
     }
@@ -168,6 +169,7 @@ def _blockwise_scores(model, blocks, batches, targets, experts, spec, score, pro
 # --------------------------------------------------------------------------------------------
 # quantize: model name -> calibrate -> quantize -> folder
 # --------------------------------------------------------------------------------------------
+@renamed_arguments(n_samples="calib_samples", scores_path="scores", method="quantizer")
 def quantize_pretrained(
     model_name: str,
     output,
@@ -175,16 +177,16 @@ def quantize_pretrained(
     *,
     n_salient: int | None = None,
     salient_fraction: float | None = None,
-    method: str = "gptq",
+    quantizer: str = "gptq",
     group_size: int | None = None,
     metric: str = "gift",
     data="embedded",
-    n_samples: int = 128,
+    calib_samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
     seed: int = 0,
     dtype="bf16",
-    scores_path=None,
+    scores=None,
     target_modules=None,
     progress: bool = True,
     device="auto",
@@ -197,10 +199,12 @@ def quantize_pretrained(
     the metric and GPTQ run there. ``output`` is refused before any work when it holds anything
     salientft did not write, and when it holds an earlier salientft output unless ``overwrite``
     (``salientft.outputs``). ``sequential``: quantize block by block, the decoder blocks read from
-    disk one at a time (also chosen when the weights do not fit the device: :func:`open_model`)."""
+    disk one at a time (also chosen when the weights do not fit the device: :func:`open_model`).
+    ``scores``: a scores file of ``salientft calibrate`` (or its mapping, as :func:`salientft.load_scores`
+    returns it) instead of computing the metric."""
     from .quant.model import QuantizeConfig, model_bytes, quantize, save_quantized, target_bytes
 
-    cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
+    cfg = QuantizeConfig(bits=bits, quantizer=quantizer, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, target_modules=target_modules)  # validate first
     device = resolve_device(device)
     claim_dir(output, flag="--output", overwrite=overwrite)
@@ -210,17 +214,18 @@ def quantize_pretrained(
                          quantized=True)  # targets and k on the model's skeleton, before the weights load
     model, tok, blocks = open_model(model_name, dtype=dtype, device=device, sequential=sequential)
     before = {"target_bytes": target_bytes(model, target_modules), "model_bytes": model_bytes(model)}
-    scores = load_scores(scores_path) if scores_path is not None else None
-    batches = calibration_batches(tok, data, n_samples, seq_len, batch_size, seed)
-    quantize(model, bits, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction, method=method,
+    if scores is not None and not isinstance(scores, dict):
+        scores = load_scores(scores)
+    batches = calibration_batches(tok, data, calib_samples, seq_len, batch_size, seed)
+    quantize(model, bits, n_salient=cfg.n_salient, salient_fraction=cfg.salient_fraction, quantizer=quantizer,
              calibration=batches, group_size=group_size, metric=metric, scores=scores, seed=seed,
              target_modules=target_modules, progress=progress, blocks=blocks)
     after = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
     summary = {
-        "model": model_name, "output": str(output), "bits": bits, "method": method, "group_size": group_size,
+        "model": model_name, "output": str(output), "bits": bits, "quantizer": quantizer, "group_size": group_size,
         "n_salient": n_salient, "salient_fraction": salient_fraction, "metric": metric,
         "blockwise": blocks is not None,
-        "calibration": {"data": data if isinstance(data, str) else "custom", "n_samples": n_samples,
+        "calibration": {"data": data if isinstance(data, str) else "custom", "calib_samples": calib_samples,
                         "seq_len": seq_len, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))},
         "before": before, "after": after,
         "target_ratio": after["target_bytes"] / max(before["target_bytes"], 1),

@@ -190,6 +190,8 @@ def select_salient(scores: torch.Tensor, k: int) -> torch.Tensor:
 # Files
 # --------------------------------------------------------------------------------------------
 SCORES_FORMAT = "salientft.scores"
+# metadata keys renamed since files were first written (docs/configuration.md#names): old -> new
+RENAMED_METADATA = {"n_samples": "calib_samples"}
 
 
 def save_scores(scores: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
@@ -214,7 +216,8 @@ def save_scores(scores: dict[str, torch.Tensor], path, metadata: dict | None = N
 
 def load_scores(path, return_metadata: bool = False):
     """Read a scores file written by :func:`save_scores`: module name -> (in,) float32 tensor
-    (and the decoded metadata dict with ``return_metadata=True``)."""
+    (and the decoded metadata dict with ``return_metadata=True``; a file written before a key
+    was renamed reads with the current name, :data:`RENAMED_METADATA`)."""
     tensors, meta = read_safetensors(path, "scores")
     if meta.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a salientft scores file (format={meta.get('format')!r})")
@@ -231,6 +234,9 @@ def load_scores(path, return_metadata: bool = False):
             decoded[k] = json.loads(v)
         except json.JSONDecodeError:
             decoded[k] = v
+    for old, new in RENAMED_METADATA.items():
+        if old in decoded and new not in decoded:
+            decoded[new] = decoded.pop(old)
     return tensors, decoded
 
 

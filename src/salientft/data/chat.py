@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config_base import renamed_arguments
 from .templates import chat_template_for, render_chat
 
 logger = logging.getLogger(__name__)
@@ -314,25 +315,26 @@ def dataset_from_conversations(convs: list[list[dict]], tokenizer, max_length: i
     return ChatDataset(examples, pad_token_id=pad_id_of(tokenizer), n_conversations=len(convs))
 
 
-def calibration_batches_from_dataset(dataset, n_samples: int = 128, batch_size: int = 8, seed: int = 0,
+@renamed_arguments(n_samples="calib_samples")
+def calibration_batches_from_dataset(dataset, calib_samples: int = 128, batch_size: int = 8, seed: int = 0,
                                      pad_token_id: int | None = None) -> list[dict]:
-    """``n_samples`` random examples of ``dataset`` as right-padded ``{input_ids, attention_mask}``
+    """``calib_samples`` random examples of ``dataset`` as right-padded ``{input_ids, attention_mask}``
     batches (GIFT-SW calibrates on the training data). Samples are grouped by length so padding,
     which the statistics exclude anyway, costs little compute."""
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
+    if calib_samples < 1 or batch_size < 1:
+        raise ValueError(f"calib_samples and batch_size must be >= 1, got {calib_samples}, {batch_size}")
     if len(dataset) == 0:
         raise ValueError("cannot calibrate on an empty dataset")
-    if n_samples > len(dataset):
-        logger.warning("calibration: asked for %d samples, the dataset has %d; using all", n_samples, len(dataset))
-        n_samples = len(dataset)
+    if calib_samples > len(dataset):
+        logger.warning("calibration: asked for %d samples, the dataset has %d; using all", calib_samples, len(dataset))
+        calib_samples = len(dataset)
     if pad_token_id is None:
         pad_token_id = getattr(dataset, "pad_token_id", 0)
-    idx = random.Random(seed).sample(range(len(dataset)), n_samples)
+    idx = random.Random(seed).sample(range(len(dataset)), calib_samples)
     feats = sorted((dataset[i] for i in idx), key=lambda f: len(f["input_ids"]))
     collate = ChatCollator(pad_token_id=pad_token_id)
     batches = []
-    for b in range(0, n_samples, batch_size):
+    for b in range(0, calib_samples, batch_size):
         chunk = [{"input_ids": f["input_ids"]} for f in feats[b: b + batch_size]]
         out = collate(chunk)
         batches.append({"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]})

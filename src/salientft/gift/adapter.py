@@ -90,7 +90,7 @@ def adapter_config(config: GiftConfig, layers: dict[str, int], base_model: str |
     return {
         "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": stock, "revision": None,
         "inference_mode": True, "target_modules": sorted(layers), "exclude_modules": None,
-        **{name: getattr(config, name) for name in SETTINGS}, "k_pattern": k_pattern, "scores_file": None,
+        **{name: getattr(config, name) for name in SETTINGS}, "k_pattern": k_pattern, "scores": None,
         "modules_to_save": None, "trainable_token_indices": None, "salient_indices_in_adapter": True,
         "base_fingerprint": base_fingerprint,
         "salientft_base_model": base_model if base_model and base_model != stock else None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..outputs import output_dir
-from ..config_base import ConfigMixin, coerce_fields, salient_count
+from ..config_base import ConfigMixin, accept_old_names, coerce_fields, renamed_arguments, salient_count
 from ..ops.salient import complement
 from ..targets import block_list_name, find_target_modules, linear_weight, set_module
 from .gptq import gptq_quantize, rtn_quantize
@@ -36,17 +36,18 @@ FORMAT = "salientft.quantized"
 FORMAT_VERSION = 1
 QUANT_CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
-METHODS = ("gptq", "rtn")
+QUANTIZERS = ("gptq", "rtn")
 _BUFFER_PREFIX = "__buffer__."
 
 
+@accept_old_names
 @dataclass
 class QuantizeConfig(ConfigMixin):
     """How a model was (or is to be) quantized. ``n_salient=0`` / ``salient_fraction=0`` means
     no 16-bit columns; with neither given, the paper's ratio 128/4096 is used."""
 
     bits: int = 4
-    method: str = "gptq"
+    quantizer: str = field(default="gptq", metadata={"old_names": ("method",)})  # files before the rename say "method"
     n_salient: int | None = None
     salient_fraction: float | None = None
     group_size: int | None = None
@@ -60,8 +61,8 @@ class QuantizeConfig(ConfigMixin):
         coerce_fields(self)  # every field as its declared type (config_base)
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"{n}.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"{n}.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"{n}.quantizer must be one of {list(QUANTIZERS)}, got {self.quantizer!r}")
         if self.n_salient is not None and self.salient_fraction is not None:
             raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
         if self.n_salient is not None and (
@@ -143,7 +144,7 @@ def _quantize_layer(model, name, module, cfg, k, score, H):
 
         idx = select_salient(score.float(), k)
     idx = idx.to(W.device)
-    if cfg.method == "gptq":
+    if cfg.quantizer == "gptq":
         q, scale, sal = gptq_quantize(W, H, cfg.bits, idx, score, group_size=cfg.group_size,
                                       damp=cfg.damp, block_size=cfg.block_size)
     else:
@@ -153,13 +154,14 @@ def _quantize_layer(model, name, module, cfg, k, score, H):
                                                 cfg.group_size, dtype=W.dtype)
 
 
+@renamed_arguments(method="quantizer")
 @torch.no_grad()
 def quantize(
     model: nn.Module,
     bits: int,
     n_salient: int | None = None,
     salient_fraction: float | None = None,
-    method: str = "gptq",
+    quantizer: str = "gptq",
     calibration=None,
     group_size: int | None = None,
     metric: str = "gift",
@@ -185,7 +187,7 @@ def quantize(
     whose blocks are still on disk); each block is released, quantized, to host memory. The
     result is the same bit for bit whatever the source (docs/quantization.md#block-by-block).
     """
-    cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
+    cfg = QuantizeConfig(bits=bits, quantizer=quantizer, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, damp=damp, block_size=block_size,
                          target_modules=target_modules)
     if any(isinstance(m, QuantizedSalientLinear) for m in model.modules()):
@@ -201,7 +203,7 @@ def quantize(
     else:
         from tqdm.auto import tqdm
 
-        for n, m in tqdm(targets.items(), desc=f"quantize {method} {bits}-bit", unit="layer", disable=not progress):
+        for n, m in tqdm(targets.items(), desc=f"quantize {quantizer} {bits}-bit", unit="layer", disable=not progress):
             score = None
             if ks[n] > 0:
                 score = scores[n] if scores is not None else _layer_scores(model, n, None, cfg, seed)
@@ -230,16 +232,16 @@ def _targets_and_k(model, cfg: QuantizeConfig, scores):
 
 
 def _needed_batches(cfg: QuantizeConfig, calibration, scores, ks) -> list:
-    """The calibration batches when the method or the metric needs data (GPTQ's Hessian, or a
+    """The calibration batches when the quantizer or the metric needs data (GPTQ's Hessian, or a
     data-dependent salience), else none."""
     from ..saliency import STATLESS_METRICS
 
-    need_data = cfg.method == "gptq" or (
+    need_data = cfg.quantizer == "gptq" or (
         scores is None and cfg.metric not in STATLESS_METRICS and any(k > 0 for k in ks.values())
     )
     batches = _normalise_batches(calibration) if need_data else []
     if need_data and not batches:
-        raise ValueError(f"method={cfg.method!r} with metric={cfg.metric!r} needs calibration batches")
+        raise ValueError(f"quantizer={cfg.quantizer!r} with metric={cfg.metric!r} needs calibration batches")
     return batches
 
 
@@ -258,7 +260,7 @@ def _quantize_blockwise(model, targets, ks, cfg, batches, scores, seed, blocks, 
     hidden, calls = capture_block_inputs(model, blocks_name, batches, source.device) if batches else ([], [])
     masks = [b["attention_mask"].bool() for b in batches]
     last = max(ordered) if batches else n_blocks - 1  # blocks after the last targeted one need not run
-    for i in tqdm(range(n_blocks), desc=f"quantize {cfg.method} {cfg.bits}-bit", unit="block",
+    for i in tqdm(range(n_blocks), desc=f"quantize {cfg.quantizer} {cfg.bits}-bit", unit="block",
                   disable=not progress):
         block = source.load(i)
         names = ordered.get(i, [])
@@ -289,7 +291,7 @@ def _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores,
     handles = []
     for n in names:
         m = targets[n]
-        stats[n] = _Stats(linear_weight(m).shape[1], linear_weight(m).device, cfg.method == "gptq")
+        stats[n] = _Stats(linear_weight(m).shape[1], linear_weight(m).device, cfg.quantizer == "gptq")
         handles.append(m.register_forward_pre_hook(make_hook(n)))
     try:
         for (hs, (args, kw)), mask in zip(cache, masks):
@@ -301,7 +303,7 @@ def _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores,
         state["last"] = state["last_flat"] = None
     for n in names:
         score = None
-        if ks[n] > 0 or (cfg.method == "gptq" and scores is not None and n in scores):
+        if ks[n] > 0 or (cfg.quantizer == "gptq" and scores is not None and n in scores):
             score = scores[n] if scores is not None and n in scores else _layer_scores(model, n, stats[n], cfg, seed)
         H = stats[n].hessian
         new = _quantize_layer(model, n, targets[n], cfg, ks[n], score, H)
