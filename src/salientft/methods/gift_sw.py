@@ -167,7 +167,7 @@ class GiftSW(Method):
             from ..data.chat import calibration_batches_from_dataset
 
             def calibrated():
-                batches = calibration_batches_from_dataset(data, n_samples=settings.calib_samples, batch_size=8,
+                batches = calibration_batches_from_dataset(data, calib_samples=settings.calib_samples, batch_size=8,
                                                           seed=config.seed)
                 if not sequential:
                     return gift_scores(model, gcfg, batches)
