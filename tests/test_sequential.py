@@ -253,7 +253,7 @@ def test_gift_scores_from_host_or_disk_blocks_equal_the_all_at_once_scores(tmp_p
 
     model, folder = _save(tmp_path)
     gcfg = GiftConfig(n_salient=4, metric="gift")
-    batches = calibration_batches_from_dataset(_gift_data(), n_samples=8, batch_size=4, seed=0)
+    batches = calibration_batches_from_dataset(_gift_data(), calib_samples=8, batch_size=4, seed=0)
     ref = gift_scores(model, gcfg, batches)
     host = gift_scores(model, gcfg, batches, blocks=HostBlocks(model.model.layers, "cpu"))
     lazy, _, blocks = open_blockwise(str(folder), dtype="fp32")
