@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import memory_at_scale as mas  # noqa: E402
 
-PHASES = ["load", "gift-sw output noise", "qlora"]  # --only matches by substring: their +ckpt variants too
+PHASES = ["load", "gift-sw output noise", "qlora (4-bit lora)"]  # with their +ckpt variants
 
 
 @pytest.fixture(scope="module")
