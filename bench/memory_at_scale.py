@@ -85,8 +85,8 @@ CALIB = (128, 2048)  # calibration: 128 sequences of 2048 tokens (GPTQ's usual s
 FIT_TOKENS = (64, 128, 256)
 CALIB_FIT_TOKENS = (64, 256)  # GPTQ walks every column in Python: two token counts suffice for its slope
 # fake and real counts agree within this: fake runs make a few small host-side tensors differently
-# (the RNG state saved by checkpointing, a lifted constant): 16 or 1024 bytes measured
-VERIFY_TOLERANCE = 4096
+# (the RNG states saved by checkpointing, a lifted constant): 16, 1024 or 7168 bytes measured
+VERIFY_TOLERANCE = 16384
 SEED = 0
 FAILED: dict[str, str] = {}  # phases that could not be measured, with the error (in the JSON)
 
@@ -653,7 +653,7 @@ def run(args, log=print) -> dict:
                               "devices": list(DEVICE_COUNTS), "fit_tokens": list(FIT_TOKENS)},
               "verify": verify(names if args.smoke else [n for n in names if "+ckpt" not in n], log),
               "models": {}}
-    fit_tokens = (16, 32, 48) if args.smoke else FIT_TOKENS
+    fit_tokens = (64, 128, 192) if args.smoke else FIT_TOKENS
     for name, shape in shapes.items():
         log(f"{name}:")
         meas = measure_shape(shape, names, True, fit_tokens, log=log)
@@ -668,8 +668,8 @@ def whole_model_check(args, names, kinds, log) -> dict:
     """Extrapolation from L = 1, 2 blocks against a whole model measured directly (real tensors)."""
     shape = dict(TINY["tiny"] if args.smoke else SHAPES["llama-2-7b"])
     L = 4 if args.smoke else 8
-    fit_tokens = (16, 32, 48) if args.smoke else FIT_TOKENS
-    T = 40 if args.smoke else 96
+    fit_tokens = (64, 128, 192) if args.smoke else FIT_TOKENS
+    T = 160 if args.smoke else 96
     out = {"shape": shape, "layers": L, "tokens": T, "phases": {}}
     check = [n for n in names if n in args.check] if args.check else [n for n in names if "+ckpt" not in n]
     for ph in check:

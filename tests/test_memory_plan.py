@@ -40,10 +40,19 @@ def test_fake_counts_equal_real_counts(smoke):
 
 def test_peaks_are_affine_in_tokens(smoke):
     _, res = smoke
-    for name, row in res["models"]["tiny"]["plan"].items():
+    model = res["models"]["tiny"]
+    for name, row in model["plan"].items():
+        top = max(x["peak"] for per_l in model["measured"][name].values() for x in per_l.values())
         for part in ("fixed", "block"):
-            # one 2-byte element of slack per token count: a bf16 scalar the fake run rounds alike
-            assert row["model"][part]["max_residual"] <= 64, (name, part, row["model"][part])
+            res_bytes = row["model"][part]["max_residual"]
+            if name.endswith("+ckpt"):
+                # with checkpointing the peak moves between a block's recompute and the loss: the max
+                # of two affine functions (measured: up to 8 KiB of ~0.6 MB on tiny shapes)
+                assert res_bytes <= 0.02 * top, (name, part, row["model"][part])
+            else:
+                # exact up to a few small tensors (measured: 0 to 256 B); a quadratic term (an
+                # attention matrix) would leave tens of KiB at these token counts
+                assert res_bytes <= 1024, (name, part, row["model"][part])
 
 
 def test_per_block_times_layers_predicts_the_whole_model(smoke):
