@@ -614,14 +614,25 @@ def verify(names, log=print) -> dict:
     return out
 
 
-def plan_for(name, shape, meas, kinds) -> dict:
-    """Per-block models, whole-model peaks and the smallest setup of each workflow."""
+def plan_for(name, shape, meas, kinds, direct=None) -> dict:
+    """Per-block models, whole-model peaks and the smallest setup of each workflow.
+
+    Training phases use the blocks measured at the target token counts themselves (``direct``: fake
+    tensors make that cheap), because a peak is the largest of several moments (activations at the
+    loss, the optimizer's states) and the moment that wins can change between 256 and 8192 tokens;
+    the fit from small token counts is kept and its error at the targets reported."""
     L = shape["layers"]
     rows = {}
     for ph, m in meas.items():
         kind = kinds[ph]
         pm = per_block_model(m, kind)
         row = {"model": pm}
+        if kind == "train" and direct and ph in direct:
+            small = pm
+            pm = row["model"] = per_block_model(direct[ph], kind)
+            row["small_token_fit"] = small
+            row["small_token_fit_error"] = {
+                str(t): (predict(small, L, t) - predict(pm, L, t)) / predict(pm, L, t) for t in sorted(direct[ph][1])}
         if kind == "train":
             for mb in MICRO_BATCHES:
                 t = SEQ * mb
@@ -657,8 +668,11 @@ def run(args, log=print) -> dict:
     for name, shape in shapes.items():
         log(f"{name}:")
         meas = measure_shape(shape, names, True, fit_tokens, log=log)
-        result["models"][name] = {"shape": shape, "measured": _jsonable(meas),
-                                  "plan": _jsonable(plan_for(name, shape, meas, kinds))}
+        train = [n for n in names if kinds[n] == "train" and n in meas]
+        targets = tuple(SEQ * mb for mb in MICRO_BATCHES) if not args.smoke else (96, 160)
+        direct = measure_shape(shape, train, True, targets, log=log)
+        result["models"][name] = {"shape": shape, "measured": _jsonable(meas), "measured_at_targets": _jsonable(direct),
+                                  "plan": _jsonable(plan_for(name, shape, meas, kinds, direct))}
     result["whole_model_check"] = whole_model_check(args, names, kinds, log)
     result["failed"] = dict(FAILED)
     return result
