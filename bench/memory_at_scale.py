@@ -756,25 +756,30 @@ def tables(result: dict) -> str:
                      f"{sh['intermediate_size']}, heads {sh['num_attention_heads']}/{sh['num_key_value_heads']}, "
                      f"vocab {sh['vocab_size']})\n")
         lines.append("| workflow | per block GiB (+ per 1K tokens) | fixed GiB | 1 GPU, mb 1 | 1 GPU, mb 4 | "
-                     "8 GPUs FSDP, mb 1 | smallest setup, mb 1 | smallest setup, mb 4 |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "8 GPUs FSDP, mb 1 | smallest setup, mb 1 | smallest setup, mb 4 | 64-256 token fit at mb 4 |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for w, row in plan.items():
             mod = row["model"]
             blk = f"{_gb(mod['block']['intercept'])} (+{_gb(mod['block']['slope'] * 1000)})"
             fix = _gb(mod["fixed"]["intercept"])
             if "mb1" in row:
                 d1, d4 = row["mb1"]["per_device_bytes"], row["mb4"]["per_device_bytes"]
+                err = (row.get("small_token_fit_error") or {}).get(str(row["mb4"]["tokens"]))
                 lines.append(f"| {w} | {blk} | {fix} | {_gb(d1['1'])} | {_gb(d4['1'])} | {_gb(d1['8'])} | "
-                             f"{row['mb1']['fits'] or 'none of these'} | {row['mb4']['fits'] or 'none of these'} |")
+                             f"{row['mb1']['fits'] or 'none of these'} | {row['mb4']['fits'] or 'none of these'} | "
+                             f"{'-' if err is None else f'{err:+.1%}'} |")
             else:
                 one = row["single"]
                 lines.append(f"| {w} | {blk} | {fix} | {_gb(one['bytes'])} | | | "
-                             f"{one['fits'] or 'more than one 80 GB GPU'} (one device only) | |")
+                             f"{one['fits'] or 'more than one 80 GB GPU'} (one device only) | | |")
         lines.append("")
-    fits = [(w, mm, r["model"]) for mm, m in result["models"].items() for w, r in m["plan"].items()]
-    worst = max((max(r["fixed"]["max_residual_rel"], r["block"]["max_residual_rel"]) for _, _, r in fits), default=0)
-    lines.append(f"Affine fits in tokens: largest residual {worst:.2e} of the largest peak (exact up to the fake "
-                 "run's own small tensors).\n")
+    fits = [r.get("small_token_fit", r["model"]) for m in result["models"].values() for r in m["plan"].values()]
+    worst = max((max(r["fixed"]["max_residual_rel"], r["block"]["max_residual_rel"]) for r in fits), default=0)
+    lines.append(f"Affine fits in tokens (64, 128, 256; calibration and GPTQ 64, 256): largest residual {worst:.2e} "
+                 "of the fitted part. The last column: the whole-model peak that fit predicts at 8192 tokens against "
+                 "the blocks measured at 8192 tokens (what the plan uses).\n")
+    if result.get("failed"):
+        lines.append("**Not measured** (failed): " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()) + "\n")
     v = result["verify"]
     lines.append("**Fake against real** (tiny shape, 2 blocks, 32 tokens; equal within "
                  f"{VERIFY_TOLERANCE} bytes): " + ", ".join(
