@@ -1,4 +1,7 @@
-"""Shared machinery of the reproduction benchmarks (quality.py, ablations.py, quantization.py, suite.py).
+"""Shared machinery of the reproduction benchmarks (quality.py, ablations.py, quantization.py,
+recovery.py, noise_scale.py, quantize_order.py, suite.py). No part imports another: the steps two
+parts share (quality's learning-rate grid, quantizing and measuring a model, recovering one) live
+here, and reports go through bench/lib's writer, which records the provenance block.
 
 Why a cache: the suite takes about two hours on a 2-core CPU, longer than anyone sits through.
 Every finished training run is written as one JSON file under ``<out>/runs/<preset>/<key>.json``
@@ -30,10 +33,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import this file as a module
+from lib import ROOT  # noqa: E402  bench/lib (puts ROOT/src on sys.path)
+from lib.provenance import provenance  # noqa: E402
+from lib import report as lib_report  # noqa: E402
 
-from salientft._io import atomic_path, write_json  # noqa: E402
+from salientft._io import write_json  # noqa: E402
 
 from _machine import git_commit, machine_info  # noqa: E402,F401  (bench/_machine.py)
 
@@ -185,7 +190,8 @@ class Runs:
         result = compute()
         rec = {"spec": spec, "preset": self.preset.name, "key": run_key(self.preset, spec),
                "result": result, "seconds": round(time.time() - t0, 1),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit(),
+               "provenance": provenance(self.preset.dtype, spec.get("seed"))}
         write_json(self.path(spec), rec)
         return rec
 
@@ -288,7 +294,7 @@ def item_differences(recs_a: list, recs_b: list) -> tuple[dict, int] | None:
     return out, len(pairs)
 
 
-def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: int = 0) -> dict | None:
+def paired_difference(recs_a: list, recs_b: list, resamples: int | None = None, seed: int = 0) -> dict | None:
     """Six-task average of b minus a, item by item: the difference and a paired percentile bootstrap
     95 % interval (items resampled within each task, tasks in TASK_METRIC's order, one rng), each
     item's difference its mean over the matched seeds; the same for the five tasks without BoolQ
@@ -299,7 +305,7 @@ def paired_difference(recs_a: list, recs_b: list, resamples: int = 2000, seed: i
 
 
 def paired_difference_in_differences(before_a: list, after_a: list, before_b: list, after_b: list,
-                                     resamples: int = 2000, seed: int = 0) -> dict | None:
+                                     resamples: int | None = None, seed: int = 0) -> dict | None:
     """(after_b - before_b) - (after_a - before_a), item by item, with paired_difference's interval:
     e.g. how much less model b loses to quantization than model a, each against its own unquantized
     self. Seeds matched in order, over the seeds all four lists have."""
@@ -311,7 +317,7 @@ def paired_difference_in_differences(before_a: list, after_a: list, before_b: li
     return paired_interval({t: b[0][t] - a[0][t] for t in TASK_METRIC}, a[1], resamples=resamples, seed=seed)
 
 
-def paired_interval(sums: dict, n_seeds: int, resamples: int = 2000, seed: int = 0) -> dict:
+def paired_interval(sums: dict, n_seeds: int, resamples: int | None = None, seed: int = 0) -> dict:
     """The six-task difference, its paired bootstrap 95 % interval and the five tasks without BoolQ, from
     per-item sums over ``n_seeds`` seeds ({task: int array}, as item_differences returns them)."""
     from salientft.evaluation.paired import paired_bootstrap_differences
@@ -335,7 +341,7 @@ def paired_cells(c: dict) -> str:
     return f"{100 * c['diff']:+.1f} | [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {rest}"
 
 
-def paired_table(pairs, resamples: int = 2000, seed: int = 0) -> dict:
+def paired_table(pairs, resamples: int | None = None, seed: int = 0) -> dict:
     """{name: paired_difference(a, b)} for each ``(name, recs_a, recs_b)`` of ``pairs`` whose records
     carry per-item outcomes; pairs without them (runs from before --log-samples) are left out."""
     found = ((name, paired_difference(a, b, resamples=resamples, seed=seed)) for name, a, b in pairs)
@@ -373,7 +379,7 @@ def model_metrics(model, tok, preset: Preset) -> dict:
 
 def lora_rank_matching_gift(model_name: str) -> tuple[int, int]:
     """(LoRA rank whose trainable count is closest to GIFT-SW's default, GIFT-SW's count) on ``model_name``."""
-    from step import gift_budget  # bench/step.py: the same matching for the speed benchmark
+    from lib.methods import gift_budget  # bench/lib: the same matching as the speed benchmarks
 
     from salientft.config import GiftConfig
     from salientft.models import load_model
@@ -437,23 +443,10 @@ def fmt(m, s=None, scale=1.0, spec=".1f") -> str:
     return text if s is None else f"{text} ± {format(s * scale, spec.lstrip('+'))}"
 
 
-def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=None) -> None:
-    """``<out>/<name>.json``, ``.md`` and (if ``plot()`` returning a figure is given) ``.png``, each atomically."""
-    write_json(out / f"{name}.json", result)
-    with atomic_path(out / f"{name}.md") as tmp:
-        tmp.write_text("\n".join(markdown) + "\n")
-    if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = plot()
-        fig.tight_layout()
-        with atomic_path(out / f"{name}.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-    print(f"wrote {out / name}.json/.md" + ("/.png" if plot else ""))
+def write_report(out: Path, name: str, result: dict, markdown: list[str], plot=None, *, preset: Preset) -> None:
+    """``<out>/<name>.json``, ``.md`` and (given ``plot()`` returning a figure) ``.png``, through bench/lib's
+    writer, with the provenance block of ``preset`` (its dtype, its seeds)."""
+    lib_report.write_report(out / name, result, markdown, plot, dtype=preset.dtype, seed=list(preset.seeds))
 
 
 def base_reference(ax, base: float | None, values: list[float], label: str = "base (no training)") -> bool:
@@ -523,3 +516,261 @@ def setting_lines(preset: Preset, command: str, skipped: list[str],
                   "to continue from the cache: " + "; ".join(skipped), ""]
     return lines
 
+
+# ----------------------------------------------------------------------------------------------
+# Steps several parts share (scripts never import each other: what two parts use lives here)
+# ----------------------------------------------------------------------------------------------
+# The learning-rate grid (quality.py --lr-grid); noise_scale.py, recovery.py and quantize_order.py
+# train at the rates it chose.
+# Learning-rate grids around each method's paper rate (GIFT-SW 1e-4, the others 3e-5), a factor ~3 apart.
+LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e-3),
+           "lora": (3e-5, 1e-4, 3e-4, 1e-3), "dora": (3e-5, 1e-4, 3e-4, 1e-3),
+           "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
+
+MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
+
+
+def quality_spec(method: str, seed: int, rank: int) -> dict:
+    spec = {"method": method, "seed": seed}
+    if method in ("lora", "dora"):
+        spec["lora_r"] = rank
+    if method == "gmt":
+        spec["mask_ratio"] = 0.5
+    return spec
+
+
+def choose_lrs(runs, methods, seed: int, rank: int, run=None) -> dict:
+    """{method: {"grid", "heldout_loss": {lr: loss}, "chosen", "extended"}}: seed 0 at every rate of
+    the method's grid without the six-task evaluation, the lowest held-out loss chosen (None while
+    incomplete). A best rate at either end of the grid is not a tuned rate, so the grid grows by one
+    half-decade in that direction (at most MAX_GRID_EXTENSIONS times) until the best is inside it.
+    ``run`` (default ``runs.train``) runs or looks up one spec; ``runs.cached`` reads the choice
+    without training anything (:func:`chosen_lrs`)."""
+    run = run or runs.train
+    out = {}
+    for m in methods:
+        rates, losses, chosen = sorted(LR_GRID[m]), {}, None
+        while True:
+            for lr in rates:
+                if lr in losses:
+                    continue
+                # held-out loss only: the six-task evaluation (2/3 of a run's time) is for the chosen rate
+                rec = run({**quality_spec(m, seed, rank), "lr": lr, "eval_tasks": ""})
+                if rec is not None and rec["result"].get("heldout_loss_after") is not None:
+                    losses[lr] = rec["result"]["heldout_loss_after"]
+            if len(losses) < len(rates):
+                break  # grid incomplete (budget): rerun to continue
+            best = min(rates, key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)
+            at_edge = len(rates) > 1 and best in (rates[0], rates[-1])
+            if not at_edge or len(rates) - len(LR_GRID[m]) >= MAX_GRID_EXTENSIONS:
+                chosen = best
+                break
+            rates = sorted(rates + [half_decade_step(best, up=best == rates[-1])])
+        out[m] = {"grid": rates, "heldout_loss": {str(k): v for k, v in losses.items()}, "chosen": chosen,
+                  "extended": len(rates) - len(LR_GRID[m]),
+                  "at_edge": None if chosen is None else chosen in (rates[0], rates[-1])}
+    return out
+
+
+def chosen_lrs(runs, methods, rank: int) -> dict:
+    """{method: the learning rate its grid chose, or None while the grid is incomplete}, from the cache
+    alone: for the other parts of the refresh, which train at the rates quality chose."""
+    grid = choose_lrs(runs, methods, runs.preset.seeds[0], rank, run=runs.cached)
+    return {m: g["chosen"] for m, g in grid.items()}
+
+
+def half_decade_step(lr: float, up: bool) -> float:
+    """lr's neighbour on the 1-3-10 ladder the grids use (1e-4 -> 3e-4 -> 1e-3; down: 1e-4 -> 3e-5)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    three = lr / 10 ** exp > 2  # lr is 3e<exp>, else 1e<exp>
+    if up:
+        return float(f"1e{exp + 1}") if three else float(f"3e{exp}")
+    return float(f"1e{exp}") if three else float(f"3e{exp - 1}")
+
+
+# Quantization (quantization.py); recovery.py and quantize_order.py start from its models and
+# measure theirs the same way.
+QUANT_METHODS = {  # name -> (method, keep salient columns)
+    "rtn": ("rtn", False),
+    "rtn+salient": ("rtn", True),
+    "gptq": ("gptq", False),
+    "gptq+salient": ("gptq", True),
+}
+
+SALIENT_FRACTION = 128 / 4096
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    bits: tuple[int, ...]
+    methods: tuple[str, ...]
+    samples: int
+    seq_len: int
+    text_tokens: int
+
+
+QUANT = {
+    "full": QuantSetting((4, 3, 2), tuple(QUANT_METHODS), samples=32, seq_len=512, text_tokens=8192),
+    "quick": QuantSetting((3,), ("rtn+salient", "gptq+salient"), samples=16, seq_len=256, text_tokens=2048),
+    "smoke": QuantSetting((3,), tuple(QUANT_METHODS), samples=4, seq_len=64, text_tokens=512),
+    # the 500-item refresh: the start points of recovery (and of train-then-quantize), measured on the subset
+    "paper500": QuantSetting((4, 3, 2), ("gptq+salient",), samples=32, seq_len=512, text_tokens=8192),
+}
+
+
+def embedded_records(name: str) -> list[dict]:
+    from salientft.data.embedded import read_records
+
+    return read_records(name)
+
+
+def calibration_texts() -> list[str]:
+    docs = [r.get("passage") or "" for r in embedded_records("boolq")] + [r.get("ctx") or "" for r in embedded_records("hellaswag")]
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def text_ids(tok, n_tokens: int, window: int = 256):
+    """Held-out text: SciQ support paragraphs from the end of the file, cut into windows."""
+    import torch
+
+    texts = [r["support"] for r in embedded_records("sciq") if r.get("support")]
+    ids: list[int] = []
+    for t in reversed(texts):
+        ids += tok(t.strip()).input_ids + [tok.eos_token_id]
+        if len(ids) >= n_tokens:
+            break
+    n = (min(len(ids), n_tokens) // window) * window
+    return torch.tensor(ids[:n]).view(-1, window)
+
+
+def text_perplexity(model, ids, batch_size: int = 4) -> float:
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, ids.shape[0], batch_size):
+            x = ids[b : b + batch_size]
+            n = x.shape[0] * (x.shape[1] - 1)
+            nll += float(model(input_ids=x, labels=x).loss) * n
+            count += n
+    return math.exp(nll / count)
+
+
+def spec_for(qs: QuantSetting, name: str, bits: int) -> dict:
+    return {"part": "quantize", "method": name, "bits": bits, "salient_fraction": SALIENT_FRACTION,
+            "samples": qs.samples, "seq_len": qs.seq_len, "text_tokens": qs.text_tokens}
+
+
+def saved_dir(preset: Preset, qs: QuantSetting, bits: int) -> Path:
+    """Where the GPTQ + salient model at ``bits`` is kept (salientft's cache; outside the repo)."""
+    from salientft.models import cache_dir
+
+    return cache_dir() / "bench" / f"{preset.name}-gptq+salient-{run_key(preset, spec_for(qs, 'gptq+salient', bits))}"
+
+
+def quantize_one(preset: Preset, qs: QuantSetting, name: str, bits: int, save: Path | None = None) -> dict:
+    """Quantize the bf16 model with one configuration and measure it (and save it if asked)."""
+    import torch
+
+    from salientft.calibration import calibration_batches
+    from salientft.models import load_model
+    from salientft.quant.model import model_bytes, quantize, save_quantized, target_bytes
+
+    torch.manual_seed(0)
+    model, tok = load_model(preset.model, dtype="bf16")
+    before = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
+    if name == "bf16":
+        seconds = 0.0
+    else:
+        quantizer, salient = QUANT_METHODS[name]
+        calib = calibration_batches(tok, calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
+        t = time.time()
+        quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, quantizer=quantizer,
+                 calibration=calib, progress=True)
+        seconds = time.time() - t
+        if save is not None:
+            save_quantized(model, save, tokenizer=tok, base_model=preset.model)
+    return {"method": name, "bf16": before, **measure_quantized(model, tok, preset, qs, bits, seconds)}
+
+
+def measure_quantized(model, tok, preset: Preset, qs: QuantSetting, bits: int, seconds: float) -> dict:
+    """What every quantized model of the suite reports: bits, time, text perplexity, sizes, and
+    train()'s measurements (held-out loss, six-task evaluation)."""
+    from salientft.quant.model import model_bytes, target_bytes
+
+    return {"bits": bits, "quantize_seconds": round(seconds, 1),
+            "text_ppl": text_perplexity(model, text_ids(tok, qs.text_tokens)),
+            "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **model_metrics(model, tok, preset)}
+
+
+def quant_args(doc: str, argv=None):
+    """(args, preset, out, quant setting, runs) of a quantization part (--bits and the suite's flags)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--bits", type=int, nargs="+", default=None)
+    args = p.parse_args(argv)
+    preset, out = resolve(args)
+    return args, preset, out, QUANT[preset.name], Runs(preset, out, args.max_minutes)
+
+
+def ensure_saved(runs: Runs, qs: QuantSetting, bits: int) -> Path:
+    """The saved GPTQ + salient model at ``bits``, quantizing it again if it is not on disk."""
+    path = saved_dir(runs.preset, qs, bits)
+    if not (path / "quantization_config.json").is_file():
+        log.info("quantizing gptq+salient at %d bits for recovery (not on disk: %s)", bits, path)
+        quantize_one(runs.preset, qs, "gptq+salient", bits, save=path)
+    return path
+
+
+# Recovery of a quantized model (recovery.py); quantize_order.py recovers GIFT-SW with every seed.
+RECOVERY_METHODS = ("gift-sw", "ste", "lora")
+
+LR_FROM = {"gift-sw": "gift-sw", "ste": "full", "lora": "lora"}  # whose quality grid sets the rate (--paper500)
+
+
+def recovery_lrs(runs: Runs, rank: int) -> dict | None:
+    """{method: rate} chosen by quality's grid on this preset (None for presets without tuning);
+    refuses when a grid is incomplete, naming the command that completes it."""
+    if runs.preset.eval_subset is None:
+        return None
+    chosen = chosen_lrs(runs, sorted(set(LR_FROM.values())), rank)
+    missing = sorted(m for m, lr in chosen.items() if lr is None)
+    if missing:
+        raise SystemExit(f"recovery trains at the learning rates bench/quality.py chose, but the grid of "
+                         f"{', '.join(missing)} is incomplete: run `.venv/bin/python bench/quality.py --{runs.preset.name} "
+                         f"--lr-grid --methods {' '.join(missing)}` first")
+    return {m: chosen[LR_FROM[m]] for m in RECOVERY_METHODS}
+
+
+def text_ppl_of(preset: Preset, qs: QuantSetting):
+    def post(run_dir) -> dict:
+        from salientft.quant.model import model_bytes
+        from salientft.train import load_run
+
+        model, tok = load_run(run_dir)
+        return {"text_ppl": text_perplexity(model, text_ids(tok, qs.text_tokens)), "model_bytes": model_bytes(model)}
+
+    return post
+
+
+def recovery_spec(runs: Runs, qs: QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+                  seed: int) -> dict:
+    """The cache key of ``method`` recovering the GPTQ + salient model at ``bits`` with ``seed``."""
+    q_spec = spec_for(qs, "gptq+salient", bits)
+    spec = {"method": method, "seed": seed, "_start": f"gptq+salient-{bits}bit", "_quantize": run_key(runs.preset, q_spec)}
+    if method == "lora":
+        spec["lora_r"] = rank
+    if lrs is not None:
+        spec["lr"] = lrs[method]
+    return spec
+
+
+def recover(runs: Runs, qs: QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
+            seed: int = 0) -> dict | None:
+    """The cached or new record of ``method`` recovering the GPTQ + salient model at ``bits``."""
+    spec = recovery_spec(runs, qs, bits, method, rank, lrs, seed)
+    if runs.cached(spec) is None and not runs.over_budget():
+        extra = {"quantized": str(ensure_saved(runs, qs, bits))}
+    else:
+        extra = {}
+    return runs.train(spec, extra, post=text_ppl_of(runs.preset, qs))

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
               "base": None if base is None else {"paper_avg": base["result"]["paper_avg"],
                                                  "heldout_ppl": S.ppl(base["result"]["heldout_loss_after"])},
               "groups": groups, "seed_spread": noise, "incomplete": runs.skipped, "machine": S.machine()}
-    S.write_report(out, "ablations", result, markdown(result, preset), lambda: plot(result))
+    S.write_report(out, "ablations", result, markdown(result, preset), lambda: plot(result), preset=preset)
     return 0
 
 

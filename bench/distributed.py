@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,11 +24,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
-from _memory import MALLOC_ENV, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the spawned workers import this file
+from _machine import machine_info  # noqa: E402  bench/_machine.py
+from _memory import MALLOC_ENV, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402  bench/_memory.py
+from lib import RESULTS, ROOT  # noqa: E402  bench/lib
+from lib.models import random_llama  # noqa: E402
+from lib.report import write_report  # noqa: E402
+from lib.stats import median  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+SEEDS = {"model": 0, "batches": 1}
 SETTINGS = (("1 process", 1, "none"), ("DDP x2", 2, "ddp"), ("FSDP2 x2", 2, "fsdp"))
 
 
@@ -41,8 +44,6 @@ def _local_bytes(t) -> int:
 def _worker(rank, world, mode, args, init_file, out_dir):
     import torch.distributed as dist
 
-    from salientft.models import tiny_random_llama
-
     torch.set_num_threads(args.threads)
     base = rss_bytes()  # the process before its model: interpreter, torch, transformers
     cuda = args.device == "cuda"
@@ -52,9 +53,9 @@ def _worker(rank, world, mode, args, init_file, out_dir):
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
-    model = tiny_random_llama(seed=0, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                              num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                              num_key_value_heads=args.hidden // 64).to(dev).train()
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                 num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64)
+    model = random_llama(shape, torch.float32, seed=SEEDS["model"])[0].to(dev).train()
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -69,7 +70,7 @@ def _worker(rank, world, mode, args, init_file, out_dir):
         wrapped = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     rows = args.batch * (2 if world == 1 else 1)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(SEEDS["batches"])
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
@@ -91,7 +92,7 @@ def _worker(rank, world, mode, args, init_file, out_dir):
     state = sum(_local_bytes(p) + _local_bytes(p.grad) for p in model.parameters())
     state += sum(_local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
     peak = torch.cuda.max_memory_allocated(dev) if cuda else peak_rss_bytes() - base
-    res = {"rank": rank, "step_s": statistics.median(times), "peak_bytes": peak, "state_bytes": state,
+    res = {"rank": rank, "step_s": median(times), "peak_bytes": peak, "state_bytes": state,
            "params": sum(p.numel() for p in model.parameters())}
     (Path(out_dir) / f"{mode}-{world}-{rank}.json").write_text(json.dumps(res))
     if world > 1:
@@ -160,13 +161,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "distributed"))
+    ap.add_argument("--out", default=str(RESULTS / "distributed"))
     args = ap.parse_args(argv)
     res = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report(res))
+    write_report(Path(args.out), res, report(res), dtype="fp32", seed=SEEDS, device=args.device,
+                 threads=args.threads)
     print(report(res))
 
 

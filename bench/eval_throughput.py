@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 from _machine import machine_info  # bench/_machine.py
+from lib.cli import add_dtype_argument, torch_dtype  # bench/lib (puts src/ on the path)
+from lib.models import load_base
+from lib.report import write_report
 
 
 def profile_native(model, tok, tasks, limit, batch_size) -> dict:
@@ -67,7 +70,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=150)
     ap.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,boolq,winogrande")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="bf16")
+    add_dtype_argument(ap, default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="native,native-unshared,lm-eval")
     ap.add_argument("--profile", action="store_true", help="also profile one native evaluation")
@@ -75,11 +78,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from salientft._io import atomic_path, write_json
     from salientft.evaluation import evaluate
-    from salientft.models import load_model
 
-    model, tok = load_model("smollm2-135m", dtype=args.dtype)
+    model, tok = load_base("smollm2-135m", torch_dtype(args.dtype))
     tasks = args.tasks.split(",")
     runs = {}
     for be in args.backends.split(","):
@@ -101,10 +102,8 @@ def main() -> None:
     if args.profile:
         out["profile"] = profile_native(model, tok, tasks, args.limit, args.batch_size)
     stem = Path(args.out[:-5] if args.out.endswith(".json") else args.out)
-    write_json(stem.with_suffix(".json"), out)
-    with atomic_path(stem.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(out))
-    print(f"wrote {stem}.json/.md")
+    # evaluation draws nothing at random: no seed
+    write_report(stem, out, markdown(out), dtype=args.dtype, seed=None, threads=args.threads)
 
 
 if __name__ == "__main__":

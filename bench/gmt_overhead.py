@@ -22,36 +22,29 @@ quantity measured directly, less noisy).
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from _machine import machine_info  # bench/_machine.py
+from lib import RESULTS  # bench/lib (puts src/ on the path)
+from lib.cli import add_dtype_argument, torch_dtype
+from lib.models import load_base, random_batch
+from lib.report import write_report
+from lib.stats import median, summarize
+from lib.timing import interleave, returned
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from salientft._io import atomic_path, write_json  # noqa: E402
-from salientft.config_base import GMT_DEFAULT_RATIO  # noqa: E402
-from salientft.gmt import GradientMask  # noqa: E402
-from salientft.models import load_model  # noqa: E402
+from salientft.config_base import GMT_DEFAULT_RATIO
+from salientft.gmt import GradientMask
 
 TARGETS = {1: 0.10, 8: 0.03}  # GMT's overhead targets per accumulation (docs/gmt.md)
-
-
-def _quartiles(xs):
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[2]
+SEED = 0  # torch.manual_seed before the model is loaded; the batches' generator
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    add_dtype_argument(ap)
     ap.add_argument("--batch", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--accum", type=int, nargs="+", default=[1, 8])
@@ -60,12 +53,12 @@ def main(argv=None):
     ap.add_argument("--strict", action="store_true", help="also time tensor granularity in strict mode")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is measured)")
     ap.add_argument("--quick", action="store_true", help="2 rounds at accumulation 8, 4 at 1")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "gmt_overhead"))
+    ap.add_argument("--out", default=str(RESULTS / "gmt_overhead"))
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, _ = load_model("smollm2-135m", dtype=args.dtype)
+    torch.manual_seed(SEED)
+    model, _ = load_base("smollm2-135m", torch_dtype(args.dtype))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=0.0)
@@ -76,9 +69,8 @@ def main(argv=None):
     if args.strict:
         masks["gmt-tensor-strict"] = GradientMask(model, args.ratio, "tensor", mode="strict")
     methods = ["plain", *masks]
-    gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen) for _ in range(max(args.accum))]
+    batches = list(random_batch(vocab, (max(args.accum) * args.batch, args.seq), seed=SEED).split(args.batch))
 
     clock = time.process_time
 
@@ -105,37 +97,26 @@ def main(argv=None):
     n_masked = sum(p.numel() for _, p in masks["gmt-tensor"].params)
     for accum in args.accum:
         rounds = (2 if accum > 1 else 4) if args.quick else args.rounds
-        times = {m: [] for m in methods}
-        walls = {m: [] for m in methods}
-        mask_times = {m: [] for m in methods}
-        kept = {}
-        if accum == args.accum[0]:
-            for m in methods:  # warm-up (allocator, optimizer state)
-                step(m, 1)
-        for r in range(rounds):
-            order = methods[r % len(methods):] + methods[: r % len(methods)]
-            for m in order:
-                t, ms, k, wall = step(m, accum)
-                times[m].append(t)
-                walls[m].append(wall)
-                mask_times[m].append(ms)
-                if m != "plain":
-                    kept[m] = k
-            print(f"accum {accum} round {r + 1}/{rounds}: "
-                  + ", ".join(f"{m} {times[m][-1]:.3f}s" for m in methods), flush=True)
-        opt_s = statistics.median([st for _, st in mask_times["plain"]])  # a plain AdamW step
-        base = statistics.median(times["plain"])
+        # one warm-up step each before the first accumulation's rounds (allocator, optimizer state)
+        readings = interleave({m: (lambda m=m: step(m, accum)) for m in methods}, rounds,
+                              warmup=1 if accum == args.accum[0] else 0, measure=returned,
+                              on_round=lambda r, ts: print(f"accum {accum} round {r + 1}/{rounds}: " + ", ".join(
+                                  f"{m} {ts[m][-1][0]:.3f}s" for m in methods), flush=True))
+        times = {m: [x[0] for x in v] for m, v in readings.items()}
+        mask_times = {m: [x[1] for x in v] for m, v in readings.items()}
+        kept = {m: v[-1][2] for m, v in readings.items() if m != "plain"}
+        opt_s = median([st for _, st in mask_times["plain"]])  # a plain AdamW step
+        base = median(times["plain"])
         for m in methods:
-            med = statistics.median(times[m])
-            q1, q3 = _quartiles(times[m])
-            row = {"accum": accum, "method": m, "rounds": rounds, "median_s": med, "q1_s": q1, "q3_s": q3,
-                   "step_overhead": med / base - 1, "wall_median_s": statistics.median(walls[m])}
+            q = summarize(times[m], unit="s", keep=None)
+            row = {"accum": accum, "method": m, "rounds": rounds, **q, "step_overhead": q["median_s"] / base - 1,
+                   "wall_median_s": median(x[3] for x in readings[m])}
             if m != "plain":
                 # mask time = apply_ (+ in strict mode, step() minus a plain optimizer step:
                 # the snapshot and restore)
                 extra = [a + (st - opt_s if masks[m].config.mode == "strict" else 0.0)
                          for a, st in mask_times[m]]
-                mask_med = max(0.0, statistics.median(extra))
+                mask_med = max(0.0, median(extra))
                 row.update(mask_ms=1e3 * mask_med, mask_overhead=mask_med / base, kept_fraction=kept[m])
                 row["target"] = TARGETS.get(accum)
             results.append(row)
@@ -145,7 +126,6 @@ def main(argv=None):
            "trainable_entries": sum(p.numel() for p in params), **machine_info("torch", "threads"),
            "clock": "process_time", **machine_info("cpu=processor"), "quick": args.quick}
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), {"config": env, "results": results})
     lines = [
         "# GMT overhead vs plain fine-tuning",
         "",
@@ -169,8 +149,7 @@ def main(argv=None):
     lines += ["", "step overhead: median step / plain median - 1 (noisy on a shared machine); "
               "mask overhead: median time spent masking (and, in strict mode, snapshot/restore) / "
               "plain median step.", ""]
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_report(out, {"config": env, "results": results}, lines, dtype=args.dtype, seed=SEED, device="cpu")
     print("\n".join(lines))
 
 

@@ -9,7 +9,7 @@ Models (random init, built on the device; the embedded SmolLM2 files are too lar
 shape) and ``smollm2-shape`` (SmolLM2-135M's shape: 576 wide, intermediate 1536, 30 layers, 9 / 3
 heads, tied embeddings), both with SmolLM2's vocabulary of 49152, at 4 x 2048 tokens per micro-batch.
 
-Methods, as ``salientft train --dtype bf16`` prepares them (bench/step.py's ``build``: frozen
+Methods, as ``salientft train --dtype bf16`` prepares them (``lib.methods.build``: frozen
 weights bf16, trainable salient columns and LoRA fp32, dense methods fp32 masters, all under bf16
 autocast; GIFT-SW k = round(in/32) per layer, LoRA at GIFT-SW's trainable count): GIFT-SW without
 noise (``gift-none``), with weight noise (``gift-weight``: the library's default noise generator;
@@ -41,7 +41,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -50,11 +49,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import this file as a module
 from _machine import git_commit  # noqa: E402  bench/_machine.py
-from step import ROOT, build  # noqa: E402  bench/step.py (puts ROOT/src on sys.path)
-
-from salientft._io import atomic_path, write_json  # noqa: E402
+from lib import ROOT  # noqa: E402  (bench/lib; puts ROOT/src on sys.path)
+from lib.methods import build  # noqa: E402
+from lib.models import random_batch, random_llama  # noqa: E402
+from lib.report import write_report  # noqa: E402
+from lib.stats import round_ratio, summarize  # noqa: E402
+from lib.timing import clock_for, interleave  # noqa: E402
 
 NOISE_GENERATOR_ENV = "SALIENTFT_NOISE_GENERATOR"
 VOCAB = 49152  # SmolLM2's
@@ -75,7 +77,7 @@ DRY_MODELS = {
                           tie_word_embeddings=True),
 }
 DRY_TOKENS = (2, 32)
-# variant -> (bench/step.py variant, gradient accumulation, SALIENTFT_NOISE_GENERATOR during its steps)
+# variant -> (lib.methods variant, gradient accumulation, SALIENTFT_NOISE_GENERATOR during its steps)
 VARIANTS = {
     "gift-none": ("gift-none", 1, None),
     "gift-weight": ("gift-weight", 1, None),
@@ -97,7 +99,8 @@ GROUPS = {
 WARMUP = 2
 PHASE_WEIGHT = {"main": 3, "gmt": 2}  # a group's share of the budget: the main group builds 8 methods
 MIN_ROUNDS = 3
-DENSE = ("full", "gmt")  # bench/step.py variants whose master weights are fp32
+DENSE = ("full", "gmt")  # lib.methods variants whose master weights are fp32
+SEED = 0  # the random models' weights and batch; each method's warm-up noise starts from seed 1
 
 # Ops that make the host wait for the device on CUDA (a scalar read, a data-dependent output size,
 # a comparison returning a Python bool); device-to-host copies are counted separately.
@@ -221,57 +224,9 @@ def make_step(model, opt, batch, accum: int, generator, device_type: str):
     return step
 
 
-class Timer:
-    """Step time in ms: CUDA events on the GPU (no sync inside the step), perf_counter on CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __call__(self, step) -> float:
-        if not self.cuda:
-            t0 = time.perf_counter()
-            step()
-            return (time.perf_counter() - t0) * 1000
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-
-def interleave(steps: dict, rounds: int, timer: Timer) -> dict:
-    """{name: [ms per round]}: ``rounds`` rounds of one step per name, the start rotating."""
-    keys = list(steps)
-    times = {k: [] for k in keys}
-    for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-            times[k].append(timer(steps[k]))
-    return times
-
-
-def summarize(ms: list[float]) -> dict:
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-    return {"median_ms": statistics.median(ms), "q1_ms": q[0], "q3_ms": q[2], "step_ms": ms}
-
-
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def random_llama(shape: dict, dtype: torch.dtype, device: str):
-    """A randomly initialised Llama built directly on ``device`` (seed 0) and its tiny tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from salientft.models import tiny_tokenizer
-
-    cfg = LlamaConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2, **{"tie_word_embeddings": False, **shape})
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype).eval(), tiny_tokenizer()
-
-
 def synchronize(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
@@ -312,7 +267,7 @@ def run_group(model_name: str, shape: dict, group: str, batch: torch.Tensor, arg
             dtype = torch.float32 if dense else torch.bfloat16
             if dtype not in bases:
                 synchronize(cuda)
-                bases[dtype] = random_llama(shape, dtype, args.device)
+                bases[dtype] = random_llama(shape, dtype, args.device, seed=SEED)
             base_copy = (copy.deepcopy(bases[dtype][0]), bases[dtype][1])
             synchronize(cuda)
             with_base = allocated(cuda)
@@ -353,15 +308,14 @@ def run_group(model_name: str, shape: dict, group: str, batch: torch.Tensor, arg
                             "reason": f"budget: {left:.0f} s left, {MIN_ROUNDS} rounds need about "
                                       f"{MIN_ROUNDS * per_round:.0f} s"})
         else:
-            times = interleave(steps, rounds, Timer(cuda))
+            times = interleave(steps, rounds, warmup=0, measure=clock_for(args.device))  # warmed up above
             res.setdefault("rounds", {})[group] = rounds
             for k, ms in times.items():
                 res["methods"][k].update(summarize(ms))
             for k in times:
                 for ref in ("lora", "full-acc8", "gift-weight-torch"):
                     if ref in times and k != ref:
-                        res["methods"][k][f"round_ratio_vs_{ref}"] = statistics.median(
-                            a / b for a, b in zip(times[k], times[ref]))
+                        res["methods"][k][f"round_ratio_vs_{ref}"] = round_ratio(times[k], times[ref])
     del keep, steps, bases
     gc.collect()
     if cuda:
@@ -427,7 +381,6 @@ def _fmt(v, spec=".2f"):
 def write_reports(result: dict, out: Path) -> None:
     result["targets"] = evaluate_targets(result)
     result["wall_s"] = round(time.perf_counter() - result.pop("_t0", time.perf_counter()), 1)
-    write_json(out / "gpu_step.json", result)
     lines = ["# GPU step benchmark (bench/gpu_step.py, run by scripts/gpu_check.sh)", ""]
     if result["dry_run"]:
         lines += ["**DRY RUN on CPU with tiny models: these numbers say nothing about a GPU.**", ""]
@@ -461,8 +414,7 @@ def write_reports(result: dict, out: Path) -> None:
     lines += ["", "## Skipped", ""]
     lines += [f"- {s['model']} / {s['method']}: {s['reason']}" for s in result["skipped"]] or ["- nothing"]
     lines.append("")
-    with atomic_path(out / "gpu_step.md") as tmp:
-        tmp.write_text("\n".join(lines))
+    write_report(out / "gpu_step", result, lines, dtype="bf16", seed=SEED, device=result["device"], quiet=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +506,6 @@ def check_report(phases_file: str, out: Path, dry_run: bool) -> int:
         "phases": phases, "suite": junit_summary(out / "tests.xml"),
         "targets": bench["targets"] if bench else None, "skipped": bench["skipped"] if bench else None,
     }
-    write_json(out / "gpu_check.json", report)
     lines = ["# GPU check (scripts/gpu_check.sh)", ""]
     if dry_run:
         lines += ["**DRY RUN on CPU: no GPU was used; nothing here is a GPU measurement.**", ""]
@@ -573,8 +524,8 @@ def check_report(phases_file: str, out: Path, dry_run: bool) -> int:
         lines += [f"| {t['model']} | {t['measure']} | {t['goal']} | {t['must']} | {_fmt(t['value'])} | {t['verdict']} |"
                   for t in report["targets"]]
     lines.append("")
-    with atomic_path(out / "gpu_check.md") as tmp:
-        tmp.write_text("\n".join(lines))
+    write_report(out / "gpu_check", report, lines, dtype="bf16", seed=SEED, device="cpu" if not cuda else "cuda",
+                 quiet=True)
     print("\n".join(lines))
     return 0
 
@@ -643,8 +594,7 @@ def run(args, ap) -> int:
         # leaves unspent goes to the next ones)
         share = PHASE_WEIGHT[group] / sum(PHASE_WEIGHT[g] for _, g in phases[i:])
         phase_deadline = time.perf_counter() + (deadline - time.perf_counter()) * share
-        gen = torch.Generator(device=args.device).manual_seed(0)
-        batch = torch.randint(3, shape["vocab_size"], tuple(result["tokens"]), device=args.device, generator=gen)
+        batch = random_batch(shape["vocab_size"], result["tokens"], args.device, seed=SEED)
         print(f"[gpu_step] {model_name} {group}", file=sys.stderr, flush=True)
         run_group(model_name, shape, group, batch, args, phase_deadline, result)
         result["_t0"] = t0

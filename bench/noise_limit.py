@@ -5,7 +5,7 @@
     .venv/bin/python bench/noise_limit.py --model smollm2-135m --batch 2 --seq 256 --out /tmp/limit
 
 One process, interleaved rounds (the start rotating each round, after one warm-up each), built
-with bench/step.py's functions (same models, batch, step, LoRA rank). Each round times:
+with bench/lib's functions, as bench/step.py (same models, batch, step, LoRA rank). Each round times:
 
 * the training steps ``gift-none``, ``gift-weight`` (noise drawn in forward and again in
   backward), ``gift-weight-kept`` (drawn once, kept for backward) and ``lora``;
@@ -21,20 +21,23 @@ Writes ``<out>.json`` and ``<out>.md`` (default docs/results/noise_limit).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import step as S  # bench/step.py
-from _machine import machine_info
+from _machine import machine_info  # bench/_machine.py
+from lib import RESULTS  # bench/lib (puts src/ on the path)
+from lib.methods import build, train_step
+from lib.models import MODELS, batch_shape_for, make_batch
+from lib.report import write_report
+from lib.stats import median, round_ratio
+from lib.timing import interleave, wall_ms
 
-from salientft._io import atomic_path, write_json  # noqa: E402  (step.py put src/ on the path)
-from salientft.gift.model import gift_layers  # noqa: E402
-from salientft.ops.noise import drawn_chunks, noise_chunks, noise_threads, noisy_row_blocks, set_noise_threads  # noqa: E402
+from salientft.gift.model import gift_layers
+from salientft.ops.noise import drawn_chunks, noise_chunks, noise_threads, noisy_row_blocks, set_noise_threads
 
+SEED = 0  # torch.manual_seed before each model is built, and before the timed rounds
 STEPS = ("gift-none", "gift-weight", "gift-weight-kept", "lora")
 
 
@@ -55,46 +58,36 @@ def noise_work(layers, threads: int, draw_only: bool):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="wide-llama", choices=S.MODELS)
+    ap.add_argument("--model", default="wide-llama", choices=MODELS)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--noise-threads", type=int, default=None)
-    ap.add_argument("--out", default=str(S.ROOT / "docs" / "results" / "noise_limit"))
+    ap.add_argument("--out", default=str(RESULTS / "noise_limit"))
     args = ap.parse_args(argv)
     set_noise_threads(args.noise_threads)
     threads = noise_threads()
     info = {**machine_info("cpu_model", "threads", "torch", "load_avg_1m", "commit", "omp_wait_policy"),
             "noise_threads": threads}
-    shape = S.batch_shape_for(args.model, False, (args.batch, args.seq))
+    shape = batch_shape_for(args.model, False, (args.batch, args.seq))
     runs, tok = {}, None
     for m in STEPS:
-        torch.manual_seed(0)
-        model, tok, opt, _ = S.build(m, args.model, torch.float32, "cpu")
+        torch.manual_seed(SEED)
+        model, tok, opt, _ = build(m, args.model, torch.float32, "cpu")
         runs[m] = (model, opt)
-    batch = S.make_batch(tok, *shape)
+    batch = make_batch(tok, *shape)
     layers = list(gift_layers(runs["gift-none"][0]).values())
     n_weights = sum(layer.out_features * layer.in_features for layer in layers)
-    work = {m: (lambda m=m: S.train_step(*runs[m], batch)) for m in STEPS}
+    work = {m: (lambda m=m: train_step(*runs[m], batch)) for m in STEPS}
     work["noise"] = noise_work(layers, threads, draw_only=False)
     work["draw"] = noise_work(layers, threads, draw_only=True)
     work["draw-1t"] = noise_work(layers, 1, draw_only=True)
     keys = list(work)
-    for k in keys:
-        work[k]()
-    times = {k: [] for k in keys}
-    for r in range(args.rounds):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-            t0 = time.perf_counter()
-            work[k]()
-            times[k].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    torch.manual_seed(SEED)
+    t = interleave(work, args.rounds, warmup=1, measure=wall_ms,
+                   on_round=lambda r, _: print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True))
+    med = {k: median(v) for k, v in t.items()}
 
-    def per_round(f):
-        return statistics.median(f(r) for r in range(args.rounds))
-
-    t = {k: v for k, v in times.items()}
     floor2 = [t["gift-none"][r] + 2 * t["noise"][r] for r in range(args.rounds)]
     floor1 = [t["gift-none"][r] + t["noise"][r] for r in range(args.rounds)]
     res = {
@@ -102,18 +95,17 @@ def main(argv=None) -> None:
         "median_ms": med,
         "ns_per_weight": {k: med[k] * 1e6 / n_weights for k in ("noise", "draw", "draw-1t")},
         "ratios": {
-            "weight / lora": per_round(lambda r: t["gift-weight"][r] / t["lora"][r]),
-            "kept / lora": per_round(lambda r: t["gift-weight-kept"][r] / t["lora"][r]),
-            "none / lora": per_round(lambda r: t["gift-none"][r] / t["lora"][r]),
-            "floor (none + 2 noise) / lora": per_round(lambda r: floor2[r] / t["lora"][r]),
-            "floor (none + 1 noise) / lora": per_round(lambda r: floor1[r] / t["lora"][r]),
-            "weight / floor (none + 2 noise)": per_round(lambda r: t["gift-weight"][r] / floor2[r]),
-            "kept / floor (none + 1 noise)": per_round(lambda r: t["gift-weight-kept"][r] / floor1[r]),
-            "draw 1 thread / draw": per_round(lambda r: t["draw-1t"][r] / t["draw"][r]),
+            "weight / lora": round_ratio(t["gift-weight"], t["lora"]),
+            "kept / lora": round_ratio(t["gift-weight-kept"], t["lora"]),
+            "none / lora": round_ratio(t["gift-none"], t["lora"]),
+            "floor (none + 2 noise) / lora": round_ratio(floor2, t["lora"]),
+            "floor (none + 1 noise) / lora": round_ratio(floor1, t["lora"]),
+            "weight / floor (none + 2 noise)": round_ratio(t["gift-weight"], floor2),
+            "kept / floor (none + 1 noise)": round_ratio(t["gift-weight-kept"], floor1),
+            "draw 1 thread / draw": round_ratio(t["draw-1t"], t["draw"]),
         },
     }
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), res)
     lines = [f"# Weight-noise floor (bench/noise_limit.py): {args.model}, {shape[0]} x {shape[1]} tokens", "",
              f"{info['cpu_model']}, {info['threads']} torch threads, {threads} noise-drawing threads, torch "
              f"{info['torch']}, OMP_WAIT_POLICY {info['omp_wait_policy']}, 1-min load average {info['load_avg_1m']} "
@@ -126,8 +118,7 @@ def main(argv=None) -> None:
     lines += ["", "| ratio (median of per-round ratios) | |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in res["ratios"].items()]
     lines.append("")
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_report(out, res, lines, dtype="fp32", seed=SEED, device="cpu")
     print("\n".join(lines))
 
 

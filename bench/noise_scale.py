@@ -21,7 +21,6 @@ import argparse
 import sys
 
 import _suite as S
-import quality
 
 GIFT_BITS = (2, 3, 4, 6, 8)  # the quantizer widths whose step sets the noise; None: no noise
 PAPER_BITS = 4
@@ -54,7 +53,7 @@ def tuned_lrs(runs: S.Runs) -> dict | None:
     if runs.preset.eval_subset is None:
         return None
     rank = S.lora_rank_matching_gift(runs.preset.model)[0]
-    chosen = quality.chosen_lrs(runs, ["gift-sw", "full"], rank)
+    chosen = S.chosen_lrs(runs, ["gift-sw", "full"], rank)
     missing = sorted(m for m, lr in chosen.items() if lr is None)
     if missing:
         raise SystemExit(f"the noise sweep trains at the rates bench/quality.py chose, but the grid of "
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
               "paired_vs_none": S.paired_table((label, records[reference(label)], recs)
                                                for label, recs in records.items() if reference(label) != label),
               "incomplete": runs.skipped, "machine": S.machine()}
-    S.write_report(out, "noise_scale", result, markdown(result, preset), lambda: plot(result))
+    S.write_report(out, "noise_scale", result, markdown(result, preset), lambda: plot(result), preset=preset)
     return 0
 
 

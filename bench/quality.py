@@ -25,31 +25,19 @@ GMT against full fine-tuning).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import _suite as S
+from _suite import LR_GRID, MAX_GRID_EXTENSIONS, choose_lrs, chosen_lrs, half_decade_step  # noqa: F401  (the grid:
+# in _suite.py, since the parts that train at its rates read it too)
 
 METHODS = ("gift-sw", "salient", "gmt", "full", "lora", "dora")
 QUICK_METHODS = ("gift-sw", "salient", "full", "lora")
-# Learning-rate grids around each method's paper rate (GIFT-SW 1e-4, the others 3e-5), a factor ~3 apart.
-LR_GRID = {"gift-sw": (3e-5, 1e-4, 3e-4, 1e-3), "salient": (3e-5, 1e-4, 3e-4, 1e-3),
-           "lora": (3e-5, 1e-4, 3e-4, 1e-3), "dora": (3e-5, 1e-4, 3e-4, 1e-3),
-           "full": (1e-5, 3e-5, 1e-4), "gmt": (1e-5, 3e-5, 1e-4)}
-MAX_GRID_EXTENSIONS = 2  # a grid grows by at most this many half-decades past its ends
-BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_RESAMPLES = None  # the exact bootstrap (salientft.evaluation.paired): no seed moves an interval
 # Paired comparisons a paper makes between two methods other than GIFT-SW (first minus second).
 CLAIM_PAIRS = (("gmt", "full", "GMT against the full fine-tuning it modifies (docs/methods.md#gmt-algorithm)"),)
 TASK_METRIC = S.TASK_METRIC
-
-
-def specs(method: str, seed: int, rank: int) -> dict:
-    spec = {"method": method, "seed": seed}
-    if method in ("lora", "dora"):
-        spec["lora_r"] = rank
-    if method == "gmt":
-        spec["mask_ratio"] = 0.5
-    return spec
+specs = S.quality_spec  # one run's spec: method, seed, LoRA rank, GMT's ratio
 
 
 def main(argv=None) -> int:
@@ -82,51 +70,11 @@ def main(argv=None) -> int:
     result["lr_grid"] = grid
     result["paired_vs_gift_sw"] = paired_vs(records, "gift-sw")
     result["paired_claims"] = paired_claims(records)
-    S.write_report(out, "quality", result, markdown(result, preset), lambda: plot(result))
+    S.write_report(out, "quality", result, markdown(result, preset), lambda: plot(result), preset=preset)
     return 0
 
 
-def choose_lrs(runs, methods, seed: int, rank: int, run=None) -> dict:
-    """{method: {"grid", "heldout_loss": {lr: loss}, "chosen", "extended"}}: seed 0 at every rate of
-    the method's grid without the six-task evaluation, the lowest held-out loss chosen (None while
-    incomplete). A best rate at either end of the grid is not a tuned rate, so the grid grows by one
-    half-decade in that direction (at most MAX_GRID_EXTENSIONS times) until the best is inside it.
-    ``run`` (default ``runs.train``) runs or looks up one spec; ``runs.cached`` reads the choice
-    without training anything (:func:`chosen_lrs`)."""
-    run = run or runs.train
-    out = {}
-    for m in methods:
-        rates, losses, chosen = sorted(LR_GRID[m]), {}, None
-        while True:
-            for lr in rates:
-                if lr in losses:
-                    continue
-                # held-out loss only: the six-task evaluation (2/3 of a run's time) is for the chosen rate
-                rec = run({**specs(m, seed, rank), "lr": lr, "eval_tasks": ""})
-                if rec is not None and rec["result"].get("heldout_loss_after") is not None:
-                    losses[lr] = rec["result"]["heldout_loss_after"]
-            if len(losses) < len(rates):
-                break  # grid incomplete (budget): rerun to continue
-            best = min(rates, key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)
-            at_edge = len(rates) > 1 and best in (rates[0], rates[-1])
-            if not at_edge or len(rates) - len(LR_GRID[m]) >= MAX_GRID_EXTENSIONS:
-                chosen = best
-                break
-            rates = sorted(rates + [half_decade_step(best, up=best == rates[-1])])
-        out[m] = {"grid": rates, "heldout_loss": {str(k): v for k, v in losses.items()}, "chosen": chosen,
-                  "extended": len(rates) - len(LR_GRID[m]),
-                  "at_edge": None if chosen is None else chosen in (rates[0], rates[-1])}
-    return out
-
-
-def chosen_lrs(runs, methods, rank: int) -> dict:
-    """{method: the learning rate its grid chose, or None while the grid is incomplete}, from the cache
-    alone: for the other parts of the refresh, which train at the rates quality chose."""
-    grid = choose_lrs(runs, methods, runs.preset.seeds[0], rank, run=runs.cached)
-    return {m: g["chosen"] for m, g in grid.items()}
-
-
-def paired_claims(records: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def paired_claims(records: dict, resamples: int | None = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """{"a - b": paired difference and the claim it tests} for each of CLAIM_PAIRS both of whose
     methods have per-item records."""
     claims = {f"{a} - {b}": claim for a, b, claim in CLAIM_PAIRS}
@@ -135,16 +83,7 @@ def paired_claims(records: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int
     return {name: {**d, "claim": claims[name]} for name, d in found.items()}
 
 
-def half_decade_step(lr: float, up: bool) -> float:
-    """lr's neighbour on the 1-3-10 ladder the grids use (1e-4 -> 3e-4 -> 1e-3; down: 1e-4 -> 3e-5)."""
-    exp = math.floor(math.log10(lr) + 1e-9)
-    three = lr / 10 ** exp > 2  # lr is 3e<exp>, else 1e<exp>
-    if up:
-        return float(f"1e{exp + 1}") if three else float(f"3e{exp}")
-    return float(f"1e{exp}") if three else float(f"3e{exp - 1}")
-
-
-def paired_vs(records: dict, ref: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+def paired_vs(records: dict, ref: str, resamples: int | None = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
     """Each method minus ``ref`` on the six-task average (S.paired_difference: items resampled
     within each task, each item's difference its mean over the seeds both methods have)."""
     if ref not in records:

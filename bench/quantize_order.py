@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 
 import _suite as S
-import quantization as Q
-import recovery
 
 TRAINED = {"noise, then quantize": "gift-sw", "no noise, then quantize": "salient"}
 RECOVERED = "quantize, then train"
@@ -58,7 +56,7 @@ def keep_adapter(dest: Path):
     return post
 
 
-def quantized_trained_model(preset: S.Preset, qs: Q.QuantSetting, adapter: Path, bits: int):
+def quantized_trained_model(preset: S.Preset, qs: S.QuantSetting, adapter: Path, bits: int):
     """(model, tokenizer, seconds): a trained GIFT-SW / salient adapter merged into the bf16 base and
     quantized with GPTQ, its 16-bit salient columns being the trained columns of every layer."""
     import torch
@@ -77,31 +75,31 @@ def quantized_trained_model(preset: S.Preset, qs: Q.QuantSetting, adapter: Path,
         s = torch.zeros(shape["in_features"] or model.get_submodule(name).in_features)  # None: a PEFT-format adapter
         s[tensors[f"{name}.salient_idx"].long()] = 1.0
         scores[name] = s
-    calib = calibration_batches(tok, Q.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
+    calib = calibration_batches(tok, S.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
     t = time.time()
-    quantize(model, bits, salient_fraction=Q.SALIENT_FRACTION, method="gptq", calibration=calib, scores=scores,
+    quantize(model, bits, salient_fraction=S.SALIENT_FRACTION, quantizer="gptq", calibration=calib, scores=scores,
              target_modules=list(meta["modules"]), progress=True)
     return model, tok, time.time() - t
 
 
-def quantize_trained(preset: S.Preset, qs: Q.QuantSetting, adapter: Path, bits: int) -> dict:
+def quantize_trained(preset: S.Preset, qs: S.QuantSetting, adapter: Path, bits: int) -> dict:
     """Quantize a trained adapter's merged model and measure it as bench/quantization.py does."""
     model, tok, seconds = quantized_trained_model(preset, qs, adapter, bits)
-    return Q.measure_quantized(model, tok, preset, qs, bits, seconds)
+    return S.measure_quantized(model, tok, preset, qs, bits, seconds)
 
 
 def main(argv=None) -> int:
-    args, preset, out, qs, runs = Q.parse_args(__doc__, argv)
+    args, preset, out, qs, runs = S.quant_args(__doc__, argv)
     bits_list = args.bits or list(qs.bits)
     rank = S.lora_rank_matching_gift(preset.model)[0]
-    lrs = recovery.tuned_lrs(runs, rank)
+    lrs = S.recovery_lrs(runs, rank)
     records = {b: {label: [] for label in (*TRAINED, RECOVERED)} for b in bits_list}
     for seed in preset.seeds:
         for label, method in TRAINED.items():
             spec = train_spec(method, seed, lrs)
             trained = runs.train(spec, post=keep_adapter(adapter_dir(preset, spec)))
             for b in bits_list:
-                q_spec = {**Q.spec_for(qs, "gptq+salient", b), "part": "quantize-trained", "trained": S.run_key(preset, spec)}
+                q_spec = {**S.spec_for(qs, "gptq+salient", b), "part": "quantize-trained", "trained": S.run_key(preset, spec)}
                 rec = None
                 if trained is not None:
                     adapter = Path(trained["result"]["adapter_dir"])
@@ -112,7 +110,7 @@ def main(argv=None) -> int:
                 if rec is not None:
                     records[b][label].append(rec["result"])
         for b in bits_list:
-            rec = recovery.recover(runs, qs, b, "gift-sw", rank, lrs, seed=seed)
+            rec = S.recover(runs, qs, b, "gift-sw", rank, lrs, seed=seed)
             if rec is not None:
                 records[b][RECOVERED].append(rec["result"])
     unquantized = {label: runs.cached_seeds(lambda seed: evaluated_spec(train_spec(method, seed, lrs)))
@@ -130,7 +128,7 @@ def main(argv=None) -> int:
               "learning_rate": None if lrs is None else lrs["gift-sw"], "rows": rows, "incomplete": runs.skipped,
               "unquantized": {label: S.seed_summary(v) for label, v in unquantized.items() if v},
               "machine": S.machine()}
-    S.write_report(out, "quantize_order", result, markdown(result, preset), lambda: plot(result))
+    S.write_report(out, "quantize_order", result, markdown(result, preset), lambda: plot(result), preset=preset)
     return 0
 
 

@@ -29,69 +29,21 @@ from __future__ import annotations
 import sys
 
 import _suite as S
-import quality
-import quantization as Q
+# the recovery steps are in _suite.py: quantize_order.py recovers GIFT-SW with every seed
+from _suite import LR_FROM, recover, recovery_spec, text_ppl_of  # noqa: F401
 
-METHODS = ("gift-sw", "ste", "lora")
-LR_FROM = {"gift-sw": "gift-sw", "ste": "full", "lora": "lora"}  # whose quality grid sets the rate (--paper500)
-
-
-def tuned_lrs(runs: S.Runs, rank: int) -> dict | None:
-    """{method: rate} chosen by quality's grid on this preset (None for presets without tuning);
-    refuses when a grid is incomplete, naming the command that completes it."""
-    if runs.preset.eval_subset is None:
-        return None
-    chosen = quality.chosen_lrs(runs, sorted(set(LR_FROM.values())), rank)
-    missing = sorted(m for m, lr in chosen.items() if lr is None)
-    if missing:
-        raise SystemExit(f"recovery trains at the learning rates bench/quality.py chose, but the grid of "
-                         f"{', '.join(missing)} is incomplete: run `.venv/bin/python bench/quality.py --{runs.preset.name} "
-                         f"--lr-grid --methods {' '.join(missing)}` first")
-    return {m: chosen[LR_FROM[m]] for m in METHODS}
-
-
-def text_ppl_of(preset: S.Preset, qs: Q.QuantSetting):
-    def post(run_dir) -> dict:
-        from salientft.quant.model import model_bytes
-        from salientft.train import load_run
-
-        model, tok = load_run(run_dir)
-        return {"text_ppl": Q.text_perplexity(model, Q.text_ids(tok, qs.text_tokens)), "model_bytes": model_bytes(model)}
-
-    return post
-
-
-def recovery_spec(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
-                  seed: int) -> dict:
-    """The cache key of ``method`` recovering the GPTQ + salient model at ``bits`` with ``seed``."""
-    q_spec = Q.spec_for(qs, "gptq+salient", bits)
-    spec = {"method": method, "seed": seed, "_start": f"gptq+salient-{bits}bit", "_quantize": S.run_key(runs.preset, q_spec)}
-    if method == "lora":
-        spec["lora_r"] = rank
-    if lrs is not None:
-        spec["lr"] = lrs[method]
-    return spec
-
-
-def recover(runs: S.Runs, qs: Q.QuantSetting, bits: int, method: str, rank: int, lrs: dict | None,
-            seed: int = 0) -> dict | None:
-    """The cached or new record of ``method`` recovering the GPTQ + salient model at ``bits``."""
-    spec = recovery_spec(runs, qs, bits, method, rank, lrs, seed)
-    if runs.cached(spec) is None and not runs.over_budget():
-        extra = {"quantized": str(Q.ensure_saved(runs, qs, bits))}
-    else:
-        extra = {}
-    return runs.train(spec, extra, post=text_ppl_of(runs.preset, qs))
+METHODS = S.RECOVERY_METHODS
+tuned_lrs = S.recovery_lrs  # the rates quality's grid chose for each method's family (--paper500)
 
 
 def main(argv=None) -> int:
-    args, preset, out, qs, runs = Q.parse_args(__doc__, argv)
+    args, preset, out, qs, runs = S.quant_args(__doc__, argv)
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
     lrs = tuned_lrs(runs, rank)
     table = []
     for bits in args.bits or qs.bits:
-        q_spec = Q.spec_for(qs, "gptq+salient", bits)
-        start = runs.get(q_spec, lambda: Q.quantize_one(preset, qs, "gptq+salient", bits, Q.saved_dir(preset, qs, bits)))
+        q_spec = S.spec_for(qs, "gptq+salient", bits)
+        start = runs.get(q_spec, lambda: S.quantize_one(preset, qs, "gptq+salient", bits, S.saved_dir(preset, qs, bits)))
         entry = {"bits": bits, "quantized": None if start is None else start["result"], "recovered": {}, "seeds": {}}
         every_seed = {}
         for method in METHODS:
@@ -112,7 +64,7 @@ def main(argv=None) -> int:
     result = {"preset": preset.name, "settings": {**S.asdict(preset), **S.asdict(qs)}, "command": command,
               "lora_rank": rank, "gift_trainable": gift_count, "learning_rates": lrs, "rows": table, "incomplete": runs.skipped,
               "machine": S.machine()}
-    S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result))
+    S.write_report(out, "recovery", result, markdown(result, preset), lambda: plot(result), preset=preset)
     return 0
 
 

@@ -11,7 +11,7 @@ intermediate = round(8/3 h) to a multiple of 64, h/128 attention heads (head dim
 gcd(heads, 4) key/value heads, the tiny 320-token vocabulary of bench/step.py's wide-llama, so the
 linear layers dominate. Width 1536 is exactly step.py's wide-llama.
 
-Everything else is bench/step.py's (imported, not copied): how each method is built (GIFT-SW with
+Everything else is bench/lib's, as bench/step.py uses it: how each method is built (GIFT-SW with
 k = round(in*128/4096) salient columns per layer and weight/output/no noise, LoRA and DoRA with
 the rank that matches GIFT-SW's trainable count at that width, full fine-tuning, GMT = full
 fine-tuning with gradients masked at ratio 0.5 before each AdamW step), the step
@@ -28,7 +28,7 @@ otherwise each width is timed on its own, interleaved over the methods. The outp
 --threads; --quick and --preset tiny use one, because on a busy machine every op of a
 multi-threaded step waits for a descheduled thread (a 3 ms tiny step took 700 ms).
 
-Peak memory: step.py's memory worker, one fresh process per (width, method): the increase of the
+Peak memory: ``lib.methods.peak_memory``, one fresh process per (width, method): the increase of the
 process's peak resident set over the loaded base model while it runs a few steps (the method's
 extra weights, saved activations, gradients, optimizer states). The processes are forked from
 this one before it has built any model or run any op (so they are fresh and do not re-import
@@ -48,17 +48,19 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import step  # noqa: E402  (bench/step.py; it puts src/ on sys.path)
-import torch  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from _memory import meminfo_bytes, peak_rss_bytes, pin_malloc  # noqa: E402
+from _machine import machine_info  # bench/_machine.py
+from _memory import meminfo_bytes, peak_rss_bytes, pin_malloc  # bench/_memory.py
+from lib import RESULTS
+from lib.cli import add_dtype_argument, torch_dtype
+from lib.methods import GMT_RATIO, LR, build, peak_memory, step_summary, train_step
+from lib.methods import METHODS as ALL_METHODS
+from lib.models import RANDOM_LLAMAS, make_batch
+from lib.report import write_report
+from lib.timing import clock_for, interleave, returned
 
-from salientft._io import atomic_path, write_json  # noqa: E402
-
-ROOT = step.ROOT
+SEED = 0  # torch.manual_seed before each model is built
 METHODS = ("gift-weight", "gift-output", "gift-none", "lora", "dora", "full", "gmt")
 VOCAB = 320  # tiny_random_llama's vocabulary, as step.py's wide-llama
 LAYERS = 2
@@ -93,13 +95,12 @@ def model_name(hidden: int) -> str:
     return f"llama-h{hidden}"
 
 
-def register(hidden: int, batch: int, seq: int) -> str:
-    """Make the width known to step.py's loaders; returns its model name."""
+def register(hidden: int, seq: int) -> str:
+    """Make the width known to bench/lib's model loader; returns its model name."""
     name = model_name(hidden)
     cfg = width_config(hidden)
     cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], seq)
-    step.RANDOM_LLAMAS[name] = cfg
-    step.SHAPES[name] = ((batch, seq), (batch, seq))
+    RANDOM_LLAMAS[name] = cfg
     return name
 
 
@@ -129,7 +130,7 @@ def estimate_bytes(widths, methods, batch: int, seq: int, elem: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Peak memory: step.memory_worker in a forked, fresh process per (width, method)
+# Peak memory: lib.methods.peak_memory in a forked, fresh process per (width, method)
 # ----------------------------------------------------------------------------------------------
 def measure_memory(method: str, hidden: int, args) -> dict:
     name = model_name(hidden)
@@ -142,8 +143,8 @@ def measure_memory(method: str, hidden: int, args) -> dict:
             pin_malloc()  # what step.py's MALLOC_ENV does at process start
             if args.threads:
                 torch.set_num_threads(args.threads)
-            res = step.memory_worker(method, name, getattr(torch, args.dtype), args.device, False,
-                                     args.memory_steps, (args.batch, args.seq))
+            res = peak_memory(method, name, torch_dtype(args.dtype), args.device, (args.batch, args.seq),
+                              args.memory_steps)
             payload, code = json.dumps(res), 0
         except BaseException:
             payload = json.dumps({"error": traceback.format_exc()[-2000:]})
@@ -164,29 +165,29 @@ def measure_memory(method: str, hidden: int, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing: step.build + step.interleave
+# Timing: lib.methods.build + lib.timing.interleave
 # ----------------------------------------------------------------------------------------------
 def time_keys(keys, args, desc: str) -> dict:
-    """{(width, method): step.summarize(...) + build info}: build all, then interleave them."""
-    dtype = getattr(torch, args.dtype)
+    """{(width, method): step_summary(...) + build info}: build all, then interleave them."""
+    dtype = torch_dtype(args.dtype)
     built, batch = {}, None
     for h, m in keys:
         print(f"[build] width {h} {m}", file=sys.stderr, flush=True)
-        torch.manual_seed(0)
-        model, tok, opt, info = step.build(m, model_name(h), dtype, args.device)
+        torch.manual_seed(SEED)
+        model, tok, opt, info = build(m, model_name(h), dtype, args.device)
         if batch is None:  # one tokenizer for every width: one batch
-            batch = step.make_batch(tok, args.batch, args.seq).to(args.device)
+            batch = make_batch(tok, args.batch, args.seq).to(args.device)
         built[h, m] = (model, opt, info)
-    times = step.interleave({k: (mo, op, batch) for k, (mo, op, _) in built.items()}, args.rounds,
-                            args.warmup, args.device, desc=desc)
-    res = {k: {**step.summarize(times[k]), **built[k][2]} for k in keys}
-    del built, times
+    work = {k: (lambda mo=mo, op=op: train_step(mo, op, batch)) for k, (mo, op, _) in built.items()}
+    times = interleave(work, args.rounds, args.warmup, measure=clock_for(args.device, returned), progress=desc)
+    res = {k: {**step_summary(times[k]), **built[k][2]} for k in keys}
+    del built, times, work
     gc.collect()
     return res
 
 
 def choose_interleave(args) -> tuple[str, str]:
-    est = estimate_bytes(args.widths, args.methods, args.batch, args.seq, 2 if args.dtype == "bfloat16" else 4)
+    est = estimate_bytes(args.widths, args.methods, args.batch, args.seq, torch_dtype(args.dtype).itemsize)
     avail = meminfo_bytes("MemAvailable")
     detail = (f"estimated {est / 2**30:.1f} GiB for all models at once, "
               f"{avail / 2**30:.1f} GiB available (budget {MEMORY_BUDGET:.0%})")
@@ -215,7 +216,7 @@ def _f(v, fmt: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{fmt}}{suffix}"
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def markdown(result: dict, png_name: str) -> list[str]:
     s, mc = result["settings"], result["machine"]
     il = result["interleave"]
     lines = [
@@ -271,9 +272,8 @@ def write_markdown(result: dict, path: Path) -> None:
               for m, v in r["methods"].items() if "memory_error" in v]
     if errors:
         lines += ["Memory measurement failed for:", "", *errors, ""]
-    lines += [f"![step time and peak memory vs width]({path.with_suffix('.png').name})", ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
+    lines += [f"![step time and peak memory vs width]({png_name})", ""]
+    return lines
 
 
 STYLE = {"gift-weight": ("tab:green", "-"), "gift-output": ("tab:olive", "-"), "gift-none": ("lime", "-"),
@@ -281,7 +281,7 @@ STYLE = {"gift-weight": ("tab:green", "-"), "gift-output": ("tab:olive", "-"), "
          "gmt": ("tab:purple", ":"), "authors": ("tab:red", "-.")}
 
 
-def write_plot(result: dict, path: Path) -> None:
+def plot(result: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,10 +314,7 @@ def write_plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     if axes[0].lines:
         axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,12 +333,12 @@ def parse_args(argv):
                     help="default: widths 512-2048; quick: 256, 512 (== --quick); tiny: the CI smoke")
     ap.add_argument("--quick", action="store_true", help="widths 256, 512, 2 rounds, seq 64, 1 thread")
     ap.add_argument("--widths", type=_int_list, default=None, help="comma-separated hidden sizes (multiples of 64)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(step.METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model before the rounds")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_dtype_argument(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default torch's, i.e. one per core; quick and tiny: 1). On a busy "
@@ -350,7 +347,7 @@ def parse_args(argv):
                     help="all: every width x method in one round-robin; width: per width; auto: all if it fits")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps per peak-memory process")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "scaling"),
+    ap.add_argument("--out", default=str(RESULTS / "scaling"),
                     help="output path without suffix: writes .json, .md and .png")
     args = ap.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
@@ -361,9 +358,9 @@ def parse_args(argv):
             setattr(args, key, list(val) if key == "widths" else val)
     args.preset = preset
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in step.METHODS]
+    bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad or not args.methods:
-        ap.error(f"unknown method(s) {bad}; choose from {list(step.METHODS)}")
+        ap.error(f"unknown method(s) {bad}; choose from {list(ALL_METHODS)}")
     if not args.widths or len(set(args.widths)) != len(args.widths):
         ap.error(f"--widths needs distinct hidden sizes, got {args.widths}")
     for h in args.widths:
@@ -394,7 +391,7 @@ def main(argv=None) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401
 
     for h in args.widths:
-        register(h, args.batch, args.seq)
+        register(h, args.seq)
     machine = machine_info("python", "torch", "transformers", "peft", "platform", "cpu_count", "cpu_affinity",
                            "threads", "mem_total_gib", "mem_available_gib")
     mode, reason = choose_interleave(args)
@@ -413,7 +410,7 @@ def main(argv=None) -> dict:
             timed.update(time_keys([k for k in keys if k[0] == h], args, desc=f"width {h} rounds"))
     widths = {}
     for h in args.widths:
-        cfg = step.RANDOM_LLAMAS[model_name(h)]
+        cfg = RANDOM_LLAMAS[model_name(h)]
         ms = {}
         for m in args.methods:
             v = dict(timed[h, m])
@@ -437,7 +434,7 @@ def main(argv=None) -> dict:
                      "tokens_per_step": args.batch * args.seq, "dtype": args.dtype, "device": args.device,
                      "threads": torch.get_num_threads(),
                      "memory_steps": None if args.no_memory else args.memory_steps,
-                     "gmt_ratio": step.GMT_RATIO, "lr": step.LR,
+                     "gmt_ratio": GMT_RATIO, "lr": LR,
                      "model_family": f"tiny_random_llama: {LAYERS} layers, vocab {VOCAB}, seed 0"},
         "interleave": {"mode": mode, "reason": reason},
         "machine": machine,
@@ -445,9 +442,8 @@ def main(argv=None) -> dict:
         "wall_s": time.time() - t_start,
     }
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), result)
-    write_markdown(result, out.with_suffix(".md"))
-    write_plot(result, out.with_suffix(".png"))
+    write_report(out, result, markdown(result, out.with_suffix(".png").name), lambda: plot(result),
+                 dtype=args.dtype, seed=SEED, device=args.device, quiet=True)
     print(out.with_suffix(".md").read_text())
     return result
 

@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "docs" / "results" / ({"quick": "quick", "paper500": "paper500"}.get(mode, ""))
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
-    from _suite import write_json
+    from _suite import PRESETS
+    from lib.report import write_report
 
     report_path = out / f"suite{'-' + mode if mode != 'full' else ''}.json"
     report, failed = {"mode": mode, "parts": {}}, []
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     latest = json.loads(report_path.read_text()) if report_path.is_file() else {"mode": mode, "parts": {}}
     latest["parts"].update(report["parts"])
     latest["last_invocation_minutes"] = round((time.time() - t_all) / 60, 2)
-    write_json(report_path, latest)
+    preset = PRESETS[mode]  # the parts' models and seeds (the speed part records its own)
+    write_report(report_path.with_suffix(""), latest, None, dtype=preset.dtype, seed=list(preset.seeds), quiet=True)
     if failed:
         print(f"failed parts: {', '.join(failed)}", file=sys.stderr)
         return 1

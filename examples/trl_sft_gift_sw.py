@@ -37,7 +37,7 @@ def main(argv=None) -> None:
 
     config = GiftSWConfig(metric=args.metric, salient_fraction=128 / 4096, noise="weight", task_type="CAUSAL_LM")
     if args.metric not in ("magnitude", "random"):
-        batches = salientft.calibration_batches(tok, source="embedded", n_samples=16, seq_len=128)
+        batches = salientft.calibration_batches(tok, source="embedded", calib_samples=16, seq_len=128)
         preprocess_gift_sw(model, config, batches)
 
     sft = trl.SFTConfig(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=4,

@@ -16,6 +16,9 @@
 #   MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 #                                     other BLAS (MKL sgemm) and oneDNN (bf16 matmul) code paths, as an
 #                                     Intel CPU without AVX-512 or an AMD one would take
+#
+# Within each configuration, tests/test_quant_threads.py also quantizes (GPTQ and RTN, 2-4 bits)
+# under 1, 2 and 4 torch threads and requires the same integers (docs/quantization.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

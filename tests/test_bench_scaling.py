@@ -1,4 +1,4 @@
-"""bench/scaling.py runs end to end on the tiny preset, and bench/step.py's "gmt" really masks."""
+"""bench/scaling.py runs end to end on the tiny preset, and bench/lib's "gmt" (bench/step.py's) really masks."""
 import json
 import subprocess
 import sys
@@ -22,6 +22,9 @@ def test_scaling_tiny_preset_writes_every_width_and_method(tmp_path):
     for key in ("python", "torch", "threads", "cpu_count", "loadavg_before", "loadavg_after"):
         assert key in res["machine"]
     assert "--preset tiny" in res["command"]
+    prov = res["provenance"]  # bench/lib's block: what produced these numbers
+    assert prov["dtype"] == "fp32" and prov["seed"] == 0 and prov["threads"] == 1 and prov["cpu_model"] is not None
+    assert {"commit", "dirty", "omp_wait_policy", "torch", "gpu"} <= set(prov)
     assert list(res["widths"]) == ["64", "128"]
     for h, w in res["widths"].items():
         assert set(w["methods"]) == set(methods)
@@ -43,16 +46,17 @@ def test_scaling_tiny_preset_writes_every_width_and_method(tmp_path):
 
 def test_step_gmt_method_masks_gradients_before_the_optimizer_step(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
-    import step
+    from lib import methods as step  # bench/lib/methods.py: bench/step.py's (and scaling's) methods
+    from lib import models
 
     cfg = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=1,
                num_key_value_heads=1, max_position_embeddings=128)
-    monkeypatch.setitem(step.RANDOM_LLAMAS, "test-llama", cfg)
+    monkeypatch.setitem(models.RANDOM_LLAMAS, "test-llama", cfg)
     model, tok, opt, info = step.build("gmt", "test-llama", torch.float32, "cpu")
     assert info["gmt_ratio"] == 0.5 and info["trainable"] == sum(p.numel() for p in model.parameters())
     mask = opt.gradient_mask
     before = {n: p.detach().clone() for n, p in mask.params}
-    batch = step.make_batch(tok, 1, 32)
+    batch = models.make_batch(tok, 1, 32)
     times = step.train_step(model, opt, batch)
     assert all(t > 0 for t in times)
     assert mask.step_count == 1 and abs(mask.last_stats["kept_fraction"] - 0.5) < 0.01

@@ -273,6 +273,13 @@ def test_suite_smoke_runs_every_part_and_a_rerun_trains_nothing(tmp_path):
     assert all(p["exit_codes"] == [0] for p in suite["parts"].values()) and set(suite["parts"]) == set(parts)
     for name in parts:
         assert (out / f"{name}.md").read_text().startswith("# ") and (out / f"{name}.png").stat().st_size > 1000
+    for name in [*parts, "suite-smoke"]:  # bench/lib's provenance block in every results file
+        prov = json.loads((out / f"{name}.json").read_text())["provenance"]
+        assert prov["dtype"] == "fp32" and prov["seed"] == [0, 1] and prov["threads"] >= 1, name
+        assert {"commit", "dirty", "cpu_model", "omp_wait_policy", "torch"} <= set(prov), name
+    for path in (out / "runs" / "smoke").glob("*.json"):  # and in every cached run
+        rec = json.loads(path.read_text())
+        assert rec["provenance"]["seed"] == rec["spec"].get("seed") and rec["provenance"]["dtype"] == "fp32", path
 
     q = json.loads((out / "quality.json").read_text())
     assert set(q["methods"]) == {"gift-sw", "salient", "gmt", "full", "lora", "dora"}

@@ -157,14 +157,17 @@ def test_stats_rejects_bad_batches(tiny_model, device):
 
 # ---------------------------------------------------------------- calibration batches
 def test_embedded_batches_shapes_and_seed(tiny_tok):
-    b = calibration_batches(tiny_tok, "embedded", n_samples=6, seq_len=32, batch_size=4, seed=0)
+    b = calibration_batches(tiny_tok, "embedded", calib_samples=6, seq_len=32, batch_size=4, seed=0)
     assert [x["input_ids"].shape for x in b] == [(4, 32), (2, 32)]
     assert all(x["input_ids"].dtype == torch.long and x["attention_mask"].dtype == torch.long for x in b)
     assert all(bool(x["attention_mask"].all()) for x in b)
-    again = calibration_batches(tiny_tok, "embedded", n_samples=6, seq_len=32, batch_size=4, seed=0)
-    other = calibration_batches(tiny_tok, "embedded", n_samples=6, seq_len=32, batch_size=4, seed=1)
+    again = calibration_batches(tiny_tok, "embedded", calib_samples=6, seq_len=32, batch_size=4, seed=0)
+    other = calibration_batches(tiny_tok, "embedded", calib_samples=6, seq_len=32, batch_size=4, seed=1)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(b, again))
     assert not torch.equal(b[0]["input_ids"], other[0]["input_ids"])
+    with pytest.warns(DeprecationWarning, match="n_samples= is deprecated, use calib_samples="):
+        old = calibration_batches(tiny_tok, "embedded", n_samples=6, seq_len=32, batch_size=4, seed=0)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(b, old))  # the old name still works
     # samples are disjoint windows: no two identical
     rows = torch.cat([x["input_ids"] for x in b])
     assert len({tuple(r.tolist()) for r in rows}) == 6
@@ -172,7 +175,7 @@ def test_embedded_batches_shapes_and_seed(tiny_tok):
 
 def test_pretokenized_and_short_data_is_padded():
     docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    b = calibration_batches(None, docs, n_samples=4, seq_len=4, batch_size=8)
+    b = calibration_batches(None, docs, calib_samples=4, seq_len=4, batch_size=8)
     (batch,) = b
     mask = batch["attention_mask"]
     # 9 tokens + 2 separators-free (no tokenizer, no EOS) -> 9 tokens: windows 4, 4, 1
@@ -182,22 +185,22 @@ def test_pretokenized_and_short_data_is_padded():
     assert used == sorted(t for d in docs for t in d)  # every token exactly once
     recs = [{"input_ids": torch.tensor([5, 6, 7, 0]), "attention_mask": torch.tensor([1, 1, 1, 0])},
             {"input_ids": [8, 9]}, torch.tensor([10, 11, 12, 13])]
-    (same,) = calibration_batches(None, recs, n_samples=4, seq_len=4, batch_size=8)
+    (same,) = calibration_batches(None, recs, calib_samples=4, seq_len=4, batch_size=8)
     assert torch.equal(same["input_ids"], batch["input_ids"]) and torch.equal(same["attention_mask"], mask)
     with pytest.raises(ValueError, match="integer token ids"):
-        calibration_batches(None, [[1.5, 2.0]], n_samples=1, seq_len=4)
+        calibration_batches(None, [[1.5, 2.0]], calib_samples=1, seq_len=4)
 
 
 def test_text_and_jsonl_files(tiny_tok, tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("hello world. " * 50)
-    b = calibration_batches(tiny_tok, str(txt), n_samples=2, seq_len=16, batch_size=2)
+    b = calibration_batches(tiny_tok, str(txt), calib_samples=2, seq_len=16, batch_size=2)
     assert b[0]["input_ids"].shape == (2, 16)
     jl = tmp_path / "a.jsonl"
     recs = [{"text": "plain text " * 5}, {"messages": [{"role": "user", "content": "hi " * 5},
             {"role": "assistant", "content": "yo " * 5}]}, {"prompt": "p " * 5, "response": "r " * 5}]
     jl.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
-    b = calibration_batches(tiny_tok, jl, n_samples=100, seq_len=8, batch_size=100)
+    b = calibration_batches(tiny_tok, jl, calib_samples=100, seq_len=8, batch_size=100)
     n_tok = int(b[0]["attention_mask"].sum())
     expected = sum(len(tiny_tok(t, add_special_tokens=False)["input_ids"]) for t in
                    ["plain text " * 5, "hi " * 5 + "\n" + "yo " * 5, "p " * 5 + "\n" + "r " * 5]) + 2  # 2 EOS
@@ -220,8 +223,8 @@ def test_bad_data_is_rejected(tiny_tok, tmp_path, monkeypatch):
         calibration_batches(tiny_tok, bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         calibration_batches(tiny_tok, str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match="n_samples"):
-        calibration_batches(tiny_tok, "embedded", n_samples=0)
+    with pytest.raises(ValueError, match="calib_samples"):
+        calibration_batches(tiny_tok, "embedded", calib_samples=0)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
     with pytest.raises(ImportError, match="pip install datasets"):
         calibration_batches(tiny_tok, "some-org/some-dataset")
@@ -252,7 +255,7 @@ def test_embedded_model_bf16_matches_fp32_top_columns(embedded):
 
     model16, tok = embedded
     model32 = copy.deepcopy(model16).float()
-    batches = calibration_batches(tok, "embedded", n_samples=2, seq_len=64, batch_size=2)
+    batches = calibration_batches(tok, "embedded", calib_samples=2, seq_len=64, batch_size=2)
     targets = [f"model.layers.{i}.{p}" for i in (0, 15, 29) for p in ("self_attn.q_proj", "mlp.down_proj")]
     st16 = collect_activation_stats(model16, batches, targets, progress=False)
     st32 = collect_activation_stats(model32, batches, targets, progress=False)

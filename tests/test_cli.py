@@ -16,14 +16,16 @@ from salientft.cli_args import CalibrateArgs, CalibrationArgs, QuantizeArgs
 from salientft.saliency import METRICS
 
 CALIBRATE_DEFAULTS = {
-    "model": "smollm2-135m", "data": "embedded", "metric": "gift", "samples": 128, "seq_len": 512, "batch_size": 8,
+    "model": "smollm2-135m", "data": "embedded", "metric": "gift", "calib_samples": 128, "seq_len": 512, "batch_size": 8,
     "bits": 4, "tau": None, "rho": None, "gamma": None, "n_salient": None, "salient_fraction": None,
     "target_modules": None, "seed": 0, "stats_output": None, "plot": None, "dtype": "bf16", "device": "auto",
+    "sequential": False,
 }
 QUANTIZE_DEFAULTS = {
-    "model": "smollm2-135m", "n_salient": None, "salient_fraction": None, "method": "gptq", "group_size": None,
-    "metric": "gift", "scores": None, "data": "embedded", "samples": 128, "seq_len": 512, "batch_size": 8,
+    "model": "smollm2-135m", "n_salient": None, "salient_fraction": None, "quantizer": "gptq", "group_size": None,
+    "metric": "gift", "scores": None, "data": "embedded", "calib_samples": 128, "seq_len": 512, "batch_size": 8,
     "target_modules": None, "seed": 0, "dtype": "bf16", "device": "auto", "no_progress": False, "overwrite": False,
+    "sequential": False,
 }
 
 
@@ -42,11 +44,11 @@ def rejected(*argv: str, capsys) -> str:
 
 @pytest.mark.parametrize("argv, expected", [
     (["--output", "s.safetensors"], {"output": "s.safetensors"}),
-    (["--output", "o", "--model", "tiny-random-llama", "--data", "x.jsonl", "--metric", "wanda", "--samples", "3",
+    (["--output", "o", "--model", "tiny-random-llama", "--data", "x.jsonl", "--metric", "wanda", "--calib-samples", "3",
       "--seq-len", "64", "--batch-size", "2", "--bits", "3", "--tau", "inf", "--rho", "1", "--gamma", "0.5",
       "--n-salient", "7", "--target-modules", "q_proj, v_proj", "--seed", "5", "--stats-output", "st",
       "--plot", "p.png", "--dtype", "fp32"],
-     {"output": "o", "model": "tiny-random-llama", "data": "x.jsonl", "metric": "wanda", "samples": 3, "seq_len": 64,
+     {"output": "o", "model": "tiny-random-llama", "data": "x.jsonl", "metric": "wanda", "calib_samples": 3, "seq_len": 64,
       "batch_size": 2, "bits": 3, "tau": "inf", "rho": "1", "gamma": 0.5, "n_salient": 7,
       "target_modules": ["q_proj", "v_proj"], "seed": 5, "stats_output": "st", "plot": "p.png", "dtype": "fp32"}),
     (["--output", "o", "--salient-fraction", "0.25", "--target-modules", "re:.*proj"],
@@ -55,18 +57,18 @@ def rejected(*argv: str, capsys) -> str:
 def test_calibrate_flags_parse_as_before(argv, expected):
     ns = parse("calibrate", *argv)
     assert ns == {"command": "calibrate", "verbose": False, **CALIBRATE_DEFAULTS, **expected}
-    for key in ("samples", "seq_len", "batch_size", "bits", "seed"):
+    for key in ("calib_samples", "seq_len", "batch_size", "bits", "seed"):
         assert type(ns[key]) is int, key
     assert ns["gamma"] is None or type(ns["gamma"]) is float
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--output", "q", "--bits", "4"], {"output": "q", "bits": 4}),
-    (["--output", "q", "--bits", "3", "--model", "m", "--n-salient", "0", "--method", "rtn", "--group-size", "128",
-      "--metric", "magnitude", "--scores", "s", "--data", "d", "--samples", "4", "--seq-len", "32", "--batch-size", "1",
+    (["--output", "q", "--bits", "3", "--model", "m", "--n-salient", "0", "--quantizer", "rtn", "--group-size", "128",
+      "--metric", "magnitude", "--scores", "s", "--data", "d", "--calib-samples", "4", "--seq-len", "32", "--batch-size", "1",
       "--target-modules", "q_proj", "--seed", "2", "--dtype", "fp16", "--no-progress", "--overwrite"],
-     {"output": "q", "bits": 3, "model": "m", "n_salient": 0, "method": "rtn", "group_size": 128,
-      "metric": "magnitude", "scores": "s", "data": "d", "samples": 4, "seq_len": 32, "batch_size": 1,
+     {"output": "q", "bits": 3, "model": "m", "n_salient": 0, "quantizer": "rtn", "group_size": 128,
+      "metric": "magnitude", "scores": "s", "data": "d", "calib_samples": 4, "seq_len": 32, "batch_size": 1,
       "target_modules": ["q_proj"], "seed": 2, "dtype": "fp16", "no_progress": True, "overwrite": True}),
     (["--output", "q", "--bits", "2", "--salient-fraction", "0"], {"output": "q", "bits": 2, "salient_fraction": 0.0}),
 ])
@@ -77,8 +79,8 @@ def test_quantize_flags_parse_as_before(argv, expected):
 
 
 def test_the_dataclasses_are_the_flags():
-    shared = {"model", "data", "samples", "seq_len", "batch_size", "n_salient", "salient_fraction", "metric",
-              "target_modules", "seed", "dtype", "device"}
+    shared = {"model", "data", "calib_samples", "seq_len", "batch_size", "n_salient", "salient_fraction", "metric",
+              "target_modules", "seed", "dtype", "device", "sequential"}
     assert {f.name for f in dataclasses.fields(CalibrationArgs)} == shared
     for cls, argv in ((CalibrateArgs, ["calibrate", "--output", "o"]),
                       (QuantizeArgs, ["quantize", "--output", "o", "--bits", "4"])):
@@ -125,9 +127,10 @@ def test_unknown_metric_is_rejected(command, required, capsys):
     (["calibrate"], "--output"),
     (["quantize", "--output", "o"], "--bits"),
     (["quantize", "--bits", "4"], "--output"),
-    (["quantize", "--bits", "4", "--output", "o", "--method", "x"], "invalid choice: 'x'"),
+    (["quantize", "--bits", "4", "--output", "o", "--quantizer", "x"], "invalid choice: 'x'"),
     (["quantize", "--bits", "4.5", "--output", "o"], "invalid int value"),
-    (["calibrate", "--output", "o", "--samples", "x"], "invalid int value"),
+    (["calibrate", "--output", "o", "--calib-samples", "x"], "invalid int value"),
+    (["quantize", "--bits", "4", "--output", "o", "--method", "x"], "invalid choice: 'x'"),  # the old flag too
     (["calibrate", "--output", "o", "--gamma", "x"], "invalid float value"),
 ])
 def test_required_flags_and_types_are_enforced(argv, message, capsys):
@@ -152,7 +155,8 @@ def _config_classes():
 def test_help_describes_every_flag(command, capsys, monkeypatch):
     cls = dict(_config_classes())[command]
     text = _help(command, capsys, monkeypatch)
-    for f in dataclasses.fields(cls):
+    # train's flags: TrainConfig's own fields and every registered method's settings (flag_fields)
+    for f in (cls.flag_fields() if hasattr(cls, "flag_fields") else dataclasses.fields(cls)):
         flag = "--" + f.name.replace("_", "-")
         help_text = " ".join(f.metadata["help"].split())
         assert f"{flag} " in text, flag
@@ -171,7 +175,36 @@ def test_help_shows_defaults_and_choices(capsys, monkeypatch):
     assert "{" + ",".join(METRICS) + "}" in text
     assert "[--n-salient N_SALIENT | --salient-fraction SALIENT_FRACTION]" in text
     text = _help("quantize", capsys, monkeypatch)
-    assert "--method {gptq,rtn}" in text and "--bits BITS" in text and "[--bits" not in text
+    assert "--quantizer {gptq,rtn}" in text and "--bits BITS" in text and "[--bits" not in text
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "train"])
+def test_help_names_each_concept_once(command, capsys, monkeypatch):
+    """One name per concept (docs/configuration.md#names): --calib-samples on every command that
+    calibrates, --quantizer, --scores; the old spellings are not in --help."""
+    text = _help(command, capsys, monkeypatch)
+    assert "--calib-samples CALIB_SAMPLES" in text
+    if command != "calibrate":
+        assert "--scores SCORES" in text
+    if command == "quantize":
+        assert "--quantizer {gptq,rtn}" in text
+    for old in ("--samples ", "--scores-file", "--scores-path", "--n-samples"):
+        assert old not in text, old
+    if command != "train":  # train's --method is the training method
+        assert "--method" not in text
+
+
+@pytest.mark.parametrize("command, old, new, value, expected", [
+    ("calibrate", "--samples", "calib_samples", "3", 3),
+    ("quantize", "--samples", "calib_samples", "4", 4),
+    ("quantize", "--method", "quantizer", "rtn", "rtn"),
+])
+def test_old_flags_still_work_with_a_deprecation_note(command, old, new, value, expected, capsys):
+    extra = ["--bits", "4"] if command == "quantize" else []
+    ns = parse(command, "--output", "o", *extra, old, value)
+    assert ns[new] == expected and type(ns[new]) is type(expected)
+    assert f"{old} is deprecated, use --{new.replace('_', '-')}" in capsys.readouterr().err
+    assert not any(k in ns for k in ("samples", "method"))  # one attribute per concept
 
 
 def test_train_flags_stay_unset_unless_given():

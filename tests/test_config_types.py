@@ -151,7 +151,7 @@ def test_train_config_reads_each_field_as_its_type():
     ("max_grad_norm", -1, "TrainConfig.max_grad_norm must be >= 0, got -1.0"),
     ("epochs", 0, "TrainConfig.epochs must be positive"),
     ("seed", -1, "TrainConfig.seed must be >= 0"),
-    ("noise_bits", 1, "TrainConfig.noise_bits must be an integer in [2, 16]"),
+    ("noise_bits", 1, "GiftSWMethodConfig.noise_bits must be an integer in [2, 16]"),
     ("eval_limit", 0, "TrainConfig.eval_limit must be a positive integer"),
     ("trust_remote_code", "perhaps", "TrainConfig.trust_remote_code must be true or false"),
     ("target_modules", "re:(", "is not a valid regular expression"),
@@ -168,9 +168,9 @@ def test_train_config_refusals(field, value, message):
 def test_lora_bounds():
     from salientft.config import TrainConfig
 
-    with pytest.raises(ValueError, match=r"TrainConfig.lora_alpha must be positive, got 0\.0"):
+    with pytest.raises(ValueError, match=r"LoRAMethodConfig.lora_alpha must be positive, got 0\.0"):
         TrainConfig(method="lora", lora_alpha=0)
-    with pytest.raises(ValueError, match=r"TrainConfig.lora_dropout must be >= 0 and < 1"):
+    with pytest.raises(ValueError, match=r"LoRAMethodConfig.lora_dropout must be >= 0 and < 1"):
         TrainConfig(method="lora", lora_dropout=-0.1)
 
 
@@ -192,7 +192,7 @@ def test_other_configs_read_types():
 def test_calibrate_and_quantize_flags_are_checked():
     from salientft.cli_args import CalibrateArgs, QuantizeArgs
 
-    CalibrateArgs(output="s.safetensors", samples="16")
+    CalibrateArgs(output="s.safetensors", calib_samples="16")
     with pytest.raises(ValueError, match="CalibrateArgs.seq_len must be at least 2 tokens, got 1"):
         CalibrateArgs(output="s.safetensors", seq_len=1)
     with pytest.raises(ValueError, match="CalibrateArgs.salient_fraction must be >= 0 and <= 1, got 1.5"):
@@ -477,6 +477,6 @@ def test_calibration_documents_are_capped_by_bytes(tiny_tok, tmp_path):
     doc = tmp_path / "c.txt"
     doc.write_text("salient " * 500_000 + "\n")  # one 4 MB line
     rec = _Recording(tiny_tok)
-    batches = calibration_batches(rec, str(doc), n_samples=4, seq_len=32, batch_size=2, seed=0)
+    batches = calibration_batches(rec, str(doc), calib_samples=4, seq_len=32, batch_size=2, seed=0)
     assert sum(int(b["attention_mask"].sum()) for b in batches) == 4 * 32
     assert 0 < rec.longest <= 4 * 32 * longest_token_bytes(tiny_tok)

@@ -381,7 +381,7 @@ def test_hf_dataset_columns(monkeypatch):
 # ----------------------------------------------------------------------------- calibration
 def test_calibration_batches(tiny_tok):
     ds = ChatDataset(tokenize_conversations(_convs(20), tiny_tok, max_length=256), pad_token_id=0)
-    batches = calibration_batches_from_dataset(ds, n_samples=10, batch_size=4, seed=3)
+    batches = calibration_batches_from_dataset(ds, calib_samples=10, batch_size=4, seed=3)
     assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
     seen = []
     for b in batches:
@@ -392,7 +392,7 @@ def test_calibration_batches(tiny_tok):
             seen.append(row[:n].tolist())
     assert all(any(s == e["input_ids"] for e in ds.examples) for s in seen)
     assert len({json.dumps(s) for s in seen}) == 10  # sampled without replacement
-    again = calibration_batches_from_dataset(ds, n_samples=10, batch_size=4, seed=3)
+    again = calibration_batches_from_dataset(ds, calib_samples=10, batch_size=4, seed=3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
     assert sum(b["input_ids"].shape[0] for b in calibration_batches_from_dataset(ds, 100, 8)) == 20
 

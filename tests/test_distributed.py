@@ -344,6 +344,17 @@ def _init_fsdp_on_cpu(self, *a, fsdp_plugin=None, **kw):
 
 
 st.AcceleratorState.__init__ = _init_fsdp_on_cpu
+
+import accelerate
+_get_state_dict = accelerate.Accelerator.get_state_dict
+
+
+def _marked_get_state_dict(self, *a, **kw):  # the tests look for this line: a whole model was gathered
+    print("salientft-test: full state dict gathered", file=sys.stderr, flush=True)
+    return _get_state_dict(self, *a, **kw)
+
+
+accelerate.Accelerator.get_state_dict = _marked_get_state_dict
 from salientft.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -384,7 +395,8 @@ def _trained(out, method_output: str) -> dict:
 
 
 _TRAINER_CASES = {
-    "gift-sw": ["--method", "gift-sw", "--metric", "magnitude", "--n-salient", "4"],  # weight noise
+    # weight noise; the default metric (gift) calibrates: under torchrun on rank 0 only, scores broadcast
+    "gift-sw": ["--method", "gift-sw", "--n-salient", "4", "--calib-samples", "8"],
     "full": ["--method", "full"],
     "gmt-tensor": ["--method", "gmt", "--mask-granularity", "tensor"],
     "gmt-global": ["--method", "gmt", "--mask-granularity", "global", "--mask-mode", "strict"],
@@ -414,16 +426,25 @@ def test_trainer_fsdp_two_processes_match_one(tmp_path, case):
               "--max-steps", "3", "--dtype", "fp32", "--max-length", "64", "--lr", "1e-3", "--packing",
               "--warmup-ratio", "0"]
     _cli(tmp_path, [*common, "--batch-size", "4", "--save-steps", "2", "--output", str(tmp_path / "one")], 1)
-    _cli(tmp_path, [*common, "--batch-size", "2", "--save-steps", "2", "--fsdp", "full_shard",
-                    "--output", str(tmp_path / "two")], 2)
+    two = _cli(tmp_path, [*common, "--batch-size", "2", "--save-steps", "2", "--fsdp", "full_shard",
+                          "--output", str(tmp_path / "two")], 2)
     # FSDP really ran: accelerate's FSDP checkpoint of the optimizer (DDP/one process: optimizer.pt)
     assert (tmp_path / "two" / "checkpoint-2" / "optimizer.bin").is_file()
     assert (tmp_path / "one" / "checkpoint-2" / "optimizer.pt").is_file()
     kind = methods.get(_TRAINER_CASES[case][1]).output
+    # GIFT-SW's checkpoint is its adapter: no full-model file gathered and written beside it
+    # nor a full state dict gathered, for a checkpoint or at the end (the dense methods need one)
+    assert (tmp_path / "two" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file() == (kind != "adapter")
+    assert ("salientft-test: full state dict gathered" in two.stderr) == (kind != "adapter")
     a, b = _trained(tmp_path / "one", kind), _trained(tmp_path / "two", kind)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    if kind == "adapter":  # the fingerprint taken before sharding is the unsharded base's
+        from salientft.gift import read_adapter
+
+        fps = {read_adapter(tmp_path / run / "adapter")[0]["base_fingerprint"] for run in ("one", "two")}
+        assert len(fps) == 1 and None not in fps
     from salientft.models import tiny_random_llama
 
     base = tiny_random_llama(seed=0).state_dict()
@@ -467,3 +488,134 @@ def test_trainer_fsdp_resume_after_a_kill(tmp_path, case):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+
+# -- GIFT-SW checkpoints gather the trained columns, not the base; calibration once -------------
+
+
+class _GatherCounter:
+    """Counts the bytes every all-gather on this rank returns (FSDP2's own, DTensor.full_tensor's,
+    c10d's): a TorchDispatchMode sees each collective op with its output tensors."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = str(func)
+                if "all_gather" in name or "allgather" in name:
+                    for t in torch.utils._pytree.tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            counter.bytes += t.numel() * t.element_size()
+                return out
+
+        self.bytes, self.mode = 0, Mode()
+
+
+def _checkpoint_bytes_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from salientft import methods
+    from salientft.config import TrainConfig
+    from salientft.gift import fingerprint, gift_layers, read_adapter
+    from salientft.methods.sharding import base_fingerprint, gathered
+    from salientft.models import tiny_random_llama
+
+    _init(rank, world, init_file)
+    method = methods.get("gift-sw")
+    cfg = TrainConfig(method="gift-sw", model="tiny-random-llama", metric="magnitude", n_salient=4, dtype="fp32")
+    model = method.prepare(tiny_random_llama(seed=0).train(), cfg)  # the fingerprint is taken here, unsharded
+    unsharded_fp = fingerprint({n: m.base_weight() for n, m in gift_layers(model).items()})
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    counter = _GatherCounter()
+    ckpt = os.path.join(out_dir, "ckpt")
+    with counter.mode:
+        method.save_checkpoint(model, ckpt)
+    dist.barrier()
+    checkpoint_bytes = counter.bytes
+    counter.bytes = 0
+    with counter.mode:
+        trained = method.gather_trained(model)
+    out = {"checkpoint_bytes": torch.tensor(checkpoint_bytes), "final_bytes": torch.tensor(counter.bytes),
+           "trainable": torch.tensor(trainable)}
+    with gathered(model):
+        out["columns"] = {n: m.salient_weight.detach().clone() for n, m in gift_layers(model).items()}
+    del model.salientft_base_fingerprint  # a model sharded by hand: the fingerprint from the shards
+    out["fp_ok"] = torch.tensor(base_fingerprint(model) == unsharded_fp)
+    if rank == 0:
+        meta, tensors = read_adapter(os.path.join(ckpt, "adapter"))
+        out["saved_fp_ok"] = torch.tensor(meta["base_fingerprint"] == unsharded_fp)
+        out["saved"] = {n: tensors[f"{n}.salient_weight"] for n in out["columns"]}
+        out["final"] = {n: trained["tensors"][f"{n}.salient_weight"] for n in out["columns"]}
+        # the final model: a fresh base with the gathered columns attached, no calibration
+        rebuilt = method.attach_trained(tiny_random_llama(seed=0), trained)
+        out["rebuilt"] = {n: m.salient_weight.detach().clone() for n, m in gift_layers(rebuilt).items()}
+        out["rebuilt_fp_ok"] = torch.tensor(rebuilt.salientft_base_fingerprint == unsharded_fp)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gift_sw_sharded_checkpoint_gathers_the_columns_not_the_base():
+    """A GIFT-SW checkpoint of a fully_shard-ed model (2 gloo ranks) all-gathers at most 1.5x the
+    trainable bytes on each rank (the columns; the base fingerprint was taken before sharding),
+    and so does the end of training (what rank 0 rebuilds the final model from). The adapter
+    holds the full columns and the unsharded base's fingerprint; one computed from the shards,
+    one weight at a time, is the same digest."""
+    for rank, r in enumerate(_run(_checkpoint_bytes_worker)):
+        trainable = int(r["trainable"])
+        assert 0 < int(r["checkpoint_bytes"]) <= 1.5 * trainable, (int(r["checkpoint_bytes"]), trainable)
+        assert 0 < int(r["final_bytes"]) <= 1.5 * trainable, (int(r["final_bytes"]), trainable)
+        assert bool(r["fp_ok"])
+        if rank == 0:
+            assert bool(r["saved_fp_ok"]) and bool(r["rebuilt_fp_ok"])
+            for n, w in r["columns"].items():
+                assert torch.equal(r["saved"][n], w) and torch.equal(r["final"][n], w)
+                assert torch.equal(r["rebuilt"][n], w)
+
+
+def _calibration_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    import salientft.methods.gift_sw as gift_sw
+    from salientft import methods
+    from salientft.config import TrainConfig
+    from salientft.gift import gift_layers
+    from salientft.models import tiny_random_llama
+
+    _init(rank, world, init_file)
+    calls = []
+    plain = gift_sw.gift_scores
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return plain(*a, **kw)
+
+    gift_sw.gift_scores = counted
+    gen = torch.Generator().manual_seed(50 + rank)  # each rank sees other data: only a broadcast agrees
+    data = [{"input_ids": torch.randint(3, 200, (16,), generator=gen).tolist()} for _ in range(8)]
+    cfg = TrainConfig(method="gift-sw", model="tiny-random-llama", metric="gift", n_salient=4, dtype="fp32",
+                      calib_samples=8)
+    model = methods.get("gift-sw").prepare(tiny_random_llama(seed=0).train(), cfg, data)
+    gift_sw.gift_scores = plain
+    out = {"calls": torch.tensor(len(calls)),
+           "idx": {n: m.salient_idx.clone() for n, m in gift_layers(model).items()}}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gift_sw_calibration_runs_once_and_every_rank_gets_its_scores():
+    """Under a process group, GIFT-SW's preparation calibrates on rank 0 only and every rank
+    receives its scores: the same salient columns on every rank even where the ranks' data differ."""
+    r0, r1 = _run(_calibration_worker)
+    assert int(r0["calls"]) == 1 and int(r1["calls"]) == 0
+    assert r0["idx"].keys() == r1["idx"].keys()
+    assert all(torch.equal(r0["idx"][n], r1["idx"][n]) for n in r0["idx"])

@@ -311,7 +311,7 @@ def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_
     if len(tok) > V:
         model.resize_token_embeddings(len(tok))
     out = tmp_path / "scores.safetensors"
-    calibrate(model, tok, str(text), metric="gift", n_samples=2, seq_len=16, batch_size=2, output=out, progress=False)
+    calibrate(model, tok, str(text), metric="gift", calib_samples=2, seq_len=16, batch_size=2, output=out, progress=False)
     scores = load_scores(out)
     name = "model.layers.1.mlp.experts.down_proj"
     assert {f"{name}.{e}" for e in range(4)} <= set(scores) and scores[f"{name}.0"].shape == (24,)
@@ -322,7 +322,7 @@ def test_calibrate_scores_file_carries_per_expert_rows_that_apply_gift_uses(tmp_
     peft = pytest.importorskip("peft")
     from salientft.peft import GiftSWConfig
 
-    tuned = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="gift", n_salient=2, scores_file=str(out)))
+    tuned = peft.get_peft_model(tiny("mixtral"), GiftSWConfig(metric="gift", n_salient=2, scores=str(out)))
     holder = tuned.base_model.model.model.layers[1].mlp.experts.holders()["down_proj"]
     assert torch.equal(holder.giftsw_idx["default"], col.salient_idx)  # the PEFT route reads the same rows
 
@@ -588,7 +588,7 @@ def test_quantize_names_the_experts_it_leaves_in_16_bits(caplog):
     from salientft.quant.model import quantize
 
     with caplog.at_level(logging.WARNING, logger="salientft"):
-        quantize(tiny("mixtral"), bits=4, method="rtn", n_salient=2, metric="magnitude", progress=False)
+        quantize(tiny("mixtral"), bits=4, quantizer="rtn", n_salient=2, metric="magnitude", progress=False)
     assert "quantize cannot wrap" in caplog.text and "experts.down_proj (MixtralExperts)" in caplog.text
 
 

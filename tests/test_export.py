@@ -226,7 +226,7 @@ def test_conv1d_base_is_exported_with_fan_in_fan_out(tmp_path):
 
 def _quantized(tmp_path, name="q", **kw) -> Path:
     model = tiny_random_llama(seed=0)
-    quantize(model, **{"bits": 4, "method": "rtn", "n_salient": 4, "metric": "magnitude", "progress": False, **kw})
+    quantize(model, **{"bits": 4, "quantizer": "rtn", "n_salient": 4, "metric": "magnitude", "progress": False, **kw})
     return save_quantized(model, tmp_path / name, tokenizer=tiny_tokenizer())
 
 
@@ -302,7 +302,7 @@ def test_compressed_tensors_keeps_a_bf16_model_bf16_and_its_steps_fp32(tmp_path)
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = tiny_random_llama(seed=0, dtype=torch.bfloat16)
-    quantize(model, bits=4, method="rtn", n_salient=4, metric="magnitude", progress=False)
+    quantize(model, bits=4, quantizer="rtn", n_salient=4, metric="magnitude", progress=False)
     folder = save_quantized(model, tmp_path / "q", tokenizer=tiny_tokenizer())
     export(folder, tmp_path / "ct", "compressed-tensors", device=DEVICE)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), framework="pt") as f:

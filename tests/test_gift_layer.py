@@ -225,10 +225,11 @@ def test_bf16_base_autocast_and_fp32_salient_copy(device):
         torch.testing.assert_close(layer(x.detach()).float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_gradient_checkpointing_recomputes_the_same_noise(device):
+@pytest.mark.parametrize("noise", ["weight", "output"])
+def test_gradient_checkpointing_recomputes_the_same_noise(noise, device):
     from torch.utils.checkpoint import checkpoint
 
-    _, layer, _ = make_layer(device=device, noise="weight", std=0.3)
+    _, layer, _ = make_layer(device=device, noise=noise, std=0.3)
     layer.train()
     x = torch.randn(6, IN, requires_grad=True, device=device)
 
@@ -323,3 +324,98 @@ def test_apply_gift_on_a_gpt2_model_with_conv1d_layers(metric, tiny_gpt2, device
     model.train()
     model(x).logits.float().pow(2).mean().backward()
     assert all(m.salient_weight.grad is not None and m.salient_weight.grad.abs().sum() > 0 for m in layers)
+
+
+def _old_output_noise(x, y, idx, std, xi):
+    """The output noise as the layer computed it before the seeded draw (autograd through every
+    op, xi given): the reference its gradients must equal."""
+    dtype = y.dtype
+    xf = x.float()
+    sq = xf.pow(2).sum(-1, keepdim=True) - xf.index_select(-1, idx).pow(2).sum(-1, keepdim=True)
+    norm_n = sq.clamp_min(0).sqrt()
+    return xi.to(dtype) * (norm_n.to(dtype) * std.to(dtype))
+
+
+@pytest.mark.numerics
+def test_output_noise_gradients_equal_the_autograd_formula(device):
+    from salientft.ops.noise import draw_seed, output_noise_z
+
+    _, layer, idx = make_layer(noise="output", std=0.1, device=device)
+    layer.train()
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, IN, device=device, requires_grad=True)
+    g = torch.randn(3, 5, OUT, device=device)
+    torch.manual_seed(9)
+    y = layer(x)
+    y.backward(g)
+    torch.manual_seed(9)
+    xi = output_noise_z(draw_seed(), 15, OUT, device).view(3, 5, OUT)  # the same seed: the same draw
+    x_ref = x.detach().clone().requires_grad_(True)
+    sw = layer.salient_weight.detach().clone().requires_grad_(True)
+    w = layer.weight.detach().clone()
+    w[:, idx] = 0
+    base = F.linear(x_ref, w, layer.bias) + F.linear(x_ref[..., idx], sw)
+    y_ref = base + _old_output_noise(x_ref, base, layer.salient_idx, layer.noise_std, xi)
+    y_ref.backward(g)
+    # fp32 throughout; the two differ only in the order of a few roundings (the reference's chain
+    # rule c / (2 ||x_N||) * 2 x against c / ||x_N|| * x, and its sum over outputs against mv),
+    # a few ulps, while the noise's share of the input gradient is ~0.1 * |x| here.
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert (y - base).abs().max() > 0.1  # the noise is there
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.salient_weight.grad, sw.grad, rtol=1e-5, atol=1e-5)
+    # the noise's own contribution is not negligible, so the comparison tests it
+    plain = (F.linear(x_ref, w, layer.bias) + F.linear(x_ref[..., idx], sw))
+    gx_plain = torch.autograd.grad(plain, x_ref, g)[0]
+    assert (gx_plain - x_ref.grad).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_noise_saves_only_the_input_plus_per_token_bytes(dtype, device):
+    """Backward keeps the layer input (no copy) and O(tokens) bytes: the salient columns (k per
+    token) and one fp32 norm per token; never the (tokens, out) noise nor an fp32 copy of x."""
+    torch.manual_seed(0)
+    in_f, out_f, k, tokens = 256, 512, 8, 64
+    base = nn.Linear(in_f, out_f, bias=False).to(dtype).to(device)
+    layer = SalientLinear(base, torch.arange(0, in_f, in_f // k, device=device),
+                          torch.full((out_f,), 0.1, device=device), noise="output").train()
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+    own = {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in own:
+            saved[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    per_token = k * x.element_size() + 4 + 16  # the salient inputs, the fp32 norm, a little slack
+    bound = x.numel() * x.element_size() + tokens * per_token
+    assert sum(saved.values()) <= bound, (sum(saved.values()), bound, sorted(saved.items(), key=lambda kv: -kv[1])[:4])
+
+
+@pytest.mark.cpu_only("the noise thread pool")
+def test_output_noise_does_not_depend_on_the_thread_count(monkeypatch):
+    """The output noise's seeded blocks (several here: 600 tokens x 512 outputs) drawn by 1 or 2
+    threads: the same outputs and input gradients, bit for bit."""
+    from salientft.ops import noise as noise_mod
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 512, bias=False)
+    layer = SalientLinear(base, torch.tensor([1, 5, 9]), torch.full((512,), 0.2), noise="output").train()
+    assert len(noise_mod.noise_blocks(600, 512)) > 1
+    runs = []
+    for threads in (1, 2):
+        noise_mod.set_noise_threads(threads)
+        try:
+            x = torch.randn(600, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+            torch.manual_seed(4)
+            y = layer(x)
+            y.pow(2).sum().backward()
+        finally:
+            noise_mod.set_noise_threads(None)
+        runs.append((y.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

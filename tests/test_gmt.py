@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import salientft.gmt as gmt
+import salientft.gmt.select as gmt_select
+import salientft.gmt.strategies as gmt_strategies
 from salientft.config import GMTConfig
 from salientft.gmt import GradientMask
 
@@ -94,7 +96,7 @@ def test_zero_gradients_are_never_kept():
 @pytest.mark.parametrize("cache", [True, False])
 def test_global_threshold_is_one_exact_value(monkeypatch, cache):
     if not cache:  # force the bounded paths that recompute the top bits and the boundary bin
-        monkeypatch.setattr(gmt, "_BOUNDARY_CACHE_NUMEL", 0)
+        monkeypatch.setattr(gmt_strategies, "_BOUNDARY_CACHE_NUMEL", 0)
     shapes = [(50, 40), (333,), (20, 20), (1,)]
     params = _params_with_grads(shapes, seed=3, scales=[1.0, 10.0, 0.1, 5.0])
     before = torch.cat([p.grad.flatten() for p in params])
@@ -150,7 +152,7 @@ def _both_engines(monkeypatch, dtype, ties, gran, ratio, mode="paper", seed=5):
     """(host params, host stats, device params, device stats) on the same gradients."""
     host, dev = _engine_case(seed, dtype, ties), _engine_case(seed, dtype, ties)
     hs = GradientMask(host, ratio, gran, mode).apply_()
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())  # the accelerator's engine, on CPU tensors
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())  # the accelerator's engine, on CPU tensors
     mask = GradientMask(dev, ratio, gran, mode)
     ds = mask.apply_()
     monkeypatch.undo()
@@ -178,21 +180,21 @@ def test_device_engine_equals_host_engine(monkeypatch, dtype, ties, gran, ratio)
 def test_device_engine_ties_across_blocks_and_deterministic_mode(monkeypatch, gran):
     """Ties spanning many tie blocks, the cut inside one, histograms in chunks, under
     ``torch.use_deterministic_algorithms(True)``: same kept set as the host engine."""
-    monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
-    monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+    monkeypatch.setattr(gmt_select, "_TIE_BLOCK", 8)
+    monkeypatch.setattr(gmt_select, "_DETERMINISTIC_HIST_CHUNK", 100)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         for dtype in (torch.bfloat16, torch.float32):
             host, hs, dev, ds, _ = _both_engines(monkeypatch, dtype, True, gran, 0.6)
-            monkeypatch.setattr(gmt, "_TIE_BLOCK", 8)
-            monkeypatch.setattr(gmt, "_DETERMINISTIC_HIST_CHUNK", 100)
+            monkeypatch.setattr(gmt_select, "_TIE_BLOCK", 8)
+            monkeypatch.setattr(gmt_select, "_DETERMINISTIC_HIST_CHUNK", 100)
             assert all(torch.equal(a.grad, b.grad) for a, b in zip(host, dev)) and ds == hs
     finally:
         torch.use_deterministic_algorithms(was)
     p = nn.Parameter(torch.zeros(40))
     p.grad = torch.tensor([1.0, 2.0] * 20)
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     GradientMask([p], ratio=0.75, granularity=gran).apply_()  # keep 10 of the 20 tied 2s: the first ones
     kept = (p.grad != 0).nonzero().flatten()
     assert kept.tolist() == list(range(1, 20, 2))
@@ -202,9 +204,9 @@ def test_device_engine_strict_mode_and_lazy_stats(monkeypatch):
     """Strict mode records the same masked sets; the stats stay on the device until read."""
     host, _, dev, _, mask = _both_engines(monkeypatch, torch.float32, True, "tensor", 0.5, mode="strict")
     assert [m.sum().item() for _, m in mask._masked] == [int((p.grad == 0).sum()) for p in host]
-    monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+    monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
     pending = mask._apply_pending()
-    assert isinstance(pending, gmt._PendingStats)
+    assert isinstance(pending, gmt.stats._PendingStats)
     assert gmt.resolve_all([pending, {"x": 1}])[1] == {"x": 1}
     assert mask.last_stats["step"] == 1 and mask.last_stats["kept"] == pending.resolve()["kept"]
 
@@ -257,6 +259,139 @@ def test_strict_step_does_not_remask_after_clipping_and_handles_bf16():
     assert (w.grad != 0).sum() == kept.sum() == 48  # step() did not mask a second time
     assert torch.equal(w.detach()[~kept], before[~kept])
     assert torch.equal(opt.state[w]["momentum_buffer"][~kept], buf[~kept])
+
+
+class _NormalizedMomentum(torch.optim.Optimizer):
+    """An optimizer whose update of an entry depends on the whole tensor (a momentum normalised by
+    its tensor's norm): strict mode must still give its plain step outside the mask."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(0.9).add_(p.grad)
+                p.add_(buf / (buf.norm() + 1e-8), alpha=-group["lr"])
+
+
+_OPTIMIZERS = {
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, fused=True),
+    "adamw-loop": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, foreach=False),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.1, amsgrad=True),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "normalized": lambda ps: _NormalizedMomentum(ps),
+}
+
+
+def _int_bits(t):
+    return t.detach().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _strict_case(name, dtype=torch.float32):
+    """Parameters (one of them transposed: non-contiguous, like its optimizer state) with an unmasked
+    first step behind them, so every optimizer state entry is non-zero."""
+    gen = torch.Generator().manual_seed(7)
+    params = [nn.Parameter(torch.randn(33, 17, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(50, generator=gen).to(dtype)),
+              nn.Parameter(torch.randn(9, 12, generator=gen).to(dtype).t())]
+    opt = _OPTIMIZERS[name](params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype).as_strided(p.shape, p.stride())
+    opt.step()
+    return params, opt, gen
+
+
+@pytest.mark.parametrize("name", list(_OPTIMIZERS))
+@pytest.mark.parametrize("gran, engine", [("tensor", "host"), ("global", "host"), ("global", "device")])
+def test_strict_step_is_the_plain_step_outside_the_mask_and_nothing_inside(monkeypatch, name, gran, engine):
+    """Strict mode, two steps: every masked entry's weight and per-entry optimizer state keep their
+    exact bits; every other entry (and every scalar state, such as the step count) is bit for bit
+    what the same optimizer's plain step on the masked gradients gives (run on a deep copy).
+    ``device``: the accelerator's path (counts read at once, ``nonzero_static``), on CPU tensors."""
+    import copy
+
+    if engine == "device":
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
+    params, opt, gen = _strict_case(name)
+    mask = GradientMask(params, ratio=0.5, granularity=gran, mode="strict")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+        mask.apply_()
+        masked = [p.grad == 0 for p in params]
+        assert all(m.any() and not m.all() for m in masked)
+        ref_params, ref_opt = copy.deepcopy((params, opt))
+        for r, p in zip(ref_params, params):
+            r.grad = p.grad.clone()
+        ref_opt.step()  # the plain step on the masked gradients
+        before = [(_int_bits(p).clone(), {k: _int_bits(v).clone() for k, v in opt.state[p].items()
+                                          if v.shape == p.shape}) for p in params]
+        mask.step(opt)
+        for p, r, m, (p0, st0) in zip(params, ref_params, masked, before):
+            assert torch.equal(_int_bits(p), torch.where(m, p0, _int_bits(r)))
+            for key, v in opt.state[p].items():
+                want = ref_opt.state[r][key]
+                if key in st0:
+                    want = torch.where(m, st0[key], _int_bits(want))
+                    v = _int_bits(v)
+                assert torch.equal(v, want), key
+        opt.zero_grad()
+
+
+def _held_bytes(obj, references) -> int:
+    """Bytes of the tensors reachable from ``obj`` that are not views of ``references`` (the
+    parameters, gradients and optimizer state it points at): the copies it keeps."""
+    skip = {t.untyped_storage().data_ptr() for t in references}
+    seen, held, stack = set(), {}, [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if torch.is_tensor(x):
+            s = x.untyped_storage()
+            if s.data_ptr() not in skip:
+                held[s.data_ptr()] = s.nbytes()
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "__dict__"):
+            stack.extend(vars(x).values())
+    return sum(held.values())
+
+
+@pytest.mark.parametrize("ratio, engine", [(0.3, "host"), (0.5, "host"), (0.9, "host"), (0.5, "device")])
+def test_strict_snapshot_holds_only_what_it_restores(monkeypatch, ratio, engine):
+    """What strict mode keeps across the step is bounded by what it restores: the masked entries of
+    each parameter and of each optimizer state tensor shaped like it, plus one boolean per entry of
+    the masked tensors (the mask). A full copy of the parameters and moments (12 bytes per entry
+    under fp32 AdamW, against 12 x ratio + 1 here) is over the bound at every ratio below 11/12."""
+    if engine == "device":
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
+    params, opt, gen = _strict_case("adamw-foreach")
+    mask = GradientMask(params, ratio=ratio, mode="strict")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+    mask.apply_()
+    n_masked = [int((p.grad == 0).sum()) for p in params]
+    snapshot = mask.snapshot_(opt)
+    refs = [t for p in params for t in (p, p.grad, *opt.state[p].values())]
+    per_entry = sum(t.element_size() for t in (params[0], opt.state[params[0]]["exp_avg"],
+                                                  opt.state[params[0]]["exp_avg_sq"]))
+    bound = sum(c * per_entry + p.numel() for c, p in zip(n_masked, params))
+    held = _held_bytes(snapshot, refs)
+    assert sum(n_masked) * per_entry <= held <= bound
+    assert snapshot.nbytes == held
+    opt.step()
+    mask.restore_(snapshot)
+    assert _held_bytes(snapshot, refs) == 0  # nothing kept once restored
 
 
 @pytest.mark.numerics
@@ -379,7 +514,7 @@ def test_trainer_callback_masks_after_accumulation_then_clips(tiny_model, tmp_pa
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     if engine == "device":  # the accelerator's engine (stats read at each log), run on CPU tensors
-        monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())
+        monkeypatch.setattr(gmt_strategies, "_HOST_ENGINE_DEVICES", ())
 
     from salientft.gmt import GradientMaskCallback
 

@@ -55,6 +55,9 @@ def test_dry_run_measures_every_method_and_evaluates_the_targets(tmp_path):
     assert len(measured) == len(gpu_step.TARGETS) - 1  # all but peak memory (CUDA only)
     md = (tmp_path / "gpu_step.md").read_text()
     assert "DRY RUN" in md and "| gmt-acc8 | 8 |" in md and "## Targets" in md
+    prov = result["provenance"]  # bench/lib's block; the dry run's one thread, no GPU
+    assert prov["dtype"] == "bf16" and prov["seed"] == 0 and prov["threads"] == 1 and prov["gpu"] is None
+    assert "Provenance: commit " in md
 
 
 def test_a_spent_budget_skips_every_method_by_name(tmp_path):
@@ -156,6 +159,7 @@ def test_gpu_check_dry_run_writes_the_reports(tmp_path):
     assert report["dry_run"] and report["targets"]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "gpu_step.json", "gpu_step.md"]
     assert "DRY RUN" in (out / "gpu_check.md").read_text()
+    assert report["provenance"]["dtype"] == "bf16" and report["provenance"]["gpu"] is None
 
 
 def test_gpu_check_refuses_before_any_work(tmp_path):

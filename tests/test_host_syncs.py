@@ -8,7 +8,7 @@ optimizer step of each registered method through the code path ``salientft train
 and counts, with a ``TorchDispatchMode`` (aten ops) and a ``TorchFunctionMode`` (``tolist``,
 ``numpy``, ``cpu``), the operations that would synchronise on CUDA. Counting is on the CPU, so no
 GPU is needed. Where the code picks its path by device, the test runs the accelerator's on CPU
-tensors: GMT's device engine (``gmt._HOST_ENGINE_DEVICES`` emptied) and the weight noise's
+tensors: GMT's device engine (``gmt.strategies._HOST_ENGINE_DEVICES`` emptied) and the weight noise's
 device Philox (``noise._HOST_NOISE_DEVICES`` emptied). Host-only reads are not syncs and are
 allowed by name (``HOST_ONLY``). The count must be the same with 2 and 4 layers, and at most
 ``BEYOND_LORA`` above LoRA's in the same settings (the target: 1, must: 4; docs/gpu.md).
@@ -151,7 +151,7 @@ def lora_syncs(tmp_path_factory):
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}{'-' + '-'.join(map(str, e.values())) if e else ''}"
                                                    for n, e in CASES])
 def test_host_syncs_per_step_do_not_grow_with_layers(tmp_path, monkeypatch, lora_syncs, name, extra):
-    import salientft.gmt as gmt
+    import salientft.gmt.strategies as gmt
     import salientft.ops.noise as noise
 
     monkeypatch.setattr(gmt, "_HOST_ENGINE_DEVICES", ())  # GMT's accelerator engine

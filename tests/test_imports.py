@@ -28,11 +28,11 @@ LAYERS = [
     ["salientft.calibration", "salientft.saliency"],
     # 3. the methods' building blocks and model loading (models loads quantized folders)
     ["salientft.gift", "salientft.gift.*", "salientft.quant", "salientft.quant.*", "salientft.gmt",
-     "salientft.models"],
+     "salientft.gmt.*", "salientft.models"],
     # 4. the method registry
     ["salientft.methods", "salientft.methods.*", "salientft.peft", "salientft.peft.*"],
     # 5. training, evaluation, the end-to-end pipelines and the export to Hugging Face formats
-    ["salientft.config", "salientft.preflight", "salientft.runfolder", "salientft.train", "salientft.evaluation",
+    ["salientft.config", "salientft.preflight", "salientft.runfolder", "salientft.trainer", "salientft.train", "salientft.evaluation",
      "salientft.evaluation.*",
      "salientft.pipelines", "salientft.pipelines.*", "salientft.export"],
     # 6. the command line (its parser and flag declarations) and the public API

@@ -96,7 +96,7 @@ def test_quantized_and_ste_layers_outputs_are_not_views(noise):
     from salientft.quant.ste import apply_ste
 
     model = _tiny_falcon(False)
-    quantize(model, bits=4, method="rtn", n_salient=2, metric="magnitude", progress=False)
+    quantize(model, bits=4, quantizer="rtn", n_salient=2, metric="magnitude", progress=False)
     layer = next(iter(quantized_layers(model).values()))
     layer.set_noise(noise)
     layer.train()

@@ -28,7 +28,7 @@ from salientft.gift.noisy_dense import (
 )
 from salientft.models import tiny_random_llama, tiny_tokenizer
 from salientft.ops.grid import quantize_rows
-from salientft.ops.noise import draw_seed, noisy_weight
+from salientft.ops.noise import draw_seed, noisy_weight, output_noise_z
 from salientft.targets import find_target_modules
 
 OUT, IN = 48, 64
@@ -159,7 +159,7 @@ def test_output_noise_is_gift_sws_output_noise_over_all_inputs(device):
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
-    xi = torch.randn(3, 4, OUT, device=device)
+    xi = output_noise_z(draw_seed(), 12, OUT, device).view(3, 4, OUT)  # the seeded draw of that forward
     ref = base(x) + xi * x.norm(dim=-1, keepdim=True) * layer.noise_std
     torch.testing.assert_close(y, ref, **TOL)
     assert (y - base(x)).abs().max() > 1e-2

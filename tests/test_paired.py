@@ -1,9 +1,10 @@
 """Paired statistics of two runs (salientft.evaluation.paired), per-item samples (eval --log-samples)
 and the paired comparison of runs (compare).
 
-The statistics work on 0/1 vectors with a seeded numpy generator and integer sums (one division
-per value, elementwise adds, order statistics), so every number here is the same on every CPU:
-the assertions are exact, none compares floats that could be near-ties.
+The Monte-Carlo path works on 0/1 vectors with a seeded numpy generator and integer sums (one
+division per value, elementwise adds, order statistics), so its numbers are the same on every CPU
+and asserted exactly. The exact path (the default) is checked against a full enumeration of the
+resamples, and against many Monte-Carlo resamples with a tolerance justified by their error.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from salientft.evaluation.compare import compare_runs
-from salientft.evaluation.paired import (discordant, mcnemar_exact, paired_bootstrap, paired_bootstrap_differences,
-                                         paired_bootstrap_tasks, paired_summary)
+from salientft.evaluation.paired import (VERDICT_MARGIN, discordant, mcnemar_exact, paired_bootstrap,
+                                         paired_bootstrap_differences, paired_bootstrap_tasks, paired_summary,
+                                         verdict)
 
 
 # --------------------------------------------------------------------------- McNemar
@@ -69,10 +71,10 @@ def test_bootstrap_covers_the_known_difference_and_shrinks_with_n():
     widths = []
     for n in (100, 400, 1600):
         a, b = synthetic(n)
-        r = paired_bootstrap(a, b, resamples=2000, seed=0)
+        r = paired_bootstrap(a, b)
         assert r["diff"] == 0.1  # (20% - 10%) of n, divided once by n
         assert r["lo"] < 0.1 < r["hi"], (n, r)
-        assert r["n"] == n and r["resamples"] == 2000 and r["seed"] == 0
+        assert r["n"] == n and r["method"] == "exact" and r["resamples"] is None and r["seed"] is None
         widths.append(r["hi"] - r["lo"])
     # the width goes as 1/sqrt(n): quadrupling n about halves it
     assert widths[1] < 0.7 * widths[0] and widths[2] < 0.7 * widths[1], widths
@@ -109,6 +111,10 @@ def test_task_average_resamples_within_each_task():
     # each task keeps its own items and n: the average's interval is the first task's, halved
     alone = paired_bootstrap_tasks({"t1": (a1, b1)}, resamples=1000, seed=1)
     assert (r["lo"], r["hi"]) == (alone["lo"] / 2, alone["hi"] / 2)
+    # the same exactly: t1's lattice ends (multiples of 1/100) halved, on the 0.001-point grid
+    ex = paired_bootstrap_tasks({"t1": (a1, b1), "t2": (a2, a2.copy())})
+    ex1 = paired_bootstrap_tasks({"t1": (a1, b1)})
+    assert round(ex["lo"], 9) == round(ex1["lo"] / 2, 9) and round(ex["hi"], 9) == round(ex1["hi"] / 2, 9)
     with pytest.raises(ValueError, match="no tasks"):
         paired_bootstrap_tasks({})
 
@@ -126,6 +132,65 @@ def test_differences_summed_over_seeds_are_the_seed_mean_with_the_same_resamples
         paired_bootstrap_differences({"t": np.array([0.5, 1.0])})
     with pytest.raises(ValueError, match="scale"):
         paired_bootstrap_differences({"t": b1 - a1}, scale=0)
+
+
+def realistic_tasks(seed: int = 1) -> dict[str, np.ndarray]:
+    """Per-item differences B - A of six tasks of the paper500 subset's sizes (2,869 items): about 12 %
+    discordant items and a small lead of B, like two fine-tuning methods on the same items."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for task, n in zip(("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "winogrande"),
+                       (500, 570, 299, 500, 500, 500)):
+        a = rng.random(n) < 0.5
+        b = np.where(rng.random(n) < 0.12, ~a, a)
+        b[: n // 50] = True
+        out[task] = b.astype(np.int64) - a.astype(np.int64)
+    return out
+
+
+def test_exact_bootstrap_is_the_limit_of_every_resample():
+    """On 6 items the exact distribution is checked against all 6**6 equally likely resamples."""
+    import itertools
+
+    d = np.array([1, 0, -1, 1, 0, 1])
+    sums = np.sort([sum(c) for c in itertools.product(d.tolist(), repeat=d.size)]) / d.size
+    r = paired_bootstrap_differences({"t": d})
+    # _interval's order statistics over the complete set of resamples
+    assert (r["lo"], r["hi"]) == (sums[int(np.floor(0.025 * sums.size))], sums[int(np.ceil(0.975 * sums.size)) - 1])
+    # scaled differences (a sum over 2 seeds): the same lattice at half the step
+    r2 = paired_bootstrap_differences({"t": 2 * d}, scale=2)
+    assert (r2["lo"], r2["hi"], r2["diff"]) == (r["lo"], r["hi"], r["diff"])
+
+
+@pytest.mark.numerics
+def test_interval_ends_do_not_move_with_the_bootstrap_seed():
+    """The criterion: over 20 bootstrap seeds an interval's ends move by less than 0.05 point.
+    2,000 Monte-Carlo resamples fail it on a realistic 500-item task and on the six-task average; the
+    default (exact) interval has no seed at all, and is what the Monte-Carlo ends scatter around:
+    the mean of 20 seeds' ends is within 0.15 point of it (their standard error is about 0.05 point).
+    """
+    tasks = realistic_tasks()
+    for sample in ({"piqa": tasks["piqa"]}, tasks):
+        exact = paired_bootstrap_differences(sample)
+        runs = [paired_bootstrap_differences(sample, resamples=2000, seed=s) for s in range(20)]
+        for end in ("lo", "hi"):
+            ends = np.array([r[end] for r in runs])
+            assert ends.max() - ends.min() > VERDICT_MARGIN, (end, ends)   # the old way moves
+            assert abs(ends.mean() - exact[end]) < 0.0015, (end, ends.mean(), exact[end])
+        again = [paired_bootstrap_differences(sample, seed=s) for s in range(20)]  # the seed is not used
+        assert all((r["lo"], r["hi"]) == (exact["lo"], exact["hi"]) for r in again)
+        assert exact["method"] == "exact" and exact["seed"] is None
+
+
+def test_verdict_needs_the_interval_to_clear_zero_by_the_margin():
+    m = VERDICT_MARGIN
+    assert verdict(0.006, 0.019) == "higher" and verdict(-0.02, -0.001) == "lower"
+    assert verdict(-0.0001, 0.016) == "borderline"      # "[-0.0, +1.6]": could be either side
+    assert verdict(-0.016, m / 2) == "borderline"
+    assert verdict(m / 2, 0.01) == "borderline"          # clears zero, but by less than the margin
+    assert verdict(-0.007, 0.006) == "not resolved" and verdict(0.0, 0.0) == "not resolved"
+    r = paired_bootstrap(*synthetic(1600))
+    assert r["verdict"] == "higher"
 
 
 # --------------------------------------------------------------------------- compare on samples files

@@ -229,12 +229,12 @@ def test_bf16_base_keeps_fp32_trainable_columns_under_autocast():
 
 
 def test_calibration_metrics_need_scores_and_take_them(tmp_path):
-    with pytest.raises(ValueError, match="needs calibration statistics: give scores_file"):
+    with pytest.raises(ValueError, match="needs calibration statistics: give scores="):
         peft.get_peft_model(tiny(seed=0), config(metric="gift"))
     from salientft import calibration_batches, collect_activation_stats, saliency_scores, save_scores
 
     tok = tiny_tokenizer()
-    batches = calibration_batches(tok, source=["a short text about cats and dogs " * 8] * 4, n_samples=4,
+    batches = calibration_batches(tok, source=["a short text about cats and dogs " * 8] * 4, calib_samples=4,
                                   seq_len=32)
     # preprocess on calibration batches == apply_gift on the same batches
     cfg = config(metric="gift")
@@ -248,9 +248,40 @@ def test_calibration_metrics_need_scores_and_take_them(tmp_path):
     base = tiny(seed=0)
     scores = saliency_scores(base, collect_activation_stats(base, batches), metric="gift")
     save_scores(scores, tmp_path / "s.safetensors")
-    from_file = peft.get_peft_model(tiny(seed=0), config(metric="gift", scores_file=str(tmp_path / "s.safetensors")))
+    from_file = peft.get_peft_model(tiny(seed=0), config(metric="gift", scores=str(tmp_path / "s.safetensors")))
     for name, layer in giftsw_layers(from_file).items():
         assert torch.equal(layer.giftsw_idx["default"], giftsw_layers(tuned)[name].giftsw_idx["default"])
+
+
+def test_adapter_config_of_before_the_rename_reads_scores_file_as_scores(tmp_path):
+    """``scores`` is the scores file's one name (docs/configuration.md#names); adapter_config.json
+    files written before hold ``scores_file`` (null, or a path) and still load."""
+    from peft import PeftConfig
+
+    config(scores="s.safetensors").save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["scores"] == "s.safetensors" and "scores_file" not in written
+    for old in (None, "old.safetensors"):
+        d = {k: v for k, v in written.items() if k != "scores"}
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**d, "scores_file": old}))
+        with pytest.warns(DeprecationWarning) if old else _no_warning():
+            loaded = PeftConfig.from_pretrained(str(tmp_path))
+        assert isinstance(loaded, GiftSWConfig) and loaded.scores == old
+    with pytest.raises(TypeError, match="old name of scores"):
+        config(scores="a", scores_file="b")
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def cm():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            yield
+
+    return cm()
 
 
 def test_per_layer_k_and_bad_configs():
@@ -467,12 +498,12 @@ def test_peft_route_adapter_with_modules_to_save_is_refused_by_salientft_loader(
 def test_gift_sw_settings_have_one_default_and_one_help():
     import dataclasses
 
-    from salientft.config import TrainConfig
     from salientft.gift.config import SETTINGS
+    from salientft.methods.gift_sw import GiftSWMethodConfig
 
     ours = {f.name: f for f in dataclasses.fields(GiftConfig)}
     theirs = {f.name: f for f in dataclasses.fields(GiftSWConfig)}
-    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    train = {f.name: f for f in dataclasses.fields(GiftSWMethodConfig)}  # the settings of `salientft train`
     for name in (*SETTINGS, "target_modules"):
         assert theirs[name].default == ours[name].default, name
         assert theirs[name].metadata["help"] == ours[name].metadata["help"], name

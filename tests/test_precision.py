@@ -87,7 +87,7 @@ def quantized_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("q4")
     model = tiny_random_llama(seed=0)
-    quantize(model, bits=4, method="rtn", n_salient=4, metric="magnitude")
+    quantize(model, bits=4, quantizer="rtn", n_salient=4, metric="magnitude")
     save_quantized(model, d, tokenizer=tiny_tokenizer(), base_model="tiny-random-llama")
     return d
 

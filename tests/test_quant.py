@@ -201,10 +201,10 @@ def test_padding_is_excluded_from_calibration():
 def test_rtn_and_zero_salient_baselines(tiny_model):
     from salientft.models import tiny_random_llama
 
-    quantize(tiny_model, 3, n_salient=0, method="gptq", calibration=_batches(), progress=False)
+    quantize(tiny_model, 3, n_salient=0, quantizer="gptq", calibration=_batches(), progress=False)
     assert {l.k for l in quantized_layers(tiny_model).values()} == {0}
     m = tiny_random_llama(seed=0).to(DEVICE)
-    quantize(m, 3, n_salient=5, method="rtn", metric="magnitude", progress=False)  # data-free
+    quantize(m, 3, n_salient=5, quantizer="rtn", metric="magnitude", progress=False)  # data-free
     for n, l in quantized_layers(m).items():
         assert l.k == 5
 
@@ -223,7 +223,7 @@ def test_bad_inputs_are_rejected(tiny_model, device):
     with pytest.raises(ValueError, match="not both"):
         quantize(tiny_model, 4, n_salient=2, salient_fraction=0.1, calibration=_batches())
     with pytest.raises(ValueError, match="needs calibration"):
-        quantize(tiny_model, 4, method="gptq")
+        quantize(tiny_model, 4, quantizer="gptq")
     assert not quantized_layers(tiny_model)
 
 
@@ -267,6 +267,46 @@ def test_save_load_roundtrip_exact(tmp_path, device):
     assert model_bytes(m2) == model_bytes(m)
     with pytest.raises(FileNotFoundError, match="quantization_config.json"):
         load_quantized(tmp_path)
+
+
+def test_quantized_metadata_names_the_quantizer_and_reads_the_old_key(tmp_path):
+    """quantization_config.json writes "quantizer"; a folder written when the key was "method"
+    still loads, as the same config (docs/configuration.md#names)."""
+    from salientft.models import tiny_random_llama
+    from salientft.quant.model import QuantizeConfig
+
+    m = tiny_random_llama(seed=1)
+    quantize(m, 4, n_salient=2, quantizer="rtn", metric="magnitude", progress=False)
+    save_quantized(m, tmp_path / "q", base_model="tiny-random-llama")
+    path = tmp_path / "q" / "quantization_config.json"
+    meta = json.loads(path.read_text())
+    assert meta["quantization"]["quantizer"] == "rtn" and "method" not in meta["quantization"]
+    cfg = load_quantized(tmp_path / "q").salientft_quantization
+    assert cfg.quantizer == "rtn" and cfg == m.salientft_quantization
+    meta["quantization"]["method"] = meta["quantization"].pop("quantizer")  # as written before the rename
+    path.write_text(json.dumps(meta))
+    assert load_quantized(tmp_path / "q").salientft_quantization == cfg
+    assert QuantizeConfig.from_dict({"method": "rtn"}).quantizer == "rtn"
+    with pytest.warns(DeprecationWarning, match=r"QuantizeConfig\(\): method= is deprecated, use quantizer="):
+        assert QuantizeConfig(method="rtn") == QuantizeConfig(quantizer="rtn")
+    with pytest.raises(ValueError, match="'method' is the old name of 'quantizer'"):
+        QuantizeConfig.from_dict({"method": "rtn", "quantizer": "gptq"})
+
+
+def test_old_keyword_names_still_work_with_a_deprecation_warning():
+    from salientft.models import tiny_random_llama
+
+    m = tiny_random_llama(seed=1)
+    with pytest.warns(DeprecationWarning, match="method= is deprecated, use quantizer="):
+        quantize(m, 4, n_salient=2, method="rtn", metric="magnitude", progress=False)
+    assert m.salientft_quantization.quantizer == "rtn"
+    with pytest.raises(TypeError, match="give one of them"):
+        quantize(tiny_random_llama(seed=1), 4, method="rtn", quantizer="rtn")
+    from salientft.pipelines import quantize_pretrained
+
+    for old in ({"method": "nope"}, {"scores_path": None, "n_samples": 4, "method": "nope"}):
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="quantizer must be one of"):
+            quantize_pretrained("tiny-random-llama", "unused", 4, **old)  # mapped, then validated before any work
 
 
 # ---- baselines ------------------------------------------------------------------------------------
@@ -316,10 +356,12 @@ def test_cli_quantize_tiny(tmp_path, capsys):
 
     out = tmp_path / "q"
     rc = main(["quantize", "--model", "tiny-random-llama", "--bits", "3", "--salient-fraction", "0.05",
-               "--samples", "4", "--seq-len", "32", "--output", str(out), "--no-progress", "--device", str(DEVICE)])
+               "--calib-samples", "4", "--seq-len", "32", "--output", str(out), "--no-progress", "--device", str(DEVICE)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["after"]["target_bytes"] < 0.35 * summary["before"]["target_bytes"]
+    assert summary["quantizer"] == "gptq" and summary["calibration"]["calib_samples"] == 4  # the new names
+    assert "method" not in summary and "n_samples" not in summary["calibration"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     m = load_quantized(out)
     assert len(quantized_layers(m)) == 14

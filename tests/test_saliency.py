@@ -94,6 +94,21 @@ def test_presets_match_reference(metric):
 
 
 @pytest.mark.numerics
+def test_owq_records_the_gamma_it_computes():
+    """owq's scores are the square of the generalized metric at the (tau, rho, gamma) its spec (and so
+    a scores file's metadata) records: the same ranking, hence the same salient columns."""
+    spec = resolve_metric("owq")
+    assert (spec["tau"], spec["rho"], spec["gamma"]) == (2, 2, 1.0)
+    model, stats, _ = _setup(3)
+    owq = saliency_scores(model, stats, "owq", bits=3)
+    gen = saliency_scores(model, stats, "gift", tau=spec["tau"], rho=spec["rho"], gamma=spec["gamma"], bits=3)
+    for n in owq:
+        assert torch.allclose(owq[n], gen[n].double().pow(2).float(), rtol=1e-4), n
+        k = owq[n].numel() // 4
+        assert torch.equal(select_salient(owq[n], k), select_salient(gen[n], k)), n
+
+
+@pytest.mark.numerics
 def test_gift_presets_are_their_definitions():
     model, stats, X = _setup(2)
     assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(
@@ -220,17 +235,28 @@ def test_calibrate_statless_metric_skips_data(tiny_model, tiny_tok, tmp_path):
     assert len(s) == 14 and (tmp_path / "m.safetensors").is_file()
 
 
+def test_scores_file_of_before_the_rename_reads_calib_samples(tmp_path):
+    """A scores file written when the key was "n_samples" reads as "calib_samples"; a new file
+    writes "calib_samples" only (docs/configuration.md#names)."""
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_scores({"a": torch.ones(3)}, old, {"metric": "gift", "n_samples": 16})
+    assert load_scores(old, return_metadata=True)[1] == {"metric": "gift", "calib_samples": 16}
+    save_scores({"a": torch.ones(3)}, new, {"metric": "gift", "calib_samples": 8})
+    assert load_scores(new, return_metadata=True)[1] == {"metric": "gift", "calib_samples": 8}
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     from salientft.cli import main
 
     out, png, st = tmp_path / "scores.safetensors", tmp_path / "scores.png", tmp_path / "stats.safetensors"
-    rc = main(["calibrate", "--model", "tiny-random-llama", "--metric", "gift-g2", "--samples", "4",
+    rc = main(["calibrate", "--model", "tiny-random-llama", "--metric", "gift-g2", "--calib-samples", "4",
                "--seq-len", "32", "--batch-size", "2", "--n-salient", "6", "--output", str(out),
                "--plot", str(png), "--stats-output", str(st), "--dtype", "fp32", "--tau", "2"])
     assert rc == 0
     scores, meta = load_scores(out, return_metadata=True)
     assert len(scores) == 14 and all(s.shape in ((64,), (128,)) for s in scores.values())
     assert meta["metric"] == "gift-g2" and meta["tau"] == 2 and meta["tokens"] == 128 and meta["model"] == "tiny-random-llama"
+    assert meta["calib_samples"] == 4 and "n_samples" not in meta  # one name per concept, in files too
     assert png.read_bytes()[:4] == b"\x89PNG" and st.is_file()
     assert "wrote gift-g2 scores of 14 layers" in capsys.readouterr().out
     rc = main(["calibrate", "--model", "tiny-random-llama", "--metric", "owq", "--tau", "2", "--output", str(out)])

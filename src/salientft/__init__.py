@@ -11,7 +11,7 @@ from .gift import (
 )
 from .data.chat import ChatCollator, build_dataset, calibration_batches_from_dataset, tokenize_conversations
 from .data.instruct import heldout_texts, load_conversations
-from .models import load_model
+from .models import load_model, open_blockwise
 from .devices import describe_device, resolve_device
 from .ops.grid import quantize_rows
 from .quant.layer import QuantizedSalientLinear
@@ -23,12 +23,15 @@ from .calibration import (
     collect_activation_stats,
     load_stats,
     save_stats,
+    sequential_activation_stats,
 )
 from .saliency import METRICS, load_scores, plot_scores, saliency_scores, save_scores, select_salient
-from .pipelines import calibrate, quantize_pretrained
+from .pipelines import calibrate, open_model, quantize_pretrained
 from . import methods
 from . import peft
 from .config import TrainConfig
+from .methods import (DoRAMethodConfig, FullMethodConfig, GiftSWMethodConfig, GMTMethodConfig, LoRAMethodConfig,
+                      MethodConfig, SalientMethodConfig)
 from .export import export_compressed_tensors, export_lora, export_merged  # (salientft.export stays the module)
 
 from .evaluation import compare_runs, evaluate, load_for_eval, perplexity
@@ -41,6 +44,13 @@ __version__ = "0.1.0"
 __all__ = [
     "methods",
     "TrainConfig",
+    "MethodConfig",
+    "GiftSWMethodConfig",
+    "SalientMethodConfig",
+    "LoRAMethodConfig",
+    "DoRAMethodConfig",
+    "FullMethodConfig",
+    "GMTMethodConfig",
     "quantize_pretrained",
     "export_lora",
     "export_merged",
@@ -60,6 +70,8 @@ __all__ = [
     "load_conversations",
     "tokenize_conversations",
     "load_model",
+    "open_blockwise",
+    "open_model",
     "resolve_device",
     "describe_device",
     "quantize_rows",
@@ -77,6 +89,7 @@ __all__ = [
     "calibrate",
     "calibration_batches",
     "collect_activation_stats",
+    "sequential_activation_stats",
     "load_stats",
     "save_stats",
     "METRICS",

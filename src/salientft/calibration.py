@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path, iter_jsonl, read_safetensors
+from .config_base import renamed_arguments
 from .data.chat import longest_token_bytes
 from .ops.experts import expert_weight
 from .targets import in_features_of, resolve_targets
@@ -455,10 +456,11 @@ def _as_ids(d) -> list[int]:
     return ids
 
 
+@renamed_arguments(n_samples="calib_samples")
 def calibration_batches(
     tokenizer,
     source="embedded",
-    n_samples: int = 128,
+    calib_samples: int = 128,
     seq_len: int = 512,
     batch_size: int = 8,
     seed: int = 0,
@@ -466,17 +468,17 @@ def calibration_batches(
     """Calibration batches: ``[{"input_ids": (B, L) long, "attention_mask": (B, L) long}, ...]``.
 
     The documents of ``source`` are shuffled (seeded), tokenized, joined by EOS into one stream,
-    and cut into ``n_samples`` non-overlapping windows of ``seq_len`` tokens at a random offset,
-    picked at random. If the stream holds fewer than ``n_samples * seq_len`` tokens, every token
+    and cut into ``calib_samples`` non-overlapping windows of ``seq_len`` tokens at a random offset,
+    picked at random. If the stream holds fewer than ``calib_samples * seq_len`` tokens, every token
     is used once instead: full windows plus one shorter last sample (right-padded, masked).
     ``source``: "embedded", a .txt/.jsonl path, a Hugging Face dataset name, or a list of texts,
     of token-id lists / 1-D tensors, or of {"input_ids", optional "attention_mask"} records
     (pre-tokenized; masked positions dropped).
     """
-    for nm, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+    for nm, v in (("calib_samples", calib_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
-    needed = n_samples * seq_len
+    needed = calib_samples * seq_len
     docs = load_documents(source, needed)
     stream = _token_stream(tokenizer, docs, needed, seed)
     if not stream:
@@ -486,12 +488,12 @@ def calibration_batches(
     if T >= needed:
         m = T // seq_len
         offset = int(torch.randint(0, T - m * seq_len + 1, (1,), generator=gen))
-        picks = torch.randperm(m, generator=gen)[:n_samples].tolist()
+        picks = torch.randperm(m, generator=gen)[:calib_samples].tolist()
         samples = [stream[offset + i * seq_len : offset + (i + 1) * seq_len] for i in picks]
     else:
         samples = [stream[i : i + seq_len] for i in range(0, T, seq_len)]
         log.warning(
-            "calibration data %s has %d tokens, fewer than n_samples x seq_len = %d: using %d samples "
+            "calibration data %s has %d tokens, fewer than calib_samples x seq_len = %d: using %d samples "
             "(every token once)", describe_source(source), T, needed, len(samples),
         )
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
@@ -513,3 +515,236 @@ def calibration_batches(
 
 def describe_source(source) -> str:
     return repr(source) if isinstance(source, (str, os.PathLike)) else f"({type(source).__name__} of {len(source)})"
+
+
+# --------------------------------------------------------------------------------------------
+# Block by block (sequential): one decoder block on the device at a time
+# --------------------------------------------------------------------------------------------
+class ResidentBlocks:
+    """The block source of a model whose blocks are already where they run: ``load`` hands
+    block i as it is, ``release`` leaves it there. Every block source has these two methods
+    (``HostBlocks``; ``salientft.models.DiskBlocks`` reads each block from the safetensors files):
+
+    - ``load(i) -> nn.Module``: block i with real weights on ``device``;
+    - ``release(i, block, keep) -> None``: done with block i; ``keep`` asks that its (possibly
+      replaced, e.g. quantized) weights stay in host memory, otherwise they may be dropped.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, device=None):
+        self.blocks = blocks
+        self.device = torch.device(device) if device is not None else _module_device(blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def release(self, i: int, block: nn.Module, keep: bool = True) -> None:
+        pass
+
+
+class HostBlocks(ResidentBlocks):
+    """Blocks kept in host memory, each moved to ``device`` for its turn and back after."""
+
+    def load(self, i: int) -> nn.Module:
+        return self.blocks[i].to(self.device)
+
+    def release(self, i: int, block: nn.Module, keep: bool = True) -> None:
+        block.to("cpu")
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+class _Stop(Exception):
+    """Raised by the last block's stand-in: the model's forward is not needed past it."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block i during the capture pass: records what the model hands it and
+    returns the hidden states unchanged; other attributes (``attention_type``, ...) are the block's."""
+
+    def __init__(self, block: nn.Module, calls: list, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its weights may be on meta
+        self._calls, self._last = calls, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args, **kwargs):
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        self._calls.append((hs, args[1:], kwargs))
+        if self._last:
+            raise _Stop
+        return hs
+
+
+def capture_block_inputs(model: nn.Module, blocks_name: str, batches, device) -> tuple[list, list[list]]:
+    """What every decoder block receives, without running any block: ``(hidden, calls)`` with
+    ``hidden[b]`` the hidden states entering block 0 for batch b and ``calls[i][b]`` the other
+    ``(args, kwargs)`` the model hands block i (attention mask, position embeddings, ... as the
+    model computes them, per block: sliding-window layers get their own mask). Each block is
+    replaced by a recorder for one forward pass over the embeddings; only the modules outside
+    the blocks need real weights."""
+    blocks = model.get_submodule(blocks_name)
+    n = len(blocks)
+    per_block: list[list] = [[] for _ in range(n)]
+    originals = list(blocks)
+    for i in range(n):
+        blocks[i] = _Recorder(originals[i], per_block[i], last=i == n - 1)
+    try:
+        runner = _backbone(model, [blocks_name + ".0"])
+        for batch in batches:
+            try:
+                runner(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i in range(n):
+            blocks[i] = originals[i]
+    if any(len(calls) != len(batches) for calls in per_block):
+        raise RuntimeError("the model did not call every decoder block once per batch; block-by-block "
+                           "processing does not support this architecture (run it all at once)")
+    hidden = [hs for hs, _, _ in per_block[0]]
+    calls = [[(args, kw) for _, args, kw in blk] for blk in per_block]
+    return hidden, calls
+
+
+def run_block(block: nn.Module, hidden: list, calls: list) -> list:
+    """Block outputs for each batch: the next block's hidden states."""
+    out = []
+    for hs, (args, kw) in zip(hidden, calls):
+        y = block(hs, *args, **kw)
+        out.append(y[0] if isinstance(y, (tuple, list)) else y)
+    return out
+
+
+def block_targets(names: Iterable[str], blocks_name: str, n_blocks: int, what: str) -> dict[int, list[str]]:
+    """Target names grouped by the block holding them; a target outside the blocks is refused."""
+    out: dict[int, list[str]] = {}
+    prefix = blocks_name + "."
+    for n in names:
+        head = n[len(prefix):].split(".")[0] if n.startswith(prefix) else ""
+        if not head.isdigit() or int(head) >= n_blocks:
+            raise ValueError(f"target {n!r} is outside the transformer blocks ({blocks_name}); {what} handles "
+                             "targets inside the blocks only: name targets inside them")
+        out.setdefault(int(head), []).append(n)
+    return out
+
+
+def normalise_batches(batches) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches as dicts of (B, L) ``input_ids`` and ``attention_mask`` (all ones when absent)."""
+    out = []
+    for b in batches:
+        if not isinstance(b, dict) or "input_ids" not in b:
+            raise ValueError("each calibration batch must be a dict with 'input_ids' (and 'attention_mask')")
+        ids = torch.as_tensor(b["input_ids"])
+        ids = ids[None] if ids.dim() == 1 else ids
+        mask = b.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def sequential_activation_stats(
+    model: nn.Module,
+    batches: Iterable[dict],
+    target_modules=None,
+    hessian: bool = False,
+    *,
+    blocks=None,
+    visit=None,
+    progress: bool = True,
+    experts: Iterable[str] = (),
+) -> dict[str, ActivationStats]:
+    """:func:`collect_activation_stats` one decoder block at a time, with the same result bit for
+    bit (each block sees the same inputs and each statistic adds the same batches in the same order).
+
+    ``blocks``: a block source (:class:`ResidentBlocks`, the default; :class:`HostBlocks`;
+    ``salientft.models.DiskBlocks``): only the modules outside the blocks (embeddings, rotary
+    tables, final norm) need their weights on the device, and one block is loaded at a time, so
+    the memory is about one block, the modules outside the blocks and the calibration hidden
+    states (B x L x hidden per batch, twice). ``visit(i, block, stats)``, when given, is called
+    while block i is loaded, with the statistics of its targets (e.g. to score its layers, which
+    needs the weights). Targets must lie inside the blocks.
+    """
+    from tqdm.auto import tqdm
+
+    from .targets import block_list_name
+
+    targets = resolve_targets(model, target_modules)
+    blocks_name = block_list_name(model)
+    source = blocks if blocks is not None else ResidentBlocks(model.get_submodule(blocks_name))
+    n_blocks = len(model.get_submodule(blocks_name))
+    experts = list(experts)
+    by_block = block_targets([*targets, *(e.rpartition(".")[0] for e in experts)], blocks_name, n_blocks,
+                             "block-by-block calibration")
+    batches = normalise_batches(batches)
+    if not batches:
+        raise ValueError("no calibration batches were given")
+    was_training = model.training
+    model.eval()
+    out: dict[str, ActivationStats] = {}
+    try:
+        with torch.no_grad():
+            hidden, calls = capture_block_inputs(model, blocks_name, batches, source.device)
+            last = max(by_block) if by_block else -1
+            for i in tqdm(range(last + 1), desc="calibration", unit="block", disable=not progress):
+                block = source.load(i)
+                names = [n for n in by_block.get(i, []) if n in targets]
+                mods = [e for e in experts if e.rpartition(".")[0] in by_block.get(i, [])]
+                stats = _block_stats(model, block, names, mods, hidden, calls[i], batches, hessian, source.device)
+                hidden = stats.pop("__outputs__")
+                if visit is not None:
+                    visit(i, block, stats)
+                out.update(stats)
+                source.release(i, block, keep=False)
+    finally:
+        model.train(was_training)
+    if out and all(s.count == 0 for s in out.values()):
+        raise ValueError("the calibration batches contain no unmasked token (attention_mask is all 0)")
+    return out
+
+
+def _block_stats(model, block, names, experts, hidden, calls, batches, hessian, device) -> dict:
+    """One pass of the calibration batches through one block with the statistics hooks of its
+    targets; the block's outputs under ``"__outputs__"``."""
+    state = _HookState()
+    accs = {n: _Accumulator(in_features_of(model.get_submodule(n)), device, hessian) for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True)
+               for n in names]
+    by_module: dict[str, list[str]] = {}
+    for name in experts:
+        module, _, proj = name.rpartition(".")
+        by_module.setdefault(module, []).append(proj)
+    for module_name, projs in by_module.items():
+        module = model.get_submodule(module_name)
+        for proj in projs:
+            w = expert_weight(module, proj)
+            for e in range(w.shape[0]):
+                accs[f"{module_name}.{proj}.{e}"] = _Accumulator(w.shape[2], device, hessian)
+        handles.append(module.register_forward_hook(_make_experts_hook(module_name, accs, state), with_kwargs=True))
+    outputs = []
+    try:
+        for hs, (args, kw), batch in zip(hidden, calls, batches):
+            state.mask = batch["attention_mask"].bool()
+            state.last_input = state.last_batch_stats = None
+            y = block(hs, *args, **kw)
+            outputs.append(y[0] if isinstance(y, (tuple, list)) else y)
+    finally:
+        for h in handles:
+            h.remove()
+        state.last_input = state.last_batch_stats = None
+    stats: dict = {n: a.result() for n, a in accs.items()}
+    stats["__outputs__"] = outputs
+    return stats

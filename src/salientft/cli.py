@@ -2,13 +2,15 @@
 
 Each subcommand has one ``_add_<name>(sub)`` function that declares its flags and a handler
 ``_run_<name>(args)`` that calls the library. The flags of train, calibrate and quantize are the
-fields of dataclasses (TrainConfig; salientft.cli_args), each field's help text its --help.
+fields of dataclasses (TrainConfig and every registered method's config; salientft.cli_args), each
+field's help text its --help.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import signal
 import sys
@@ -34,7 +36,8 @@ _FLAG_TYPES = {"str": str, "int": int, "float": float}
 def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = False) -> None:
     """One flag per dataclass field (--kebab-case); its --help is the field's ``help`` metadata and default.
 
-    ``defaults=False`` (train): unset flags stay absent from the namespace so that YAML values
+    ``cls.flag_fields()``, when it has one, gives the fields (TrainConfig: its own and every
+    registered method's settings). ``defaults=False`` (train): unset flags stay absent from the namespace so that YAML values
     survive, and bools are --x/--no-x. ``defaults=True`` (calibrate, quantize): unset flags get
     the field's default, and a bool defaulting to False is a plain switch (--no-progress).
     A field without a default is a required flag; ``choices`` metadata (a sequence, or a callable
@@ -45,9 +48,10 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
     for names in getattr(cls, "EXCLUSIVE", ()):
         group = parser.add_mutually_exclusive_group()
         groups.update(dict.fromkeys(names, group))
-    for f in dataclasses.fields(cls):
+    fields = cls.flag_fields() if hasattr(cls, "flag_fields") else dataclasses.fields(cls)
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
-        ann = str(f.type)
+        ann = _annotation(f.type)
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         kw = {"dest": f.name, "help": _flag_help(f.metadata.get("help", ""), default)}
         if default is dataclasses.MISSING:
@@ -58,7 +62,7 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         if choices is not None:
             kw["choices"] = choices() if callable(choices) else choices
         add = groups.get(f.name, parser).add_argument
-        if ann == "bool":
+        if ann in ("bool", "bool | None"):  # None: unset, the setting's automatic choice
             switch = defaults and default is False
             add(flag, action="store_true" if switch else argparse.BooleanOptionalAction, **kw)
         elif ann.startswith("list[str]"):
@@ -66,6 +70,31 @@ def _config_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = Fals
         else:
             base = ann.split("|")[0].strip()
             add(flag, type=_FLAG_TYPES.get(base, str), **kw)
+            for old in f.metadata.get("old_names", ()):  # hidden: --help shows the current name only
+                parser.add_argument("--" + old.replace("_", "-"), action=_OldFlag, new_flag=flag, dest=f.name,
+                                    type=_FLAG_TYPES.get(base, str), choices=kw.get("choices"),
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+class _OldFlag(argparse.Action):
+    """A field's earlier flag name (docs/configuration.md#names): it sets the field as the current
+    flag does, and says on stderr that the name is deprecated."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kw):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"salientft: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _annotation(tp) -> str:
+    """A field's type as its annotation reads ("int | None"), whether or not its module postponed
+    annotations (a method declared in a module without ``from __future__ import annotations``)."""
+    if isinstance(tp, str):
+        return tp
+    return tp.__name__ if isinstance(tp, type) and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
 
 
 def _flag_help(text: str, default) -> str:
@@ -110,7 +139,8 @@ def _add_train(sub) -> None:
                                      f"{', '.join(methods.names(quantized=True))} on a quantized model)",
                        description="Fine-tune a model. Every config field is a flag; flags win over --config. "
                                    f"Methods: {listing}.")
-    p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields")
+    p.add_argument("--config", help="YAML (or JSON) file with TrainConfig fields, flat (n_salient: 64) or the "
+                                    "method's nested (method: {name: gift-sw, n_salient: 64}); see docs/configuration.md")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its newest complete checkpoint; refused if any "
@@ -130,7 +160,8 @@ def _method_modules(name: str, quantized: bool) -> tuple[str, ...]:
 
 
 def _run_train(args) -> int:
-    from .train import Interrupted, RunStopped, format_summary, resolve_train_config, train
+    from .config import resolve_train_config
+    from .train import Interrupted, RunStopped, train
 
     run_flags = ("config", "resume", "overwrite", "func", "command", "verbose")
     flags = {k: v for k, v in vars(args).items() if k not in run_flags}
@@ -152,25 +183,49 @@ def _run_train(args) -> int:
     return 0
 
 
+def _fmt(v, spec=".4f"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_summary(result: dict, output: str) -> str:
+    """A before/after Markdown table of a finished run."""
+    lines = [
+        f"## {result['method']} on {result['model']} ({result.get('steps', 0)} steps, "
+        f"{result.get('wall_time_s', 0):.0f} s, {result.get('trainable_params', 0):,} trainable parameters)",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        f"| held-out loss | {_fmt(result.get('heldout_loss_before'))} | {_fmt(result.get('heldout_loss_after'))} |",
+    ]
+    before, after = result.get("eval_before") or {}, result.get("eval_after") or {}
+    for task, r in (after.get("results") or {}).items():
+        b = (before.get("results") or {}).get(task, {})
+        key = "acc_norm" if r.get("acc_norm") is not None and task in ("hellaswag", "arc_easy", "arc_challenge", "piqa", "openbookqa") else "acc"
+        lines.append(f"| {task} {key} (n={r.get('n')}) | {_fmt(b.get(key))} | {_fmt(r.get(key))} |")
+    if after.get("paper_avg") is not None:
+        lines.append(f"| paper six-task average | {_fmt(before.get('paper_avg'))} | {_fmt(after.get('paper_avg'))} |")
+    lines += ["", f"Outputs in {output}/ (metrics.json, loss.png, run_config.json)."]
+    return "\n".join(lines)
+
+
 def _add_calibrate(sub) -> None:
     _args_command(sub, "calibrate", _run_calibrate)
 
 
 def _run_calibrate(args) -> int:
     deps.require("calibrate", **vars(args))  # every missing package/file at once, before any work
-    from .pipelines import calibrate
-    from .models import load_model
+    from .pipelines import calibrate, open_model
     from .preflight import check_model_settings
 
     check_model_settings(args.model, args.target_modules, n_salient=args.n_salient,  # before the weights load
                          salient_fraction=args.salient_fraction)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok, blocks = open_model(args.model, dtype=args.dtype, device=args.device, sequential=args.sequential)
     scores = calibrate(
         model, tok, args.data, metric=args.metric, bits=args.bits, tau=args.tau, rho=args.rho, gamma=args.gamma,
-        n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
         target_modules=args.target_modules, n_salient=args.n_salient, salient_fraction=args.salient_fraction,
         output=args.output, plot=args.plot, stats_output=args.stats_output,
-        metadata={"model": args.model, "dtype": args.dtype},
+        metadata={"model": args.model, "dtype": args.dtype}, blocks=blocks,
     )
     print(f"wrote {args.metric} scores of {len(scores)} layers to {args.output}"
           + (f" and a plot to {args.plot}" if args.plot else ""))
@@ -189,10 +244,10 @@ def _run_quantize(args) -> int:
 
     s = quantize_pretrained(
         args.model, args.output, args.bits, n_salient=args.n_salient, salient_fraction=args.salient_fraction,
-        method=args.method, group_size=args.group_size, metric=args.metric, data=args.data,
-        n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-        dtype=args.dtype, scores_path=args.scores, target_modules=args.target_modules,
-        progress=not args.no_progress, device=args.device, overwrite=args.overwrite,
+        quantizer=args.quantizer, group_size=args.group_size, metric=args.metric, data=args.data,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+        dtype=args.dtype, scores=args.scores, target_modules=args.target_modules,
+        progress=not args.no_progress, device=args.device, overwrite=args.overwrite, sequential=args.sequential,
     )
     mb = 2 ** 20
     print(f"target layers: {s['before']['target_bytes'] / mb:.2f} MiB -> {s['after']['target_bytes'] / mb:.2f} MiB "
@@ -233,7 +288,9 @@ def _add_eval(sub) -> None:
                    help="also report perplexity on a text file or the held-out instruction split")
     p.add_argument("--ppl-max-length", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--ppl-stride", type=int, help="perplexity stride (default: half the window)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="model dtype (default bf16)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32",
+                   help="model dtype (default fp32: lm-eval's per-item choices; bf16 is faster and moves a few "
+                        "items, docs/evaluation.md)")
     _device_flag(p, "where the model loads and is scored")
     p.add_argument("--logprob-dtype", choices=("model", "float32"), default="model",
                    help="'model' sums log-probs in the model dtype like lm-eval's HFLM default; 'float32' is exact")
@@ -309,8 +366,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--plot-diffs", metavar="PNG",
                    help="write a forest plot of the paired differences and their 95%% intervals here "
                         "(needs every run's samples file)")
-    p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=int, default=None,
+                   help="Monte-Carlo bootstrap resamples (default: none, the exact bootstrap distribution, "
+                        "whose interval does not depend on a seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo resamples (with --resamples; default 0)")
     p.set_defaults(func=_run_compare)
 
 

@@ -39,7 +39,7 @@ class CalibrationArgs(ConfigMixin):
 
     model: str = flag("smollm2-135m", "base model: preset (smollm2-135m, tiny-random-llama), folder or hub id")
     data: str = flag("embedded", "calibration data: 'embedded', a .txt/.jsonl file, or a Hugging Face dataset name")
-    samples: int = flag(128, "number of calibration samples")
+    calib_samples: int = flag(128, "number of calibration samples", old_names=("samples",))
     seq_len: int = flag(512, "tokens per calibration sample")
     batch_size: int = flag(8, "calibration samples per forward pass")
     n_salient: int | None = flag(None, "salient columns k per layer (calibrate: for the plot and metadata; "
@@ -53,13 +53,16 @@ class CalibrationArgs(ConfigMixin):
     dtype: str = flag("bf16", "model dtype: bf16, fp16 or fp32")
     device: str = flag("auto", "where the model loads and every step runs: auto (CUDA if available, else CPU), "
                                "cpu, cuda or cuda:N")
+    sequential: bool = flag(False, "one decoder block at a time on the device, each read from the model's "
+                                   "safetensors files for its turn (same results; also chosen when the weights "
+                                   "do not fit the device's free memory)")
 
     def __post_init__(self):
         coerce_fields(self)
         self._check()
 
     def _check(self) -> None:
-        for name in ("samples", "batch_size"):
+        for name in ("calib_samples", "batch_size"):
             check_range(self, name, min=1, what="must be a positive integer")
         check_range(self, "seq_len", min=2, what="must be at least 2 tokens")
         check_range(self, "n_salient", min=0, what="must be >= 0 (0: no salient columns)")
@@ -103,8 +106,8 @@ class QuantizeArgs(CalibrationArgs):
     OUTPUTS: ClassVar[dict[str, str]] = {"output": "dir"}
 
     bits: int = flag(REQUIRED, "bits per weight: 2, 3, 4 or 8")
-    method: str = flag("gptq", "quantizer: gptq (error-compensating) or rtn (round to nearest)",
-                       choices=("gptq", "rtn"))
+    quantizer: str = flag("gptq", "quantizer: gptq (error-compensating) or rtn (round to nearest)",
+                          choices=("gptq", "rtn"), old_names=("method",))
     group_size: int | None = flag(None, "scale per group of columns (default: per row)")
     scores: str | None = flag(None, "precomputed scores file from salientft calibrate")
     no_progress: bool = flag(False, "no progress bars")
@@ -115,7 +118,7 @@ class QuantizeArgs(CalibrationArgs):
         super()._check()
         from .quant.model import QuantizeConfig
 
-        QuantizeConfig(bits=self.bits, method=self.method, n_salient=self.n_salient,
+        QuantizeConfig(bits=self.bits, quantizer=self.quantizer, n_salient=self.n_salient,
                        salient_fraction=self.salient_fraction, group_size=self.group_size, metric=self.metric,
                        target_modules=self.target_modules)
 

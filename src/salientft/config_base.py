@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def _written(text: str, path: str | Path | None) -> str:
@@ -71,71 +71,94 @@ def _read_as(tp, value):
     origin = typing.get_origin(tp)
     if tp is Any or tp is object:
         return value
-    if tp is type(None):
-        return None if value is None else _NO
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        for a in args:  # a value already of one of the types is kept as it is ("3" stays a str in str | int)
-            if _exact(a, value):
-                return _read_as(a, value)
-        for a in args:
-            got = _read_as(a, value)
-            if got is not _NO:
-                return got
-        return _NO
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
-            return value.strip().lower() in TRUE_WORDS
-        return _NO
-    if tp is int:
-        if isinstance(value, bool):
-            return _NO
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            text = value.strip().replace("_", "")
-            try:
-                return int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    return _NO
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        return _NO
-    if tp is float:
-        if isinstance(value, bool):
-            return _NO
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                return _NO
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        return _NO
-    if tp is str:
-        return value if isinstance(value, str) else _NO
+        return _read_union(typing.get_args(tp), value)
+    reader = _READERS.get(tp)
+    if reader is not None:
+        return reader(value)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple, set, frozenset)):
-            return _NO
-        value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
-            else list(value)
-        args = typing.get_args(tp)
-        if not args or args[0] is Any:
-            return list(value)
-        items = [_read_as(args[0], v) for v in value]
-        return _NO if any(v is _NO for v in items) else list(items)
+        return _read_list(tp, value)
     if origin is dict or tp is dict:
         return value if isinstance(value, dict) else _NO
     if isinstance(tp, type):
         return value if isinstance(value, tp) else _NO
     return value  # a type form this reader does not know: left to the config's own checks
+
+
+def _read_union(args, value):
+    for a in args:  # a value already of one of the types is kept as it is ("3" stays a str in str | int)
+        if _exact(a, value):
+            return _read_as(a, value)
+    for a in args:
+        got = _read_as(a, value)
+        if got is not _NO:
+            return got
+    return _NO
+
+
+def _read_none(value):
+    return None if value is None else _NO
+
+
+def _read_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    return _NO
+
+
+def _read_int(value):
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return _NO
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return _NO
+
+
+def _read_float(value):
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return _NO
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return _NO
+
+
+def _read_str(value):
+    return value if isinstance(value, str) else _NO
+
+
+def _read_list(tp, value):
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return _NO
+    value = sorted(value) if isinstance(value, (set, frozenset)) and all(isinstance(v, str) for v in value) \
+        else list(value)
+    args = typing.get_args(tp)
+    if not args or args[0] is Any:
+        return list(value)
+    items = [_read_as(args[0], v) for v in value]
+    return _NO if any(v is _NO for v in items) else list(items)
+
+
+_READERS = {type(None): _read_none, bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
 
 
 def _exact(tp, value) -> bool:
@@ -278,6 +301,7 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        d = renamed_keys(cls, d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -359,12 +383,64 @@ def salient_count(in_features: int, n_salient: int | None = None, salient_fracti
     return k
 
 
-def flag(default, help: str, *, choices=None):
+def flag(default, help: str, *, choices=None, old_names: tuple[str, ...] = ()):
     """A dataclass field whose ``help`` the command line shows (``salientft <cmd> --help``).
 
     ``default=dataclasses.MISSING`` makes a required field (and a required flag). ``choices``, a
     sequence or a callable returning one (resolved when the flag is declared, so that a choice
     list living in a heavy module need not be imported with the config), limits the flag's values.
+    ``old_names``: the field's earlier names (docs/configuration.md#names), still read from files
+    (:func:`renamed_keys`) and accepted as hidden, deprecated flags.
     """
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if old_names:
+        metadata["old_names"] = tuple(old_names)
     return field(default=default, metadata=metadata)
+
+
+def renamed_keys(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with every field's old name (``old_names`` metadata) replaced by its current name, so
+    that files written before a rename still read; both names at once is an error."""
+    out = dict(d)
+    for f in dataclasses.fields(cls):
+        for old in f.metadata.get("old_names", ()):
+            if old in out:
+                if f.name in out:
+                    raise ValueError(f"{cls.__name__}: {old!r} is the old name of {f.name!r}; give one of them")
+                out[f.name] = out.pop(old)
+    return out
+
+
+def renamed_arguments(**renames: str):
+    """Decorator: the keyword arguments of a public function that were renamed (``old="new"``,
+    docs/configuration.md#names) still work, with a DeprecationWarning; both names at once is an
+    error. An old name given None (unset, as files written before the rename hold it) is dropped."""
+    import functools
+    import warnings
+
+    def wrap(fn):
+        who = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs and kwargs[old] is None:
+                    del kwargs[old]
+                elif old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{who}(): {old}= is the old name of {new}=; give one of them")
+                    warnings.warn(f"{who}(): {old}= is deprecated, use {new}=", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def accept_old_names(cls):
+    """Class decorator (above ``@dataclass``): the constructor also takes every field's earlier
+    names (``old_names`` metadata, :func:`flag`), as :func:`renamed_arguments` does."""
+    renames = {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("old_names", ())}
+    cls.__init__ = renamed_arguments(**renames)(cls.__init__)
+    return cls

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ._io import atomic_dir
 from ._packages import cache_dir, package_dir  # noqa: F401  (cache_dir: re-exported)
-from .devices import resolve_device
+from .devices import model_device, resolve_device
 from .embedded_files import GGUF_NAME, MODEL_FILES, converted_model_dir
 from .tiny_tokenizer import TINY_VOCAB_SIZE
 
@@ -238,3 +239,311 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+# --------------------------------------------------------------------------------------------
+# Block by block: a model whose decoder blocks stay on disk until their turn
+# --------------------------------------------------------------------------------------------
+def _weights_folder(name_or_path: str) -> Path | None:
+    """The local folder of a model's safetensors files (None for the tiny preset or a hub id not in the cache)."""
+    if name_or_path == TINY_MODEL:
+        return None
+    if name_or_path == EMBEDDED_MODEL:
+        return embedded_model_dir()
+    p = Path(str(name_or_path))
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                         "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 (offline, no such repo): loading in host memory says it
+        log.debug("no local safetensors files for %s: %s", name_or_path, e)
+        return None
+
+
+def safetensors_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (``model.safetensors.index.json`` or the
+    ``*.safetensors`` files of the folder); empty when the folder has none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return {k: folder / v for k, v in weight_map.items()}
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update(dict.fromkeys(h.keys(), f))
+    return out
+
+
+def weight_bytes(name_or_path: str, dtype="bf16") -> int | None:
+    """Bytes of a model's weights once loaded in ``dtype`` (floating tensors in ``dtype``, the others
+    as stored), read from its safetensors headers; None when it has no local safetensors files."""
+    from safetensors import safe_open
+
+    folder = _weights_folder(name_or_path)
+    index = safetensors_index(folder) if folder is not None else {}
+    if not index:
+        return None
+    size = torch.empty(0, dtype=resolve_dtype(dtype) or torch.bfloat16).element_size()
+    total = 0
+    by_file: dict[Path, list[str]] = {}
+    for k, f in index.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in keys:
+                s = h.get_slice(k)
+                numel = 1
+                for d in s.get_shape():
+                    numel *= d
+                stored = s.get_dtype()
+                total += numel * (size if stored.startswith(("F", "BF")) else _STORED_BYTES.get(stored, 8))
+    return total
+
+
+_STORED_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+
+# Block by block unless the weights fit the device's free memory with this margin (activations,
+# GPTQ's Hessians and temporaries, the allocator's slack): docs/quantization.md#block-by-block. One rule
+# for `salientft calibrate/quantize` (pipelines.open_model) and GIFT-SW's calibration in `train`.
+FIT_MARGIN = 1.25
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on ``device``: the accelerator's free memory, or the host's available memory
+    (``MemAvailable``) for the CPU; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def needs_blockwise(model_name: str, dtype, device) -> bool:
+    """True when ``model_name``'s weights in ``dtype`` (read from its safetensors headers) times
+    ``FIT_MARGIN`` exceed the free memory of ``device``; False when either is unknown."""
+    return exceeds_free_memory(weight_bytes(model_name, dtype), device, model_name)
+
+
+def exceeds_free_memory(size: int | None, device, what: str = "the model", warn: bool = True) -> bool:
+    """True when ``size`` bytes of weights times ``FIT_MARGIN`` exceed the free memory of ``device``
+    (logged unless ``warn`` is False); False when either is unknown."""
+    free = free_memory(device)
+    if size is None or free is None:
+        return False
+    if size * FIT_MARGIN > free:
+        if warn:
+            log.warning("%s: %.2f GiB of weights (x%.2f) exceed the %.2f GiB free on %s: working block by block",
+                        what, size / 2**30, FIT_MARGIN, free / 2**30, device)
+        return True
+    return False
+
+
+class DiskBlocks:
+    """The decoder blocks of a model opened by :func:`open_blockwise`, read from its safetensors
+    files one block at a time (a block source of ``salientft.calibration``): ``load(i)`` reads
+    block i's tensors onto ``device`` in the model's dtype; ``release(i, block, keep)`` moves the
+    block to host memory (``keep``: e.g. once quantized) or back to ``meta`` (its memory freed).
+    ``loaded_bytes`` / ``peak_loaded_bytes``: bytes of block tensors read and not yet dropped."""
+
+    def __init__(self, model, blocks_name: str, index: dict[str, Path], dtype: torch.dtype, device):
+        self.model, self.blocks_name, self.index = model, blocks_name, index
+        self.blocks = model.get_submodule(blocks_name)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.loaded_bytes = self.peak_loaded_bytes = 0
+        self._held: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, i: int) -> torch.nn.Module:
+        block = self.blocks[i]
+        prefix = f"{self.blocks_name}.{i}."
+        n = _load_tensors(block, prefix, self.index, self.dtype, self.device)
+        block.to(self.device)  # buffers the constructor built (non-persistent ones) follow
+        self._held[i] = n
+        self.loaded_bytes += n
+        self.peak_loaded_bytes = max(self.peak_loaded_bytes, self.loaded_bytes)
+        return block
+
+    def release(self, i: int, block: torch.nn.Module, keep: bool = True) -> None:
+        block.to("cpu" if keep else "meta")
+        self.loaded_bytes -= self._held.pop(i, 0)
+
+
+def _load_tensors(module: torch.nn.Module, prefix: str, index: dict[str, Path], dtype, device) -> int:
+    """Read every parameter and persistent buffer of ``module`` (``prefix`` + its name in the files)
+    onto ``device`` (floating tensors in ``dtype``); returns the bytes read."""
+    from safetensors import safe_open
+
+    wanted = {}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._non_persistent_buffers_set:
+            continue
+        wanted[name] = (owner, leaf, t.is_floating_point())
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(index[prefix + name], []).append(name)
+    total = 0
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            for name in names:
+                owner, leaf, floating = wanted[name]
+                t = h.get_tensor(prefix + name)
+                t = t.to(device=device, dtype=dtype if floating else t.dtype)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = t
+                total += t.numel() * t.element_size()
+    return total
+
+
+def open_blockwise(name_or_path: str = EMBEDDED_MODEL, dtype="bf16", *, device=None,
+                   trust_remote_code: bool = False):
+    """Open a model for block-by-block work without reading its decoder blocks: returns
+    ``(model, tokenizer, blocks)``. The modules outside the blocks (embeddings, rotary tables,
+    final norm, output head) are read onto ``device``; the blocks' parameters stay on ``meta``
+    and ``blocks`` (:class:`DiskBlocks`) reads one block at a time from the safetensors files.
+
+    When the files cannot be read that way (no local safetensors files, a checkpoint whose tensor
+    names differ from the model's, as transformers' converted MoE checkpoints, the tiny preset),
+    the model is loaded in host memory instead and ``blocks`` is a
+    ``salientft.calibration.HostBlocks`` moving each block to ``device`` for its turn.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .calibration import HostBlocks
+    from .targets import block_list_name
+
+    target = resolve_device(device) if device is not None else torch.device("cpu")
+    torch_dtype = resolve_dtype(dtype) or torch.bfloat16
+    folder = _weights_folder(name_or_path)
+    index = safetensors_index(folder) if folder is not None else {}
+    model = None
+    if index and not _is_salientft_quantized(folder):
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed for real
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        blocks_name = block_list_name(model)
+        missing = _missing_tensors(model, index)
+        if missing:
+            log.warning("%s: %d tensors (e.g. %s) are not stored under the model's names; loading it in host "
+                        "memory instead of block by block from disk", name_or_path, len(missing), missing[0])
+            model = None
+    if model is None:
+        model, tok = load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, device="cpu")
+        blocks = model.get_submodule(block_list_name(model))
+        for name, module in model.named_children():
+            _to_device_outside(module, name, block_list_name(model), target)
+        return model.eval(), tok, HostBlocks(blocks, target)
+    _load_outside_blocks(model, blocks_name, index, torch_dtype, target)
+    tok = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, DiskBlocks(model, blocks_name, index, torch_dtype, target)
+
+
+def _to_device_outside(module, name: str, blocks_name: str, device) -> None:
+    """Move everything but the decoder blocks to ``device`` (the blocks stay in host memory)."""
+    if name == blocks_name:
+        return
+    if not blocks_name.startswith(name + "."):
+        module.to(device)
+        return
+    for child_name, child in module.named_children():
+        _to_device_outside(child, f"{name}.{child_name}", blocks_name, device)
+    for t_name, t in list(module._parameters.items()):
+        if t is not None:
+            module._parameters[t_name] = torch.nn.Parameter(t.to(device), requires_grad=t.requires_grad)
+    for b_name, b in list(module._buffers.items()):
+        if b is not None:
+            module._buffers[b_name] = b.to(device)
+
+
+@contextmanager
+def block_source(model, device):
+    """A block source of ``salientft.calibration`` for a model in memory, to work on ``device``
+    one decoder block at a time while the block lasts: ``ResidentBlocks`` when the model is on
+    ``device`` already; for a model in host memory, ``HostBlocks`` moving one block at a time to
+    ``device`` and back, the modules outside the blocks (embeddings, rotary tables, final norm,
+    head) moved to ``device`` meanwhile and back to the host on exit (the model as it was)."""
+    from .calibration import HostBlocks, ResidentBlocks
+    from .targets import block_list_name
+
+    blocks_name = block_list_name(model)
+    device, home = torch.device(device), model_device(model)
+    if home == device:
+        yield ResidentBlocks(model.get_submodule(blocks_name), device)
+        return
+    for name, module in model.named_children():
+        _to_device_outside(module, name, blocks_name, device)
+    try:
+        yield HostBlocks(model.get_submodule(blocks_name), device)
+    finally:
+        for name, module in model.named_children():
+            _to_device_outside(module, name, blocks_name, home)
+
+
+def _missing_tensors(model, index: dict[str, Path]) -> list[str]:
+    """The model's state-dict entries the files do not hold (tied copies excepted)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [k for k in model.state_dict() if k not in index and k not in tied]
+
+
+def _load_outside_blocks(model, blocks_name: str, index, dtype, device) -> None:
+    """Read every module but the blocks onto ``device``; tie the tied weights again; the blocks'
+    buffers built by the constructor stay on the host until their block loads."""
+    for name, module in model.named_children():
+        _load_outside(module, name, blocks_name, index, dtype, device)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for tgt, src in tied.items():
+        if tgt not in index:
+            owner_name, _, leaf = tgt.rpartition(".")
+            model.get_submodule(owner_name)._parameters[leaf] = model.get_parameter(src)
+
+
+def _load_outside(module, name: str, blocks_name: str, index, dtype, device) -> None:
+    if name == blocks_name:
+        return
+    if not blocks_name.startswith(name + "."):
+        present = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        tied = {n for n in present if f"{name}.{n}" not in index}
+        if tied:  # e.g. lm_head.weight tied to the embeddings: filled by _load_outside_blocks
+            return
+        _load_tensors(module, name + ".", index, dtype, device)
+        module.to(device)
+        return
+    for child_name, child in module.named_children():
+        _load_outside(child, f"{name}.{child_name}", blocks_name, index, dtype, device)
+    _load_direct(module, name, index, dtype, device)
+
+
+def _load_direct(module, name: str, index, dtype, device) -> None:
+    """A module's own tensors (not its children's) that are stored; its non-persistent buffers moved."""
+    from safetensors import safe_open
+
+    for leaf, t in list(module._parameters.items()):
+        key = f"{name}.{leaf}"
+        if t is not None and key in index:
+            with safe_open(str(index[key]), framework="pt", device="cpu") as h:
+                v = h.get_tensor(key)
+            module._parameters[leaf] = torch.nn.Parameter(
+                v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype), requires_grad=False)
+    for leaf, b in list(module._buffers.items()):
+        if b is not None:
+            module._buffers[leaf] = b.to(device)

@@ -13,7 +13,8 @@ may change, the lock held while the run writes, and the record of the run.
   recognised by the names that salientft wrote (``LEGACY_RUN_FILES``, ``checkpoint-<step>``): a
   ``--resume`` adopts them into a new manifest; ``--overwrite`` deletes nothing and lists them.
 - **The record of the run**: ``run_config.json`` holds the TrainConfig (``TrainConfig.from_json``
-  reads it back); ``run_history.json`` beside it the data file's SHA-256 (``data_sha256``; a resume
+  reads it back; the method's settings nested under ``method_config``, GMT's mask under ``mask``;
+  the flat files of earlier versions are read too, and a resume compares both as flat settings); ``run_history.json`` beside it the data file's SHA-256 (``data_sha256``; a resume
   with a changed file is refused, however its path is spelled) and ``history``, one entry per
   start or resume with the settings the resume changed (the config then holds the new values).
 - **Resume.** A finished run (``metrics.json``) is not trained again unless ``--max-steps`` grows;
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from . import methods, outputs
 from ._io import is_path_like, read_json_object, remove_temporaries, write_json
-from .config import TrainConfig
+from .config import TrainConfig, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ LEGACY_RUN_FILES = frozenset({RUN_CONFIG, RUN_HISTORY, METRICS, "loss.png", "ada
 # folder is spelled). max_steps may also grow, lr be lowered and dtype become fp32 (RESUME_MAY_ADJUST);
 # every other difference is refused.
 RESUME_MAY_CHANGE = ("output", "eval_tasks", "eval_limit", "eval_subset", "eval_before", "report_to",  # nothing the weights depend on
-                     "device")  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, devices)
+                     "device",  # a run may move to another GPU or machine (docs/ARCHITECTURE.md, devices)
+                     "sequential_calibration")  # GIFT-SW: the same scores either way (docs/quantization.md)
 # What run_history.json holds: the record of the run, not settings (run_config.json stays a TrainConfig
 # that TrainConfig.from_json reads back).
 RUN_RECORD = ("data_sha256", "history")
@@ -125,33 +127,41 @@ def _lr(d: dict):
     return d["lr"]
 
 
+def _settings(d: dict) -> dict:
+    """A stored or new config as the flat settings the run trains with (``config.settings_of``: the
+    method's own and the mask's; absent ones at their default), an unset ``lr`` as the method's."""
+    out = settings_of({k: v for k, v in d.items() if k not in RUN_RECORD})
+    lr = _lr(out)
+    if lr is not None:
+        out["lr"] = lr
+    return out
+
+
+def _adjustment(key: str, a, b) -> bool:
+    """Whether a resume may make the change ``key: a -> b`` (recorded in the run's history)."""
+    if key == "max_steps":
+        return isinstance(a, int) and isinstance(b, int) and 0 < a < b  # a longer run: the schedule follows
+    if key == "lr":
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 < b < a  # after a non-finite loss
+    return key == "dtype" and b == "fp32"  # full precision (after a non-finite loss in bf16/fp16)
+
+
 def _compare(stored: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
-    """(refused differences, allowed adjustments), each as ``field: old -> new``."""
-    new = config.to_dict()
-    # A field the stored config lacks was added to salientft after that run: it ran with the default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    old = {**{k: defaults[k] for k in new if k not in stored and k in defaults},
-           **{k: v for k, v in stored.items() if k not in RUN_RECORD}}
-    for key, former in TrainConfig.FORMER_DEFAULTS.items():  # a former default means the current one
+    """(refused differences, allowed adjustments), each as ``field: old -> new``. The stored config
+    may be the flat ``run_config.json`` of an earlier version: both sides are read as flat settings."""
+    old, new = _settings(stored), _settings(config.to_dict())
+    if old.get("mask_ratio") is None or new.get("mask_ratio") is None:  # a mask on one side only: its ratio says it
         for d in (old, new):
-            if key in d and d[key] == former:
-                d[key] = defaults[key]
-    for d in (old, new):
-        lr = _lr(d)
-        if lr is not None:
-            d["lr"] = lr
+            for key in [k for k in d if k.startswith("mask_") and k != "mask_ratio"]:
+                del d[key]
     refused, adjusted = [], []
     for key in dict.fromkeys([*old, *new]):
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
         if key in RESUME_MAY_CHANGE or a == b:
             continue
         change = f"{key}: {a!r} -> {b!r}"
-        if key == "max_steps" and isinstance(a, int) and isinstance(b, int) and 0 < a < b:
-            adjusted.append(change)  # a longer run: the schedule then follows the new total
-        elif key == "lr" and isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 < b < a:
-            adjusted.append(change)  # a lower learning rate (after a non-finite loss)
-        elif key == "dtype" and b == "fp32":
-            adjusted.append(change)  # full precision (after a non-finite loss in bf16/fp16)
+        if _adjustment(key, a, b):
+            adjusted.append(change)
         elif key == "data" and _same_data(stored, a, b):
             continue
         elif key == "data" and stored.get("data_sha256") and _same_path(a, b):
@@ -238,14 +248,7 @@ def plan_output(out: Path, config: TrainConfig, *, resume: bool = False, overwri
     manifest = outputs.listed(out)
     # a run of a salientft without manifests (its folder may since have got one from `eval --output` into it)
     legacy = (out / RUN_CONFIG).is_file() and RUN_CONFIG not in (manifest or set())
-    known = (manifest or set()) | (set(_legacy_entries(out)) if legacy else set())
-    others = outputs.foreign(out, known)
-    ours = sorted(p.name for p in out.iterdir() if p.name in known)
-    if others and (resume or overwrite or not ours):
-        what = "--resume" if resume else "--overwrite" if overwrite else "--output"
-        raise FileExistsError(
-            f"{what}: {out} holds files salientft did not write ({_listing(others)}), so nothing is written there; "
-            "move them away or choose another --output")
+    ours = _refuse_foreign(out, manifest, legacy, resume, overwrite)
     if resume:
         return _plan_resume(out, config, plan, legacy)
     if not ours:  # new, empty, or only what killed writes left
@@ -265,6 +268,20 @@ def plan_output(out: Path, config: TrainConfig, *, resume: bool = False, overwri
             f"is deleted; these look like a run's: {', '.join(ours)}. Delete them yourself, or choose another --output")
     plan.clear = True
     return plan
+
+
+def _refuse_foreign(out: Path, manifest, legacy: bool, resume: bool, overwrite: bool) -> list[str]:
+    """The names of what salientft wrote in ``out``; refuses a folder that also holds other files
+    (unless a new run only adds to a folder without any of ours)."""
+    known = (manifest or set()) | (set(_legacy_entries(out)) if legacy else set())
+    others = outputs.foreign(out, known)
+    ours = sorted(p.name for p in out.iterdir() if p.name in known)
+    if others and (resume or overwrite or not ours):
+        what = "--resume" if resume else "--overwrite" if overwrite else "--output"
+        raise FileExistsError(
+            f"{what}: {out} holds files salientft did not write ({_listing(others)}), so nothing is written there; "
+            "move them away or choose another --output")
+    return ours
 
 
 def _plan_resume(out: Path, config: TrainConfig, plan: Plan, legacy: bool) -> Plan:

@@ -10,7 +10,8 @@ activations over the calibration tokens) and gamma in {0.5, 1, 2}. Presets (``ME
 - ``gift``:       tau = rho = inf, gamma = 1:  max_i |D_ij| * max_t |x_tj|   (the paper's choice;
                   tau / rho / gamma may override it: this is the generalized metric)
 - ``gift-g2``:    tau = rho = inf, gamma = 2:  max_i |D_ij| * (max_t |x_tj|)^2 (the authors' config)
-- ``owq``:        sum_t x_tj^2 * ||D_j||_2^2   (OBD / OWQ: Hessian diagonal times squared error)
+- ``owq``:        sum_t x_tj^2 * ||D_j||_2^2   (OBD / OWQ: Hessian diagonal times squared error; the
+                  square of tau = rho = 2, gamma = 1, which is what its scores file records)
 - ``wanda``:      ||W_j||_1 * ||X_j||_2        (pruning error: D replaced by W itself)
 - ``activation``: max_t |x_tj|                 (QUIK / SmoothQuant style)
 - ``magnitude``:  ||W_j||_2                    (no statistics needed)
@@ -37,7 +38,9 @@ GAMMAS = (0.5, 1.0, 2.0)
 _PRESETS = {
     "gift": dict(tau="inf", rho="inf", gamma=1.0),
     "gift-g2": dict(tau="inf", rho="inf", gamma=2.0),
-    "owq": dict(tau=2, rho=2, gamma=2.0),  # exact form computed separately: ||X||_2^2 * ||D||_2^2
+    # computed as ||X_j||_2^2 * ||D_j||_2^2 = (||D_j||_2 * ||X_j||_2)^2: the square of the generalized
+    # metric at tau = rho = 2, gamma = 1, so it ranks exactly like it; recorded as what it ranks like
+    "owq": dict(tau=2, rho=2, gamma=1.0),
     "wanda": dict(tau=1, rho=2, gamma=1.0),  # of W, not D
     "activation": dict(tau=None, rho="inf", gamma=1.0),
     "magnitude": dict(tau=2, rho=None, gamma=None),
@@ -187,6 +190,8 @@ def select_salient(scores: torch.Tensor, k: int) -> torch.Tensor:
 # Files
 # --------------------------------------------------------------------------------------------
 SCORES_FORMAT = "salientft.scores"
+# metadata keys renamed since files were first written (docs/configuration.md#names): old -> new
+RENAMED_METADATA = {"n_samples": "calib_samples"}
 
 
 def save_scores(scores: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
@@ -211,7 +216,8 @@ def save_scores(scores: dict[str, torch.Tensor], path, metadata: dict | None = N
 
 def load_scores(path, return_metadata: bool = False):
     """Read a scores file written by :func:`save_scores`: module name -> (in,) float32 tensor
-    (and the decoded metadata dict with ``return_metadata=True``)."""
+    (and the decoded metadata dict with ``return_metadata=True``; a file written before a key
+    was renamed reads with the current name, :data:`RENAMED_METADATA`)."""
     tensors, meta = read_safetensors(path, "scores")
     if meta.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a salientft scores file (format={meta.get('format')!r})")
@@ -228,6 +234,9 @@ def load_scores(path, return_metadata: bool = False):
             decoded[k] = json.loads(v)
         except json.JSONDecodeError:
             decoded[k] = v
+    for old, new in RENAMED_METADATA.items():
+        if old in decoded and new not in decoded:
+            decoded[new] = decoded.pop(old)
     return tensors, decoded
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config_base import renamed_arguments
 from .templates import chat_template_for, render_chat
 
 logger = logging.getLogger(__name__)
@@ -124,45 +125,70 @@ def tokenize_conversations(conversations, tokenizer, max_length: int | None = 10
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     chat_template = chat_template_for(tokenizer)
-    examples, dropped, truncated, need = [], 0, 0, None
     conversations = list(conversations)
     max_bytes = None if max_length is None else max_length * longest_token_bytes(tokenizer)
+    examples, tally = [], _Truncation()
     for b in range(0, len(conversations), batch_size):
         chunk = conversations[b: b + batch_size]
         if max_bytes is not None:  # bytes beyond the window never reach the tokenizer
             chunk = [cap_conversation(c, max_bytes) for c in chunk]
-        text_groups = [_conversation_texts(tokenizer, c, chat_template) for c in chunk]
-        flat = [t for g in text_groups for t in g]
-        flat_ids = _encode(tokenizer, flat)  # one batched (Rust) call per chunk
-        pos = 0
-        for j, texts in enumerate(text_groups):
-            ids = flat_ids[pos: pos + len(texts)]
-            pos += len(texts)
-            ex = _labels_from_ids(tokenizer, ids, texts, f"conversation {b + j}")
-            if max_length is not None and len(ex["input_ids"]) > max_length:
-                truncated += 1
-                first = next((i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX), None)
-                ex = {k: v[:max_length] for k, v in ex.items()}
-                if first is not None and first >= max_length:  # --max-length first + 1 would keep a token
-                    need = first + 1 if need is None else min(need, first + 1)
+        for ex in _label_chunk(tokenizer, chunk, chat_template, first_index=b):
+            ex = tally.truncate(ex, max_length)
             if drop_empty and all(x == IGNORE_INDEX for x in ex["labels"]):
-                dropped += 1
+                tally.dropped += 1
                 continue
             examples.append(ex)
-    if truncated:
-        logger.info("truncated %d of %d conversations to max_length=%s", truncated, len(conversations), max_length)
-    hint = f"; --max-length {need} would keep the shortest of them" if need is not None else ""
-    if not examples:
-        raise ValueError(f"no examples left: all {len(conversations)} conversations lost their assistant "
-                         f"tokens (max_length={max_length} too small, or the data is empty){hint}")
-    if dropped:
-        logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
-                       "to max_length=%s%s", dropped, len(conversations), max_length, hint)
+    tally.report(examples, len(conversations), max_length)
     if packing:
         if max_length is None:
             raise ValueError("packing needs a max_length (the row length)")
         examples = pack_examples(examples, max_length)
     return examples
+
+
+def _label_chunk(tokenizer, chunk: list, chat_template, first_index: int) -> list[dict]:
+    """The labelled examples of a chunk of conversations, tokenized in one batched (Rust) call;
+    ``first_index`` (the chunk's first conversation's index) names a conversation in errors."""
+    text_groups = [_conversation_texts(tokenizer, c, chat_template) for c in chunk]
+    flat_ids = _encode(tokenizer, [t for g in text_groups for t in g])
+    out, pos = [], 0
+    for j, texts in enumerate(text_groups):
+        ids = flat_ids[pos: pos + len(texts)]
+        pos += len(texts)
+        out.append(_labels_from_ids(tokenizer, ids, texts, f"conversation {first_index + j}"))
+    return out
+
+
+@dataclass
+class _Truncation:
+    """What truncating to ``max_length`` did, for the log, the warning and the error."""
+
+    truncated: int = 0
+    dropped: int = 0
+    need: int | None = None  # the smallest --max-length that keeps an assistant token of a dropped example
+
+    def truncate(self, ex: dict, max_length: int | None) -> dict:
+        """``ex`` cut to its first ``max_length`` tokens (counted)."""
+        if max_length is None or len(ex["input_ids"]) <= max_length:
+            return ex
+        self.truncated += 1
+        first = next((i for i, x in enumerate(ex["labels"]) if x != IGNORE_INDEX), None)
+        if first is not None and first >= max_length:  # --max-length first + 1 would keep a token
+            self.need = first + 1 if self.need is None else min(self.need, first + 1)
+        return {k: v[:max_length] for k, v in ex.items()}
+
+    def report(self, examples: list, n_conversations: int, max_length: int | None) -> None:
+        """Log the truncations, warn about the dropped conversations, raise when none is left."""
+        if self.truncated:
+            logger.info("truncated %d of %d conversations to max_length=%s", self.truncated, n_conversations,
+                        max_length)
+        hint = f"; --max-length {self.need} would keep the shortest of them" if self.need is not None else ""
+        if not examples:
+            raise ValueError(f"no examples left: all {n_conversations} conversations lost their assistant "
+                             f"tokens (max_length={max_length} too small, or the data is empty){hint}")
+        if self.dropped:
+            logger.warning("dropped %d of %d conversations with no assistant tokens left after truncation "
+                           "to max_length=%s%s", self.dropped, n_conversations, max_length, hint)
 
 
 def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
@@ -289,25 +315,26 @@ def dataset_from_conversations(convs: list[list[dict]], tokenizer, max_length: i
     return ChatDataset(examples, pad_token_id=pad_id_of(tokenizer), n_conversations=len(convs))
 
 
-def calibration_batches_from_dataset(dataset, n_samples: int = 128, batch_size: int = 8, seed: int = 0,
+@renamed_arguments(n_samples="calib_samples")
+def calibration_batches_from_dataset(dataset, calib_samples: int = 128, batch_size: int = 8, seed: int = 0,
                                      pad_token_id: int | None = None) -> list[dict]:
-    """``n_samples`` random examples of ``dataset`` as right-padded ``{input_ids, attention_mask}``
+    """``calib_samples`` random examples of ``dataset`` as right-padded ``{input_ids, attention_mask}``
     batches (GIFT-SW calibrates on the training data). Samples are grouped by length so padding,
     which the statistics exclude anyway, costs little compute."""
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
+    if calib_samples < 1 or batch_size < 1:
+        raise ValueError(f"calib_samples and batch_size must be >= 1, got {calib_samples}, {batch_size}")
     if len(dataset) == 0:
         raise ValueError("cannot calibrate on an empty dataset")
-    if n_samples > len(dataset):
-        logger.warning("calibration: asked for %d samples, the dataset has %d; using all", n_samples, len(dataset))
-        n_samples = len(dataset)
+    if calib_samples > len(dataset):
+        logger.warning("calibration: asked for %d samples, the dataset has %d; using all", calib_samples, len(dataset))
+        calib_samples = len(dataset)
     if pad_token_id is None:
         pad_token_id = getattr(dataset, "pad_token_id", 0)
-    idx = random.Random(seed).sample(range(len(dataset)), n_samples)
+    idx = random.Random(seed).sample(range(len(dataset)), calib_samples)
     feats = sorted((dataset[i] for i in idx), key=lambda f: len(f["input_ids"]))
     collate = ChatCollator(pad_token_id=pad_token_id)
     batches = []
-    for b in range(0, n_samples, batch_size):
+    for b in range(0, calib_samples, batch_size):
         chunk = [{"input_ids": f["input_ids"]} for f in feats[b: b + batch_size]]
         out = collate(chunk)
         batches.append({"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]})

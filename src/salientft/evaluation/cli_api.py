@@ -56,29 +56,11 @@ def write_samples(path: str | Path, records: list[dict]) -> Path:
     return path
 
 
-def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: int | None = None,
-             batch_size: int = 16, output: str | Path | None = None, backend: str = "native",
-             perplexity_source: str | None = None, ppl_max_length: int = 1024, ppl_stride: int | None = None,
-             dtype: str = "bf16", logprob_dtype: str = "model", progress: bool = True,
-             check_base: bool = True, log_samples: bool = False, subset: str | None = None,
-             device="auto") -> dict:
-    """Load ``model`` (preset, path, hub id or run dir), evaluate, optionally add perplexity, and
-    write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only.
-    ``output`` (and the samples file) is checked before the model loads: writable, and not a file
-    salientft did not write (``salientft.outputs``); ``check_base=False`` lets an adapter
-    onto a base other than the one it was trained on. ``log_samples=True`` (needs ``output``) also
-    writes every item's record to ``samples_path(output)`` (JSON Lines, before the results file).
-    ``subset`` names a fixed seeded item subset (``tasks.SUBSETS``), exclusive with ``limit``.
-    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): where the model loads and is scored; checked
-    before anything loads."""
-    from ..devices import resolve_device
-    from ..outputs import claim_file, prepare_file, write_json
-    from .loading import load_for_eval
-    from .runner import evaluate
-    from .tasks import get_subset, parse_tasks
+def _check_eval_args(names: list[str], *, perplexity_source, output, log_samples: bool, subset, limit,
+                     backend: str) -> None:
+    """Every refusal of ``run_eval``'s arguments, before anything loads."""
+    from .tasks import get_subset
 
-    device = resolve_device(device)
-    names = parse_tasks(tasks) if tasks else []
     if not names and not perplexity_source:
         raise ValueError("nothing to do: give --tasks and/or --perplexity FILE|heldout")
     if log_samples and output is None:
@@ -92,6 +74,56 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
         if backend != "native":
             raise ValueError(f"--subset runs on the native backend only (the {backend} backend takes the first "
                              "--limit items); drop --backend or --subset")
+
+
+def _add_perplexity(report: dict, m, tok, source: str, *, max_length: int, stride, batch_size: int,
+                    progress: bool) -> None:
+    from .perplexity import heldout_texts, perplexity
+
+    src = heldout_texts(tokenizer=tok) if source == "heldout" else source
+    ppl = perplexity(m, tok, src, max_length=max_length, stride=stride, batch_size=max(1, batch_size // 4),
+                     progress=progress)
+    ppl["source"] = source
+    report["perplexity"] = ppl
+
+
+def _move_items_to_samples(report: dict, output) -> None:
+    """Write every item's record beside ``output`` and keep only the file's name in the report."""
+    from ..outputs import prepare_file
+
+    records = sample_records(report)
+    for res in report["results"].values():
+        res.pop("items", None)
+    report["samples"] = samples_path(output).name
+    write_samples(prepare_file(samples_path(output)), records)
+
+
+def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: int | None = None,
+             batch_size: int = 16, output: str | Path | None = None, backend: str = "native",
+             perplexity_source: str | None = None, ppl_max_length: int = 1024, ppl_stride: int | None = None,
+             dtype: str = "fp32", logprob_dtype: str = "model", progress: bool = True,
+             check_base: bool = True, log_samples: bool = False, subset: str | None = None,
+             device="auto") -> dict:
+    """Load ``model`` (preset, path, hub id or run dir), evaluate, optionally add perplexity, and
+    write the report atomically to ``output``. ``tasks`` may be empty ("") for perplexity only.
+    ``output`` (and the samples file) is checked before the model loads: writable, and not a file
+    salientft did not write (``salientft.outputs``); ``check_base=False`` lets an adapter
+    onto a base other than the one it was trained on. ``log_samples=True`` (needs ``output``) also
+    writes every item's record to ``samples_path(output)`` (JSON Lines, before the results file).
+    ``subset`` names a fixed seeded item subset (``tasks.SUBSETS``), exclusive with ``limit``.
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): where the model loads and is scored; checked
+    before anything loads. ``dtype`` defaults to fp32, where the per-item choices are lm-eval's
+    (docs/evaluation.md); bf16 is faster but moves a few items (measured there)."""
+    from ..devices import resolve_device
+    from ..outputs import claim_file, write_json
+    from .loading import load_for_eval
+    from .runner import evaluate
+    from .tasks import parse_tasks
+
+    device = resolve_device(device)
+    names = parse_tasks(tasks) if tasks else []
+    _check_eval_args(names, perplexity_source=perplexity_source, output=output, log_samples=log_samples,
+                     subset=subset, limit=limit, backend=backend)
     if output is not None:
         claim_file(output, flag="--output")  # refused if it holds a file salientft did not write
         if log_samples:
@@ -105,19 +137,10 @@ def run_eval(model: str, tasks="paper", *, adapter: str | None = None, limit: in
         report = {"results": {}, "paper_avg": None, "items_per_s": None, "model": desc, "limit": limit,
                   "backend": backend}
     if perplexity_source:
-        from .perplexity import heldout_texts, perplexity
-
-        src = heldout_texts(tokenizer=tok) if perplexity_source == "heldout" else perplexity_source
-        ppl = perplexity(m, tok, src, max_length=ppl_max_length, stride=ppl_stride,
-                         batch_size=max(1, batch_size // 4), progress=progress)
-        ppl["source"] = perplexity_source
-        report["perplexity"] = ppl
+        _add_perplexity(report, m, tok, perplexity_source, max_length=ppl_max_length, stride=ppl_stride,
+                        batch_size=batch_size, progress=progress)
     if log_samples:
-        records = sample_records(report)
-        for res in report["results"].values():
-            res.pop("items", None)
-        report["samples"] = samples_path(output).name
-        write_samples(prepare_file(samples_path(output)), records)
+        _move_items_to_samples(report, output)
     if output is not None:
         write_json(output, report)
     return report

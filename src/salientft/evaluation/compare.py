@@ -15,7 +15,8 @@ from typing import Sequence
 
 from .. import deps
 from .cli_api import samples_path
-from .paired import DEFAULT_RESAMPLES, DEFAULT_SEED, discordant, mcnemar_exact, paired_bootstrap_tasks
+from .paired import (DEFAULT_RESAMPLES, DEFAULT_SEED, VERDICT_MARGIN, discordant, mcnemar_exact,
+                     paired_bootstrap_tasks)
 from .tasks import PAPER_METRICS, TASKS
 
 RESULT_FILES = ("eval_after.json", "results.json", "eval_before.json")
@@ -133,22 +134,12 @@ def _metric(task: str, r: dict):
     return r.get(m), m
 
 
-def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
-                 output: str | Path | None = None, plot_diffs: str | Path | None = None,
-                 resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict:
-    """Load every run, build a Markdown table (runs as columns) and optionally a bar chart PNG.
-
-    When every run has a samples file and there are two runs or more, adds the paired statistics
-    of every pair (``pairs``: see :func:`paired_rows`; ``pairs_table``: Markdown); ``plot_diffs``
-    draws them as a forest plot PNG; ``output`` writes the whole comparison as JSON (atomically).
-    Runs evaluated on different subsets or items are refused, naming them.
-    """
+def _claim_outputs(plot, output, plot_diffs, resamples) -> None:
+    """Refuse bad arguments and unwritable outputs before any run is read."""
     from ..outputs import claim_file
 
-    if not paths:
-        raise ValueError("compare needs at least one run directory or results file")
-    if resamples < 1:
-        raise ValueError(f"--resamples must be positive, got {resamples}")
+    if resamples is not None and (int(resamples) != resamples or resamples < 1):
+        raise ValueError(f"--resamples must be a positive integer (or left out for the exact bootstrap), got {resamples}")
     if plot is not None:
         deps.require("compare", plot=plot)  # an asked-for plot needs matplotlib: refuse before any work
     if plot_diffs is not None:
@@ -158,21 +149,26 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
         claim_file(output, flag="--output")
     if plot is not None:
         claim_file(plot, flag="--plot")
+
+
+def _load_runs(paths: Sequence[str | Path]) -> list[dict]:
+    """Every run, same-named runs disambiguated by their full path."""
     runs = [load_run(p) for p in paths]
     names = [r["name"] for r in runs]
-    if len(set(names)) != len(names):  # disambiguate same-named runs by their full path
-        names = [str(p) for p in paths]
-        for r, n in zip(runs, names):
-            r["name"] = n
-    missing = [r["name"] for r in runs if r["samples_file"] is None]
-    if plot_diffs is not None and (missing or len(runs) < 2):
-        raise ValueError("--plot-diffs needs two runs or more, each with its samples file"
-                         + (f"; {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} none "
-                            "(evaluate with salientft eval --log-samples --output ...)"
-                            if missing else ""))
-    tasks = list(dict.fromkeys(t for r in runs for t in r["results"]))
-    header = "| | " + " | ".join(names) + " |"
-    lines = [header, "|---|" + "---:|" * len(runs)]
+    if len(set(names)) != len(names):
+        for r, p in zip(runs, paths):
+            r["name"] = str(p)
+    return runs
+
+
+def _missing_note(missing: list[str]) -> str:
+    return f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'}"
+
+
+def results_table(runs: list[dict], tasks: list[str]) -> str:
+    """The Markdown table: one row per task (its paper metric), the paper average, and the training
+    metrics any run has; runs as columns."""
+    lines = ["| | " + " | ".join(r["name"] for r in runs) + " |", "|---|" + "---:|" * len(runs)]
     for t in tasks:
         metric = None
         cells = []
@@ -190,22 +186,55 @@ def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
                              ("peak_memory_bytes", "peak memory", "bytes")):
         if any(key in r["metrics"] for r in runs):
             lines.append(f"| {label} | " + " | ".join(_human(r["metrics"].get(key), unit) for r in runs) + " |")
-    out = {"table": "\n".join(lines), "runs": runs, "tasks": tasks, "pairs": [], "notes": []}
+    return "\n".join(lines)
+
+
+def _all_pairs(runs: list[dict], resamples, seed) -> list[dict]:
+    """paired_rows of every pair of runs, from their samples files (checked against the results)."""
+    samples = [read_samples(r["samples_file"]) for r in runs]
+    for r, smp in zip(runs, samples):
+        _check_samples(r, smp)
+    rows = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            rows += paired_rows(runs[i], samples[i], runs[j], samples[j], resamples=resamples, seed=seed)
+    return rows
+
+
+def compare_runs(paths: Sequence[str | Path], plot: str | Path | None = None, *,
+                 output: str | Path | None = None, plot_diffs: str | Path | None = None,
+                 resamples: int | None = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict:
+    """Load every run, build a Markdown table (runs as columns) and optionally a bar chart PNG.
+
+    When every run has a samples file and there are two runs or more, adds the paired statistics
+    of every pair (``pairs``: see :func:`paired_rows`; ``pairs_table``: Markdown); ``plot_diffs``
+    draws them as a forest plot PNG; ``output`` writes the whole comparison as JSON (atomically).
+    The intervals are the exact bootstrap's (``resamples=None``, no seed) unless ``resamples`` asks
+    for that many seeded Monte-Carlo resamples. Runs evaluated on different subsets or items are
+    refused, naming them.
+    """
+    if not paths:
+        raise ValueError("compare needs at least one run directory or results file")
+    _claim_outputs(plot, output, plot_diffs, resamples)
+    runs = _load_runs(paths)
+    missing = [r["name"] for r in runs if r["samples_file"] is None]
+    if plot_diffs is not None and (missing or len(runs) < 2):
+        raise ValueError("--plot-diffs needs two runs or more, each with its samples file"
+                         + (f"; {_missing_note(missing)} none (evaluate with salientft eval --log-samples --output ...)"
+                            if missing else ""))
+    tasks = list(dict.fromkeys(t for r in runs for t in r["results"]))
+    out = {"table": results_table(runs, tasks), "runs": runs, "tasks": tasks, "pairs": [], "notes": []}
     note = precision_note(runs)
     if note:
         out["notes"].append(note)
     if len(runs) >= 2 and not missing:
-        samples = [read_samples(r["samples_file"]) for r in runs]
-        for r, smp in zip(runs, samples):
-            _check_samples(r, smp)
-        for i in range(len(runs)):
-            for j in range(i + 1, len(runs)):
-                out["pairs"] += paired_rows(runs[i], samples[i], runs[j], samples[j], resamples=resamples, seed=seed)
+        out["pairs"] = _all_pairs(runs, resamples, seed)
         out["pairs_table"] = pairs_markdown(out["pairs"])
-        out.update(resamples=resamples, seed=seed, confidence=0.95)
+        out.update(method="exact" if resamples is None else "monte-carlo", resamples=resamples,
+                   seed=None if resamples is None else seed, confidence=0.95, verdict_margin=VERDICT_MARGIN)
     elif len(runs) >= 2:
-        out["notes"].append(f"(no paired statistics: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} "
-                            "no samples file; evaluate with salientft eval --log-samples)")
+        out["notes"].append(f"(no paired statistics: {_missing_note(missing)} no samples file; evaluate with "
+                            "salientft eval --log-samples)")
     if plot is not None:
         out["plot"] = str(plot_comparison(runs, tasks, plot))
     if plot_diffs is not None:
@@ -226,12 +255,14 @@ def _describe_items(run: dict) -> str:
 
 
 def paired_rows(run_a: dict, samples_a: dict, run_b: dict, samples_b: dict, *,
-                resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
+                resamples: int | None = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[dict]:
     """Paired statistics of run B against run A on the tasks both ran, per task and metric (acc;
     acc_norm where lm-eval reports it) and for the paper's six-task average when both have all six.
 
     Each row: ``{"a", "b", "task", "metric", "n", "acc_a", "acc_b", "diff" (B - A), "lo", "hi"
-    (paired bootstrap 95% interval), "a_only", "b_only" (discordant items), "p_mcnemar"}``. The
+    (paired bootstrap 95% interval), "verdict" (``paired.verdict``: "higher"/"lower" only where the
+    interval clears zero by 0.05 point, else "borderline"/"not resolved"), "a_only", "b_only"
+    (discordant items), "p_mcnemar"}``. The
     average row resamples items within each task and its McNemar test pools the six tasks' items.
     Refuses runs whose subsets or items differ.
     """
@@ -276,7 +307,7 @@ def _row(run_a, run_b, task, metric, pairs, resamples, seed) -> dict:
         acc_a, acc_b = acc_a + sum(va) / len(va), acc_b + sum(vb) / len(vb)
     return {"a": run_a["name"], "b": run_b["name"], "task": task, "metric": metric, "n": boot["n"],
             "acc_a": acc_a / len(pairs), "acc_b": acc_b / len(pairs), "diff": boot["diff"],
-            "lo": boot["lo"], "hi": boot["hi"], "a_only": a_only, "b_only": b_only,
+            "lo": boot["lo"], "hi": boot["hi"], "verdict": boot["verdict"], "a_only": a_only, "b_only": b_only,
             "p_mcnemar": mcnemar_exact(a_only, b_only)}
 
 
@@ -286,17 +317,19 @@ def _pp(v: float, sign: bool = True) -> str:
 
 def pairs_markdown(rows: list[dict]) -> str:
     """The paired statistics as a Markdown table (percentage points; B − A)."""
-    lines = ["| B vs A | task | metric | n | A | B | B − A | 95% CI | McNemar p | A only / B only |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| B vs A | task | metric | n | A | B | B − A | 95% CI | B vs A | McNemar p | A only / B only |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in rows:
         bold = "**" if r["task"] == "paper avg" else ""
         lines.append(f"| {r['b']} vs {r['a']} | {bold}{r['task']}{bold} | {r['metric']} | {r['n']} | "
                      f"{_pp(r['acc_a'], False)} | {_pp(r['acc_b'], False)} | {bold}{_pp(r['diff'])}{bold} | "
-                     f"[{_pp(r['lo'])}, {_pp(r['hi'])}] | {r['p_mcnemar']:.3g} | {r['a_only']} / {r['b_only']} |")
+                     f"[{_pp(r['lo'])}, {_pp(r['hi'])}] | {r['verdict']} | {r['p_mcnemar']:.3g} | {r['a_only']} / {r['b_only']} |")
     lines.append("")
     lines.append("Differences in accuracy points, B − A on the same items; 95% paired bootstrap interval "
-                 "(items resampled; the paper avg resamples within each task); exact McNemar p on the "
-                 "discordant items (paper avg: pooled over its six tasks).")
+                 "(items resampled; the paper avg resamples within each task); B vs A says higher or lower "
+                 f"only where the interval clears zero by more than {100 * VERDICT_MARGIN:.2f} point, borderline "
+                 "where an end is within that of zero; exact McNemar p on the discordant items (paper avg: "
+                 "pooled over its six tasks).")
     return "\n".join(lines)
 
 

@@ -37,18 +37,34 @@ ADAPTER_VERSION = 2
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 of (name, shape, bf16 bytes) of each (out, in) base weight, in name order."""
+    return fingerprint_of(weights, weights.__getitem__)
+
+
+def fingerprint_of(names, weight) -> str:
+    """:func:`fingerprint` of the weights ``weight(name)`` for each of ``names``, asked for one at a
+    time in name order (so a caller may gather a sharded weight, hash it and free it)."""
     h = hashlib.sha256()
-    for name in sorted(weights):
-        w = weights[name].detach()
+    for name in sorted(names):
+        w = weight(name).detach()
         h.update(name.encode())
         h.update(str(tuple(w.shape)).encode())
         b = w.to(torch.bfloat16).contiguous().cpu().view(torch.int16)
         h.update(b.numpy().tobytes())
+        del w, b
     return h.hexdigest()
 
 
 def _base_weights(layers: dict[str, SalientLinear]) -> dict[str, torch.Tensor]:
     return {n: m.base_weight() for n, m in layers.items()}
+
+
+def remember_base_fingerprint(model: nn.Module) -> str:
+    """Compute the base fingerprint of a GIFT-SW model now and keep it on the model
+    (``salientft_base_fingerprint``): every later ``save_adapter`` reuses it instead of hashing the
+    targeted weights again, and under FSDP none has to gather them. Call it while the base weights
+    are whole and as trained on (``salientft train`` does, before sharding); ``merge_gift`` drops it."""
+    model.salientft_base_fingerprint = fingerprint(_base_weights(gift_layers(model)))
+    return model.salientft_base_fingerprint
 
 
 def adapter_config(config: GiftConfig, layers: dict[str, int], base_model: str | None, base_fingerprint: str,
@@ -74,31 +90,47 @@ def adapter_config(config: GiftConfig, layers: dict[str, int], base_model: str |
     return {
         "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": stock, "revision": None,
         "inference_mode": True, "target_modules": sorted(layers), "exclude_modules": None,
-        **{name: getattr(config, name) for name in SETTINGS}, "k_pattern": k_pattern, "scores_file": None,
+        **{name: getattr(config, name) for name in SETTINGS}, "k_pattern": k_pattern, "scores": None,
         "modules_to_save": None, "trainable_token_indices": None, "salient_indices_in_adapter": True,
         "base_fingerprint": base_fingerprint,
         "salientft_base_model": base_model if base_model and base_model != stock else None,
     }
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
+def column_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors of a GIFT-SW model in :func:`read_adapter`'s naming (``<layer>.salient_idx``,
+    ``.salient_weight``, ``.noise_std``), copied to the CPU. The trained columns must be whole (under
+    FSDP: inside ``methods.sharding.gathered(model, trainable_only=True)``)."""
+    return {f"{name}.{key}": getattr(m, key).detach().cpu().clone()
+            for name, m in gift_layers(model).items() for key in TENSOR_NAMES}
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`column_tensors` in the adapter file's PEFT naming (``<prefix><layer>.giftsw_idx``, ...)."""
+    return {f"{PEFT_PREFIX}{key.rpartition('.')[0]}.{TENSOR_NAMES[key.rpartition('.')[2]]}": t
+            for key, t in column_tensors(model).items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None, *,
+                 base_fingerprint: str | None = None) -> Path:
     """Write the adapter of a GIFT-SW model into ``directory`` (atomically) and return its path.
 
     ``base_model`` names the base (a preset, folder or hub id; default: the model's
-    ``config._name_or_path``). The folder is a PEFT GIFT-SW adapter (module docstring)."""
+    ``config._name_or_path``). The folder is a PEFT GIFT-SW adapter (module docstring).
+    ``base_fingerprint``: the base's fingerprint when the caller has it; else the one kept on the
+    model (:func:`remember_base_fingerprint`), else it is computed from the base weights."""
     from safetensors.torch import save_file
 
     layers = gift_layers(model)
     if not layers:
         raise ValueError("model has no GIFT-SW layers: apply_gift() it before save_adapter()")
     config = getattr(model, "salientft_gift_config", None) or GiftConfig()
-    tensors = {}
-    for name, m in layers.items():
-        for ours, theirs in TENSOR_NAMES.items():
-            tensors[f"{PEFT_PREFIX}{name}.{theirs}"] = getattr(m, ours).detach().cpu().contiguous()
+    tensors = adapter_tensors(model)
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    meta = adapter_config(config, {n: m.k for n, m in layers.items()}, base_model,
-                          fingerprint(_base_weights(layers)), {n: m.in_features for n, m in layers.items()})
+    fp = (base_fingerprint or getattr(model, "salientft_base_fingerprint", None)
+          or fingerprint(_base_weights(layers)))
+    meta = adapter_config(config, {n: m.k for n, m in layers.items()}, base_model, fp,
+                          {n: m.in_features for n, m in layers.items()})
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
@@ -152,37 +184,9 @@ def _read_v2(directory: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]
                          f"applies salient columns only; load it with peft.PeftModel.from_pretrained ({IMPORT_HINT})")
     if not w_path.is_file():
         raise FileNotFoundError(f"{directory} is not a complete GIFT-SW adapter: it has no {WEIGHTS_NAME}")
-    raw = _load_tensors(w_path)
-    suffix = {theirs: ours for ours, theirs in TENSOR_NAMES.items()}
-    tensors, modules, unknown = {}, {}, []
-    for key, t in raw.items():
-        name, _, last = key.removeprefix(PEFT_PREFIX).rpartition(".")
-        if not key.startswith(PEFT_PREFIX) or last not in suffix:
-            unknown.append(key)
-            continue
-        tensors[f"{name}.{suffix[last]}"] = t
-        modules.setdefault(name, {})
-    if unknown:
-        raise ValueError(f"{w_path} holds tensors that are not GIFT-SW columns ({unknown[0]}, ...): load it with "
-                         f"peft.PeftModel.from_pretrained ({IMPORT_HINT})")
-    if not modules:
-        raise ValueError(f"{w_path} holds no GIFT-SW layer: the adapter is empty or incomplete")
-    for name in modules:
-        for key in TENSOR_NAMES:
-            if f"{name}.{key}" not in tensors:
-                raise ValueError(f"{w_path} lacks {name}'s {TENSOR_NAMES[key]}: the adapter is incomplete")
-        sw, idx = tensors[f"{name}.salient_weight"], tensors[f"{name}.salient_idx"]
-        std = tensors[f"{name}.noise_std"]
-        # a linear layer: (out, k) columns, (k,) indices, (out,) scales; fused MoE experts add a
-        # leading expert dimension to each ([E, out, k], [E, k], [E, out])
-        lead = tuple(sw.shape[:-2])
-        if (sw.dim() not in (2, 3) or tuple(idx.shape) != (*lead, sw.shape[-1])
-                or tuple(std.shape) != (*lead, sw.shape[-2])):
-            raise ValueError(f"{w_path}: {name}'s tensors have inconsistent shapes (giftsw_weight "
-                             f"{tuple(sw.shape)}, giftsw_idx {tuple(idx.shape)}); the adapter is corrupt")
-        modules[name] = {"in_features": None, "out_features": sw.shape[-2], "k": sw.shape[-1]}
-        if lead:
-            modules[name]["experts"] = lead[0]
+    tensors = _renamed(w_path, _load_tensors(w_path))
+    modules = {name: _v2_shapes(w_path, tensors, name) for name in dict.fromkeys(
+        key.rpartition(".")[0] for key in tensors)}
     try:
         settings = GiftConfig(**{k: cfg[k] for k in SETTINGS if k in cfg}).to_dict()
     except (ValueError, TypeError) as e:
@@ -190,6 +194,45 @@ def _read_v2(directory: Path, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]
     meta = {"format": PEFT_TYPE, "version": ADAPTER_VERSION, "base_model": adapter_kind(directory).base_model,
             "base_fingerprint": cfg.get("base_fingerprint"), "gift_config": settings, "modules": modules}
     return meta, tensors
+
+
+def _renamed(w_path: Path, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The PEFT-named tensors of a version-2 file in salientft's naming (``<layer>.salient_idx``, ...);
+    refuses a file holding anything else, or nothing."""
+    suffix = {theirs: ours for ours, theirs in TENSOR_NAMES.items()}
+    tensors, unknown = {}, []
+    for key, t in raw.items():
+        name, _, last = key.removeprefix(PEFT_PREFIX).rpartition(".")
+        if not key.startswith(PEFT_PREFIX) or last not in suffix:
+            unknown.append(key)
+            continue
+        tensors[f"{name}.{suffix[last]}"] = t
+    if unknown:
+        raise ValueError(f"{w_path} holds tensors that are not GIFT-SW columns ({unknown[0]}, ...): load it with "
+                         f"peft.PeftModel.from_pretrained ({IMPORT_HINT})")
+    if not tensors:
+        raise ValueError(f"{w_path} holds no GIFT-SW layer: the adapter is empty or incomplete")
+    return tensors
+
+
+def _v2_shapes(w_path: Path, tensors: dict[str, torch.Tensor], name: str) -> dict:
+    """Layer ``name``'s entry of ``meta["modules"]``, its three tensors checked present and consistent."""
+    for key in TENSOR_NAMES:
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"{w_path} lacks {name}'s {TENSOR_NAMES[key]}: the adapter is incomplete")
+    sw, idx = tensors[f"{name}.salient_weight"], tensors[f"{name}.salient_idx"]
+    std = tensors[f"{name}.noise_std"]
+    # a linear layer: (out, k) columns, (k,) indices, (out,) scales; fused MoE experts add a
+    # leading expert dimension to each ([E, out, k], [E, k], [E, out])
+    lead = tuple(sw.shape[:-2])
+    if (sw.dim() not in (2, 3) or tuple(idx.shape) != (*lead, sw.shape[-1])
+            or tuple(std.shape) != (*lead, sw.shape[-2])):
+        raise ValueError(f"{w_path}: {name}'s tensors have inconsistent shapes (giftsw_weight "
+                         f"{tuple(sw.shape)}, giftsw_idx {tuple(idx.shape)}); the adapter is corrupt")
+    shape = {"in_features": None, "out_features": sw.shape[-2], "k": sw.shape[-1]}
+    if lead:
+        shape["experts"] = lead[0]
+    return shape
 
 
 def _checked(w_path, tensors: dict[str, torch.Tensor], modules) -> dict[str, torch.Tensor]:
@@ -268,6 +311,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
                 f"({s['out_features']}, {s['in_features'] or f'> {top}'}) in the adapter "
                 f"(base was {meta.get('base_model')!r})"
             )
+    fp = None
     if check_base and meta.get("base_fingerprint") is None:
         log.warning("adapter %s records no base fingerprint (written by an earlier salientft's PEFT route): "
                     "the base weights cannot be checked", directory)
@@ -280,13 +324,23 @@ def load_adapter(base_model: nn.Module, directory: str | Path, *, check_base: bo
                 "from (not a merged or other fine-tuned copy); to force it anyway: salientft eval --no-check-base, "
                 "or check_base=False in Python"
             )
-    cfg = GiftConfig.from_dict({**config.to_dict(), "target_modules": list(modules)})
-    idx = {n: tensors[f"{n}.salient_idx"] for n in modules}
-    stds = {n: tensors[f"{n}.noise_std"] for n in modules}
+    return attach_columns(base_model, config, tensors, list(modules), fp)
+
+
+def attach_columns(base_model: nn.Module, config: GiftConfig, tensors: dict[str, torch.Tensor],
+                   names: list[str], base_fingerprint: str | None = None) -> nn.Module:
+    """GIFT-SW layers on ``names`` of ``base_model`` (in place) with the given indices, noise scales
+    and trained columns (``tensors`` in :func:`read_adapter`'s naming): an adapter applied without
+    computing any score or noise scale. ``base_fingerprint``, when known, is kept on the model."""
+    cfg = GiftConfig.from_dict({**config.to_dict(), "target_modules": list(names)})
+    idx = {n: tensors[f"{n}.salient_idx"] for n in names}
+    stds = {n: tensors[f"{n}.noise_std"] for n in names}
     apply_gift(base_model, cfg, salient_idx=idx, noise_std=stds)
     layers = gift_layers(base_model)
     with torch.no_grad():
         for n, layer in layers.items():
             layer.salient_weight.copy_(tensors[f"{n}.salient_weight"].to(layer.salient_weight.dtype))
     base_model.salientft_gift_config = config
+    if base_fingerprint is not None:
+        base_model.salientft_base_fingerprint = base_fingerprint
     return base_model

@@ -24,7 +24,7 @@ class GiftConfig(ConfigMixin):
     NOISE_MODES: ClassVar[tuple[str, ...]] = NOISE_MODES
 
     # The one declaration of each GIFT-SW setting: its default and its help. The PEFT config
-    # (salientft.peft.GiftSWConfig) and TrainConfig / `salientft train` take both from here
+    # (salientft.peft.GiftSWConfig) and the methods' configs / `salientft train` take both from here
     # (gift_field), so the three cannot drift apart.
     n_salient: int | None = flag(None, "salient columns k per layer")
     salient_fraction: float | None = flag(None, "k as a fraction of a layer's input features "
@@ -42,43 +42,57 @@ class GiftConfig(ConfigMixin):
                                    "(faster; one out x in tensor per layer)")
 
     def __post_init__(self):
-        n = type(self).__name__
         coerce_fields(self)  # every field as its declared type (config_base)
-        if self.n_salient is not None and self.salient_fraction is not None:
-            raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
-        if self.n_salient is not None:
-            if isinstance(self.n_salient, bool) or not isinstance(self.n_salient, int) or self.n_salient < 1:
-                raise ValueError(f"{n}.n_salient must be a positive integer, got {self.n_salient!r}")
-        if self.salient_fraction is not None:
-            f = self.salient_fraction
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-                raise ValueError(f"{n}.salient_fraction must be in (0, 1], got {f!r}")
-            self.salient_fraction = float(f)
-        check_choice(n, "noise", self.noise, self.NOISE_MODES)
-        if isinstance(self.noise_bits, bool) or not isinstance(self.noise_bits, int) or not 2 <= self.noise_bits <= 16:
-            raise ValueError(f"{n}.noise_bits must be an integer in [2, 16], got {self.noise_bits!r}")
-        if self.target_modules == "all-linear":  # PEFT's spelling of the same default set
-            self.target_modules = None
-        if isinstance(self.target_modules, (list, tuple)):
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"{n}.target_modules must be a non-empty list of names, a regex string, or None")
-            self.target_modules = list(self.target_modules)
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise ValueError(f"{n}.target_modules must be a list of names, a regex string, or None")
+        check_salient_count(self)
+        check_noise_settings(self, self.noise)
+        check_targets(self)
+        n = type(self).__name__
         if not isinstance(self.metric, str) or not self.metric:
             raise ValueError(f"{n}.metric must be a metric name such as 'gift'")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"{n}.seed must be an integer")
         check_range(self, "seed", min=0, max=2**32 - 1)
-        if not isinstance(self.keep_noise, bool):
-            raise ValueError(f"{n}.keep_noise must be true or false, got {self.keep_noise!r}")
-        if self.keep_noise and self.noise != "weight":
-            raise ValueError(f"{n}.keep_noise keeps the weight noise for backward: it needs noise='weight', "
-                             f"not {self.noise!r}")
 
     def k_for(self, in_features: int, name: str = "layer") -> int:
         """Number of salient columns for a layer with ``in_features`` inputs (validated)."""
         return salient_count(in_features, self.n_salient, self.salient_fraction, name=name)
+
+
+# The checks GiftConfig and the GIFT-SW methods' configs (salientft.methods) share: each config
+# holds its own copy of the fields (gift_field), and these name the config that holds them.
+
+def check_salient_count(obj) -> None:
+    """``n_salient`` (positive) or ``salient_fraction`` (in (0, 1]), not both."""
+    n = type(obj).__name__
+    if obj.n_salient is not None and obj.salient_fraction is not None:
+        raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
+    check_range(obj, "n_salient", min=1, what="must be a positive integer")
+    check_range(obj, "salient_fraction", min=0, max=1, min_open=True, what="must be in (0, 1]")
+
+
+def check_noise_settings(obj, noise: str, modes=NOISE_MODES) -> None:
+    """``noise`` (the mode in effect: a method config may leave it to the method) one of ``modes``,
+    ``noise_bits`` in [2, 16], and ``keep_noise`` only with weight noise (when the config has it)."""
+    n = type(obj).__name__
+    check_choice(n, "noise", noise, modes)
+    check_range(obj, "noise_bits", min=2, max=16, what="must be an integer in [2, 16]")
+    if getattr(obj, "keep_noise", False) and noise != "weight":
+        raise ValueError(f"{n}.keep_noise keeps the weight noise for backward: it needs noise='weight', "
+                         f"not {noise!r}")
+
+
+def check_targets(obj) -> None:
+    """``target_modules``: None (PEFT's "all-linear" spelling too), a non-empty list of names, or a
+    regex string (compiled now: a broken one is refused before any model loads)."""
+    n = type(obj).__name__
+    if obj.target_modules == "all-linear":  # PEFT's spelling of the same default set
+        obj.target_modules = None
+    if isinstance(obj.target_modules, (list, tuple)):
+        if not obj.target_modules or not all(isinstance(t, str) and t for t in obj.target_modules):
+            raise ValueError(f"{n}.target_modules must be a non-empty list of names, a regex string, or None")
+        obj.target_modules = list(obj.target_modules)
+    elif isinstance(obj.target_modules, str):
+        from ..targets import compile_target_regex
+
+        compile_target_regex(obj.target_modules)
 
 
 # The settings an adapter records (everything but target_modules, which it lists by name).
@@ -87,6 +101,6 @@ SETTINGS = ("n_salient", "salient_fraction", "metric", "noise", "noise_bits", "k
 
 def gift_field(name: str, help_prefix: str = ""):
     """A dataclass field with GiftConfig's default and help for the setting ``name`` (for the
-    configs that expose GIFT-SW's settings again: GiftSWConfig, TrainConfig)."""
+    configs that expose GIFT-SW's settings again: PEFT's GiftSWConfig, the GIFT-SW methods' configs)."""
     f = {f.name: f for f in dataclasses.fields(GiftConfig)}[name]
     return flag(f.default, help_prefix + f.metadata["help"])

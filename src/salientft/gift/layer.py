@@ -19,6 +19,8 @@ Noise modes (training only; evaluation, generation and merging are noise-free):
   (Delta_i / 2) * ||x_{t,N}||_2 * xi_{t,i}. It draws tokens x out numbers instead of out x in,
   so it pays off only when a micro-batch holds fewer tokens than the layer has input features.
   Tokens get independent noise, so it is a different joint distribution (a separate mode).
+  xi is drawn from a seed and drawn again in backward (``ops.noise.OutputNoise``): backward
+  keeps the layer input and one norm per token, never the (tokens, out) noise.
 * ``"none"`` - salient-only training.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..config_base import NOISE_MODES
 from ..ops.dtype import compute_dtype
-from ..ops.noise import noisy_forward, noisy_input_grad
+from ..ops.noise import OutputNoise, draw_seed, noisy_forward, noisy_input_grad
 from ..ops.salient import (SalientLayer, bias_grad, noise_scale, remember_for_backward, salient_indices,
                            weight_grad)
 from ..targets import is_linear_like
@@ -100,13 +102,13 @@ def salient_linear(x, weight, salient_weight, bias, salient_idx, noise_std, seed
 
 def output_noise(x: torch.Tensor, y: torch.Tensor, salient_idx: torch.Tensor, noise_std: torch.Tensor) -> torch.Tensor:
     """GIFT-SW's output noise for output ``y`` of input ``x``: per token and output,
-    (Delta_i/2) * ||x_N||_2 * xi with xi ~ N(0, 1) and x_N the non-salient inputs."""
-    dtype = y.dtype
-    xf = x.float()
-    sq = xf.pow(2).sum(-1, keepdim=True) - xf.index_select(-1, salient_idx).pow(2).sum(-1, keepdim=True)
-    norm_n = sq.clamp_min(0).sqrt()
-    xi = torch.randn(y.shape, device=y.device, dtype=dtype)
-    return xi * (norm_n.to(dtype) * noise_std.to(dtype))
+    (Delta_i/2) * ||x_N||_2 * xi with xi ~ N(0, 1) and x_N the non-salient inputs, in ``y``'s dtype.
+
+    xi is drawn from a seed taken from torch's global RNG (reproducible under ``torch.manual_seed``,
+    recomputed identically by gradient checkpointing) and drawn again in backward, so the layer
+    keeps only its input and one fp32 norm per token for backward, never the (tokens, out) noise
+    (``ops.noise.OutputNoise``)."""
+    return OutputNoise.apply(x, salient_idx, noise_std, draw_seed(), y.dtype, y.shape[-1])
 
 
 class SalientLinear(SalientLayer):

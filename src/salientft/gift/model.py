@@ -194,10 +194,11 @@ def warn_uncovered(model: nn.Module, targets, hint: str = "", who: str = "GIFT-S
     )
 
 
-def compute_scores(model, config, calibration, targets, expert_targets=()):
+def compute_scores(model, config, calibration, targets, expert_targets=(), blocks=None):
     """Scores of ``config.metric`` (any config with ``metric`` and ``seed``) for the linear layers
     ``targets`` ((in,) each) and the fused expert projections ``expert_targets`` ([experts, in]
-    each), collecting the statistics from ``calibration`` when the metric needs them."""
+    each), collecting the statistics from ``calibration`` when the metric needs them; with
+    ``blocks`` (a block source of ``salientft.calibration``), one decoder block at a time."""
     from ..saliency import saliency_scores
 
     if config.metric in STATLESS_METRICS:
@@ -208,6 +209,8 @@ def compute_scores(model, config, calibration, targets, expert_targets=()):
                 f"metric {config.metric!r} needs calibration data: pass calibration=batches, "
                 "precomputed scores=..., or use metric='magnitude' or 'random'"
             )
+        if blocks is not None:
+            return _sequential_scores(model, config, calibration, targets, expert_targets, blocks)
         from ..calibration import collect_activation_stats
 
         stats = collect_activation_stats(model, calibration, target_modules=list(targets),
@@ -217,6 +220,39 @@ def compute_scores(model, config, calibration, targets, expert_targets=()):
     if expert_targets:
         scores.update(expert_scores(model, list(expert_targets), config.metric, stats, bits=4, seed=config.seed))
     return scores
+
+
+def _sequential_scores(model, config, calibration, targets, expert_targets, blocks) -> dict[str, torch.Tensor]:
+    """:func:`compute_scores` block by block (``calibration.sequential_activation_stats``): each
+    block's layers are scored while the block is loaded (the metric reads its weights); the same
+    scores bit for bit."""
+    from ..calibration import sequential_activation_stats
+    from ..saliency import saliency_scores
+
+    scores: dict[str, torch.Tensor] = {}
+
+    def visit(i, block, stats):
+        names = [n for n in targets if n in stats]
+        if names:
+            scores.update(saliency_scores(model, stats, metric=config.metric, bits=4, seed=config.seed,
+                                          target_modules=names, progress=False))
+        mine = [e for e in expert_targets if f"{e}.0" in stats]
+        if mine:
+            scores.update(expert_scores(model, mine, config.metric, stats, bits=4, seed=config.seed))
+
+    sequential_activation_stats(model, calibration, list(targets), blocks=blocks, visit=visit,
+                                experts=list(expert_targets))
+    return scores
+
+
+def gift_scores(model: nn.Module, config: GiftConfig, calibration=None, blocks=None) -> dict[str, torch.Tensor]:
+    """The salience scores ``apply_gift`` would compute for ``model`` (its targets under ``config``,
+    fused expert projections included), e.g. to compute them once and hand them to other processes.
+    ``blocks``: a block source (``salientft.calibration.HostBlocks``, ``models.blocks_on_host``,
+    ``models.DiskBlocks``): calibrated one decoder block at a time, the same scores bit for bit
+    (docs/quantization.md#block-by-block)."""
+    return compute_scores(model, config, calibration, find_target_modules(model, config.target_modules, experts=True),
+                          find_expert_weights(model, config.target_modules), blocks=blocks)
 
 
 def gift_layers(model: nn.Module) -> dict[str, SalientLinear | ExpertColumns]:
@@ -283,6 +319,8 @@ def merge_gift(model: nn.Module, keep_original: bool = False) -> nn.Module:
     if hasattr(model, "salientft_gift_config"):
         model.salientft_merged_config = model.salientft_gift_config
         del model.salientft_gift_config
+    if hasattr(model, "salientft_base_fingerprint"):  # the base weights now hold the trained columns
+        del model.salientft_base_fingerprint
     return model
 
 

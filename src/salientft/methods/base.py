@@ -1,100 +1,114 @@
-"""What one training method is, and the registry that names them.
+"""What one training method is, its settings, and the registry that names them.
 
 A method answers every question the training loop, the checkpointing and the evaluation loader
-would otherwise answer with an if-chain on its name: its default learning rate, the dtype it
-keeps master weights in, how it makes a loaded model trainable, its Trainer callbacks (GMT),
-what a checkpoint holds and how it is restored, what the finished run writes, and how that
-output is re-attached to a base model. A new method is one module in this package that
-subclasses ``Method`` and calls ``register``; the shared contract test
-(``tests/test_methods_contract.py``) then checks it with every other method.
+would otherwise answer with an if-chain on its name: its settings (``config_class``, a validated
+dataclass whose fields become ``salientft train`` flags and YAML keys), its default learning
+rate, the dtype it keeps master weights in, how it makes a loaded model trainable, what a
+checkpoint holds and how it is restored, what the finished run writes, what it adds to the
+run's metrics, and how that output is re-attached to a base model. A new method is one module
+in this package that subclasses ``Method`` (with its own ``MethodConfig`` subclass when it has
+settings) and calls ``register``; the shared contract test (``tests/test_methods_contract.py``)
+then checks it with every other method.
+
+Add-ons the run configures on top of a method (GMT's gradient mask, ``TrainConfig.mask``) are not
+the method's business; a method only says whether it accepts them (``accepts_mask``).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-_REGISTRY: dict[tuple[str, bool], "Method"] = {}
+from ..config_base import ConfigMixin, coerce_fields, flag
 
-# GMT's settings that matter only when a gradient mask runs (``Method.mask_config``).
-MASK_FIELDS = ("mask_granularity", "mask_mode")
+_REGISTRY: dict[tuple[str, bool], "Method"] = {}
 
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+@dataclass
+class MethodConfig(ConfigMixin):
+    """A method's own settings (PEFT's ``tuners/<method>/config.py``): one dataclass per registered
+    method, each field declared once with ``flag(default, help)``. The fields become the flags of
+    ``salientft train`` (the help prefixed with the methods that read it) and the keys of the
+    nested YAML form ``method: {name: <method>, <field>: ...}``. ``__post_init__`` reads every
+    field as its declared type and calls ``check``: a subclass validates its own fields there."""
+
+    method_name: ClassVar[str] = ""  # the registered method's name (set by ``register``), for messages
+
+    def __post_init__(self):
+        coerce_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values this method cannot honour (a ValueError naming the field and the fix)."""
+
+
+def merge_field():
+    """The ``merge`` setting of a mergeable method (its one declaration)."""
+    return flag(False, "also write merged/: the trained model as a plain transformers folder")
+
+
+def targets_field():
+    """The ``target_modules`` setting of the methods that train chosen layers (its one declaration)."""
+    return flag(None, "layers to train (full/gmt: the layers --noise perturbs): 'q_proj,v_proj' or 're:<regex>' "
+                      "(default: all linear layers of the blocks)")
+
+
+@dataclass
+class MergeableConfig(MethodConfig):
+    """Settings of a method whose output ``merge()`` turns into a plain transformers model."""
+
+    merge: bool = merge_field()
+
+
 class Method:
     """One training method; subclasses set the class attributes and override what differs.
 
-    ``quantized`` methods recover a model written by ``salientft quantize`` (``--quantized``);
-    the others train a plain transformers model. ``dense`` methods train every weight and keep
-    fp32 master weights whatever ``--dtype`` says (a bf16 AdamW update of 3e-5 on a weight of
-    0.05 is below half its spacing and would be rounded away). ``accepts_mask`` says whether
-    GMT's gradient mask may run on top (``--mask-ratio``); ``default_mask_ratio`` turns it on
-    by default. ``output`` is the folder the finished run writes: ``adapter`` or ``model``.
-    ``uses`` names the method-specific TrainConfig fields the method reads (``declared`` adds
-    GMT's when it accepts the mask, and ``merge`` when it is ``mergeable``); a field no method
-    declares is generic and always applies, and a method refuses a declared-by-others field
-    given a value other than its default (``validate``).
+    ``config_class`` holds the method's settings (its own class: ``TrainConfig(method=<an instance>)``
+    names the method by it). ``quantized`` methods recover a model written by ``salientft
+    quantize`` (``--quantized``); the others train a plain transformers model. ``dense`` methods
+    train every weight and keep fp32 master weights whatever ``--dtype`` says (a bf16 AdamW update
+    of 3e-5 on a weight of 0.05 is below half its spacing and would be rounded away).
+    ``accepts_mask``: whether the run's gradient mask (``TrainConfig.mask``, GMT) may run on top;
+    ``mask_by_default`` turns it on when the run gives none. ``output`` is the folder the finished
+    run writes: ``adapter`` or ``model``.
     """
 
     name: ClassVar[str]
     quantized: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 3e-5  # docs/methods.md#gift-paper-results: the baselines' learning rate on LLaMA2
     dense: ClassVar[bool] = False
     accepts_mask: ClassVar[bool] = True
-    default_mask_ratio: ClassVar[float | None] = None
+    mask_by_default: ClassVar[bool] = False
     output: ClassVar[str] = "adapter"
     requires: ClassVar[tuple[str, ...]] = ()  # optional modules it imports (checked before any work)
-    uses: ClassVar[frozenset[str]] = frozenset()
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}{' (quantized)' if self.quantized else ''}>"
 
     # ------------------------------------------------------------------ configuration
     def declared(self) -> frozenset[str]:
-        """Every method-specific TrainConfig field this method may read."""
-        extra = {"mask_ratio", *MASK_FIELDS} if self.accepts_mask else set()
-        if self.mergeable:
-            extra.add("merge")
-        return frozenset(self.uses | extra)
-
-    def fields_used(self, config) -> frozenset[str]:
-        """The declared fields that matter for ``config`` (GMT's granularity and mode only with a mask)."""
-        used = self.declared()
-        return used if self.mask_config(config) is not None else used - set(MASK_FIELDS)
+        """The names of this method's settings (the fields of its ``config_class``)."""
+        return frozenset(f.name for f in dataclasses.fields(self.config_class))
 
     def only_used(self, values: dict) -> dict:
-        """``values`` (TrainConfig fields) without the method-specific ones this method never reads:
-        for callers that share one set of settings across methods (benchmarks, tests)."""
-        specific = method_specific_fields()
+        """``values`` (flat TrainConfig settings) without the method-specific ones this method never
+        reads: for callers that share one set of settings across methods (benchmarks, tests)."""
+        specific = setting_names()
         return {k: v for k, v in values.items() if k not in specific or k in self.declared()}
 
     def validate(self, config) -> None:
-        """Refuse settings this method cannot honour (raise ValueError naming the fix).
-
-        The base refuses method-specific fields given (not at their default) that this method
-        does not use, in one message, and a missing ``--quantized`` folder."""
-        used = self.fields_used(config)
-        specific = method_specific_fields()
-        former = getattr(type(config), "FORMER_DEFAULTS", {})
-        given = [f.name for f in dataclasses.fields(config)
-                 if f.name in specific and f.name not in used and getattr(config, f.name) != f.default
-                 and not (f.name in former and getattr(config, f.name) == former[f.name])]
-        if given:
-            hints = []
-            for name in given:
-                users = [m.name for m in registered() if m.quantized == self.quantized and name in m.declared()]
-                hint = f"{_flag(name)} applies to {', '.join(users) or 'no method of this kind'}"
-                hints.append(hint + (" when a gradient mask runs (--mask-ratio)" if name in MASK_FIELDS else ""))
-            flags = ", ".join(_flag(n) for n in given)
-            kind = " (--quantized)" if self.quantized else ""
-            raise ValueError(f"TrainConfig: method {self.name!r}{kind} does not use {flags}; "
-                             f"remove {'it' if len(given) == 1 else 'them'} ({'; '.join(hints)})")
+        """Refuse what this method cannot honour in the whole run (``config``, a TrainConfig): its
+        own settings were checked by ``config_class`` already; what is left needs the run (the
+        dtype, ``--quantized``). Raises a ValueError or FileNotFoundError naming the fix."""
         if self.quantized and not Path(config.quantized).is_dir():
             raise FileNotFoundError(f"--quantized {config.quantized}: no such folder; "
                                     "give a folder written by salientft quantize")
@@ -109,33 +123,26 @@ class Method:
         """What to load as the base: the quantized folder when recovering, else the model."""
         return config.quantized or config.model
 
+    def base_device(self, config, device: torch.device) -> torch.device:
+        """Where ``salientft train`` loads the base for a run on ``device``: there (GIFT-SW may keep
+        a base that does not fit in host memory, docs/distributed.md#models-larger-than-one-gpu)."""
+        return device
+
     # ------------------------------------------------------------------ training
     def prepare(self, model, config, data=None, **precomputed):
         """Make a loaded base model trainable the method's way; returns the model to train.
 
-        ``data`` is the tokenized training set (for calibration); ``precomputed`` carries costly
-        intermediates a caller already has (GIFT-SW: ``scores``, ``noise_std``); a method
-        ignores the ones it does not use.
+        ``config`` is the run's TrainConfig (its settings: ``config.method_config``); ``data`` is
+        the tokenized training set (for calibration); ``precomputed`` carries costly intermediates
+        a caller already has (GIFT-SW: ``scores``, ``noise_std``); a method ignores the ones it
+        does not use.
         """
         raise NotImplementedError
 
-    def mask_config(self, config):
-        """GMT's config for this run, or None when no gradient mask runs on top."""
-        ratio = config.mask_ratio if config.mask_ratio is not None else self.default_mask_ratio
-        if ratio is None or not self.accepts_mask:
-            return None
-        from ..gmt import GMTConfig
-
-        return GMTConfig(ratio=ratio, granularity=config.mask_granularity, mode=config.mask_mode)
-
-    def callbacks(self, config) -> list:
-        """Trainer callbacks of the method (GMT's gradient mask when it applies)."""
-        mcfg = self.mask_config(config)
-        if mcfg is None:
-            return []
-        from ..gmt import GradientMaskCallback
-
-        return [GradientMaskCallback(mcfg)]
+    def metrics(self, log_history: list[dict]) -> dict:
+        """What the method adds to the finished run's ``metrics.json``, read from the Trainer's
+        log history (the run's add-ons contribute theirs the same way). None by default."""
+        return {}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, model, directory: Path) -> bool:
@@ -146,13 +153,23 @@ class Method:
         """Restore what ``save_checkpoint`` wrote; False: let the Trainer restore its own."""
         return False
 
+    def gather_trained(self, model):
+        """Under FSDP, at the end of training, on every rank (a collective): what rank 0 needs to
+        rebuild the trained model on a freshly loaded base with ``attach_trained``, gathering only
+        what trained; None (the default): the full state dict is gathered and the preparation repeated."""
+        return None
+
+    def attach_trained(self, base, trained):
+        """The trained model on ``base`` from what ``gather_trained`` returned (rank 0)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ outputs
     mergeable: ClassVar[bool] = False  # merge() gives a plain transformers model
 
     def save_final(self, model, tokenizer, config, out: Path) -> None:
         """Write the finished run's ``output`` folder (and ``merged/`` when asked) into ``out``."""
         self.save_output(model, tokenizer, config, out)
-        if config.merge and self.mergeable:
+        if getattr(config.method_config, "merge", False) and self.mergeable:
             save_plain_model(self.merge(model), tokenizer, out / "merged")
 
     def save_output(self, model, tokenizer, config, out: Path) -> None:
@@ -214,13 +231,37 @@ def register(cls: type[Method]) -> type[Method]:
     key = (cls.name, cls.quantized)
     if key in _REGISTRY:
         raise ValueError(f"method {cls.name!r} (quantized={cls.quantized}) is registered twice")
+    for other in _REGISTRY.values():  # TrainConfig(method=<config>) names the method by its class
+        if other.config_class is cls.config_class and cls.config_class is not MethodConfig:
+            raise ValueError(f"method {cls.name!r} shares {cls.config_class.__name__} with {other.name!r}; "
+                             "give it its own subclass")
     _REGISTRY[key] = cls()
+    if cls.config_class is not MethodConfig:
+        cls.config_class.method_name = cls.name
     return cls
 
 
-def method_specific_fields() -> frozenset[str]:
-    """The TrainConfig fields some registered method declares; every other field is generic."""
+def setting_names() -> frozenset[str]:
+    """Every setting some registered method declares (the fields of the config classes)."""
     return frozenset().union(*(m.declared() for m in registered()))
+
+
+def methods_reading(setting: str, quantized: bool | None = None) -> list[str]:
+    """Names of the registered methods (of this kind: ``quantized``; None for all) that declare ``setting``."""
+    out = []
+    for m in registered():
+        if (quantized is None or m.quantized == quantized) and setting in m.declared() and m.name not in out:
+            out.append(m.name)
+    return out
+
+
+def for_config(settings: MethodConfig) -> Method:
+    """The registered method whose ``config_class`` is exactly ``type(settings)``."""
+    for m in registered():
+        if type(settings) is m.config_class:
+            return m
+    raise ValueError(f"{type(settings).__name__} is the config of no registered method; give one of "
+                     f"{', '.join(sorted({m.config_class.__name__ for m in registered()}))}")
 
 
 def registered() -> list[Method]:

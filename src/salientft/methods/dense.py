@@ -10,53 +10,56 @@ names, and the outputs are written with the plain layers swapped back in. Defaul
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config_base import GMT_DEFAULT_RATIO
 from ..gift.noisy_dense import apply_dense_noise, plain_layers
 from .base import WholeModelMethod, _flag, register, save_plain_model
-from .gift_sw import gift_settings
+from .gift_sw import DenseNoiseSettings
 
 # Read only when the noise is on: the quantizer bits of its scale, keeping it for backward, the
 # layers it goes to (GIFT-SW's targets).
 NOISE_FIELDS = ("noise_bits", "keep_noise", "target_modules")
 
 
+@dataclass
+class FullMethodConfig(DenseNoiseSettings):
+    """``full``'s settings: GIFT-SW's noise on the target layers, every weight still training (the
+    paper's ablation); off by default, and its bits, keep and targets only with the noise on."""
+
+    default_noise = "none"
+
+    def check(self) -> None:
+        if self.noise_mode() == "none":
+            given = [f.name for f in dataclasses.fields(self)
+                     if f.name in NOISE_FIELDS and getattr(self, f.name) != f.default]
+            if given:
+                flags = ", ".join(_flag(n) for n in given)
+                raise ValueError(f"{type(self).__name__}: method {self.method_name!r} reads {flags} only with "
+                                 "GIFT-SW's noise; "
+                                 f"add --noise weight, or remove {'it' if len(given) == 1 else 'them'}")
+        super().check()
+
+
+@dataclass
+class GMTMethodConfig(FullMethodConfig):
+    """``gmt``'s settings: full's (the mask itself is the run's: ``TrainConfig.mask``)."""
+
+
 @register
 class Full(WholeModelMethod):
     name = "full"
     summary = "full fine-tuning"
+    config_class = FullMethodConfig
     dense = True
-    default_noise = "none"
-    uses = frozenset({"noise", *NOISE_FIELDS})
-
-    def noise(self, config) -> str:
-        return config.noise or self.default_noise
-
-    def fields_used(self, config) -> frozenset[str]:
-        used = super().fields_used(config)
-        return used if self.noise(config) != "none" else used - set(NOISE_FIELDS)
-
-    def validate(self, config) -> None:
-        """GIFT-SW's noise settings only with the noise on (they are checked as GIFT-SW checks them)."""
-        if self.noise(config) == "none":
-            given = [f.name for f in dataclasses.fields(config)
-                     if f.name in NOISE_FIELDS and getattr(config, f.name) != f.default]
-            if given:
-                flags = ", ".join(_flag(n) for n in given)
-                raise ValueError(f"TrainConfig: method {self.name!r} reads {flags} only with GIFT-SW's noise; "
-                                 f"add --noise weight, or remove {'it' if len(given) == 1 else 'them'}")
-        super().validate(config)
-        if self.noise(config) != "none":
-            gift_settings(noise=self.noise(config), noise_bits=config.noise_bits, keep_noise=config.keep_noise,
-                          target_modules=config.target_modules)
 
     def prepare(self, model, config, data=None, **_):
+        s = config.method_config
         for p in model.parameters():
             p.requires_grad_(True)
-        if self.noise(config) != "none":
-            apply_dense_noise(model, config.target_modules, noise=self.noise(config), noise_bits=config.noise_bits,
-                              keep_noise=config.keep_noise)
+        if s.noise_mode() != "none":
+            apply_dense_noise(model, s.target_modules, noise=s.noise_mode(), noise_bits=s.noise_bits,
+                              keep_noise=s.keep_noise)
         return model
 
     def save_output(self, model, tokenizer, config, out: Path) -> None:
@@ -68,4 +71,5 @@ class Full(WholeModelMethod):
 class GMT(Full):
     name = "gmt"
     summary = "full fine-tuning with Gradient-Mask Tuning"
-    default_mask_ratio = GMT_DEFAULT_RATIO
+    config_class = GMTMethodConfig
+    mask_by_default = True

@@ -5,11 +5,13 @@ writes the PEFT adapter folder ``adapter/``, which stock ``PeftModel.from_pretra
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import atomic_dir
+from ..config_base import check_range, flag
 from ..targets import find_target_modules
-from .base import Method, register
+from .base import Method, MethodConfig, merge_field, register, targets_field
 
 PEFT_HINT = "pip install 'salientft[peft]'"
 
@@ -26,8 +28,41 @@ def require_peft(what: str):
     return peft
 
 
-def lora_alpha(config) -> float:
-    return config.lora_alpha or 2 * config.lora_r
+@dataclass
+class LoRASettings(MethodConfig):
+    """LoRA's rank, scale and dropout (every LoRA method's; docs/methods.md#gift-paper-results)."""
+
+    lora_r: int = flag(8, "rank r")
+    lora_alpha: float | None = flag(None, "alpha (default 2r)")
+    lora_dropout: float = flag(0.0, "dropout")
+
+    def check(self) -> None:
+        check_range(self, "lora_r", min=1, what="must be a positive integer")
+        check_range(self, "lora_alpha", min=0, min_open=True, what="must be positive")
+        check_range(self, "lora_dropout", min=0, max=1, max_open=True)
+
+
+@dataclass
+class LoRAMethodConfig(LoRASettings):
+    """``lora``'s settings: LoRA's, the target layers (GIFT-SW's by default) and ``merge``."""
+
+    target_modules: list[str] | str | None = targets_field()
+    merge: bool = merge_field()
+
+    def check(self) -> None:
+        super().check()
+        from ..gift.config import check_targets
+
+        check_targets(self)
+
+
+@dataclass
+class DoRAMethodConfig(LoRAMethodConfig):
+    """``dora``'s settings: LoRA's."""
+
+
+def lora_alpha(settings: LoRASettings) -> float:
+    return settings.lora_alpha or 2 * settings.lora_r
 
 
 def save_peft_adapter(model, out: Path) -> None:
@@ -46,16 +81,17 @@ def attach_peft_adapter(base, directory: Path, config=None):
 class LoRA(Method):
     name = "lora"
     summary = "LoRA baseline through PEFT"
+    config_class = LoRAMethodConfig
     requires = ("peft",)
     accepts_mask = False
     use_dora = False
-    uses = frozenset({"lora_r", "lora_alpha", "lora_dropout", "target_modules"})
 
     def prepare(self, model, config, data=None, **_):
         peft = require_peft(f"the {self.name} baseline")
-        names = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(model, config.target_modules)})
+        s = config.method_config
+        names = sorted({n.rsplit(".", 1)[-1] for n in find_target_modules(model, s.target_modules)})
         lcfg = peft.LoraConfig(
-            r=config.lora_r, lora_alpha=lora_alpha(config), lora_dropout=config.lora_dropout,
+            r=s.lora_r, lora_alpha=lora_alpha(s), lora_dropout=s.lora_dropout,
             target_modules=names, use_dora=self.use_dora, task_type="CAUSAL_LM",
         )
         return peft.get_peft_model(model, lcfg)
@@ -78,4 +114,5 @@ class LoRA(Method):
 class DoRA(LoRA):
     name = "dora"
     summary = "DoRA baseline through PEFT"
+    config_class = DoRAMethodConfig
     use_dora = True

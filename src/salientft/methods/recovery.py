@@ -8,6 +8,7 @@ in fp32 and are cast back on saving; the finished run writes a quantized ``model
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +16,38 @@ import torch
 from ..config_base import QUANTIZED_NOISE_MODES
 from ..quant.model import prepare_gift_recovery, save_quantized
 from ..quant.ste import apply_lora_quantized, apply_ste, register_quantized_lora, ste_to_quantized
-from .base import Method, WholeModelMethod, register
-from .gift_sw import gift_settings, refuse_noise
-from .peft_baselines import attach_peft_adapter, lora_alpha, require_peft, save_peft_adapter
+from .base import Method, MethodConfig, WholeModelMethod, register
+from .gift_sw import NoiseSettings, refuse_noise
+from .peft_baselines import LoRASettings, attach_peft_adapter, lora_alpha, require_peft, save_peft_adapter
+
+
+@dataclass
+class RecoverGiftSWConfig(NoiseSettings):
+    """``gift-sw --quantized``'s settings: the noise on the integer columns (the salient columns are
+    the ones quantization kept). A quantized layer has no output noise."""
+
+    NOISE_MODES = QUANTIZED_NOISE_MODES
+
+
+@dataclass
+class RecoverSalientConfig(RecoverGiftSWConfig):
+    """``salient --quantized``: no noise."""
+
+    default_noise = "none"
+
+    def check(self) -> None:
+        refuse_noise(self)
+        super().check()
+
+
+@dataclass
+class STEConfig(MethodConfig):
+    """``ste``: no settings of its own."""
+
+
+@dataclass
+class RecoverLoRAConfig(LoRASettings):
+    """``lora --quantized``: LoRA's rank, scale and dropout, on every quantized layer."""
 
 
 def fp32_trainable(model):
@@ -54,37 +84,26 @@ class QuantizedOutput(WholeModelMethod):
 class RecoverGiftSW(QuantizedOutput):
     name = "gift-sw"
     summary = "train the 16-bit salient columns with noise on the integer columns"
+    config_class = RecoverGiftSWConfig
     default_lr = 1e-4
-    default_noise = "weight"
-    uses = frozenset({"noise", "noise_bits"})  # the salient columns are the ones quantization kept
-
-    def validate(self, config) -> None:
-        super().validate(config)
-        if config.noise is not None and config.noise not in QUANTIZED_NOISE_MODES:
-            raise ValueError(f"TrainConfig: a quantized model supports --noise {' or '.join(QUANTIZED_NOISE_MODES)}, "
-                             f"not {config.noise!r}")
-        gift_settings(noise=config.noise or self.default_noise, noise_bits=config.noise_bits)  # validates them
 
     def prepare(self, model, config, data=None, **_):
-        noise = config.noise or self.default_noise
-        return fp32_trainable(prepare_gift_recovery(model, noise=noise, noise_bits=config.noise_bits))
+        s = config.method_config
+        return fp32_trainable(prepare_gift_recovery(model, noise=s.noise_mode(), noise_bits=s.noise_bits))
 
 
 @register
 class RecoverSalient(RecoverGiftSW):
     name = "salient"
     summary = "train the 16-bit salient columns, no noise"
-    default_noise = "none"
-
-    def validate(self, config) -> None:
-        super().validate(config)
-        refuse_noise(config)
+    config_class = RecoverSalientConfig
 
 
 @register
 class STE(QuantizedOutput):
     name = "ste"
     summary = "straight-through training of every weight on the fixed quantization grid"
+    config_class = STEConfig
 
     def prepare(self, model, config, data=None, **_):
         return fp32_trainable(apply_ste(model))
@@ -98,14 +117,14 @@ class RecoverLoRA(Method):
     name = "lora"
     quantized = True
     summary = "LoRA on the frozen quantized model"
+    config_class = RecoverLoRAConfig
     requires = ("peft",)
     accepts_mask = False
-    uses = frozenset({"lora_r", "lora_alpha", "lora_dropout"})  # every quantized layer
 
     def prepare(self, model, config, data=None, **_):
         require_peft("LoRA recovery")
-        return apply_lora_quantized(model, r=config.lora_r, lora_alpha=lora_alpha(config),
-                                    lora_dropout=config.lora_dropout)
+        s = config.method_config
+        return apply_lora_quantized(model, r=s.lora_r, lora_alpha=lora_alpha(s), lora_dropout=s.lora_dropout)
 
     def save_output(self, model, tokenizer, config, out: Path) -> None:
         save_peft_adapter(model, out)

@@ -408,3 +408,62 @@ def noisy_input_grad(g2, weight, salient_weight, idx, noise_std, seed, dtype, ke
         else:
             gx.addmm_(g2[:, r0:r1], blk)
     return gx
+
+
+def output_noise_z(seed: int, tokens: int, out_features: int, device) -> torch.Tensor:
+    """The whole (tokens, out) N(0, 1) draw of the output noise of ``seed`` (for references and
+    tests; the layers never build it whole: :class:`OutputNoise` draws it chunk by chunk)."""
+    z = torch.empty(tokens, out_features, dtype=NOISE_DTYPE, device=device)
+    for r0, r1, chunk in drawn_chunks(seed, noise_chunks(tokens, out_features, torch.device(device).type),
+                                      out_features, device):
+        z[r0:r1].copy_(chunk)
+    return z
+
+
+def _output_chunks(seed: int, tokens: int, out_features: int, device: torch.device):
+    """(r0, r1, z) of the output noise's seeded (tokens, out) draw, one chunk of token rows at a
+    time (the weight noise's blocks and chunks with tokens as rows; z valid until the next)."""
+    threads = noise_threads() if device.type == "cpu" else 1
+    return drawn_chunks(seed, noise_chunks(tokens, out_features, device.type), out_features, device, threads)
+
+
+class OutputNoise(torch.autograd.Function):
+    """GIFT-SW's output noise (Delta_i / 2) * ||x_{t,N}||_2 * xi_{t,i} of input x (..., in), with
+    xi (tokens, out) drawn in seeded chunks and drawn again in backward (docs/methods.md#gift-noise).
+
+    Saved for backward: x itself (the layer's input, no copy) and the (tokens,) fp32 norms
+    ||x_N||; never the (tokens, out) noise. Backward: d noise / d x_t = (sum_i g_{t,i} std_i
+    xi_{t,i}) / ||x_{t,N}|| * x_{t,N}, 0 on the salient columns and where ||x_N|| = 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, idx, noise_std, seed, dtype, out_features):
+        x2 = x.reshape(-1, x.shape[-1])
+        xf = x2.float()
+        sq = xf.pow(2).sum(-1) - xf.index_select(-1, idx).pow(2).sum(-1)
+        norm = sq.clamp_min(0).sqrt()  # (tokens,) fp32
+        del xf, sq
+        noise = torch.empty(*x.shape[:-1], out_features, dtype=dtype, device=x.device)
+        n2 = noise.view(-1, out_features)
+        std = noise_std.float().view(1, -1)
+        for r0, r1, z in _output_chunks(seed, x2.shape[0], out_features, x.device):
+            z.mul_(norm[r0:r1, None] * std)  # xi * (||x_N|| * std): the product in fp32, rounded once
+            n2[r0:r1].copy_(z)
+        ctx.save_for_backward(x, idx, noise_std, norm)
+        ctx.seed, ctx.out_features = seed, out_features
+        return noise
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, idx, noise_std, norm = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        g2 = grad.reshape(-1, ctx.out_features)
+        c = torch.empty(g2.shape[0], dtype=NOISE_DTYPE, device=g2.device)
+        std = noise_std.float()
+        for r0, r1, z in _output_chunks(ctx.seed, g2.shape[0], ctx.out_features, g2.device):
+            torch.mv(z.mul_(g2[r0:r1]), std, out=c[r0:r1])  # sum_i g * xi * std per token
+        scale = torch.where(norm > 0, c / norm.clamp_min(torch.finfo(NOISE_DTYPE).tiny), 0.0)
+        gx = x.reshape(-1, x.shape[-1]).float() * scale[:, None]
+        gx.index_fill_(-1, idx, 0.0)
+        return gx.to(x.dtype).view(x.shape), None, None, None, None, None

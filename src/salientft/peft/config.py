@@ -9,10 +9,11 @@ import torch
 from peft.config import PeftConfig
 
 from ..adapter_format import PEFT_TYPE
-from ..config_base import NOISE_MODES, coerce_fields, salient_count
-from ..gift.config import SETTINGS, GiftConfig, gift_field
+from ..config_base import NOISE_MODES, accept_old_names, check_range, coerce_fields, salient_count
+from ..gift.config import SETTINGS, GiftConfig, check_noise_settings, check_salient_count, gift_field
 
 
+@accept_old_names  # adapter_config.json files written before the rename hold "scores_file"
 @dataclass
 class GiftSWConfig(PeftConfig):
     """Train the k salient input columns of every targeted linear layer and, per expert, of every
@@ -22,7 +23,7 @@ class GiftSWConfig(PeftConfig):
     128/4096 of ``in_features``; ``k_pattern`` overrides it per layer (keys match a module name
     or its suffix, like LoRA's ``rank_pattern``). Columns: the top-k of ``metric`` — the
     statistics-free ``magnitude`` and ``random`` work inside ``get_peft_model``; the calibration
-    metrics (``gift``, ``wanda``, ...) need a ``scores_file`` from ``salientft calibrate`` or a
+    metrics (``gift``, ``wanda``, ...) need ``scores`` (a file of ``salientft calibrate``) or a
     :func:`salientft.peft.preprocess_gift_sw` call on calibration batches first. ``noise`` and
     ``noise_bits`` set the noise in the frozen rest during training (``weight`` is the paper's);
     ``keep_noise`` keeps each layer's weight noise from forward to backward instead of drawing it
@@ -41,7 +42,8 @@ class GiftSWConfig(PeftConfig):
     noise_bits: int = gift_field("noise_bits")
     keep_noise: bool = gift_field("keep_noise")
     seed: int = gift_field("seed")
-    scores_file: Optional[str] = field(default=None, metadata={"help": "scores file from salientft calibrate"})
+    scores: Optional[str] = field(default=None, metadata={"help": "scores file from salientft calibrate",
+                                                          "old_names": ("scores_file",)})
     fp32_salient: bool = gift_field("fp32_salient")
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules trained in full"})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
@@ -69,8 +71,10 @@ class GiftSWConfig(PeftConfig):
             self.target_modules = "all-linear"
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        # GiftConfig validates k, the noise and the metric's form; the metric name is checked here.
-        self.gift_config()
+        # GiftConfig's checks, on these fields (the messages name GiftSWConfig); the metric name here.
+        check_salient_count(self)
+        check_noise_settings(self, self.noise)
+        check_range(self, "seed", min=0, max=2**32 - 1)
         from ..saliency import METRICS
 
         if self.metric not in METRICS:
@@ -82,11 +86,8 @@ class GiftSWConfig(PeftConfig):
                 raise ValueError(f"GiftSWConfig.k_pattern[{key!r}] must be a positive integer, got {k!r}")
 
     def gift_config(self) -> GiftConfig:
-        """The shared settings as a (validated) GiftConfig; its errors name GiftSWConfig."""
-        try:
-            return GiftConfig(**{name: getattr(self, name) for name in SETTINGS})
-        except ValueError as e:
-            raise ValueError(str(e).replace("GiftConfig", "GiftSWConfig")) from None
+        """The shared settings as a GiftConfig (checked already, by ``__post_init__``)."""
+        return GiftConfig(**{name: getattr(self, name) for name in SETTINGS})
 
     def k_for(self, module_name: str, in_features: int) -> int:
         """k of the layer ``module_name`` (``k_pattern`` first, then the config-wide rule)."""
@@ -96,12 +97,12 @@ class GiftSWConfig(PeftConfig):
         return salient_count(in_features, self.n_salient, self.salient_fraction, name=module_name)
 
     def _scores(self) -> Optional[dict]:
-        """The preprocessed scores (``preprocess_gift_sw``), else those of ``scores_file``, else None."""
+        """The preprocessed scores (``preprocess_gift_sw``), else those of the file ``scores``, else None."""
         from ..saliency import load_scores
 
         scores = getattr(self, "_salient_scores", None)
-        if scores is None and self.scores_file:
-            scores = load_scores(self.scores_file)
+        if scores is None and self.scores:
+            scores = load_scores(self.scores)
             object.__setattr__(self, "_salient_scores", scores)
         return scores
 
@@ -111,7 +112,7 @@ class GiftSWConfig(PeftConfig):
 
     def _needs_statistics(self) -> ValueError:
         return ValueError(
-            f"metric {self.metric!r} needs calibration statistics: give scores_file=<salientft calibrate output>, "
+            f"metric {self.metric!r} needs calibration statistics: give scores=<salientft calibrate output>, "
             "call salientft.peft.preprocess_gift_sw(model, config, batches) before get_peft_model, "
             "or use metric='magnitude' or 'random'"
         )

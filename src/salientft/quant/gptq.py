@@ -9,7 +9,9 @@ GPTQ visited them in.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 
 import torch
 
@@ -57,6 +59,56 @@ def _split(in_features: int, salient_idx, device):
     """(sorted salient columns, the integer columns) of a layer with ``in_features`` inputs."""
     idx = salient_indices(salient_idx, in_features, allow_empty=True, device=device)
     return idx, complement(idx, in_features)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """LAPACK's Cholesky on the CPU blocks its work by the thread count, so its last bits (and, at
+    2 bits, GPTQ's integers) change with ``torch.set_num_threads``; run it on one thread. A no-op
+    on an accelerator (cuSOLVER does not depend on the host's threads)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _mean_diag(H: torch.Tensor) -> float:
+    """mean(diag H) summed exactly (``math.fsum``): a torch mean of more than 32768 entries splits
+    its sum by the thread count."""
+    return math.fsum(torch.diagonal(H).double().tolist()) / H.shape[0]
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + d*mean(diag H)*I)^-1 that GPTQ's column loop uses (fp32),
+    the same bits for any CPU thread count.
+
+    With R the order reversal, chol(R H R) = R V R gives an upper V with H = V V^T, and
+    U = V^-1 satisfies U^T U = H^-1: one Cholesky (on one thread, ``_one_thread``) and one
+    triangular solve, whose BLAS work is split over independent right-hand sides (each entry keeps
+    its summation order whatever the threads). Dampening starts at ``damp`` and grows tenfold while
+    H is not positive definite (6 tries).
+    """
+    n = H.shape[0]
+    mean_diag = _mean_diag(H)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    flipped = H.flip(0, 1)
+    d = damp
+    for _ in range(6):
+        with _one_thread(H.device):
+            L, info = torch.linalg.cholesky_ex(flipped + (d * mean_diag) * eye)
+        if int(info) == 0:
+            V = L.flip(0, 1)  # upper, H + d*mean*I = V V^T
+            U = torch.linalg.solve_triangular(V, eye, upper=True)
+            if torch.isfinite(U).all():
+                return U
+        log.warning("Hessian not positive definite with dampening %g; retrying with %g", d, d * 10)
+        d *= 10
+    raise ValueError("the calibration Hessian is singular even with strong dampening; use more calibration data")
 
 
 @torch.no_grad()
@@ -132,22 +184,7 @@ def gptq_quantize(
     S = col_scale[:, pos_in_int[order_int]]  # scales in visiting order
 
     Wp = W[:, perm]
-    Hp = H[perm][:, perm].float()
-    mean_diag = torch.diagonal(Hp).mean()
-    eye = torch.eye(in_f, dtype=Hp.dtype, device=Hp.device)
-    d = damp
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(Hp + d * mean_diag * eye)
-        if int(info) == 0:
-            # cholesky_solve: ~10x faster than cholesky_inverse on CPU for the same H^-1
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                break
-        log.warning("Hessian not positive definite with dampening %g; retrying with %g", d, d * 10)
-        d *= 10
-    else:
-        raise ValueError("the calibration Hessian is singular even with strong dampening; use more calibration data")
-    del L, eye
+    U = inverse_hessian_factor(H[perm][:, perm].float(), damp)
     Q = torch.empty(n_int, out_f, dtype=torch.float32, device=W.device)  # rows = columns: contiguous writes
     S_t = S.t().contiguous()
     for i1 in range(0, n_int, block_size):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..outputs import output_dir
-from ..config_base import ConfigMixin, coerce_fields, salient_count
+from ..config_base import ConfigMixin, accept_old_names, coerce_fields, renamed_arguments, salient_count
 from ..ops.salient import complement
 from ..targets import block_list_name, find_target_modules, linear_weight, set_module
 from .gptq import gptq_quantize, rtn_quantize
@@ -36,17 +36,18 @@ FORMAT = "salientft.quantized"
 FORMAT_VERSION = 1
 QUANT_CONFIG_NAME = "quantization_config.json"
 WEIGHTS_NAME = "model.safetensors"
-METHODS = ("gptq", "rtn")
+QUANTIZERS = ("gptq", "rtn")
 _BUFFER_PREFIX = "__buffer__."
 
 
+@accept_old_names
 @dataclass
 class QuantizeConfig(ConfigMixin):
     """How a model was (or is to be) quantized. ``n_salient=0`` / ``salient_fraction=0`` means
     no 16-bit columns; with neither given, the paper's ratio 128/4096 is used."""
 
     bits: int = 4
-    method: str = "gptq"
+    quantizer: str = field(default="gptq", metadata={"old_names": ("method",)})  # files before the rename say "method"
     n_salient: int | None = None
     salient_fraction: float | None = None
     group_size: int | None = None
@@ -60,8 +61,8 @@ class QuantizeConfig(ConfigMixin):
         coerce_fields(self)  # every field as its declared type (config_base)
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"{n}.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"{n}.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"{n}.quantizer must be one of {list(QUANTIZERS)}, got {self.quantizer!r}")
         if self.n_salient is not None and self.salient_fraction is not None:
             raise ValueError(f"{n}: give n_salient or salient_fraction, not both")
         if self.n_salient is not None and (
@@ -86,26 +87,14 @@ class QuantizeConfig(ConfigMixin):
         return salient_count(in_features, self.n_salient, self.salient_fraction, name=name, quantized=True)
 
 
-class _Stop(Exception):
-    """Raised by the capture hook once the first block's inputs are stored."""
-
-
 def _normalise_batches(calibration) -> list[dict[str, torch.Tensor]]:
+    from ..calibration import normalise_batches
+
     if calibration is None:
         return []
     if isinstance(calibration, (dict, torch.Tensor)):
         calibration = [calibration]
-    out = []
-    for b in calibration:
-        if isinstance(b, torch.Tensor):
-            b = {"input_ids": b}
-        if not isinstance(b, dict) or "input_ids" not in b:
-            raise ValueError("each calibration batch must be a dict with 'input_ids' (and 'attention_mask') or a tensor")
-        ids = torch.as_tensor(b["input_ids"])
-        ids = ids[None] if ids.dim() == 1 else ids
-        mask = b.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
-        out.append({"input_ids": ids, "attention_mask": mask})
+    out = normalise_batches({"input_ids": b} if isinstance(b, torch.Tensor) else b for b in calibration)
     if not out or sum(int(b["attention_mask"].sum()) for b in out) == 0:
         raise ValueError(
             "calibration holds no tokens (no batch, or every attention_mask is 0): pass batches of "
@@ -140,47 +129,6 @@ class _Stats:
         return ActivationStats(self.max_abs, self.sum_sq, self.sum_abs, self.count, self.hessian)
 
 
-def _capture_first_block(model, blocks, batches):
-    """Run the model up to blocks[0]; return [(hidden_states, kwargs)] per batch."""
-    cache = []
-
-    def hook(module, args, kwargs):
-        hs = args[0] if args else kwargs.pop("hidden_states")
-        kw = dict(kwargs)
-        kw.pop("hidden_states", None)
-        cache.append([hs, kw])
-        raise _Stop
-
-    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in batches:
-            try:
-                model(input_ids=b["input_ids"].to(_device(model)), attention_mask=b["attention_mask"].to(_device(model)),
-                      use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    if len(cache) != len(batches):
-        raise RuntimeError("the first transformer block was not reached by the forward pass")
-    return cache
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _run_block(block, cache):
-    out = []
-    for hs, kw in cache:
-        y = block(hs, **kw)
-        out.append(y[0] if isinstance(y, (tuple, list)) else y)
-    return out
-
-
 def _layer_scores(model, name, st: _Stats | None, cfg: QuantizeConfig, seed: int):
     from ..saliency import STATLESS_METRICS, saliency_scores
 
@@ -196,7 +144,7 @@ def _quantize_layer(model, name, module, cfg, k, score, H):
 
         idx = select_salient(score.float(), k)
     idx = idx.to(W.device)
-    if cfg.method == "gptq":
+    if cfg.quantizer == "gptq":
         q, scale, sal = gptq_quantize(W, H, cfg.bits, idx, score, group_size=cfg.group_size,
                                       damp=cfg.damp, block_size=cfg.block_size)
     else:
@@ -206,13 +154,14 @@ def _quantize_layer(model, name, module, cfg, k, score, H):
                                                 cfg.group_size, dtype=W.dtype)
 
 
+@renamed_arguments(method="quantizer")
 @torch.no_grad()
 def quantize(
     model: nn.Module,
     bits: int,
     n_salient: int | None = None,
     salient_fraction: float | None = None,
-    method: str = "gptq",
+    quantizer: str = "gptq",
     calibration=None,
     group_size: int | None = None,
     metric: str = "gift",
@@ -223,6 +172,7 @@ def quantize(
     block_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    blocks=None,
 ) -> nn.Module:
     """Replace every target linear layer by a :class:`QuantizedSalientLinear` (in place).
 
@@ -230,19 +180,46 @@ def quantize(
     required for GPTQ, and for RTN when salient columns are chosen by a data-dependent metric.
     ``scores`` (module name -> (in,) salience) skip computing the metric. Returns the model,
     with all parameters frozen and ``model.salientft_quantization`` set to the config.
-    """
-    from tqdm.auto import tqdm
 
-    cfg = QuantizeConfig(bits=bits, method=method, n_salient=n_salient, salient_fraction=salient_fraction,
+    ``blocks``: where the decoder blocks come from, one at a time (a block source of
+    ``salientft.calibration``: ``ResidentBlocks``, the default, ``HostBlocks``, or
+    ``salientft.models.DiskBlocks`` for a model opened by ``salientft.models.open_blockwise``
+    whose blocks are still on disk); each block is released, quantized, to host memory. The
+    result is the same bit for bit whatever the source (docs/quantization.md#block-by-block).
+    """
+    cfg = QuantizeConfig(bits=bits, quantizer=quantizer, n_salient=n_salient, salient_fraction=salient_fraction,
                          group_size=group_size, metric=metric, damp=damp, block_size=block_size,
                          target_modules=target_modules)
     if any(isinstance(m, QuantizedSalientLinear) for m in model.modules()):
         raise ValueError("this model is already quantized; load a fresh base model")
-    from ..saliency import STATLESS_METRICS, resolve_metric
+    targets, ks = _targets_and_k(model, cfg, scores)
+    batches = _needed_batches(cfg, calibration, scores, ks)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    if batches or blocks is not None:
+        _quantize_blockwise(model, targets, ks, cfg, batches, scores, seed, blocks, progress)
+    else:
+        from tqdm.auto import tqdm
 
-    resolve_metric(metric)
-    targets = find_target_modules(model, target_modules)
-    if target_modules is None:
+        for n, m in tqdm(targets.items(), desc=f"quantize {quantizer} {bits}-bit", unit="layer", disable=not progress):
+            score = None
+            if ks[n] > 0:
+                score = scores[n] if scores is not None else _layer_scores(model, n, None, cfg, seed)
+            set_module(model, n, _quantize_layer(model, n, m, cfg, ks[n], score, None))
+    model.train(was_training)
+    model.salientft_quantization = cfg
+    return model
+
+
+def _targets_and_k(model, cfg: QuantizeConfig, scores):
+    """The target layers, k per layer, and the check that given scores cover them."""
+    from ..saliency import resolve_metric
+
+    resolve_metric(cfg.metric)
+    targets = find_target_modules(model, cfg.target_modules)
+    if cfg.target_modules is None:
         from ..gift.model import warn_uncovered
 
         warn_uncovered(model, targets, who="quantize", fate="they stay in their 16-bit dtype")
@@ -251,46 +228,51 @@ def quantize(
         missing = [n for n in targets if ks[n] > 0 and n not in scores]
         if missing:
             raise ValueError(f"no scores for target {missing[0]!r}; scores cover {len(scores)} modules")
-    need_data = method == "gptq" or (
-        scores is None and metric not in STATLESS_METRICS and any(k > 0 for k in ks.values())
+    return targets, ks
+
+
+def _needed_batches(cfg: QuantizeConfig, calibration, scores, ks) -> list:
+    """The calibration batches when the quantizer or the metric needs data (GPTQ's Hessian, or a
+    data-dependent salience), else none."""
+    from ..saliency import STATLESS_METRICS
+
+    need_data = cfg.quantizer == "gptq" or (
+        scores is None and cfg.metric not in STATLESS_METRICS and any(k > 0 for k in ks.values())
     )
     batches = _normalise_batches(calibration) if need_data else []
     if need_data and not batches:
-        raise ValueError(f"method={method!r} with metric={metric!r} needs calibration batches")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    was_training = model.training
-    model.eval()
-    ordered = {}
-    if batches:
-        blocks_name = block_list_name(model)
-        blocks = model.get_submodule(blocks_name)
-        for n in targets:
-            if not n.startswith(blocks_name + "."):
-                raise ValueError(f"target {n!r} is outside the transformer blocks; GPTQ's block driver needs it inside")
-            ordered.setdefault(int(n[len(blocks_name) + 1 :].split(".")[0]), []).append(n)
-        cache = _capture_first_block(model, blocks, batches)
-        masks = [b["attention_mask"].bool() for b in batches]
-        last = max(ordered)  # blocks after the last targeted one need not run
-        for i in tqdm(range(last + 1), desc=f"quantize {method} {bits}-bit", unit="block", disable=not progress):
-            names = ordered.get(i, [])
-            if names:
-                _quantize_block(model, blocks[i], names, targets, ks, cfg, cache, masks, scores, seed)
-            if i == last:
-                break
-            hs = _run_block(blocks[i], cache)
-            for c, h in zip(cache, hs):
-                c[0] = h
-        del cache
-    else:
-        for n, m in tqdm(targets.items(), desc=f"quantize {method} {bits}-bit", unit="layer", disable=not progress):
-            score = None
-            if ks[n] > 0:
-                score = scores[n] if scores is not None else _layer_scores(model, n, None, cfg, seed)
-            set_module(model, n, _quantize_layer(model, n, m, cfg, ks[n], score, None))
-    model.train(was_training)
-    model.salientft_quantization = cfg
-    return model
+        raise ValueError(f"quantizer={cfg.quantizer!r} with metric={cfg.metric!r} needs calibration batches")
+    return batches
+
+
+def _quantize_blockwise(model, targets, ks, cfg, batches, scores, seed, blocks, progress) -> None:
+    """The block driver: block i is loaded, its targets' statistics gathered from its inputs (the
+    outputs of the blocks quantized before it), its targets quantized, the quantized block run to
+    give block i+1's inputs, and the block released (kept, quantized, in host memory)."""
+    from tqdm.auto import tqdm
+
+    from ..calibration import ResidentBlocks, block_targets, capture_block_inputs, run_block
+
+    blocks_name = block_list_name(model)
+    n_blocks = len(model.get_submodule(blocks_name))
+    source = blocks if blocks is not None else ResidentBlocks(model.get_submodule(blocks_name))
+    ordered = block_targets(targets, blocks_name, n_blocks, "GPTQ's block driver")
+    hidden, calls = capture_block_inputs(model, blocks_name, batches, source.device) if batches else ([], [])
+    masks = [b["attention_mask"].bool() for b in batches]
+    last = max(ordered) if batches else n_blocks - 1  # blocks after the last targeted one need not run
+    for i in tqdm(range(n_blocks), desc=f"quantize {cfg.quantizer} {cfg.bits}-bit", unit="block",
+                  disable=not progress):
+        block = source.load(i)
+        names = ordered.get(i, [])
+        targets.update({n: model.get_submodule(n) for n in names})  # the loaded modules
+        if names:
+            cache = list(zip(hidden, calls[i])) if batches else []
+            _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores, seed)
+            for n in names:  # the replaced dense layers: no reference left, their memory freed
+                del targets[n]
+        if batches and i < last:
+            hidden = run_block(block, hidden, calls[i])
+        source.release(i, block, keep=True)
 
 
 def _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores, seed):
@@ -309,19 +291,19 @@ def _quantize_block(model, block, names, targets, ks, cfg, cache, masks, scores,
     handles = []
     for n in names:
         m = targets[n]
-        stats[n] = _Stats(linear_weight(m).shape[1], linear_weight(m).device, cfg.method == "gptq")
+        stats[n] = _Stats(linear_weight(m).shape[1], linear_weight(m).device, cfg.quantizer == "gptq")
         handles.append(m.register_forward_pre_hook(make_hook(n)))
     try:
-        for (hs, kw), mask in zip(cache, masks):
+        for (hs, (args, kw)), mask in zip(cache, masks):
             state["mask"], state["last"] = mask, None
-            block(hs, **kw)
+            block(hs, *args, **kw)
     finally:
         for h in handles:
             h.remove()
         state["last"] = state["last_flat"] = None
     for n in names:
         score = None
-        if ks[n] > 0 or (cfg.method == "gptq" and scores is not None and n in scores):
+        if ks[n] > 0 or (cfg.quantizer == "gptq" and scores is not None and n in scores):
             score = scores[n] if scores is not None and n in scores else _layer_scores(model, n, stats[n], cfg, seed)
         H = stats[n].hessian
         new = _quantize_layer(model, n, targets[n], cfg, ks[n], score, H)
