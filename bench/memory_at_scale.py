@@ -1,9 +1,10 @@
 """A memory plan from 7B to 70B: the peak bytes of each salientft phase, counted on one and two
 decoder blocks of the real Llama shapes, extrapolated to the whole model and to N GPUs.
 
-    .venv/bin/python bench/memory_at_scale.py              # the plan: docs/results/scale.{json,png}, docs/scale.md
-    .venv/bin/python bench/memory_at_scale.py --render     # docs/scale.md again from the JSON
+    .venv/bin/python bench/memory_at_scale.py              # the plan: docs/results/scale.{json,md,png}
+    .venv/bin/python bench/memory_at_scale.py --update --only gmt checkpoint   # re-measure some phases, keep the rest
     .venv/bin/python bench/memory_at_scale.py --smoke --out /tmp/scale   # tiny shapes, seconds (the test)
+    PYTHONPATH=src .venv/bin/python scripts/render_docs.py  # docs/scale.md quotes the report's tables
 
 How bytes are counted. Not the process's RSS (noisy): ``ByteTracker``, a ``TorchDispatchMode``,
 sees every aten op, records each new storage its outputs hold (by storage identity, so views and
@@ -41,11 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from _machine import machine_info  # bench/_machine.py
+from lib.models import llama_built_in  # bench/lib
+from lib.provenance import git_state
+from lib.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from salientft._io import atomic_path, write_json  # noqa: E402
 
 aten = torch.ops.aten
 GB = 1e9
@@ -72,6 +75,7 @@ STEPS = {
     "lora": ("lora", False, {}),
     "full": ("full", False, {}),
     "gmt": ("gmt", False, {}),
+    "gmt strict": ("gmt", False, {"mask": {"mode": "strict"}}),
     "recovery gift-sw (4-bit)": ("gift-sw", True, {"noise": "weight"}),
     "qlora (4-bit lora)": ("lora", True, {}),
 }
@@ -199,7 +203,8 @@ def fake_mode(fake: bool):
             if hasattr(m, name):
                 saved.append((m, name, getattr(m, name)))
                 setattr(m, name, fn)
-    import salientft.gmt as gmt
+    import salientft.gift.adapter as adapter
+    import salientft.gmt.strategies as gmt
     import salientft.quant.gptq as gptq
 
     import salientft.ops.grid as grid
@@ -210,6 +215,10 @@ def fake_mode(fake: bool):
     gptq.range = _first_iterations  # GPTQ's column loops: the first iterations hold the largest temporaries
     saved.append((gptq, "range", range))
     gmt._shards = _unsharded_or(gmt._shards)
+    # the base fingerprint hashes each weight's bytes on the host (a GPU weight is copied there one
+    # at a time: host memory, and a bf16 weight on the host is read in place): no data to hash here
+    saved.append((adapter, "fingerprint_of", adapter.fingerprint_of))
+    adapter.fingerprint_of = lambda names, weight: "fake"
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
@@ -234,7 +243,7 @@ def _first_iterations(*args):
 
 
 def _unsharded_or(shards):
-    """GMT's ``_shards`` (which tells plain tensors by their exact type) for fake tensors."""
+    """GMT's ``salientft.gmt.strategies._shards`` (which tells plain tensors by their exact type) for fake tensors."""
     def fake_shards(live):
         from torch.distributed.tensor import DTensor
 
@@ -277,7 +286,7 @@ def _apply_set_data(self, fn, recurse=True):  # noqa: C901
 
 def accelerator_paths() -> None:
     """GMT's device engine and the weight noise of a GPU (torch's generator, large blocks): the plan's target."""
-    import salientft.gmt as gmt
+    import salientft.gmt.strategies as gmt
     import salientft.ops.noise as noise
 
     gmt._HOST_ENGINE_DEVICES = ()
@@ -285,7 +294,8 @@ def accelerator_paths() -> None:
     os.environ["SALIENTFT_NOISE_GENERATOR"] = "torch"  # the GPU default: normal_ in blocks of up to 16M
 
 
-def storage_bytes(tensors) -> int:
+def _bytes_of(tensors) -> int:
+    """Bytes of ``tensors``, each storage counted once."""
     seen, total = set(), 0
     for t in tensors:
         s = t.untyped_storage()
@@ -300,20 +310,8 @@ def storage_bytes(tensors) -> int:
 # ----------------------------------------------------------------------------------------------
 def build_model(shape: dict, layers: int, dtype: torch.dtype):
     """A random Llama with ``shape``'s widths and ``layers`` blocks, built in ``dtype`` (no copy)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     kw = {k: v for k, v in shape.items() if k != "layers"}
-    config = LlamaConfig(**kw, num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(SEED)
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(before)
-    return model
+    return llama_built_in({**kw, "num_hidden_layers": layers, "max_position_embeddings": 4096}, dtype, seed=SEED)
 
 
 def magnitude_scores(model):
@@ -343,7 +341,7 @@ def quantized_model(shape: dict, layers: int, bits: int, n_salient: int | None, 
     from salientft.quant.model import QuantizeConfig
     from salientft.targets import find_target_modules, linear_weight, set_module
 
-    cfg = QuantizeConfig(bits=bits, n_salient=n_salient, group_size=group_size, method="rtn")
+    cfg = QuantizeConfig(bits=bits, n_salient=n_salient, group_size=group_size, quantizer="rtn")
     model = build_model(shape, layers, torch.bfloat16)
     for name, m in find_target_modules(model).items():
         out_f, in_f = linear_weight(m).shape
@@ -381,16 +379,20 @@ def prepared(workflow: str, shape: dict, layers: int):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-    mask_config = spec.mask_config(cfg)
-    if mask_config is not None:
-        from salientft.gmt import build_gradient_mask
+    if cfg.mask is not None:  # GMT's mask, in the order GradientMaskCallback runs it around the step
+        from salientft.gmt import GradientMask
 
-        mask = build_gradient_mask(model, mask_config)
+        mask, held = GradientMask.from_config(model, cfg.mask), {}
 
-        def apply_mask(*_):  # a step pre-hook must return None
-            mask.apply_()
+        def mask_and_snapshot(*_):  # a step hook must return None
+            held["stats"] = mask._apply_pending()  # kept until the next log, as the callback does
+            held["snapshot"] = mask.snapshot_(opt)  # strict mode: the masked entries only
 
-        opt.register_step_pre_hook(apply_mask)
+        def restore(*_):
+            mask.restore_(held.pop("snapshot"))
+
+        opt.register_step_pre_hook(mask_and_snapshot)
+        opt.register_step_post_hook(restore)
     return model, opt, sum(p.numel() for p in params)
 
 
@@ -417,7 +419,7 @@ def phase_load(shape, layers, tokens, batch, fake) -> dict:
         tr = ByteTracker(fake)
         with tr:
             model = build_model(shape, layers, torch.bfloat16)
-        weights = storage_bytes(list(model.parameters()) + list(model.buffers()))
+        weights = _bytes_of(list(model.parameters()) + list(model.buffers()))
         return {"resident": 0, "peak": weights, "weights": weights}
 
 
@@ -475,7 +477,7 @@ def phase_gptq(bits, shape, layers, tokens, batch, fake) -> dict:
         tr = _tracked(model, fake)
         resident = tr.live_bytes()
         with tr:
-            quantize(model, bits, method="gptq", calibration=batches, progress=False)
+            quantize(model, bits, quantizer="gptq", calibration=batches, progress=False)
         return {"resident": resident, "peak": tr.peak}
 
 
@@ -495,6 +497,46 @@ def phase_checkpoint(shape, layers, tokens, batch, fake) -> dict:
         return {"resident": resident, "peak": tr.peak}
 
 
+# Checkpoints under FSDP2: the workflows whose save differs (GIFT-SW gathers its trained columns;
+# full and GMT go through the Trainer's FULL_STATE_DICT)
+CHECKPOINT_WORKFLOWS = ("gift-sw", "full", "gmt")
+
+
+def phase_fsdp_checkpoint(workflow, shape, layers, tokens, batch, fake) -> dict:
+    """What a checkpoint gathers, after one optimizer step (the optimizer state exists) with the
+    gradients released. GIFT-SW (``Method.gather_trained`` overridden: ``save_checkpoint`` runs
+    inside ``methods.sharding.gathered(model, trainable_only=True)``): every trainable parameter's
+    full tensor at once on each rank's GPU; rank 0's host receives the same. The others (full,
+    GMT): the Trainer's FULL_STATE_DICT, gathered parameter by parameter and offloaded to rank 0's
+    host (accelerate's FSDP2 ``cpu_offload``): the GPU holds the largest parameter at once, the host
+    the whole state dict. The sets of tensors are the prepared model's own, so a change of what a
+    method trains changes the count; the gathering itself needs a process group and is not run."""
+    from salientft import methods
+    from salientft.methods.base import Method
+
+    name, quantized, _ = STEPS[workflow]
+    spec = methods.get(name, quantized=quantized)
+    trained_only = type(spec).gather_trained is not Method.gather_trained
+    with fake_mode(fake), ByteTracker(fake) as tr:
+        torch.manual_seed(SEED)
+        model, opt, trainable = prepared(workflow, shape, layers)
+        ids = torch.randint(3, shape["vocab_size"], (batch, tokens))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+        state = tr.live_bytes()  # weights + optimizer state: what FSDP shards between steps
+        params = [p for p in model.parameters() if p.requires_grad or not trained_only]
+        sizes = [_bytes_of([p]) for p in params]
+        gpu = sum(sizes) if trained_only else max(sizes)
+        optimizer = _bytes_of([t for st in opt.state.values() for t in st.values()
+                               if isinstance(t, torch.Tensor) and t.dim() > 0])
+        return {"resident": state, "state_after": state, "peak": state + gpu, "gathered_gpu": gpu,
+                "host_rank0": sum(sizes) + optimizer, "trained_only": trained_only, "trainable": trainable}
+
+
 def phases() -> dict:
     """Phase name -> (function(shape, layers, tokens, batch, fake), its token counts: 'train' or 'calib')."""
     out = {"load": (phase_load, "none"), "calibration": (phase_calibration, "calib")}  # calib: 2 token counts
@@ -503,6 +545,8 @@ def phases() -> dict:
     for w in STEPS:
         out[w] = (lambda *a, w=w: phase_step(w, False, *a), "train")
         out[f"{w} +ckpt"] = (lambda *a, w=w: phase_step(w, True, *a), "train")
+    for w in CHECKPOINT_WORKFLOWS:
+        out[f"{w} checkpoint (FSDP)"] = (lambda *a, w=w: phase_fsdp_checkpoint(w, *a), "ckpt")
     return out
 
 
@@ -532,7 +576,7 @@ def measure_shape(shape, names, fake, tokens_list, layers_list=(1, 2), batch=1, 
         for L in layers_list:
             if name in failed:
                 break
-            toks = {"none": tokens_list[:1], "calib": tokens_list[:: len(tokens_list) - 1]}.get(kind, tokens_list)
+            toks = {"none": tokens_list[:1], "ckpt": tokens_list[:1], "calib": tokens_list[:: len(tokens_list) - 1]}.get(kind, tokens_list)
             res[name][L] = {}
             for T in toks:
                 t0 = time.perf_counter()
@@ -561,7 +605,7 @@ def per_block_model(meas: dict, kind: str) -> dict:
         {"intercept": fixed[0], "slope": 0.0, "max_residual": 0.0, "max_residual_rel": 0.0},
         {"intercept": block[0], "slope": 0.0, "max_residual": 0.0, "max_residual_rel": 0.0})
     out.update(fixed=rf, block=rb)
-    for key in ("resident", "state_after"):
+    for key in ("resident", "state_after", "gathered_gpu", "host_rank0"):
         if key in L1[Ts[0]]:
             out[key] = {"fixed": 2 * L1[Ts[0]][key] - L2[Ts[0]][key], "block": L2[Ts[0]][key] - L1[Ts[0]][key]}
     if "trainable" in L1[Ts[0]]:
@@ -585,7 +629,18 @@ def per_device(model: dict, layers: int, tokens: float, n: int) -> float:
     st = model.get("state_after") or model.get("resident")
     state = st["fixed"] + layers * st["block"]
     gathered = 2 * model["resident"]["block"]
-    return state / n + (total - state) + gathered
+    # max(., 0): a step whose peak is its state after the step (the optimizer's new states are the
+    # last thing allocated) has no transient part
+    return state / n + max(total - state, 0) + gathered
+
+
+def checkpoint_per_device(model: dict, layers: int, n: int) -> float:
+    """Peak per GPU while an FSDP checkpoint is written over ``n`` GPUs: the sharded state plus
+    what the save gathers at once (one process: nothing is gathered)."""
+    state = model["state_after"]["fixed"] + layers * model["state_after"]["block"]
+    if n == 1:
+        return state
+    return state / n + model["gathered_gpu"]["fixed"] + layers * model["gathered_gpu"]["block"]
 
 
 def smallest_setup(bytes_per_device) -> str | None:
@@ -633,7 +688,13 @@ def plan_for(name, shape, meas, kinds, direct=None) -> dict:
             row["small_token_fit"] = small
             row["small_token_fit_error"] = {
                 str(t): (predict(small, L, t) - predict(pm, L, t)) / predict(pm, L, t) for t in sorted(direct[ph][1])}
-        if kind == "train":
+        if kind == "ckpt":
+            host = pm["host_rank0"]["fixed"] + L * pm["host_rank0"]["block"]
+            gpu = pm["gathered_gpu"]["fixed"] + L * pm["gathered_gpu"]["block"]
+            row["checkpoint"] = {"per_device_bytes": {n: checkpoint_per_device(pm, L, n) for n in DEVICE_COUNTS},
+                                 "gathered_gpu_bytes": gpu, "host_rank0_bytes": host,
+                                 "fits": smallest_setup(lambda n: checkpoint_per_device(pm, L, n))}
+        elif kind == "train":
             for mb in MICRO_BATCHES:
                 t = SEQ * mb
                 row[f"mb{mb}"] = {
@@ -655,15 +716,17 @@ def run(args, log=print) -> dict:
     accelerator_paths()
     shapes = TINY if args.smoke else SHAPES
     table = phases()
-    names = [n for n in table if args.only is None or n in args.only or n.removesuffix(" +ckpt") in args.only]
+    only = set(args.only) if args.only is not None else None
+    names = [n for n in table if only is None or n in only or n.removesuffix(" +ckpt") in only
+             or (table[n][1] == "ckpt" and "checkpoint" in only)]
     kinds = {n: table[n][1] for n in names}
-    result = {"provenance": {**machine_info("commit", "cpu_model", "torch", "transformers", "peft", "threads"),
-                             "dtype": "bf16 weights, fp32 trainable values, bf16 autocast", "seed": SEED},
+    commit = (git_state()[0] or "unknown")[:7]
+    result = {"machine": machine_info("cpu_model", "transformers", "peft"),
               "assumptions": {"seq_len": SEQ, "micro_batches": list(MICRO_BATCHES), "calibration": list(CALIB),
                               "cards_gib": list(CARDS_GB), "usable_fraction": USABLE,
                               "devices": list(DEVICE_COUNTS), "fit_tokens": list(FIT_TOKENS)},
               "verify": verify(names if args.smoke else [n for n in names if "+ckpt" not in n], log),
-              "models": {}}
+              "models": {}, "phase_commits": {n: commit for n in names}}
     fit_tokens = (64, 128, 192) if args.smoke else FIT_TOKENS
     for name, shape in shapes.items():
         log(f"{name}:")
@@ -673,9 +736,39 @@ def run(args, log=print) -> dict:
         direct = measure_shape(shape, train, True, targets, log=log)
         result["models"][name] = {"shape": shape, "measured": _jsonable(meas), "measured_at_targets": _jsonable(direct),
                                   "plan": _jsonable(plan_for(name, shape, meas, kinds, direct))}
-    result["whole_model_check"] = whole_model_check(args, names, kinds, log)
+    result["whole_model_check"] = whole_model_check(args, [n for n in names if kinds[n] != "ckpt"], kinds, log)
     result["failed"] = dict(FAILED)
     return result
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``old`` (an earlier scale.json) with every phase ``new`` measured replaced, phase by phase,
+    and each phase's commit kept in ``phase_commits`` (an old file without it: its provenance's)."""
+    redone = set(new["phase_commits"])
+    first = (old.get("provenance") or {}).get("commit") or "unknown"
+    out = {**old, "machine": new["machine"], "assumptions": new["assumptions"]}
+    out["phase_commits"] = {**{n: first for m in old["models"].values() for n in m["plan"]},
+                            **old.get("phase_commits", {}), **new["phase_commits"]}
+    out["verify"] = {**old["verify"], **new["verify"]}
+    out["failed"] = {**{k: v for k, v in old.get("failed", {}).items() if k not in redone}, **new["failed"]}
+    for name, m in new["models"].items():
+        o = old["models"].setdefault(name, {"shape": m["shape"], "measured": {}, "measured_at_targets": {}, "plan": {}})
+        for key in ("measured", "measured_at_targets", "plan"):
+            keep = {k: v for k, v in o[key].items() if k not in redone}
+            o[key] = {k: (m[key].get(k) if k in m[key] else keep.get(k)) for k in _phase_order(keep, m[key])}
+            o[key] = {k: v for k, v in o[key].items() if v is not None}
+    out["models"] = old["models"]
+    wc_old, wc_new = old.get("whole_model_check") or {}, new["whole_model_check"]
+    out["whole_model_check"] = {**wc_new, "phases": {**{k: v for k, v in (wc_old.get("phases") or {}).items()
+                                                        if k not in redone}, **wc_new["phases"]}}
+    out.pop("provenance", None)
+    return out
+
+
+def _phase_order(a: dict, b: dict) -> list:
+    """The phases of ``a`` and ``b`` in phases()' order (unknown ones last)."""
+    order = list(phases())
+    return sorted(set(a) | set(b), key=lambda k: order.index(k) if k in order else len(order))
 
 
 def whole_model_check(args, names, kinds, log) -> dict:
@@ -713,71 +806,88 @@ def _jsonable(x):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes only (seconds): the test's mode")
-    ap.add_argument("--render", action="store_true", help="write docs/scale.md from the JSON and exit")
-    ap.add_argument("--only", nargs="*", help="phases by name (each with its +ckpt variant)")
+    ap.add_argument("--only", nargs="*", help="phases by name (each with its +ckpt variant; 'checkpoint': the FSDP saves)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the phases of the existing scale.json that --only does not re-measure (each "
+                         "phase's commit is recorded)")
     ap.add_argument("--check", nargs="*", help="phases of the whole-model check (default: every phase but +ckpt)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "scale.md")
     args = ap.parse_args(argv)
-    json_path = args.out / "scale.json"
-    if not args.render:
-        args.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        result = run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
-        result["provenance"]["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(json_path, result)
-        plot(result, args.out / "scale.png")
-    render(json.loads(json_path.read_text()), args.doc)
+    stem = args.out / "scale"
+    t0 = time.perf_counter()
+    result = run(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.update and stem.with_suffix(".json").exists():
+        result = merged(json.loads(stem.with_suffix(".json").read_text()), result)
+    write_report(stem, result, tables(result), lambda: figure(result), dtype="bf16", seed=SEED, threads=args.threads)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------
-# docs/scale.md: the text around the generated tables is kept; the tables are rewritten
+# The report (docs/results/scale.md; docs/scale.md quotes its tables through scripts/render_docs.py)
 # ----------------------------------------------------------------------------------------------
-BEGIN = "<!-- generated by bench/memory_at_scale.py --render: do not edit below -->"
-END = "<!-- end of generated part -->"
-
-
 def _gb(b) -> str:
     return "-" if b is None else f"{b / GIB:,.1f}"
 
 
-def tables(result: dict) -> str:
-    """The generated part of docs/scale.md, from the JSON."""
-    lines = []
-    p = result["provenance"]
-    lines.append(f"Measured at commit `{p.get('commit')}` on {p.get('cpu_model')}, torch {p.get('torch')}, "
-                 f"transformers {p.get('transformers')}, {p.get('threads')} thread(s), seed {p.get('seed')}; "
-                 f"{p.get('seconds', '?')} s. GiB = 2^30 bytes.\n")
+def _training_table(plan: dict) -> list[str]:
+    lines = ["| workflow | per block GiB (+ per 1K tokens) | fixed GiB | 1 GPU, mb 1 | 1 GPU, mb 4 | "
+             "8 GPUs FSDP, mb 1 | smallest setup, mb 1 | smallest setup, mb 4 | 64-256 token fit at mb 4 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for w, row in plan.items():
+        if "checkpoint" in row:
+            continue
+        mod = row["model"]
+        blk = f"{_gb(mod['block']['intercept'])} (+{_gb(mod['block']['slope'] * 1000)})"
+        fix = _gb(mod["fixed"]["intercept"])
+        if "mb1" in row:
+            d1, d4 = row["mb1"]["per_device_bytes"], row["mb4"]["per_device_bytes"]
+            err = (row.get("small_token_fit_error") or {}).get(str(row["mb4"]["tokens"]))
+            lines.append(f"| {w} | {blk} | {fix} | {_gb(d1['1'])} | {_gb(d4['1'])} | {_gb(d1['8'])} | "
+                         f"{row['mb1']['fits'] or 'none of these'} | {row['mb4']['fits'] or 'none of these'} | "
+                         f"{'-' if err is None else f'{err:+.1%}'} |")
+        else:
+            one = row["single"]
+            lines.append(f"| {w} | {blk} | {fix} | {_gb(one['bytes'])} | | | "
+                         f"{one['fits'] or 'more than one 80 GB GPU'} (one device only) | | |")
+    return lines
+
+
+def _checkpoint_table(result: dict) -> list[str]:
+    lines = ["| model | checkpoint | gathered at once per GPU GiB | rank 0 host GiB | per GPU while saving, 2 GPUs | "
+             "8 GPUs | smallest setup |", "|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
-        plan, sh = m["plan"], m["shape"]
-        lines.append(f"### {name} ({sh['layers']} layers, hidden {sh['hidden_size']}, intermediate "
-                     f"{sh['intermediate_size']}, heads {sh['num_attention_heads']}/{sh['num_key_value_heads']}, "
-                     f"vocab {sh['vocab_size']})\n")
-        lines.append("| workflow | per block GiB (+ per 1K tokens) | fixed GiB | 1 GPU, mb 1 | 1 GPU, mb 4 | "
-                     "8 GPUs FSDP, mb 1 | smallest setup, mb 1 | smallest setup, mb 4 | 64-256 token fit at mb 4 |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for w, row in plan.items():
-            mod = row["model"]
-            blk = f"{_gb(mod['block']['intercept'])} (+{_gb(mod['block']['slope'] * 1000)})"
-            fix = _gb(mod["fixed"]["intercept"])
-            if "mb1" in row:
-                d1, d4 = row["mb1"]["per_device_bytes"], row["mb4"]["per_device_bytes"]
-                err = (row.get("small_token_fit_error") or {}).get(str(row["mb4"]["tokens"]))
-                lines.append(f"| {w} | {blk} | {fix} | {_gb(d1['1'])} | {_gb(d4['1'])} | {_gb(d1['8'])} | "
-                             f"{row['mb1']['fits'] or 'none of these'} | {row['mb4']['fits'] or 'none of these'} | "
-                             f"{'-' if err is None else f'{err:+.1%}'} |")
-            else:
-                one = row["single"]
-                lines.append(f"| {w} | {blk} | {fix} | {_gb(one['bytes'])} | | | "
-                             f"{one['fits'] or 'more than one 80 GB GPU'} (one device only) | | |")
-        lines.append("")
-    fits = [r.get("small_token_fit", r["model"]) for m in result["models"].values() for r in m["plan"].values()]
+        for w, row in m["plan"].items():
+            if "checkpoint" in row:
+                c = row["checkpoint"]
+                d = c["per_device_bytes"]
+                lines.append(f"| {name} | {w.removesuffix(' checkpoint (FSDP)')} | {_gb(c['gathered_gpu_bytes'])} | "
+                             f"{_gb(c['host_rank0_bytes'])} | {_gb(d['2'])} | {_gb(d['8'])} | "
+                             f"{c['fits'] or 'none of these'} |")
+    return lines if len(lines) > 2 else []
+
+
+def tables(result: dict) -> list[str]:
+    """docs/results/scale.md's lines, from the JSON. Its tables, in order: one per model (training,
+    calibration, GPTQ), the FSDP checkpoints, the whole-model check, the commit of each phase."""
+    lines = ["# Memory plan (bench/memory_at_scale.py)", "",
+             f"CPU {result['machine'].get('cpu_model')}, transformers {result['machine'].get('transformers')}; "
+             f"{result.get('seconds', '?')} s (the last run). GiB = 2^30 bytes.", ""]
+    for name, m in result["models"].items():
+        sh = m["shape"]
+        lines += [f"## {name} ({sh['layers']} layers, hidden {sh['hidden_size']}, intermediate "
+                  f"{sh['intermediate_size']}, heads {sh['num_attention_heads']}/{sh['num_key_value_heads']}, "
+                  f"vocab {sh['vocab_size']})", "", *_training_table(m["plan"]), ""]
+    ck = _checkpoint_table(result)
+    if ck:
+        lines += ["## Checkpoints under FSDP2", "", *ck, ""]
+    fits = [r.get("small_token_fit", r["model"]) for m in result["models"].values() for r in m["plan"].values()
+            if "checkpoint" not in r]
     worst = max((max(r["fixed"]["max_residual_rel"], r["block"]["max_residual_rel"]) for r in fits), default=0)
     lines.append(f"Affine fits in tokens (64, 128, 256; calibration and GPTQ 64, 256): largest residual {worst:.2e} "
-                 "of the fitted part. The last column: the whole-model peak that fit predicts at 8192 tokens against "
-                 "the blocks measured at 8192 tokens (what the plan uses).\n")
+                 "of the fitted part. The last column of the training tables: the whole-model peak that fit predicts "
+                 "at 8192 tokens against the blocks measured at 8192 tokens (what the plan uses).\n")
     if result.get("failed"):
         lines.append("**Not measured** (failed): " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()) + "\n")
     v = result["verify"]
@@ -787,39 +897,30 @@ def tables(result: dict) -> str:
                      for k, x in v.items()) + ".\n")
     wc = result.get("whole_model_check") or {}
     if wc.get("phases"):
-        lines.append(f"**Whole model check**: a {wc['layers']}-layer model at {wc['shape']['hidden_size']}/"
-                     f"{wc['shape']['intermediate_size']} widths, {wc['tokens']} tokens, real tensors, against "
-                     "the per-block extrapolation:\n")
-        lines.append("| phase | predicted GiB | measured GiB | error |")
-        lines.append("|---|---|---|---|")
+        lines += [f"**Whole model check**: a {wc['layers']}-layer model at {wc['shape']['hidden_size']}/"
+                  f"{wc['shape']['intermediate_size']} widths, {wc['tokens']} tokens, real tensors, against "
+                  "the per-block extrapolation:", "", "| phase | predicted GiB | measured GiB | error |",
+                  "|---|---|---|---|"]
         for ph, x in wc["phases"].items():
             lines.append(f"| {ph} | {x['predicted'] / GIB:.3f} | {x['measured'] / GIB:.3f} | {x['rel_error']:+.2%} |")
         lines.append("")
-    return "\n".join(lines)
+    commits = result.get("phase_commits") or {}
+    if commits:
+        lines += ["**Code measured**: each phase was measured on the code of the commit named (the provenance "
+                  "line below names the last run's).", "", "| phase | commit |", "|---|---|",
+                  *(f"| {k} | `{c}` |" for k, c in commits.items()), ""]
+    return lines
 
 
-def render(result: dict, doc: Path) -> None:
-    """Rewrite the generated part of ``doc`` (between BEGIN and END; appended when absent)."""
-    text = doc.read_text() if doc.exists() else "# Memory at scale\n\n"
-    body = f"{BEGIN}\n\n{tables(result)}\n{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + body + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    with atomic_path(doc) as tmp:
-        Path(tmp).write_text(text)
-
-
-def plot(result, path: Path) -> None:
+def figure(result):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(result["models"])
-    work = [w for w in next(iter(result["models"].values()))["plan"] if "mb1" in
-            next(iter(result["models"].values()))["plan"][w] and "+ckpt" not in w]
+    first = next(iter(result["models"].values()))["plan"]
+    work = [w for w in first if "mb1" in first[w] and "+ckpt" not in w]
     fig, ax = plt.subplots(figsize=(9, 5.5))
     x = range(len(models))
     for w in work:
@@ -833,10 +934,7 @@ def plot(result, path: Path) -> None:
     ax.set_ylabel("peak GiB on one GPU (seq 2048, micro-batch 1, no checkpointing)")
     ax.set_title("salientft memory per workflow (measured per block, extrapolated)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

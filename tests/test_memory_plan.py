@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import memory_at_scale as mas  # noqa: E402
 
-PHASES = ["load", "gift-sw output noise", "qlora (4-bit lora)"]  # with their +ckpt variants
+PHASES = ["load", "gift-sw output noise", "qlora (4-bit lora)", "checkpoint"]  # with their +ckpt variants; the FSDP saves
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
     threads = torch.get_num_threads()
     try:
-        assert mas.main(["--smoke", "--only", *PHASES, "--out", str(out), "--doc", str(out / "scale.md")]) == 0
+        assert mas.main(["--smoke", "--only", *PHASES, "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     return out, json.loads((out / "scale.json").read_text())
@@ -64,13 +64,47 @@ def test_per_block_times_layers_predicts_the_whole_model(smoke):
         assert abs(x["rel_error"]) <= 0.01, (name, x)
 
 
-def test_report_renders_from_the_json(smoke):
+def test_report_is_written_with_its_provenance_and_tables(smoke):
     out, res = smoke
     text = (out / "scale.md").read_text()
-    assert mas.BEGIN in text and mas.END in text and "### tiny" in text
-    mas.render(res, out / "scale.md")  # again: the generated part is replaced, not appended
-    assert (out / "scale.md").read_text().count(mas.BEGIN) == 1
+    assert "## tiny" in text and "## Checkpoints under FSDP2" in text and "Provenance: commit" in text
+    assert res["provenance"]["seed"] == mas.SEED and set(res["phase_commits"]) >= {"load", "gift-sw checkpoint (FSDP)"}
     assert (out / "scale.png").stat().st_size > 0
+
+
+def test_checkpoint_gathers_the_trained_columns_or_the_largest_parameter(smoke):
+    """GIFT-SW gathers all its trainable parameters at once (a small part of the model); full and
+    GMT gather parameter by parameter (the largest one) into rank 0's host, which gets everything."""
+    _, res = smoke
+    plan = res["models"]["tiny"]["plan"]
+    gift, full = plan["gift-sw checkpoint (FSDP)"]["checkpoint"], plan["full checkpoint (FSDP)"]["checkpoint"]
+    weights = res["models"]["tiny"]["measured"]["load"]["2"]
+    assert gift["gathered_gpu_bytes"] < 0.2 * full["host_rank0_bytes"]
+    assert full["host_rank0_bytes"] > 4 * gift["host_rank0_bytes"]  # fp32 weights + two AdamW states, all of them
+    shape = mas.TINY["tiny"]
+    assert full["gathered_gpu_bytes"] == shape["vocab_size"] * shape["hidden_size"] * 4  # lm_head in fp32
+    assert weights  # the load phase ran alongside
+    for n in ("2", "8"):  # sharded state plus the gathered part
+        assert gift["per_device_bytes"][n] < full["per_device_bytes"][n]
+
+
+def test_update_keeps_the_phases_not_remeasured_with_their_commits(smoke):
+    _, res = smoke
+    old = json.loads(json.dumps(res))
+    old["phase_commits"] = {k: "old0000" for k in old["phase_commits"]}
+    new = json.loads(json.dumps(res))
+    new["phase_commits"] = {"load": "new1111"}
+    for m in new["models"].values():
+        for key in ("measured", "measured_at_targets", "plan"):
+            m[key] = {k: v for k, v in m[key].items() if k == "load"}
+    new["models"]["tiny"]["plan"]["load"] = {"marker": 1}
+    new["whole_model_check"]["phases"] = {}
+    new["failed"] = {}
+    out = mas.merged(old, new)
+    assert out["phase_commits"]["load"] == "new1111" and out["phase_commits"]["gift-sw output noise"] == "old0000"
+    assert out["models"]["tiny"]["plan"]["load"] == {"marker": 1}
+    assert list(out["models"]["tiny"]["plan"]) == list(res["models"]["tiny"]["plan"])  # order kept
+    assert "gift-sw output noise" in out["whole_model_check"]["phases"] and "provenance" not in out
 
 
 def test_the_fit_decision():
@@ -86,3 +120,6 @@ def test_the_fit_decision():
     # sharded state over 4 GPUs, the rest whole, two gathered blocks of weights
     total, state = mas.predict(model, 3, 5), 8 + 3 * 80
     assert mas.per_device(model, 3, 5, 4) == state / 4 + (total - state) + 2 * 40
+    # a peak that is the state itself (no transient part) is never counted below it
+    flat = {**model, "state_after": {"fixed": 100.0, "block": 200.0}}
+    assert mas.per_device(flat, 3, 5, 4) == (100 + 3 * 200) / 4 + 2 * 40
