@@ -139,6 +139,15 @@ class ByteTracker(TorchDispatchMode):
                 self._add(t)
         self.peak = max(self.peak, self.now)
 
+    def forget(self, tensors) -> None:
+        """Stop counting the storages of ``tensors`` (moved off the device, or dropped by their owner)."""
+        self._sweep()
+        for t in tensors:
+            key = t.untyped_storage()._cdata
+            if key in self.live:
+                self.now -= self.live.pop(key)[1]
+                self._made_by.pop(key, None)
+
     def reset_peak(self) -> None:
         self._sweep()
         self.peak = self.now
@@ -219,6 +228,15 @@ def fake_mode(fake: bool):
     # at a time: host memory, and a bf16 weight on the host is read in place): no data to hash here
     saved.append((adapter, "fingerprint_of", adapter.fingerprint_of))
     adapter.fingerprint_of = lambda names, weight: "fake"
+    # transformers takes a fake tensor for a trace, and cannot read that the attention mask is all
+    # ones, so it would build the T x T causal mask that a real run skips (SDPA's is_causal): here
+    # fake tensors follow the real path (the plan's batches have no padding)
+    import transformers.masking_utils as masking
+
+    saved.append((masking, "is_tracing", masking.is_tracing))
+    masking.is_tracing = lambda tensor=None, _real=masking.is_tracing: _real(None)
+    saved.append((masking, "fast_all", masking.fast_all))
+    masking.fast_all = lambda tensor: True
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
@@ -481,6 +499,57 @@ def phase_gptq(bits, shape, layers, tokens, batch, fake) -> dict:
         return {"resident": resident, "peak": tr.peak}
 
 
+def _block_source(blocks, tracker: ByteTracker):
+    """A block source (``salientft.calibration``'s protocol) standing for
+    ``salientft.models.DiskBlocks``: ``load(i)`` gives block i new storages (read from the files onto
+    the device), ``release`` takes them off the device (dropped, or kept in host memory once
+    quantized), so the tracker counts what the GPU holds: one block at a time."""
+    from salientft.calibration import ResidentBlocks
+
+    class PlanBlocks(ResidentBlocks):
+        def load(self, i):
+            block = self.blocks[i]
+            with torch.no_grad():
+                for m in block.modules():
+                    for k, p in list(m._parameters.items()):
+                        if p is not None:
+                            m._parameters[k] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            return block
+
+        def release(self, i, block, keep=True):
+            tracker.forget(list(block.parameters()) + list(block.buffers()))
+
+    return PlanBlocks(blocks)
+
+
+def _outside_blocks(model) -> list:
+    """The tensors of the modules outside the decoder blocks (what a block-by-block run keeps on the device)."""
+    inside = {id(t) for t in (*model.model.layers.parameters(), *model.model.layers.buffers())}
+    return [t for t in (*model.parameters(), *model.buffers()) if id(t) not in inside]
+
+
+def phase_blockwise(quantize_bits, shape, layers, tokens, batch, fake) -> dict:
+    """Block by block (``open_blockwise``'s way): calibration (``sequential_activation_stats``) or,
+    given ``quantize_bits``, ``quantize(..., blocks=...)`` with GPTQ; the blocks start off the device."""
+    from salientft.calibration import sequential_activation_stats
+    from salientft.quant.model import quantize
+
+    with fake_mode(fake):
+        model = build_model(shape, layers, torch.bfloat16)
+        batches = _calibration_batches(shape, tokens, batch)
+        tr = ByteTracker(fake)
+        tr.adopt(_outside_blocks(model))
+        resident = tr.live_bytes()
+        with tr:
+            source = _block_source(model.model.layers, tr)
+            if quantize_bits is None:
+                stats = sequential_activation_stats(model, batches, blocks=source, progress=False)
+                del stats
+            else:
+                quantize(model, quantize_bits, quantizer="gptq", calibration=batches, blocks=source, progress=False)
+        return {"resident": resident, "peak": tr.peak}
+
+
 def phase_checkpoint(shape, layers, tokens, batch, fake) -> dict:
     """A GIFT-SW checkpoint (``Method.save_checkpoint``) of one process; real tensors only (it writes
     files). Under FSDP2 today's code first gathers every parameter (docs/scale.md adds that)."""
@@ -542,6 +611,8 @@ def phases() -> dict:
     out = {"load": (phase_load, "none"), "calibration": (phase_calibration, "calib")}  # calib: 2 token counts
     for b in GPTQ_BITS:
         out[f"gptq {b}-bit"] = (lambda *a, b=b: phase_gptq(b, *a), "calib")
+    out["calibration, block by block"] = (lambda *a: phase_blockwise(None, *a), "calib")
+    out["gptq 4-bit, block by block"] = (lambda *a: phase_blockwise(4, *a), "calib")
     for w in STEPS:
         out[w] = (lambda *a, w=w: phase_step(w, False, *a), "train")
         out[f"{w} +ckpt"] = (lambda *a, w=w: phase_step(w, True, *a), "train")
