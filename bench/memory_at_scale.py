@@ -237,6 +237,10 @@ def fake_mode(fake: bool):
     masking.is_tracing = lambda tensor=None, _real=masking.is_tracing: _real(None)
     saved.append((masking, "fast_all", masking.fast_all))
     masking.fast_all = lambda tensor: True
+    import salientft.gmt.strict as strict  # strict mode reads how many entries each tensor masked
+
+    saved.append((strict.StrictSnapshot, "__init__", strict.StrictSnapshot.__init__))
+    strict.StrictSnapshot.__init__ = _fake_strict_snapshot_init
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
@@ -248,6 +252,23 @@ def fake_mode(fake: bool):
                 delattr(m, name)
             else:
                 setattr(m, name, fn)
+
+
+STRICT_RATIO = {"ratio": None}  # the GMT mask ratio of the step being planned (set by prepared)
+
+
+def _fake_strict_snapshot_init(self, masked, optimizer, host=True):
+    """``gmt.strict.StrictSnapshot.__init__`` on fake tensors: the masked count of each tensor read
+    as a real run reads it (per-tensor granularity: round(ratio x numel) entries, random values
+    having no ties), the same entries gathered."""
+    from salientft.gmt.strict import _Positions, _targets
+
+    self.entries = []
+    for p, m in masked:
+        c = round(STRICT_RATIO["ratio"] * m.numel())
+        pos = _Positions(m, c)
+        if c:
+            self.entries.append((m, c, [(t, pos.gather(t)) for t in _targets(p, optimizer.state)]))
 
 
 def _first_iterations(*args):
@@ -401,6 +422,7 @@ def prepared(workflow: str, shape: dict, layers: int):
         from salientft.gmt import GradientMask
 
         mask, held = GradientMask.from_config(model, cfg.mask), {}
+        STRICT_RATIO["ratio"] = cfg.mask.ratio
 
         def mask_and_snapshot(*_):  # a step hook must return None
             held["stats"] = mask._apply_pending()  # kept until the next log, as the callback does
