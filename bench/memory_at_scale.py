@@ -839,7 +839,7 @@ def merged(old: dict, new: dict) -> dict:
     and each phase's commit kept in ``phase_commits`` (an old file without it: its provenance's)."""
     redone = set(new["phase_commits"])
     first = (old.get("provenance") or {}).get("commit") or "unknown"
-    out = {**old, "machine": new["machine"], "assumptions": new["assumptions"]}
+    out = {**old, "machine": new["machine"], "assumptions": new["assumptions"], "seconds": new.get("seconds")}
     out["phase_commits"] = {**{n: first for m in old["models"].values() for n in m["plan"]},
                             **old.get("phase_commits", {}), **new["phase_commits"]}
     out["verify"] = {**old["verify"], **new["verify"]}
