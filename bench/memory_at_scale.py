@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -569,22 +568,6 @@ def phase_blockwise(quantize_bits, shape, layers, tokens, batch, fake) -> dict:
                 del stats
             else:
                 quantize(model, quantize_bits, quantizer="gptq", calibration=batches, blocks=source, progress=False)
-        return {"resident": resident, "peak": tr.peak}
-
-
-def phase_checkpoint(shape, layers, tokens, batch, fake) -> dict:
-    """A GIFT-SW checkpoint (``Method.save_checkpoint``) of one process; real tensors only (it writes
-    files). Under FSDP2 today's code first gathers every parameter (docs/scale.md adds that)."""
-    from salientft import methods
-
-    spec = methods.get("salient")
-    with fake_mode(False):
-        torch.manual_seed(SEED)
-        model, _, _ = prepared("gift-sw", shape, layers)
-        tr = _tracked(model, False)
-        resident = tr.live_bytes()
-        with tempfile.TemporaryDirectory() as d, tr:
-            spec.save_checkpoint(model, Path(d))
         return {"resident": resident, "peak": tr.peak}
 
 

@@ -3,6 +3,7 @@ ones do, peaks are affine in tokens, per block x layers + fixed parts gives a wh
 and the fit decision picks the right setup."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -21,12 +22,28 @@ PHASES = ["load", "gift-sw output noise", "qlora (4-bit lora)", "checkpoint", "c
           "gptq 4-bit, block by block"]
 
 
+@contextlib.contextmanager
+def accelerator_paths_undone():
+    """``mas.accelerator_paths()`` (GMT's device engine, torch's noise generator) for the block only:
+    the switches and the environment variable are put back, so later tests see the defaults."""
+    import salientft.gmt.strategies as strategies
+    import salientft.ops.noise as noise
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategies, "_HOST_ENGINE_DEVICES", strategies._HOST_ENGINE_DEVICES)
+        mp.setattr(noise, "_HOST_NOISE_DEVICES", noise._HOST_NOISE_DEVICES)
+        mp.delenv("SALIENTFT_NOISE_GENERATOR", raising=False)
+        mas.accelerator_paths()
+        yield
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
     threads = torch.get_num_threads()
     try:
-        assert mas.main(["--smoke", "--only", *PHASES, "--out", str(out)]) == 0
+        with accelerator_paths_undone():
+            assert mas.main(["--smoke", "--only", *PHASES, "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     return out, json.loads((out / "scale.json").read_text())
@@ -102,6 +119,26 @@ def test_block_by_block_holds_one_block_on_the_device(smoke):
     calib = plan["calibration, block by block"]["model"]["block"]["intercept"]
     # the statistics vectors of a block's targets: 13 % of a tiny block's weights (widths 64/160), ~0.01 % of a 7B one
     assert 0 < calib < 0.25 * weights_per_block
+
+
+def test_gmt_strict_snapshot_holds_the_same_entries_on_fake_tensors(monkeypatch):
+    """Strict mode reads each tensor's masked count on the host; on fake tensors the plan answers it
+    as a real run does, so the snapshot held across the step has the real one's bytes (not empty)."""
+    from salientft.gmt.mask import GradientMask
+
+    sizes = {}
+    original = GradientMask.snapshot_
+
+    def spy(self, optimizer):
+        snap = original(self, optimizer)
+        sizes.setdefault(fake, []).append(snap.nbytes)
+        return snap
+
+    monkeypatch.setattr(GradientMask, "snapshot_", spy)
+    with accelerator_paths_undone():
+        for fake in (False, True):
+            mas.phase_step("gmt strict", False, mas.TINY["tiny"], 2, 32, 1, fake)
+    assert sizes[True] == sizes[False] and sizes[False][0] > 0
 
 
 def test_update_keeps_the_phases_not_remeasured_with_their_commits(smoke):
