@@ -88,7 +88,7 @@ CALIB = (128, 2048)  # calibration: 128 sequences of 2048 tokens (GPTQ's usual s
 FIT_TOKENS = (64, 128, 256)
 CALIB_FIT_TOKENS = (64, 256)  # GPTQ walks every column in Python: two token counts suffice for its slope
 # fake and real counts agree within this: fake runs make a few small host-side tensors differently
-# (the RNG states saved by checkpointing, a lifted constant): 16, 1024 or 7168 bytes measured
+# (the RNG states saved by checkpointing, a lifted constant): every phase measured equal (0 bytes) at a86b746
 VERIFY_TOLERANCE = 16384
 SEED = 0
 FAILED: dict[str, str] = {}  # phases that could not be measured, with the error (in the JSON)
