@@ -39,6 +39,20 @@ def random_llama(shape: dict, dtype: torch.dtype, device: str = "cpu", seed: int
     return model, tiny_tokenizer()
 
 
+def llama_built_in(shape: dict, dtype: torch.dtype, seed: int = 0):
+    """A random Llama of ``shape`` whose parameters are created in ``dtype`` (no float32 copy first,
+    which at 7B widths would double the host memory): bench/memory_at_scale.py's models, also
+    built under fake tensors. The model only (no tokenizer), in train mode as transformers makes it."""
+    from salientft.models import tiny_random_llama
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return tiny_random_llama(seed=seed, dtype=dtype, **shape).train()
+    finally:
+        torch.set_default_dtype(before)
+
+
 def load_base(model_name: str, dtype: torch.dtype, device: str = "cpu"):
     """(model, tokenizer) of a benchmark model by name, in eval mode."""
     from salientft.models import load_model
