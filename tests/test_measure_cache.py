@@ -41,6 +41,23 @@ def test_fingerprint_sees_every_byte_dtype_and_tie(tiny_model):
     assert cache.model_fingerprint(tiny_model.to(torch.bfloat16)) != fp
 
 
+def test_fingerprint_is_the_model_not_the_folder_it_was_read_from(tiny_model, tmp_path):
+    """The same weights saved to two folders (two users' cache directories) and read back have one
+    fingerprint, so a shipped entry is found wherever salientft's cache lives; a config value that
+    changes the model still changes it."""
+    from transformers import AutoModelForCausalLM
+
+    fps = []
+    for folder in ("a", "elsewhere/b"):
+        tiny_model.save_pretrained(tmp_path / folder)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder, dtype=torch.float32)
+        assert loaded.config._name_or_path.endswith(folder)
+        fps.append(cache.model_fingerprint(loaded))
+    assert fps[0] == fps[1] == cache.model_fingerprint(tiny_model)
+    loaded.config.rms_norm_eps *= 2
+    assert cache.model_fingerprint(loaded) != fps[0]
+
+
 def test_cached_computes_once_and_misses_on_any_field(measure_cache):
     calls = []
 

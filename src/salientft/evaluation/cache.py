@@ -53,13 +53,22 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes")
 
 
+# config fields that say where a model was read from, not what it is
+WHERE_FROM = ("_name_or_path", "_commit_hash")
+
+
 def model_fingerprint(model) -> str:
-    """SHA-256 of the model's class, config and every parameter and buffer (exact bytes)."""
+    """SHA-256 of the model's class, config and every parameter and buffer (exact bytes).
+
+    The config's record of where the model was read from (``_name_or_path``, ``_commit_hash``) is
+    left out: the same weights read from another folder (another user's cache directory, a copy)
+    are the same model, and must find the same entries."""
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        h.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):
+        fields = {k: v for k, v in config.to_dict().items() if k not in WHERE_FROM}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     seen = set()
     for name, t in sorted(list(model.named_parameters()) + list(model.named_buffers()), key=lambda kv: kv[0]):
         t = t.detach()
