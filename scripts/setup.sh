@@ -31,16 +31,24 @@ fi
 stamp=.venv/.salientft-installed
 want="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    # torch first and pinned, with pip: pip finds the CPU build on this machine's disk (its
-    # find-links), and an unpinned torch would pull a multi-GB CUDA build.
-    pip install -q "$(grep '^torch==' requirements/ci.txt)"
-    # The rest with uv when it installs (the same pins, resolved and installed ~5x faster than pip:
-    # ~16 s instead of ~60 s on the 2-core CI machine); torch, already there at its pin, stays.
-    # Without uv (an index that lacks it), pip does the same work.
+    # uv installs the pins ~5x faster than pip (~16 s instead of ~60 s on the 2-core CI machine);
+    # without it (an index that lacks it), pip does the same work.
     install=(pip install -q)
     if pip install -q "$(grep "^uv==" requirements/ci.txt)" >/dev/null 2>&1 && command -v uv >/dev/null; then
         install=(uv pip install -q --python "$PWD/.venv/bin/python")
     fi
+    # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. The wheel of the pin
+    # that lies in pip's find-links folder (this machine's CPU build) goes straight to the installer;
+    # otherwise pip, which looks there itself, chooses it (uv does not read pip's configuration).
+    torch_pin="$(grep '^torch==' requirements/ci.txt)"
+    tag="$(python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+    wheel=""
+    for dir in ${PIP_FIND_LINKS:-$(pip config get global.find-links 2>/dev/null || true)}; do
+        for f in "$dir"/torch-"${torch_pin#torch==}"[+-]*-"$tag"-"$tag"-*linux*_"$(uname -m)".whl; do
+            [ -f "$f" ] && wheel="$f" && break 2
+        done
+    done
+    if [ -n "$wheel" ]; then "${install[@]}" "$wheel"; else pip install -q "$torch_pin"; fi
     "${install[@]}" -r requirements/ci.txt
     "${install[@]}" --no-deps -e .
     if [ -f requirements/lmeval.txt ]; then "${install[@]}" -r requirements/lmeval.txt; fi
