@@ -238,19 +238,7 @@ def collect_activation_stats(
     except StopIteration:
         device = torch.device("cpu")
     state = _HookState()
-    accs = {n: _Accumulator(in_features_of(m), device, hessian) for n, m in targets.items()}
-    handles = [m.register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True) for n, m in targets.items()]
-    by_module: dict[str, list[str]] = {}
-    for name in experts:
-        module, _, proj = name.rpartition(".")
-        by_module.setdefault(module, []).append(proj)
-    for module_name, projs in by_module.items():
-        module = model.get_submodule(module_name)
-        for proj in projs:
-            w = expert_weight(module, proj)
-            for e in range(w.shape[0]):
-                accs[f"{module_name}.{proj}.{e}"] = _Accumulator(w.shape[2], device, hessian)
-        handles.append(module.register_forward_hook(_make_experts_hook(module_name, accs, state), with_kwargs=True))
+    accs, handles, by_module = _stat_hooks(model, targets, experts, device, hessian, state)
     runner = _backbone(model, [*targets, *by_module])
     was_training = model.training
     model.eval()
@@ -716,13 +704,12 @@ def sequential_activation_stats(
     return out
 
 
-def _block_stats(model, block, names, experts, hidden, calls, batches, hessian, device) -> dict:
-    """One pass of the calibration batches through one block with the statistics hooks of its
-    targets; the block's outputs under ``"__outputs__"``."""
-    state = _HookState()
-    accs = {n: _Accumulator(in_features_of(model.get_submodule(n)), device, hessian) for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True)
-               for n in names]
+def _stat_hooks(model, targets: dict, experts, device, hessian, state):
+    """The statistics hooks of ``targets`` (name -> module, one accumulator each) and of the fused
+    expert projections ``experts`` (one accumulator per expert, one forward hook per experts
+    module): ``(accumulators, hook handles, {experts module: [projections]})``."""
+    accs = {n: _Accumulator(in_features_of(m), device, hessian) for n, m in targets.items()}
+    handles = [m.register_forward_pre_hook(_make_hook(n, accs[n], state), with_kwargs=True) for n, m in targets.items()]
     by_module: dict[str, list[str]] = {}
     for name in experts:
         module, _, proj = name.rpartition(".")
@@ -734,6 +721,14 @@ def _block_stats(model, block, names, experts, hidden, calls, batches, hessian, 
             for e in range(w.shape[0]):
                 accs[f"{module_name}.{proj}.{e}"] = _Accumulator(w.shape[2], device, hessian)
         handles.append(module.register_forward_hook(_make_experts_hook(module_name, accs, state), with_kwargs=True))
+    return accs, handles, by_module
+
+
+def _block_stats(model, block, names, experts, hidden, calls, batches, hessian, device) -> dict:
+    """One pass of the calibration batches through one block with the statistics hooks of its
+    targets; the block's outputs under ``"__outputs__"``."""
+    state = _HookState()
+    accs, handles, _ = _stat_hooks(model, {n: model.get_submodule(n) for n in names}, experts, device, hessian, state)
     outputs = []
     try:
         for hs, (args, kw), batch in zip(hidden, calls, batches):
