@@ -657,8 +657,14 @@ def text_perplexity(model, ids, batch_size: int = 4) -> float:
 
 
 def spec_for(qs: QuantSetting, name: str, bits: int) -> dict:
-    return {"part": "quantize", "method": name, "bits": bits, "salient_fraction": SALIENT_FRACTION,
+    """The cache key of one quantized model: its settings and, for a quantized one, the version of the
+    code that decides its integers (salientft.quant.fingerprint), so that a change to that code
+    quantizes again instead of quoting a model the code no longer makes."""
+    from salientft.quant.fingerprint import code_version
+
+    spec = {"part": "quantize", "method": name, "bits": bits, "salient_fraction": SALIENT_FRACTION,
             "samples": qs.samples, "seq_len": qs.seq_len, "text_tokens": qs.text_tokens}
+    return spec if name == "bf16" else {**spec, "quant_code": code_version()}
 
 
 def saved_dir(preset: Preset, qs: QuantSetting, bits: int) -> Path:
@@ -698,7 +704,9 @@ def measure_quantized(model, tok, preset: Preset, qs: QuantSetting, bits: int, s
     train()'s measurements (held-out loss, six-task evaluation)."""
     from salientft.quant.model import model_bytes, target_bytes
 
-    return {"bits": bits, "quantize_seconds": round(seconds, 1),
+    from salientft.quant.fingerprint import quantized_fingerprint
+
+    return {"bits": bits, "quantize_seconds": round(seconds, 1), "fingerprint": quantized_fingerprint(model) or None,
             "text_ppl": text_perplexity(model, text_ids(tok, qs.text_tokens)),
             "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **model_metrics(model, tok, preset)}
 
