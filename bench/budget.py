@@ -184,7 +184,8 @@ def _flag(preset: S.Preset) -> str:
 
 def _time(e: dict) -> str:
     """An entry's machine time: hours from 90 minutes up (as docs/RESULTS.md quotes its ``hours``)."""
-    return f"{e['hours']:.1f} h" if e["minutes"] >= 90 else f"{e['minutes']:.0f} min"
+    minutes = e["minutes"]
+    return f"{e['hours']:.1f} h" if minutes >= 90 else f"{minutes:.0f} min" if minutes >= 10 else f"{minutes:.1f} min"
 
 
 def _range(e: dict) -> str:
@@ -208,7 +209,7 @@ def markdown(r: dict) -> list[str]:
         s = r["speed"]
         lines.append("| speed | `bench/step.py --model smollm2-135m`, `bench/scaling.py` | - | "
                      + ", ".join(f"{k}.py {v:.1f} min" for k, v in s["minutes"].items())
-                     + f" (wall clock) | {s['total_minutes']:.0f} min |")
+                     + f" (wall clock) | {_time({'minutes': s['total_minutes'], 'hours': 0})} |")
     t = r["total"]
     lines += [f"| all runs | `bench/suite.py{flag}` | {t['runs']} | | {_time(t) if t['runs'] else '-'} |",
               "", "Kinds of run: " + "; ".join(f"**{SHORT[k]}**: {label}" for k, (label, _) in KINDS.items()) + ".", "",

@@ -194,7 +194,7 @@ def test_main_writes_the_report_through_the_harness(tmp_path):
     assert data["preset"] == "smoke" and data["command"] == "bench/budget.py --smoke" and "provenance" in data
     assert data["parts"]["quality"]["kinds"]["evaluated"]["max_minutes"] == 3.0 and data["total"]["runs"] == 3
     md = (tmp_path / "budget.md").read_text()
-    assert "| quality | `bench/quality.py --smoke` | 3 | 1 base, 2 evaluated | 6 min |" in md
+    assert "| quality | `bench/quality.py --smoke` | 3 | 1 base, 2 evaluated | 6.0 min |" in md
     assert "| quality | evaluated | 2 | 2.0-3.0 | 5 | gift-sw 2.0-3.0 |" in md
     assert md.rstrip().splitlines()[-1].startswith("Provenance: commit")
 
