@@ -197,9 +197,9 @@ def markdown(r: dict) -> list[str]:
     flag = _flag(S.PRESETS[r["preset"]])
     lines = [f"# Machine time of the `{r['preset']}` preset (bench/budget.py)", "",
              f"Command: `.venv/bin/python {r['command']}`. The sum of the seconds each cached run in "
-             f"`{r['runs_dir']}` recorded (training, calibration, held-out loss and evaluation; the machine the "
-             "runs record in their `provenance`, or the report's), not the wall-clock time of the sittings, "
-             "which ran parts side by side at times.", "",
+             f"`{r['runs_dir']}` recorded (training, calibration, held-out loss and evaluation, on the threads "
+             "and beside the load of its sitting), not the wall-clock time of the sittings, which ran parts "
+             "side by side at times.", "",
              "| part | command | runs | of which | machine time |", "|---|---|---|---|---|"]
     for part, e in r["parts"].items():
         kinds = ", ".join(f"{k['runs']} {SHORT[name]}" for name, k in e["kinds"].items())
