@@ -145,8 +145,9 @@ def run_key(preset: Preset, spec: dict) -> str:
 class Runs:
     """The cache of one preset's finished runs, plus the wall-clock budget of this invocation."""
 
-    def __init__(self, preset: Preset, out: Path, max_minutes: float = 45.0):
+    def __init__(self, preset: Preset, out: Path, max_minutes: float = 45.0, part: str | None = None):
         self.preset, self.dir = preset, out / "runs" / preset.name
+        self.part = part  # the part (bench/<part>.py) running: recorded in each new record, not in its key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + 60 * max_minutes
         self.skipped: list[str] = []
@@ -192,6 +193,8 @@ class Runs:
                "result": result, "seconds": round(time.time() - t0, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit(),
                "provenance": provenance(self.preset.dtype, spec.get("seed"))}
+        if self.part is not None:  # which part ran it (bench/budget.py); outside spec, which the key hashes
+            rec["part"] = self.part
         write_json(self.path(spec), rec)
         return rec
 
@@ -711,14 +714,15 @@ def measure_quantized(model, tok, preset: Preset, qs: QuantSetting, bits: int, s
             "target_bytes": target_bytes(model), "model_bytes": model_bytes(model), **model_metrics(model, tok, preset)}
 
 
-def quant_args(doc: str, argv=None):
-    """(args, preset, out, quant setting, runs) of a quantization part (--bits and the suite's flags)."""
+def quant_args(doc: str, argv=None, part: str | None = None):
+    """(args, preset, out, quant setting, runs) of a quantization part (--bits and the suite's flags);
+    ``part``: the script's name, recorded in its runs."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_common_args(p)
     p.add_argument("--bits", type=int, nargs="+", default=None)
     args = p.parse_args(argv)
     preset, out = resolve(args)
-    return args, preset, out, QUANT[preset.name], Runs(preset, out, args.max_minutes)
+    return args, preset, out, QUANT[preset.name], Runs(preset, out, args.max_minutes, part)
 
 
 def ensure_saved(runs: Runs, qs: QuantSetting, bits: int) -> Path:

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     args = p.parse_args(argv)
     preset, out = S.resolve(args)
-    runs = S.Runs(preset, out, args.max_minutes)
+    runs = S.Runs(preset, out, args.max_minutes, part="ablations")
     base = runs.baseline()
     rank = S.lora_rank_matching_gift(preset.model)[0] if "lora_lr" in args.groups else None
     groups = {}

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     S.add_common_args(p)
     args = p.parse_args(argv)
     preset, out = S.resolve(args)
-    runs = S.Runs(preset, out, args.max_minutes)
+    runs = S.Runs(preset, out, args.max_minutes, part="noise_scale")
     lrs = tuned_lrs(runs)
     table = variants(lrs)
     records: dict[str, list] = {label: [] for label in table}

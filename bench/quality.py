@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     preset, out = S.resolve(args)
-    runs = S.Runs(preset, out, args.max_minutes)
+    runs = S.Runs(preset, out, args.max_minutes, part="quality")
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
     base = runs.baseline()
     grid = choose_lrs(runs, args.methods, preset.seeds[0], rank) if args.lr_grid else None

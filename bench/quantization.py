@@ -27,7 +27,7 @@ parse_args = S.quant_args
 
 
 def main(argv=None) -> int:
-    args, preset, out, qs, runs = parse_args(__doc__, argv)
+    args, preset, out, qs, runs = parse_args(__doc__, argv, part="quantization")
     base = runs.get(spec_for(qs, "bf16", 16), lambda: quantize_one(preset, qs, "bf16", 16))
     rows = []
     for bits in args.bits or qs.bits:

@@ -89,7 +89,7 @@ def quantize_trained(preset: S.Preset, qs: S.QuantSetting, adapter: Path, bits: 
 
 
 def main(argv=None) -> int:
-    args, preset, out, qs, runs = S.quant_args(__doc__, argv)
+    args, preset, out, qs, runs = S.quant_args(__doc__, argv, part="quantize_order")
     bits_list = args.bits or list(qs.bits)
     rank = S.lora_rank_matching_gift(preset.model)[0]
     lrs = S.recovery_lrs(runs, rank)

@@ -37,7 +37,7 @@ tuned_lrs = S.recovery_lrs  # the rates quality's grid chose for each method's f
 
 
 def main(argv=None) -> int:
-    args, preset, out, qs, runs = S.quant_args(__doc__, argv)
+    args, preset, out, qs, runs = S.quant_args(__doc__, argv, part="recovery")
     rank, gift_count = S.lora_rank_matching_gift(preset.model)
     lrs = tuned_lrs(runs, rank)
     table = []
