@@ -62,6 +62,9 @@ def markdown(r: dict) -> list[str]:
         lines.append(f"| {row['bits']} | {row['method']} | {row['text_ppl']:.2f} | {S.ppl(row['heldout_loss_after']):.3f} | "
                      f"{S.fmt(row['paper_avg'], scale=100)} | {row['target_bytes'] / mb:.1f} | {row['model_bytes'] / mb:.1f} | "
                      f"{row['quantize_seconds']} |")
+    prints = [f"{row['bits']} bits {row['method']} `{row['fingerprint']}`" for row in r["rows"] if row.get("fingerprint")]
+    if prints:  # bench/recovery.py and bench/quant_threads.py record the same for the models they start from
+        lines += ["", "Quantized models (salientft.quant.fingerprint): " + "; ".join(prints) + "."]
     lines += ["", "![quantization](quantization.png)"]
     return lines
 
