@@ -73,7 +73,10 @@ def markdown(r: dict, preset) -> list[str]:
     lr_text = ("each method at its tuned rate (below)" if r.get("learning_rates")
                else "each method's default learning rate")
     lines += S.setting_lines(preset, ".venv/bin/python " + r["command"], r["incomplete"], lr_text)
-    lines += [f"Start: GPTQ with 16-bit salient columns (bench/quantization.py). LoRA rank {r['lora_rank']} "
+    starts = ", ".join(f"{e['bits']} bits `{e['quantized']['fingerprint']}`" for e in r["rows"]
+                       if e["quantized"] and e["quantized"].get("fingerprint"))
+    lines += ["Start: GPTQ with 16-bit salient columns (bench/quantization.py"
+              + (f"; models {starts}" if starts else "") + f"). LoRA rank {r['lora_rank']} "
               f"(GIFT-SW trains {r['gift_trainable']:,} weights). Text ppl: SciQ support paragraphs; chat ppl: "
               "held-out chats; six-task average in %." + (" Learning rates (chosen by bench/quality.py's grid): " + ", ".join(
                   f"{m} {lr:g}" for m, lr in r["learning_rates"].items()) + "." if r.get("learning_rates") else ""), "",
