@@ -57,7 +57,7 @@ def main() -> int:
                             dtype=config.training_method.master_dtype(config))
     held = load_conversations(config.data, split="heldout", limit=200, seed=0)  # as train() does
     held_ds = dataset_from_conversations(held, tok, max_length=config.max_length)
-    fp = cache.model_fingerprint(model)
+    fp = cache.ModelFingerprint(model)
     # the entries go to a fresh folder (not the user's cache), then replace DEST whole
     measures = tmp / "measures"
     orig_root = cache.cache_root
@@ -76,7 +76,7 @@ def main() -> int:
     shutil.copytree(measures, DEST)
     import torch
 
-    write_manifest(DEST, model_fingerprint=fp, torch=torch.__version__, heldout_loss=loss,
+    write_manifest(DEST, model_fingerprint=fp.value, torch=torch.__version__, heldout_loss=loss,
                    paper_avg=report["paper_avg"])
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"held-out loss {loss:.4f}, six-task average {report['paper_avg']:.4f}; wrote "

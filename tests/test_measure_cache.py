@@ -58,6 +58,96 @@ def test_fingerprint_is_the_model_not_the_folder_it_was_read_from(tiny_model, tm
     assert cache.model_fingerprint(loaded) != fps[0]
 
 
+def per_tensor_fingerprint(model) -> str:
+    """The fingerprint as first written (one host copy per tensor): the shipped entries' keys."""
+    import hashlib
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in cache.WHERE_FROM}
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    seen = set()
+    for name, t in sorted(list(model.named_parameters()) + list(model.named_buffers()), key=lambda kv: kv[0]):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:
+            h.update(b"tied")
+            continue
+        seen.add(key)
+        h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def test_staged_hashing_is_the_per_tensor_digest_in_few_transfers(tiny_model, monkeypatch):
+    """Weights on an accelerator reach the host packed in a staging buffer: the digest is the
+    per-tensor one (old keys still found) whatever the buffer's size, tensors split across buffers
+    included, and the transfers are one per buffer filled, not one per tensor. The staging path is
+    forced on the CPU here (``stage_host``)."""
+    streams = []
+    real = cache._Stream
+
+    def spy(*a, **kw):
+        streams.append(real(*a, **kw))
+        return streams[-1]
+
+    monkeypatch.setattr(cache, "_Stream", spy)
+    tiny_model.lm_head.weight = tiny_model.model.embed_tokens.weight  # tied: hashed once, named twice
+    ref = per_tensor_fingerprint(tiny_model)
+    assert cache.model_fingerprint(tiny_model) == ref and streams[-1].transfers == 0  # host: read in place
+    tensors = [t for _, t in cache._tensors(tiny_model) if t is not None]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    assert len(tensors) > 10
+    for chunk in (total, total // 3 + 1, 1000):  # one buffer; three; tensors cut across many
+        assert cache.model_fingerprint(tiny_model, chunk_bytes=chunk, stage_host=True) == ref
+        assert streams[-1].transfers == -(-total // chunk)
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1
+    assert cache.model_fingerprint(tiny_model, chunk_bytes=1000, stage_host=True) == per_tensor_fingerprint(tiny_model) != ref
+
+
+def test_weights_are_read_only_when_an_entry_could_match(measure_cache, tiny_model, monkeypatch):
+    """The weights' bytes (the costly part of a key) are read at most once per fingerprint object,
+    and before measuring only when an entry with the same cheap probe (settings, code, the model's
+    class, config, tensor names, dtypes, shapes) exists; a single changed weight still misses."""
+    events = []
+    real = cache.model_fingerprint
+    monkeypatch.setattr(cache, "model_fingerprint", lambda m, **kw: events.append("weights") or real(m, **kw))
+
+    def measure(v):
+        return lambda: events.append("measure") or v
+
+    fp = cache.ModelFingerprint(tiny_model)
+    assert cache.cached("eval", {"model": fp, "limit": 2}, measure(1)) == (1, False)
+    assert events == ["measure", "weights"]  # nothing could match: measured first, read to key the entry
+    assert cache.cached("heldout", {"model": fp, "examples": "x"}, measure(2)) == (2, False)
+    assert events == ["measure", "weights", "measure"]  # the same run's other measure: not read again
+    [entry] = measure_cache.glob("eval-*.json")
+    assert entry.name == f"eval-{cache.probe_for('eval', {'model': fp, 'limit': 2})}-{cache.key_for('eval', {'model': fp, 'limit': 2})}.json"
+
+    def run(fields, v):
+        events.clear()
+        return cache.cached("eval", {"model": cache.ModelFingerprint(tiny_model), **fields}, measure(v))
+
+    assert run({"limit": 3}, 3) == (3, False) and events == ["measure", "weights"]  # another setting
+    assert run({"limit": 2}, 4) == (1, True) and events == ["weights"]  # a possible match: read once, a hit
+    with torch.no_grad():
+        w = tiny_model.model.layers[1].mlp.down_proj.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))  # one ulp: the same probe
+    assert run({"limit": 2}, 5) == (5, False) and events == ["weights", "measure"]
+    assert run({"limit": 2}, 6) == (5, True) and events == ["weights"]
+
+
+def test_format_1_entries_are_ignored_never_misread(measure_cache, tiny_model):
+    """A file of the layout before the probe (``<kind>-<key>.json``, format 1), even of the very
+    same key, is measured again."""
+    fields = {"model": cache.ModelFingerprint(tiny_model), "limit": 2}
+    key = cache.key_for("eval", fields)
+    measure_cache.mkdir(parents=True)
+    (measure_cache / f"eval-{key}.json").write_text(json.dumps({"format": 1, "key": key, "kind": "eval", "value": 9}))
+    assert cache.cached("eval", fields, lambda: 1) == (1, False)
+    assert cache.cached("eval", fields, lambda: 2) == (1, True)
+
+
 def test_cached_computes_once_and_misses_on_any_field(measure_cache):
     calls = []
 
@@ -122,14 +212,19 @@ def test_train_reads_its_unchanged_base_from_the_cache(tmp_path, measure_cache, 
         return real(*a, **kw)
 
     monkeypatch.setattr(evaluation, "evaluate", counting)
+    reads = []  # the weights' bytes are read once per run, for both measures
+    real_fp = cache.model_fingerprint
+    monkeypatch.setattr(cache, "model_fingerprint", lambda m, **kw: reads.append(1) or real_fp(m, **kw))
     cfg = tiny_config(tmp_path, eval_limit=2)
     first = train_mod.train(cfg)
+    assert len(reads) == 1
     before_file = (Path(cfg.output) / "eval_before.json").read_text()
     samples = (Path(cfg.output) / "eval_before.samples.jsonl").read_text()
     assert len(calls) == 2 and not first["eval_before"].get("from_cache")
     assert {p.name.split("-")[0] for p in measure_cache.iterdir()} == {"eval", "heldout"}
     second = train_mod.train(cfg, overwrite=True)
     assert len(calls) == 3  # only "after" evaluated
+    assert len(reads) == 2
     assert second["eval_before"]["from_cache"] is True
     assert second["eval_before"]["results"] == first["eval_before"]["results"]
     assert second["heldout_loss_before"] == first["heldout_loss_before"]  # bit for bit
@@ -138,6 +233,7 @@ def test_train_reads_its_unchanged_base_from_the_cache(tmp_path, measure_cache, 
     # another limit is another measurement
     train_mod.train(tiny_config(tmp_path, eval_limit=3), overwrite=True)
     assert calls[-2:] == [3, 3]
+    assert len(reads) == 3
 
 
 def test_the_quick_starts_shipped_measures_are_current():
@@ -159,3 +255,7 @@ def test_the_quick_starts_shipped_measures_are_current():
     assert manifest["code"] == qm.code_versions(), "stale: rerun scripts/quickstart_measures.py"
     assert manifest["entries"] == sorted(p.name for p in qm.DEST.glob("*.json"))
     assert {e.split("-")[0] for e in manifest["entries"]} == {"eval", "heldout"}
+    for name in manifest["entries"]:  # in the current layout, else never read
+        entry = json.loads((qm.DEST / name).read_text())
+        assert entry["format"] == cache.FORMAT and name == f"{entry['kind']}-{entry['probe']}-{entry['key']}.json", \
+            f"{name}: an older layout: rerun scripts/quickstart_measures.py"

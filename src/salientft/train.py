@@ -174,7 +174,7 @@ def _measure_before(config: TrainConfig, model, tokenizer, data: _Data, device: 
     base_fp = None
     if cache.enabled():
         cache.seed_from(os.environ.get("SALIENTFT_MEASURE_SEED"))
-        base_fp = cache.model_fingerprint(model)
+        base_fp = cache.ModelFingerprint(model)  # read at most once, only when an entry is read or written
     result["heldout_loss_before"] = heldout_loss(model, data.held_ds, data.collator, fingerprint=base_fp)
     before = _measure_eval(model, tokenizer, config, fingerprint=base_fp) if config.eval_tasks else None
     return result, before
