@@ -527,6 +527,21 @@ def test_the_manifest_decides_what_is_salientft_s(tmp_path):
     assert listed(tmp_path) == set()
 
 
+def test_one_sweeper_serves_checkpoints_and_shared_folders(tmp_path):
+    """``remove_temporaries`` (a checkpoint: every temporary goes) and ``outputs.remove_stale`` (a
+    folder shared with a user: only temporaries of names salientft listed, ``only`` one of them)
+    are one sweep with another ownership test."""
+    from salientft.outputs import MANIFEST, record, remove_stale
+
+    record(tmp_path, "a", "b")
+    for name in (".a.abcdefgh.tmp", ".b.abcdefgh.tmp", ".c.abcdefgh.tmp", "plain.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in remove_stale(tmp_path, only="b")] == [".b.abcdefgh.tmp"]
+    assert [p.name for p in remove_stale(tmp_path)] == [".a.abcdefgh.tmp"]
+    assert [p.name for p in remove_temporaries(tmp_path)] == [".c.abcdefgh.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "plain.txt"]
+
+
 def test_a_killed_folder_write_is_recognised_and_cleaned(tmp_path):
     """quantize/export write their folder through a hidden temporary sibling that holds a manifest
     from its first moment: a killed write leaves it behind, and the next write of that folder

@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -86,28 +86,55 @@ def _test_delay() -> None:
 
 def is_temporary(name: str) -> bool:
     """Whether a file name is a leftover of an atomic write (``.<name>.<random>.tmp``, ``.<name>.old``)."""
-    return bool(_TEMPORARY.fullmatch(name) or _OLD.fullmatch(name))
+    return temporary_target(name) is not None
 
 
-def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+def temporary_target(name: str) -> str | None:
+    """``<name>`` of a temporary ``.<name>.<random>.tmp`` / ``.<name>.old``; None for other names."""
+    if _TEMPORARY.fullmatch(name):
+        return name[1:-len(".xxxxxxxx.tmp")]
+    old = _OLD.fullmatch(name)
+    return old["name"] if old else None
+
+
+def remove_entry(p: Path) -> None:
+    """Delete a file, link or folder (a link, never what it points to); nothing if absent."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def sweep_temporaries(directory: str | os.PathLike,
+                      ours: Callable[[Path, str], bool] = lambda entry, target: True) -> list[Path]:
     """Delete what killed atomic writes left in ``directory`` (not below it); returns what went.
 
-    A ``.<name>.old`` whose ``<name>`` is missing (killed between the two renames of
-    ``atomic_dir``) is the previous complete folder: it is put back rather than deleted.
+    Only the temporaries ``ours(entry, target)`` accepts (``target``: the ``<name>`` it was the
+    temporary of) are touched: a checkpoint folder is salientft's whole, a folder shared with a
+    user only for the names salientft wrote (``outputs.remove_stale``). A ``.<name>.old`` whose
+    ``<name>`` is missing (killed between the two renames of ``atomic_dir``) is the previous
+    complete folder: it is put back rather than deleted.
     """
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in sorted(directory.iterdir()):
-        old = _OLD.fullmatch(p.name)
-        if old and not (directory / old["name"]).exists():
-            os.replace(p, directory / old["name"])
+        target = temporary_target(p.name)
+        if target is None or not ours(p, target):
             continue
-        if is_temporary(p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            removed.append(p)
+        if _OLD.fullmatch(p.name) and not (directory / target).exists():
+            os.replace(p, directory / target)
+            continue
+        remove_entry(p)
+        removed.append(p)
     return removed
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Every temporary of a killed atomic write in ``directory``, a folder only salientft writes
+    (a checkpoint): :func:`sweep_temporaries` of all names."""
+    return sweep_temporaries(directory)
 
 
 def check_writable(path: str | os.PathLike, kind: str = "file", flag: str = "--output") -> None:

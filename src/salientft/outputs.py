@@ -27,12 +27,13 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ._io import atomic_dir, atomic_path, check_writable, is_temporary
+from ._io import atomic_dir, atomic_path, check_writable, sweep_temporaries
+from ._io import remove_entry as _delete
+from ._io import temporary_target as _temporary_target
 
 MANIFEST = ".salientft-manifest.json"
 LOCK = ".salientft.lock"
@@ -101,16 +102,6 @@ def forget(folder: str | os.PathLike, *names: str) -> None:
             _write_manifest(folder, have - set(names))
 
 
-def _temporary_target(name: str) -> str | None:
-    """``<name>`` of a temporary ``.<name>.<random>.tmp`` / ``.<name>.old``; None for other names."""
-    if not is_temporary(name):
-        return None
-    stem = name[1:]
-    if stem.endswith(".old"):
-        return stem[: -len(".old")]
-    return stem[: -len(".xxxxxxxx.tmp")]
-
-
 def _holds_manifest(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
 
@@ -131,34 +122,21 @@ def foreign(folder: str | os.PathLike, known: set[str] | None = None) -> list[st
     return sorted(p.name for p in folder.iterdir() if not _ours(folder, p.name, names))
 
 
-def _delete(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-
-
 def remove_stale(folder: str | os.PathLike, only: str | None = None) -> list[Path]:
     """Delete what killed atomic writes of salientft's entries left in ``folder`` (one level);
     ``only``: just the temporaries of that name. A ``.<name>.old`` whose ``<name>`` is missing
     (killed between the two renames of an atomic folder swap) is put back. Returns what went."""
     folder = Path(folder)
-    removed: list[Path] = []
     if not folder.is_dir():
-        return removed
+        return []
     names = listed(folder) or set()
-    for p in sorted(folder.iterdir()):
-        target = _temporary_target(p.name)
-        if target is None or (only is not None and target != only):
-            continue
-        if not (target in names or target in INTERNAL or _holds_manifest(p)):
-            continue  # not ours: a user's file that happens to look like a temporary
-        if p.name.endswith(".old") and not (folder / target).exists():
-            os.replace(p, folder / target)
-            continue
-        _delete(p)
-        removed.append(p)
-    return removed
+
+    def ours(entry: Path, target: str) -> bool:  # else a user's file that happens to look like a temporary
+        if only is not None and target != only:
+            return False
+        return target in names or target in INTERNAL or _holds_manifest(entry)
+
+    return sweep_temporaries(folder, ours)
 
 
 def clear(folder: str | os.PathLike) -> None:
