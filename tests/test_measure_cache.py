@@ -100,6 +100,21 @@ def test_staged_hashing_is_the_per_tensor_digest_in_few_transfers(tiny_model, mo
     for chunk in (total, total // 3 + 1, 1000):  # one buffer; three; tensors cut across many
         assert cache.model_fingerprint(tiny_model, chunk_bytes=chunk, stage_host=True) == ref
         assert streams[-1].transfers == -(-total // chunk)
+    real_empty = torch.empty
+
+    def full_device(size, **kw):  # no room for a third of the model: smaller buffers, more transfers
+        if size > total // 3:
+            raise torch.OutOfMemoryError("full")
+        return real_empty(size, **kw)
+
+    monkeypatch.setattr(torch, "empty", full_device)
+    monkeypatch.setattr(cache, "MIN_STAGING", 1000)
+    assert cache.model_fingerprint(tiny_model, chunk_bytes=total, stage_host=True) == ref
+    assert streams[-1].transfers == -(-total // (total // 4))
+    monkeypatch.setattr(cache, "MIN_STAGING", total)  # the floor reached: the device's error stands
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.model_fingerprint(tiny_model, chunk_bytes=total, stage_host=True)
+    monkeypatch.setattr(torch, "empty", real_empty)
     with torch.no_grad():
         tiny_model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1
     assert cache.model_fingerprint(tiny_model, chunk_bytes=1000, stage_host=True) == per_tensor_fingerprint(tiny_model) != ref

@@ -69,6 +69,7 @@ WHERE_FROM = ("_name_or_path", "_commit_hash")
 
 
 CHUNK_BYTES = 256 << 20  # staging buffer per device: a 7B bf16 model crosses to the host in ~56 copies
+MIN_STAGING = 1 << 20  # ... or smaller, down to this, on a device too full for it
 
 
 def _describe(model) -> bytes:
@@ -96,6 +97,18 @@ def _tensors(model) -> list[tuple[bytes, torch.Tensor | None]]:
         seen.add(key)
         out.append((header, t if t.numel() else None))
     return out
+
+
+def _staging(size: int, device: torch.device) -> torch.Tensor:
+    """A staging buffer of ``size`` bytes on ``device``; halved while the device is too full for
+    it (down to ``MIN_STAGING``: more transfers, the same digest)."""
+    while True:
+        try:
+            return torch.empty(size, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            if size <= MIN_STAGING:
+                raise
+            size //= 2
 
 
 class _Stream:
@@ -127,7 +140,7 @@ class _Stream:
             self.flush()
             self.buf = None
         if self.buf is None:
-            self.buf = torch.empty(min(self.chunk, self.left[flat.device]), dtype=torch.uint8, device=flat.device)
+            self.buf = _staging(min(self.chunk, self.left[flat.device]), flat.device)
         pos, n = 0, flat.numel()
         while pos < n:
             if self.used == self.buf.numel():
