@@ -115,3 +115,16 @@ def embedded_fp32():
     from salientft.models import load_model
 
     return load_model("smollm2-135m", dtype="fp32", device=TEST_DEVICE)
+
+
+@pytest.fixture
+def docs_copy(tmp_path):
+    """README.md and docs/ (results JSON included, figures and run caches left out) in a scratch
+    folder: tests that change a results file under a quoted figure edit this copy, never the repo."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "README.md", tmp_path / "README.md")
+    shutil.copytree(root / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "runs", "*.jsonl"))
+    return tmp_path

@@ -5,7 +5,6 @@ machine-time figures turn red when a budget changes under them."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -199,16 +198,11 @@ def test_main_writes_the_report_through_the_harness(tmp_path):
     assert md.rstrip().splitlines()[-1].startswith("Provenance: commit")
 
 
-def _docs_copy(tmp_path: Path) -> Path:
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "runs", "*.jsonl"))
-    return tmp_path
 
-
-def test_results_md_budget_figures_turn_red_when_a_budget_changes(tmp_path):
+def test_results_md_budget_figures_turn_red_when_a_budget_changes(docs_copy):
     import render_docs as R
 
-    root = _docs_copy(tmp_path)
+    root = docs_copy
     assert R.check(root) == []
     f = root / "docs/results/paper500/budget.json"
     data = json.loads(f.read_text())

@@ -4,7 +4,6 @@ as written there; a changed results file, a missing one or a stale region turns 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,15 +26,9 @@ def test_the_documents_use_both_mechanisms():
     assert len(list(R.REFERENCE.finditer(text))) >= 20
 
 
-def _copy(tmp_path: Path) -> Path:
-    """The documents and the results JSON files they read, in a scratch repository."""
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("*.png", "runs", "*.jsonl"))
-    return tmp_path
 
-
-def test_changing_a_results_file_under_a_quoted_figure_turns_the_check_red(tmp_path):
-    root = _copy(tmp_path)
+def test_changing_a_results_file_under_a_quoted_figure_turns_the_check_red(docs_copy):
+    root = docs_copy
     assert R.check(root) == []
     # a value inside a rendered region (and quoted inline): 4-bit GIFT-SW recovery's lower end
     f = root / R.PAIRED
@@ -51,8 +44,8 @@ def test_changing_a_results_file_under_a_quoted_figure_turns_the_check_red(tmp_p
     assert problems and all("out of date" not in p for p in problems) and all("quotes" in p for p in problems)
 
 
-def test_a_benchmark_report_changed_under_a_copied_table_turns_the_check_red(tmp_path):
-    root = _copy(tmp_path)
+def test_a_benchmark_report_changed_under_a_copied_table_turns_the_check_red(docs_copy):
+    root = docs_copy
     report = root / "docs" / "results" / "quantization.md"
     text = report.read_text()
     assert "| 3 | gptq+salient | 35.11 |" in text
