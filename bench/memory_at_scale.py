@@ -491,33 +491,34 @@ def _calibration_batches(shape, tokens, batch):
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
 
 
-def phase_calibration(shape, layers, tokens, batch, fake) -> dict:
-    """GIFT-SW's calibration: activation statistics of every target over the batches."""
-    from salientft.calibration import collect_activation_stats
-
+def _whole_model_phase(work, shape, layers, tokens, batch, fake) -> dict:
+    """Bytes resident and at peak while ``work(model, batches)`` runs on the whole bf16 model,
+    resident on the device, with the calibration batches (what it returns is dropped at once)."""
     with fake_mode(fake):
         model = build_model(shape, layers, torch.bfloat16)
         batches = _calibration_batches(shape, tokens, batch)
         tr = _tracked(model, fake)
         resident = tr.live_bytes()
         with tr:
-            stats = collect_activation_stats(model, batches, progress=False)
-            del stats
+            work(model, batches)
         return {"resident": resident, "peak": tr.peak}
+
+
+def phase_calibration(shape, layers, tokens, batch, fake) -> dict:
+    """GIFT-SW's calibration: activation statistics of every target over the batches."""
+    from salientft.calibration import collect_activation_stats
+
+    return _whole_model_phase(lambda model, batches: collect_activation_stats(model, batches, progress=False),
+                              shape, layers, tokens, batch, fake)
 
 
 def phase_gptq(bits, shape, layers, tokens, batch, fake) -> dict:
     """``salientft.quantize`` with GPTQ (salient columns last, scores from the calibration)."""
     from salientft.quant.model import quantize
 
-    with fake_mode(fake):
-        model = build_model(shape, layers, torch.bfloat16)
-        batches = _calibration_batches(shape, tokens, batch)
-        tr = _tracked(model, fake)
-        resident = tr.live_bytes()
-        with tr:
-            quantize(model, bits, quantizer="gptq", calibration=batches, progress=False)
-        return {"resident": resident, "peak": tr.peak}
+    return _whole_model_phase(
+        lambda model, batches: quantize(model, bits, quantizer="gptq", calibration=batches, progress=False),
+        shape, layers, tokens, batch, fake)
 
 
 def _block_source(blocks, tracker: ByteTracker):
