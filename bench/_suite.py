@@ -677,28 +677,35 @@ def saved_dir(preset: Preset, qs: QuantSetting, bits: int) -> Path:
     return cache_dir() / "bench" / f"{preset.name}-gptq+salient-{run_key(preset, spec_for(qs, 'gptq+salient', bits))}"
 
 
-def quantize_one(preset: Preset, qs: QuantSetting, name: str, bits: int, save: Path | None = None) -> dict:
-    """Quantize the bf16 model with one configuration and measure it (and save it if asked)."""
+def quantized_model(preset: Preset, qs: QuantSetting, name: str, bits: int, progress: bool = True):
+    """(model, tokenizer, seconds, bf16 sizes): the preset's bf16 model quantized with configuration
+    ``name`` ("bf16": left as it is), calibrated and seeded as every quantized model of the suite."""
     import torch
 
     from salientft.calibration import calibration_batches
     from salientft.models import load_model
-    from salientft.quant.model import model_bytes, quantize, save_quantized, target_bytes
+    from salientft.quant.model import model_bytes, quantize, target_bytes
 
     torch.manual_seed(0)
     model, tok = load_model(preset.model, dtype="bf16")
     before = {"target_bytes": target_bytes(model), "model_bytes": model_bytes(model)}
     if name == "bf16":
-        seconds = 0.0
-    else:
-        quantizer, salient = QUANT_METHODS[name]
-        calib = calibration_batches(tok, calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
-        t = time.time()
-        quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, quantizer=quantizer,
-                 calibration=calib, progress=True)
-        seconds = time.time() - t
-        if save is not None:
-            save_quantized(model, save, tokenizer=tok, base_model=preset.model)
+        return model, tok, 0.0, before
+    quantizer, salient = QUANT_METHODS[name]
+    calib = calibration_batches(tok, calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
+    t = time.time()
+    quantize(model, bits, salient_fraction=SALIENT_FRACTION if salient else 0.0, quantizer=quantizer,
+             calibration=calib, progress=progress)
+    return model, tok, time.time() - t, before
+
+
+def quantize_one(preset: Preset, qs: QuantSetting, name: str, bits: int, save: Path | None = None) -> dict:
+    """Quantize the bf16 model with one configuration and measure it (and save it if asked)."""
+    from salientft.quant.model import save_quantized
+
+    model, tok, seconds, before = quantized_model(preset, qs, name, bits)
+    if save is not None and name != "bf16":
+        save_quantized(model, save, tokenizer=tok, base_model=preset.model)
     return {"method": name, "bf16": before, **measure_quantized(model, tok, preset, qs, bits, seconds)}
 
 

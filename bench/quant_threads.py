@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import _suite as S
@@ -29,18 +28,11 @@ def quantize_in_this_process(preset_name: str, bits: int) -> dict:
     """Quantize like bench/quantization.py's gptq+salient row; the fingerprint and what it took."""
     import torch
 
-    from salientft.calibration import calibration_batches
-    from salientft.models import load_model
     from salientft.quant.fingerprint import code_version, quantized_fingerprint
-    from salientft.quant.model import quantize
 
-    preset, qs = S.PRESETS[preset_name], S.QUANT[preset_name]
-    torch.manual_seed(0)
-    model, tok = load_model(preset.model, dtype="bf16")
-    calib = calibration_batches(tok, S.calibration_texts(), qs.samples, qs.seq_len, 8, seed=0)
-    t = time.time()
-    quantize(model, bits, salient_fraction=S.SALIENT_FRACTION, quantizer="gptq", calibration=calib, progress=False)
-    return {"bits": bits, "threads": torch.get_num_threads(), "seconds": round(time.time() - t, 1),
+    model, _, seconds, _ = S.quantized_model(S.PRESETS[preset_name], S.QUANT[preset_name], "gptq+salient", bits,
+                                            progress=False)
+    return {"bits": bits, "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
             "fingerprint": quantized_fingerprint(model), "quant_code": code_version()}
 
 
