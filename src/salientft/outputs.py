@@ -31,9 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ._io import atomic_dir, atomic_path, check_writable, sweep_temporaries
-from ._io import remove_entry as _delete
-from ._io import temporary_target as _temporary_target
+from ._io import atomic_dir, atomic_path, check_writable, remove_entry, sweep_temporaries, temporary_target
 
 MANIFEST = ".salientft-manifest.json"
 LOCK = ".salientft.lock"
@@ -109,7 +107,7 @@ def _holds_manifest(path: Path) -> bool:
 def _ours(folder: Path, name: str, names: set[str]) -> bool:
     if name in names or name in INTERNAL:
         return True
-    target = _temporary_target(name)
+    target = temporary_target(name)
     return target is not None and (target in names or target in INTERNAL or _holds_manifest(folder / name))
 
 
@@ -145,7 +143,7 @@ def clear(folder: str | os.PathLike) -> None:
     names = listed(folder) or set()
     remove_stale(folder)
     for name in sorted(names):
-        _delete(folder / name)
+        remove_entry(folder / name)
     forget(folder, *names)
 
 
