@@ -173,8 +173,9 @@ def speed(out: Path) -> dict | None:
     found = {}
     for name in ("step", "scaling"):
         p = out / f"{name}.json"
-        if p.is_file() and isinstance(json.loads(p.read_text()).get("wall_s"), (int, float)):
-            found[name] = round(json.loads(p.read_text())["wall_s"] / 60, 2)
+        wall = json.loads(p.read_text()).get("wall_s") if p.is_file() else None
+        if isinstance(wall, (int, float)):
+            found[name] = round(wall / 60, 2)
     return {"minutes": found, "total_minutes": round(sum(found.values()), 2)} if found else None
 
 
