@@ -194,6 +194,7 @@ def test_scripts_import_no_other_script():
 OTHER_WRITES = {
     ("_suite.py", "write_json"): "a cached run's record (Runs.get), which records the block itself",
     ("distributed.py", "write_text"): "a spawned rank's result, read back by the parent (a temporary file)",
+    ("labelled_logits.py", "write_text"): "a worker process's run, read back by the parent (a temporary file)",
 }
 
 

@@ -20,9 +20,10 @@ ROOT = "salientft"
 # Bottom up: a module may import from its own layer or below, never from above.
 LAYERS = [
     # 1. foundations: file helpers, embedded files and dependency checks, config base, targets,
-    #    the tiny tokenizer, shared numeric ops, data
+    #    the tiny tokenizer, shared numeric ops (the labelled-rows LM head among them), data
     ["salientft._io", "salientft.outputs", "salientft._packages", "salientft.embedded_files", "salientft.deps",
      "salientft.adapter_format", "salientft.config_base", "salientft.targets", "salientft.devices",
+     "salientft.labelled_logits",
      "salientft.tiny_tokenizer", "salientft.ops", "salientft.ops.*", "salientft.data", "salientft.data.*"],
     # 2. statistics and salience
     ["salientft.calibration", "salientft.saliency"],

@@ -378,6 +378,19 @@ def test_output_reattached_to_a_fresh_base_gives_the_trained_logits(battery, cas
     assert (before - run.recorder.logits).abs().max() > 100 * ATOL  # training moved them: equality is not trivial
 
 
+def _key_bias(name: str, entries: torch.Tensor) -> torch.Tensor:
+    """The entries of ``name`` that are an attention key's bias. A key bias adds the same q . b to
+    every score of a query, which the softmax cancels: its exact gradient is zero, and whether
+    rounding leaves an entry exactly zero on every step depends on the kernels' summation order."""
+    mask = torch.zeros_like(entries, dtype=torch.bool)
+    if name.endswith("k_proj.bias"):
+        mask[:] = True
+    elif name.endswith("attn.c_attn.bias"):  # GPT-2's fused query, key, value
+        third = entries.shape[0] // 3
+        mask[third:2 * third] = True
+    return mask
+
+
 @pytest.mark.numerics
 def test_trainable_count_is_the_entries_that_changed(battery, case):
     run = battery.straight(case)
@@ -387,10 +400,12 @@ def test_trainable_count_is_the_entries_that_changed(battery, case):
     assert not moved_frozen, f"frozen parameters changed: {moved_frozen}"
     assert rec.decayed <= rec.trainable
     undecayed = rec.trainable - rec.decayed
-    stuck = {n: int((~rec.had_grad[n]).sum()) for n in undecayed}
+    stuck = {n: int((~rec.had_grad[n] & ~_key_bias(n, rec.had_grad[n])).sum()) for n in undecayed}
     stuck = {n: c for n, c in stuck.items() if c}
     if run.cfg.mask is None:
         assert not stuck, f"trainable entries that never received a gradient: {stuck}"
+    # entries without a gradient (a key bias's exact one is zero) do not move: not counted as changed
+    stuck = {n: int((~rec.had_grad[n]).sum()) for n in undecayed}
     assert sum(changed.values()) == run.metrics["trainable_params"] - sum(stuck.values()) > 0
 
 

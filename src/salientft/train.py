@@ -299,25 +299,25 @@ def heldout_loss(model, dataset, collator, batch_size: int = 8, limit: int = 200
                   "batch_size": batch_size, "limit": limit, "pad": getattr(collator, "pad_token_id", None),
                   "code": cache.code_version("heldout", inspect.getsource(heldout_loss))}
         return cache.cached("heldout", fields, lambda: heldout_loss(model, dataset, collator, batch_size, limit))[0]
+    from .labelled_logits import labelled_logits, labelled_rows
+
     ds = Subset(dataset, range(min(limit, len(dataset))))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     # summed on the model's device and read once at the end: no host sync per batch
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     with torch.no_grad():
         for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collator):
+            rows, targets = labelled_rows(batch["labels"])  # on the host: the collator's CPU tensors
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            lp = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += lp
-            count += (labels != -100).sum()
+            logits = labelled_logits(model, rows.to(device), input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"])
+            total += torch.nn.functional.cross_entropy(logits.float(), targets.to(device), reduction="sum")
+            count += rows.numel()
     model.train(was_training)
-    return float(total) / max(int(count), 1)
+    return float(total) / max(count, 1)
 
 
 def _plot_loss(history: list[dict], path: Path, title: str) -> bool:

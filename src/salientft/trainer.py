@@ -96,6 +96,38 @@ class SalientTrainerMixin:
         self._all_finite &= finite
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The LM head runs on the labelled positions only (labelled_logits.py): same loss, less
+        # work and memory. ``_labelled_only``: None until a step has tried it, then whether it fits.
+        from .labelled_logits import ROWS_KEY, head_on_rows, output_layer, rows_for
+
+        inputs = dict(inputs)
+        carried = inputs.pop(ROWS_KEY, None)
+        head = None
+        if (getattr(self, "_labelled_only", None) is not False and not return_outputs
+                and torch.is_tensor(inputs.get("labels")) and "shift_labels" not in inputs
+                and self.label_smoother is None and self.compute_loss_func is None and self.model_accepts_loss_kwargs):
+            head = output_layer(self.accelerator.unwrap_model(model))
+        if head is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        rows, targets = rows_for(labels, carried)
+        first = getattr(self, "_labelled_only", None) is None
+        random_state = _random_state() if first else None  # a retried step draws the noise it would have
+        try:
+            with head_on_rows(head, rows, labels.numel()):
+                loss = super().compute_loss(model, {**inputs, "shift_labels": targets}, False, num_items_in_batch)
+        except Exception as e:
+            if not first:  # it fitted before: a real error
+                raise
+            _set_random_state(random_state)
+            self._labelled_only = False
+            log.warning("computing the LM head on the labelled positions only does not fit this model (%s: %s); "
+                        "the run computes every position's logits", type(e).__name__, e)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._labelled_only = True
+        return loss
+
     def _read_step_checks(self):
         """Count the tokens since the last read and stop on a non-finite loss (one transfer)."""
         if getattr(self, "_unread_tokens", None) is None:
@@ -165,6 +197,17 @@ class SalientTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.salientft_method.load_checkpoint(self.model, Path(resume_from_checkpoint)):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _random_state() -> tuple:
+    """torch's CPU and CUDA generators' states (host-side reads: no device sync)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_random_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 _CLASSES: tuple | None = None
@@ -447,7 +490,9 @@ def build_trainer(config: TrainConfig, model, train_ds, collator, device: torch.
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = SalientTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+    from .labelled_logits import WithLabelledRows
+
+    trainer = SalientTrainer(model=model, args=args, train_dataset=train_ds, data_collator=WithLabelledRows(collator),
                              callbacks=[CompleteMarker(), *callbacks], method=config.training_method)
     fsdp_asked = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # accelerate config
     if fsdp_asked and not trainer.is_fsdp_enabled:

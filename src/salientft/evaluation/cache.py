@@ -13,7 +13,7 @@ An entry is found only when everything that could change a number matches, hashe
   size (held-out loss);
 - the code that measures: a hash of the source files that compute the number (``CODE_FILES``:
   the scorer, tasks, runner and embedded-data reader for an evaluation; the held-out loss
-  function's own source and the chat collator for the held-out loss), salientft's version,
+  function's own source, the chat collator and the labelled-rows head for the held-out loss), salientft's version,
   torch's version (its kernels), and the embedded data's pinned requirement. Any edit there
   misses every entry of that kind, including shipped ones.
 
@@ -50,7 +50,7 @@ DISABLE_ENV = "SALIENTFT_NO_MEASURE_CACHE"
 # per kind, the source files whose code decides a cached number (relative to the salientft package)
 CODE_FILES = {
     "eval": ("evaluation/scorer.py", "evaluation/tasks.py", "evaluation/runner.py", "data/embedded.py"),
-    "heldout": ("data/chat.py",),
+    "heldout": ("data/chat.py", "labelled_logits.py"),
 }
 
 
