@@ -74,6 +74,11 @@ def worker(variant: str, steps: int, out: Path) -> None:
         "load_average_1min_after": os.getloadavg()[0], **counted}))
 
 
+def abba_order(blocks: int) -> list[str]:
+    """The runs' variants: ``blocks`` times A, B, B, A (a linear drift of the load cancels)."""
+    return [v for _ in range(blocks) for v in (*VARIANTS, *reversed(VARIANTS))]
+
+
 def run_one(variant: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.json"
@@ -129,7 +134,7 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args.worker, args.steps, Path(args.result))
         return
-    order = [v for _ in range(args.pairs) for v in (*VARIANTS, *reversed(VARIANTS))]
+    order = abba_order(args.pairs)
     runs = []
     for i, variant in enumerate(order, 1):
         print(f"run {i}/{len(order)}: head on {variant}", flush=True)
