@@ -190,3 +190,23 @@ def test_a_model_whose_loss_ignores_the_rows_trains_in_full_with_a_warning(tmp_p
     monkeypatch.undo()
     train(tiny_config(tmp_path, "gift-sw", output=str(tmp_path / "y"), **kw))
     assert _train_losses(tmp_path / "x") == pytest.approx(_train_losses(tmp_path / "y"), rel=1e-5)
+
+
+def test_text_perplexity_runs_the_head_on_the_scored_tokens_only(monkeypatch):
+    """Strided windows (32 tokens, stride 16): the same perplexity as every position's logits, and
+    the head saw each scored token's row once, not every window's positions."""
+    from salientft.evaluation.perplexity import perplexity
+    from salientft.models import tiny_tokenizer
+
+    model, tok = tiny_random_llama(seed=0), tiny_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[:-1].numel()))
+    got = perplexity(model, tok, [text], max_length=32, stride=16, batch_size=3, progress=False)
+    assert got["windows"] > 2 and sum(head_rows) == got["tokens"] == len(tok(text)["input_ids"]) - 1
+    head_rows.clear()
+    monkeypatch.setattr(LL, "output_layer", lambda model: None)  # every position's logits, then indexed
+    full = perplexity(model, tok, [text], max_length=32, stride=16, batch_size=3, progress=False)
+    hook.remove()
+    assert sum(head_rows) > 1.5 * got["tokens"]  # every window position, the context included
+    assert got["nll_per_token"] == pytest.approx(full["nll_per_token"], rel=1e-5)

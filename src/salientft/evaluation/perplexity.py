@@ -3,6 +3,8 @@
 Texts are joined with a blank line into one token stream (as the Hugging Face perplexity guide
 does); windows of ``max_length`` tokens advance by ``stride`` and score only the tokens not
 scored by the previous window, each conditioned on up to ``max_length - stride`` tokens before it.
+The LM head runs on the scored positions only (``labelled_logits``): the others' logits are never
+computed.
 """
 from __future__ import annotations
 
@@ -55,8 +57,12 @@ def perplexity(model, tokenizer, texts_or_file: str | os.PathLike | Iterable[str
         if end == n:
             break
         start += stride
+    from ..labelled_logits import labelled_logits
+
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
+    # summed on the model's device and read once at the end: no host sync per batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     was_training = model.training
     model.eval()
     try:
@@ -72,13 +78,16 @@ def perplexity(model, tokenizer, texts_or_file: str | os.PathLike | Iterable[str
                 keep = torch.zeros((len(chunk), T), dtype=torch.bool)  # positions that predict a target
                 for i, (b, e, first) in enumerate(chunk):
                     keep[i, first - b - 1:e - b - 1] = True
-                logits = model(input_ids=inp.to(device), attention_mask=att.to(device), use_cache=False).logits
-                lp = torch.log_softmax(logits[keep.to(logits.device)].float(), dim=-1)
+                rows = keep.reshape(-1).nonzero().squeeze(1)  # on the host; the head computes only these
+                logits = labelled_logits(model, rows.to(device), input_ids=inp.to(device),
+                                         attention_mask=att.to(device), use_cache=False)
+                lp = torch.log_softmax(logits.float(), dim=-1)
                 tgt = torch.cat([ids[first:e] for b, e, first in chunk]).to(lp.device)
-                nll -= float(lp.gather(1, tgt[:, None]).sum())
+                total -= lp.gather(1, tgt[:, None]).sum()
                 count += tgt.numel()
     finally:
         model.train(was_training)
+    nll = float(total)
     return {
         "perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
         "windows": len(windows), "max_length": max_length, "stride": stride,
