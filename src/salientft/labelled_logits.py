@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .data.chat import IGNORE_INDEX
 # the collator's key: (rows, labels' shape); the trainer pops it before the model sees the batch
 ROWS_KEY = "salientft_labelled_rows"
 

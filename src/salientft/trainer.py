@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import outputs
+from . import labelled_logits, outputs
 from ._io import atomic_path
 from .config import TrainConfig
 from .runfolder import COMPLETE_MARKER, RUN_CONFIG, complete_checkpoints, discard_checkpoint, last_good
@@ -74,6 +74,7 @@ class SalientTrainerMixin:
         super().__init__(*a, **kw)
         self.salientft_method = method
         self.session_tokens = 0  # this process's tokens since train() started
+        self._labelled_only = None  # the LM head on the labelled rows: untried, then whether it fits
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Tokens and loss checks accumulate on the device and are read at the next log,
@@ -98,24 +99,22 @@ class SalientTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The LM head runs on the labelled positions only (labelled_logits.py): same loss, less
-        # work and memory. ``_labelled_only``: None until a step has tried it, then whether it fits.
-        from .labelled_logits import ROWS_KEY, head_on_rows, output_layer, rows_for
-
+        # work and memory.
         inputs = dict(inputs)
-        carried = inputs.pop(ROWS_KEY, None)
+        carried = inputs.pop(labelled_logits.ROWS_KEY, None)
         head = None
-        if (getattr(self, "_labelled_only", None) is not False and not return_outputs
+        if (self._labelled_only is not False and not return_outputs
                 and torch.is_tensor(inputs.get("labels")) and "shift_labels" not in inputs
                 and self.label_smoother is None and self.compute_loss_func is None and self.model_accepts_loss_kwargs):
-            head = output_layer(self.accelerator.unwrap_model(model))
+            head = labelled_logits.output_layer(self.accelerator.unwrap_model(model))
         if head is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        rows, targets = rows_for(labels, carried)
-        first = getattr(self, "_labelled_only", None) is None
+        rows, targets = labelled_logits.rows_for(labels, carried)
+        first = self._labelled_only is None
         random_state = _random_state() if first else None  # a retried step draws the noise it would have
         try:
-            with head_on_rows(head, rows, labels.numel()):
+            with labelled_logits.head_on_rows(head, rows, labels.numel()):
                 loss = super().compute_loss(model, {**inputs, "shift_labels": targets}, False, num_items_in_batch)
         except Exception as e:
             if not first:  # it fitted before: a real error
@@ -490,9 +489,8 @@ def build_trainer(config: TrainConfig, model, train_ds, collator, device: torch.
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    from .labelled_logits import WithLabelledRows
-
-    trainer = SalientTrainer(model=model, args=args, train_dataset=train_ds, data_collator=WithLabelledRows(collator),
+    trainer = SalientTrainer(model=model, args=args, train_dataset=train_ds,
+                             data_collator=labelled_logits.WithLabelledRows(collator),
                              callbacks=[CompleteMarker(), *callbacks], method=config.training_method)
     fsdp_asked = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # accelerate config
     if fsdp_asked and not trainer.is_fsdp_enabled:
